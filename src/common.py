@@ -1,0 +1,202 @@
+"""Shared plumbing for every stage script: configuration, user errors, atomic writes, seeding.
+
+Configuration is one mechanism everywhere: a YAML file (``--config``) that may name a ``base:`` file
+to inherit from, plus ``--set key.sub=value`` overrides. Overriding a key that does not exist is an
+error, so a typo never silently runs the default.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+class UserError(Exception):
+    """A problem with the user's input (file, column, config): printed as one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "parse error"
+        raise UserError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"{path}: 'base' chain loops back to itself")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _deep_merge(_load_with_bases(path.parent / base, seen + (path,)), data)
+
+
+def apply_override(cfg: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (so 1e-3, true, [1,2])."""
+    if "=" not in assignment:
+        raise UserError(f"--set {assignment!r}: expected key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = cfg
+    for depth, key in enumerate(keys):
+        if not isinstance(node, dict) or key not in node:
+            where = ".".join(keys[:depth]) or "top level"
+            known = ", ".join(sorted(node)) if isinstance(node, dict) else "nothing (not a section)"
+            raise UserError(f"--set {dotted}: unknown config key '{key}' under {where} (known: {known})")
+        if depth == len(keys) - 1:
+            try:
+                node[key] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                raise UserError(f"--set {dotted}: cannot parse value {raw!r}") from None
+        else:
+            node = node[key]
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    cfg = _load_with_bases(Path(path))
+    for assignment in overrides or []:
+        apply_override(cfg, assignment)
+    return cfg
+
+
+def config_hash(obj: Any) -> str:
+    """Stable short hash of any JSON-able object (used to tell whether cached outputs are stale)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_config: str) -> None:
+    parser.add_argument("--config", default=str(CONFIG_DIR / default_config),
+                        help=f"YAML config (default: configs/{default_config})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    return load_config(args.config, args.overrides)
+
+
+def data_paths(cfg: dict) -> dict[str, Path]:
+    """The fixed locations every stage agrees on (see docs/DESIGN.md)."""
+    work = Path(cfg["data"]["work_dir"])
+    return {
+        "raw": Path(cfg["data"]["raw_dir"]),
+        "oracle": Path(cfg["data"]["raw_dir"]) / "oracle",
+        "work": work,
+        "processed": work / "processed",
+        "runs": work / "runs",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic output: write to a temporary name in the same folder, then rename
+# ---------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
+
+    A crash or kill inside the block leaves at most a ``.tmp`` file, never a half-written ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_yaml(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(obj, sort_keys=False))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_parquet(path: str | os.PathLike, df) -> None:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# misc
+# ---------------------------------------------------------------------------------------------
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    try:
+        import torch
+        torch.manual_seed(seed)
+    except ImportError:  # torch-free scripts (make_synthetic) still seed numpy
+        pass
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Entry point wrapper: user errors become one line on stderr and exit code 2."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
