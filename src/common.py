@@ -200,3 +200,27 @@ def run_main(main: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------
+# oracle (synthetic data only): the true click probabilities and the hidden test labels
+# ---------------------------------------------------------------------------------------------
+
+def read_oracle_prob(raw_dir: str | os.PathLike, split: str) -> np.ndarray | None:
+    """True click probability of every row of ``split``, ordered by row id; None on real data."""
+    path = Path(raw_dir) / "oracle" / "click_prob.parquet"
+    if not path.is_file():
+        return None
+    import pandas as pd
+    df = pd.read_parquet(path, filters=[("split", "==", split)], columns=["row_id", "prob"])
+    return df.sort_values("row_id")["prob"].to_numpy(np.float64)
+
+
+def read_test_labels(raw_dir: str | os.PathLike) -> np.ndarray | None:
+    """Hidden test labels ordered by ID (synthetic data only); None on real data."""
+    path = Path(raw_dir) / "oracle" / "test_labels.parquet"
+    if not path.is_file():
+        return None
+    import pandas as pd
+    df = pd.read_parquet(path, columns=["ID", "label"])
+    return df.sort_values("ID")["label"].to_numpy(np.int64)
