@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -34,6 +35,24 @@ class UserError(Exception):
 # configuration
 # ---------------------------------------------------------------------------------------------
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as a string: read it as a float, as YAML 1.2 does."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in top.items():
@@ -48,7 +67,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise UserError(f"{path}: not valid YAML ({first})") from None
@@ -82,7 +101,7 @@ def apply_override(cfg: dict, assignment: str) -> None:
             raise UserError(f"--set {dotted}: unknown config key '{key}' under {where} (known: {known})")
         if depth == len(keys) - 1:
             try:
-                node[key] = yaml.safe_load(raw) if raw.strip() else None
+                node[key] = parse_yaml(raw) if raw.strip() else None
             except yaml.YAMLError:
                 raise UserError(f"--set {dotted}: cannot parse value {raw!r}") from None
         else:

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The whole job, end to end: install what is missing, generate the synthetic data if no data is
+# present, preprocess, train every model with k folds, blend, write + validate the submission,
+# score it locally, and print a summary table. Every stage reuses what an earlier, interrupted run
+# finished, so rerunning this script after a crash or Ctrl-C picks up where it stopped.
+#
+#   bash run.sh                                  # synthetic demo data, small models, CPU friendly
+#   bash run.sh --preset full --models qin,dcnv2_tf,din_tf     # real sizes, published models (GPU)
+#   bash run.sh --data data/MicroLens_1M_x1 --models qin,dcnv2_tf,din_tf     # the real data
+#
+# Options:
+#   --preset NAME      synthetic preset to use/generate: tiny, demo (default) or full
+#   --data DIR         a folder with train/valid/test/item_info.parquet (overrides --preset)
+#   --models A,B,...   model configs from configs/ (default: qin_small,dcnv2_tf_small,din_tf_small)
+#   --folds K          number of folds (default: data.n_folds in configs/data.yaml)
+#   --device DEV       cpu or cuda (default: cuda when present)
+#   --name NAME        submission name: submissions/NAME.zip (default: submission)
+#   --train-set K=V    extra override for every training run (repeatable), e.g. train.max_epochs=2
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PRESET=demo
+DATA=""
+MODELS="qin_small,dcnv2_tf_small,din_tf_small"
+FOLDS=""
+DEVICE=""
+NAME=submission
+TRAIN_SETS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET="$2"; shift 2 ;;
+    --data) DATA="$2"; shift 2 ;;
+    --models) MODELS="$2"; shift 2 ;;
+    --folds) FOLDS="$2"; shift 2 ;;
+    --device) DEVICE="$2"; shift 2 ;;
+    --name) NAME="$2"; shift 2 ;;
+    --train-set) TRAIN_SETS+=(--set "$2"); shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run.sh: unknown option '$1' (see bash run.sh --help)" >&2; exit 2 ;;
+  esac
+done
+
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+stage() { echo; echo "=== $* ($(( $(date +%s) - start )) s)"; }
+
+stage "setup"
+if ! "$PY" src/check_requirements.py >/dev/null; then
+  "$PY" -m pip install --disable-pip-version-check -q -r requirements.txt
+fi
+
+RAW=${DATA:-data/$PRESET}
+WORK=data/work/$(basename "$RAW")
+if [ -z "$DATA" ] && [ ! -f "$RAW/item_info.parquet" ]; then
+  stage "generate synthetic '$PRESET' data into $RAW"
+  "$PY" src/make_synthetic.py --preset "$PRESET" --out "$RAW" --seed 20242025
+fi
+
+DATA_SETS=(--set "data.raw_dir=$RAW" --set "data.work_dir=$WORK")
+[ -n "$FOLDS" ] && DATA_SETS+=(--set "data.n_folds=$FOLDS")
+
+stage "preprocess $RAW"
+"$PY" src/preprocess.py --config configs/data.yaml "${DATA_SETS[@]}"
+
+RUNS=()
+IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
+for model in "${MODEL_LIST[@]}"; do
+  stage "train $model"
+  "$PY" src/train.py --config "configs/$model.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" \
+    ${DEVICE:+--device "$DEVICE"}
+  RUNS+=("$model")   # by convention run.name equals the config's file name (tests/test_configs.py)
+done
+RUN_LIST=$(IFS=','; echo "${RUNS[*]}")
+
+stage "blend ${RUN_LIST}"
+"$PY" src/blend.py --config configs/blend.yaml "${DATA_SETS[@]}" \
+  --set "blend.runs=[${RUN_LIST}]" --set "blend.submission.name=$NAME"
+
+stage "score submissions/$NAME.zip"
+"$PY" src/score.py "submissions/$NAME.zip" --config configs/data.yaml "${DATA_SETS[@]}"
+
+stage "summary"
+"$PY" src/summary.py --config configs/blend.yaml "${DATA_SETS[@]}" --set "blend.runs=[${RUN_LIST}]" \
+  --set "blend.submission.name=$NAME"
+echo "done in $(( $(date +%s) - start )) s: submissions/$NAME.zip"

@@ -1,0 +1,48 @@
+"""DIN (Zhou et al., KDD 2018), the organisers' official baseline, plain or inside TF4CTR.
+
+The attention unit pools the history against the target; [likes/views embeddings, target item,
+pooled interest] (FeatureEmbedding) goes through a deep MLP.
+"""
+
+from layers import MLP, CTRModel, DINAttention, FeatureEmbedding, Float32Linear, init_weights
+from tf4ctr import TF4CTR
+
+
+def din_attention(hidden, activation, dropout, softmax):
+    return lambda dim: DINAttention(dim, hidden, activation, dropout, softmax)
+
+
+class DIN(CTRModel):
+    """[levels, target, attention-pooled interest] [B, 2E + 2I] -> MLP -> Linear -> 1."""
+
+    def __init__(self, tables, emb_dim=64, attention_hidden=(512, 256), attention_activation="relu",
+                 attention_dropout=0.1, attention_softmax=False, mlp_hidden=(1024, 512, 256),
+                 mlp_activation="relu", dropout=0.1, batch_norm=True, table_mode="auto"):
+        super().__init__()
+        pool = din_attention(attention_hidden, attention_activation, attention_dropout, attention_softmax)
+        self.embedding = FeatureEmbedding(tables, emb_dim, pool, table_mode)
+        self.mlp = MLP(self.embedding.out_dim, mlp_hidden, mlp_activation, batch_norm, dropout)
+        self.out = Float32Linear(self.mlp.out_dim, 1)
+        init_weights(self)
+
+    def forward(self, batch):  # -> logits [B]
+        return self.out(self.mlp(self.embedding(batch))).squeeze(-1)
+
+
+def din_tf4ctr(tables, emb_dim=64, attention_hidden=(512, 256), attention_activation="relu",
+               attention_dropout=0.1, attention_softmax=False, mlp_hidden=(1024, 512, 256),
+               mlp_activation="relu", dropout=0.1, batch_norm=True, table_mode="auto",
+               simple_hidden=(256,), ssem="ser", dfm="wsf", c=0.8, gamma=2.0, alpha=0.25):
+    """DIN in TF4CTR.
+
+    The split: the embedder includes the attention pooling, so under SER each embedder attends
+    with its own unit at its own width and the two encoders really see different interests;
+    DIN's deep MLP is the complex encoder and a shallow MLP (simple_hidden, one layer by default)
+    the simple one, as TF4CTR does for a plain DNN.
+    """
+    pool = din_attention(attention_hidden, attention_activation, attention_dropout, attention_softmax)
+    return TF4CTR(
+        make_embedder=lambda e: FeatureEmbedding(tables, e, pool, table_mode),
+        make_simple=lambda d: MLP(d, simple_hidden, mlp_activation, batch_norm, dropout),
+        make_complex=lambda d: MLP(d, mlp_hidden, mlp_activation, batch_norm, dropout),
+        emb_dim=emb_dim, ssem=ssem, dfm=dfm, c=c, gamma=gamma, alpha=alpha)

@@ -1,0 +1,314 @@
+"""Building blocks shared by every model: the item encoder, MLPs, attention and interaction layers.
+
+Imports torch alone, so the model files (layers, qin, tf4ctr, dcnv2, din) can be pasted into a
+notebook as they are. Shapes: B batch, L history length (64), E embedding width, I = 3E item width.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+
+
+def init_weights(model):
+    """FuxiCTR's initialisation, which the released QIN and the official DIN use.
+
+    Embeddings N(0, 1e-4) (tiny, so the frozen multimodal vector dominates the item at the start),
+    Linear weights xavier-normal with zero bias.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=1e-4)
+            if m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def masked_mean(x, mask):
+    """Mean of x [B, L, d] over the positions where mask [B, L] holds; all-padding rows give zeros."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def masked_softmax(s, mask):
+    """Softmax of scores s [B, L] over the unmasked positions; padding gets -inf first.
+
+    An all-padding row would be all -inf (NaN in forward and backward), so its scores are replaced
+    by zeros and the mask then zeroes its weights.
+    """
+    s = torch.where(mask.any(-1, keepdim=True), s.masked_fill(~mask, float("-inf")), 0.0)
+    return torch.softmax(s, -1) * mask
+
+
+class CTRModel(nn.Module):
+    """A model mapping a batch to click logits [B], trained with binary cross-entropy."""
+
+    def loss(self, batch, label):
+        logits = self(batch)
+        return F.binary_cross_entropy_with_logits(logits.float(), label.float()), logits
+
+
+class Float32Linear(nn.Linear):
+    """A Linear that stays in float32 under autocast, for the logits: a bfloat16 logit keeps about
+    three significant digits, which ties thousands of test predictions and costs AUC."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+class ItemEncoder(nn.Module):
+    """An item as [item_id embedding, mean tag embedding, W_mm * multimodal vector]: width I = 3E.
+
+    The multimodal vectors (item_emb) and tag lists (item_tags) are frozen data held as buffers
+    that are not saved (persistent=False): they are rebuilt from the processed tables at load time.
+    The representation depends on the item id alone, so when a batch looks up more ids than the
+    vocabulary holds it is cheaper to encode the whole table once and gather rows ('table') than
+    to encode every lookup ('gather'); 'auto' picks per call. Both are the same function.
+    """
+
+    def __init__(self, tables, emb_dim, table_mode="auto"):
+        super().__init__()
+        check_choice("table_mode", table_mode, ("auto", "gather", "table"))
+        self.table_mode = table_mode
+        self.register_buffer("item_tags", tables["item_tags"], persistent=False)  # [V, 5] int
+        self.register_buffer("item_emb", tables["item_emb"], persistent=False)  # [V, 128] float
+        self.item_id = nn.Embedding(self.item_tags.shape[0], emb_dim)
+        self.tag = nn.Embedding(tables["n_tags"], emb_dim, padding_idx=0)
+        self.mm = nn.Linear(self.item_emb.shape[1], emb_dim, bias=False)
+        self.out_dim = 3 * emb_dim
+
+    def encode(self, id_vec, tags, mm_vec):  # [N, E], [N, 5], [N, 128] -> [N, I]
+        # embedding_bag 'mean' with padding_idx leaves padding tags out of the mean and gives
+        # zeros for an all-padding list, without materialising [N, 5, E]
+        tag_mean = F.embedding_bag(tags, self.tag.weight, mode="mean", padding_idx=0)
+        return torch.cat([id_vec, tag_mean, self.mm(mm_vec.to(self.mm.weight.dtype))], -1)
+
+    def forward(self, item_id, item_seq):  # [B], [B, L] -> x_t [B, I], x_b [B, L, I]
+        ids = torch.cat([item_id.unsqueeze(1), item_seq], 1)  # [B, 1 + L]
+        mode = self.table_mode
+        if mode == "auto":
+            mode = "table" if ids.numel() > self.item_tags.shape[0] else "gather"
+        if mode == "table":
+            table = self.encode(self.item_id.weight, self.item_tags, self.item_emb)  # [V, I]
+            x = F.embedding(ids, table)
+        else:
+            flat = ids.reshape(-1)
+            x = self.encode(self.item_id(flat), self.item_tags[flat], self.item_emb[flat])
+            x = x.view(*ids.shape, -1)
+        return x[:, 0], x[:, 1:]
+
+
+class LevelEmbedding(nn.Module):
+    """likes_level and views_level embeddings, concatenated: [*] x 2 -> [*, 2E]."""
+
+    def __init__(self, n_levels, emb_dim):
+        super().__init__()
+        self.likes = nn.Embedding(n_levels, emb_dim)
+        self.views = nn.Embedding(n_levels, emb_dim)
+
+    def forward(self, likes_level, views_level):
+        return torch.cat([self.likes(likes_level), self.views(views_level)], -1)
+
+
+class FeatureEmbedding(nn.Module):
+    """[likes/views embeddings, target item, pooled history]: width 2E + 2I (QIN's X_0 layout).
+
+    The input of DCNv2 and DIN, and the embedder TF4CTR's SSEM builds for them.
+    make_pool(I) gives the history pooling, a module (x_t [B, I], x_b [B, L, I], mask [B, L]) -> [B, I].
+    """
+
+    def __init__(self, tables, emb_dim, make_pool, table_mode="auto"):
+        super().__init__()
+        self.items = ItemEncoder(tables, emb_dim, table_mode)
+        self.levels = LevelEmbedding(tables["n_levels"], emb_dim)
+        self.pool = make_pool(self.items.out_dim)
+        self.out_dim = 2 * emb_dim + 2 * self.items.out_dim
+
+    def forward(self, batch):  # -> [B, 2E + 2I]
+        x_t, x_b = self.items(batch["item_id"], batch["item_seq"])
+        pooled = self.pool(x_t, x_b, batch["item_seq"] > 0)
+        return torch.cat([self.levels(batch["likes_level"], batch["views_level"]), x_t, pooled], -1)
+
+
+class MeanPooling(nn.Module):
+    """Masked mean of the history, ignoring the target: the baseline pooling."""
+
+    def forward(self, x_t, x_b, mask):  # [B, I], [B, L, I], [B, L] -> [B, I]
+        return masked_mean(x_b, mask)
+
+
+class Dice(nn.Module):
+    """DIN's data-adaptive activation: p = sigmoid(BN(x)), f(x) = p x + (1 - p) alpha x."""
+
+    def __init__(self, dim, eps=1e-8):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, eps=eps, affine=False)
+        self.alpha = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):  # [..., dim]; statistics over every leading position
+        p = torch.sigmoid(self.bn(x.reshape(-1, x.shape[-1]))).view_as(x)
+        return x * (p + (1 - p) * self.alpha)
+
+
+def make_activation(name, dim):
+    check_choice("activation", name, ("relu", "prelu", "dice"))
+    return {"relu": nn.ReLU, "prelu": nn.PReLU, "dice": lambda: Dice(dim)}[name]()
+
+
+class MLP(nn.Sequential):
+    """Linear -> [BatchNorm] -> activation -> [Dropout] per hidden layer; out_dim = last hidden width.
+
+    Batch norm expects [B, d] input; without it any leading shape works.
+    """
+
+    def __init__(self, in_dim, hidden, activation="relu", batch_norm=False, dropout=0.0):
+        layers = []
+        for width in hidden:
+            layers.append(nn.Linear(in_dim, width))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(width))
+            layers.append(make_activation(activation, width))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            in_dim = width
+        super().__init__(*layers)
+        self.out_dim = in_dim
+
+
+class ASTA(nn.Module):
+    """Adaptive Sparse Target Attention (QIN): single-head target attention, ReLU instead of softmax.
+
+    s_j = m_j (q . k_j) / sqrt(A), o = W_o sum_j ReLU(s_j) v_j + x_t, with q = W_q x_t, k_j = W_k x_bj,
+    v_j = W_v x_bj, no biases, A = 2I by default. The padding mask multiplies the scores before the
+    activation, as released. Single-head projections reassociate: q . k_j = (W_k^T q) . x_bj and
+    sum_j a_j v_j = W_v (sum_j a_j x_bj), so the fast form (default) never projects the L history
+    items; fast=False is the literal form (same function, for checking).
+    activation 'softmax' is the paper's ablation; dropout (on the weights) another.
+    """
+
+    def __init__(self, dim, attn_dim=None, activation="relu", dropout=0.0, fast=True):
+        super().__init__()
+        check_choice("attention", activation, ("relu", "softmax"))
+        attn_dim = attn_dim or 2 * dim
+        self.W_q = nn.Linear(dim, attn_dim, bias=False)
+        self.W_k = nn.Linear(dim, attn_dim, bias=False)
+        self.W_v = nn.Linear(dim, attn_dim, bias=False)
+        self.W_o = nn.Linear(attn_dim, dim, bias=False)
+        self.activation, self.fast, self.scale = activation, fast, 1 / math.sqrt(attn_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x_t, x_b, mask):  # [B, I], [B, L, I], [B, L] bool -> [B, I]
+        q = self.W_q(x_t)  # [B, A]
+        if self.fast:
+            s = torch.einsum("bli,bi->bl", x_b, q @ self.W_k.weight)  # W_k.weight: [A, I]
+        else:
+            s = torch.einsum("bla,ba->bl", self.W_k(x_b), q)
+        s = s * self.scale  # [B, L]
+        a = torch.relu(s * mask) if self.activation == "relu" else masked_softmax(s, mask)
+        a = self.dropout(a)
+        if self.fast:
+            o = self.W_v(torch.einsum("bl,bli->bi", a, x_b))
+        else:
+            o = torch.einsum("bl,bla->ba", a, self.W_v(x_b))
+        return self.W_o(o) + x_t
+
+
+class DINAttention(nn.Module):
+    """DIN's local activation unit: score_j = MLP([q, k_j, q - k_j, q * k_j]) -> 1, masked weighted sum.
+
+    Like FuxiCTR's DIN (the organisers' baseline), the attention dropout sits in the unit's hidden
+    layers; weights are the raw masked scores unless softmax is asked for.
+    """
+
+    def __init__(self, dim, hidden=(512, 256), activation="relu", dropout=0.0, softmax=False):
+        super().__init__()
+        if not hidden:
+            raise ValueError("attention_hidden: the attention unit needs at least one hidden layer")
+        self.input = nn.Linear(4 * dim, hidden[0])  # the first layer, on [q, k, q - k, q * k]
+        self.act = nn.Sequential(make_activation(activation, hidden[0]), nn.Dropout(dropout))
+        self.mlp = MLP(hidden[0], hidden[1:], activation, dropout=dropout)
+        self.score = nn.Linear(self.mlp.out_dim, 1)
+        self.softmax = softmax
+
+    def forward(self, x_t, x_b, mask):  # [B, I], [B, L, I], [B, L] bool -> [B, I]
+        # [q, k, q - k, q * k] W^T = q (W_1 + W_3)^T + k (W_2 - W_3)^T + (q * k) W_4^T: the target's
+        # term once per row instead of once per history item, and no [B, L, 4I] concatenation
+        w_q, w_k, w_diff, w_prod = self.input.weight.chunk(4, dim=1)  # [h, I] each
+        h = (F.linear(x_t, w_q + w_diff, self.input.bias).unsqueeze(1) + F.linear(x_b, w_k - w_diff)
+             + F.linear(x_t.unsqueeze(1) * x_b, w_prod))  # [B, L, h]
+        s = self.score(self.mlp(self.act(h))).squeeze(-1)  # [B, L]
+        a = masked_softmax(s, mask) if self.softmax else s * mask
+        return torch.einsum("bl,bli->bi", a, x_b)
+
+
+class CrossNet(nn.Module):
+    """DCNv2 cross network, full rank: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l."""
+
+    def __init__(self, dim, n_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(n_layers))
+        self.out_dim = dim
+
+    def forward(self, x0):  # [B, D] -> [B, D]
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x
+        return x
+
+
+class CrossNetMix(nn.Module):
+    """DCNv2's low-rank mixture of cross experts (DCN-Mix), per layer l and expert k:
+
+    E_k(x_l) = x_0 * (U_k tanh(C_k tanh(V_k^T x_l)) + b_l),  x_{l+1} = sum_k softmax(G x_l)_k E_k(x_l) + x_l.
+    """
+
+    def __init__(self, dim, n_layers, rank=64, n_experts=4):
+        super().__init__()
+        std_dr, std_rr = math.sqrt(2 / (dim + rank)), math.sqrt(1 / rank)  # xavier-normal per matrix
+        self.V = nn.Parameter(torch.randn(n_layers, n_experts, dim, rank) * std_dr)
+        self.C = nn.Parameter(torch.randn(n_layers, n_experts, rank, rank) * std_rr)
+        self.U = nn.Parameter(torch.randn(n_layers, n_experts, rank, dim) * std_dr)
+        self.bias = nn.Parameter(torch.zeros(n_layers, dim))
+        self.gates = nn.ModuleList(nn.Linear(dim, n_experts, bias=False) for _ in range(n_layers))
+        self.out_dim = dim
+
+    def forward(self, x0):  # [B, D] -> [B, D]
+        x = x0
+        for V, C, U, b, gate in zip(self.V, self.C, self.U, self.bias, self.gates):
+            h = torch.tanh(torch.einsum("bd,kdr->bkr", x, V))  # [B, K, r]
+            h = torch.tanh(torch.einsum("bkr,krs->bks", h, C))
+            experts = x0.unsqueeze(1) * (torch.einsum("bkr,krd->bkd", h, U) + b)  # [B, K, D]
+            x = torch.einsum("bk,bkd->bd", torch.softmax(gate(x), -1), experts) + x
+        return x
+
+
+class QNN(nn.Module):
+    """QIN's Quadratic Neural Network, L layers of the Khatri-Rao quadratic form:
+
+    h = Dropout(Linear(D -> M*D)(x)) as (M, D); x' = x * sum_r h_r; x <- Dropout(act(BN(x'))) + x.
+    """
+
+    def __init__(self, dim, n_layers=4, m=4, dropout=0.1, batch_norm=True, activation="prelu"):
+        super().__init__()
+        check_choice("qnn_activation", activation, ("prelu", "relu"))
+        self.linears = nn.ModuleList(nn.Linear(dim, m * dim) for _ in range(n_layers))
+        self.norms = nn.ModuleList(nn.BatchNorm1d(dim) if batch_norm else nn.Identity()
+                                   for _ in range(n_layers))
+        self.acts = nn.ModuleList(make_activation(activation, dim) for _ in range(n_layers))
+        self.dropout = nn.Dropout(dropout)
+        self.m, self.out_dim = m, dim
+
+    def forward(self, x):  # [B, D] -> [B, D]
+        for linear, norm, act in zip(self.linears, self.norms, self.acts):
+            h = self.dropout(linear(x)).view(x.shape[0], self.m, -1).sum(1)  # [B, D]
+            x = self.dropout(act(norm(x * h))) + x
+        return x

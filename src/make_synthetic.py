@@ -1,0 +1,438 @@
+"""Generate a synthetic dataset in exactly the competition's format, with a known click process.
+
+    python src/make_synthetic.py --preset demo --out data/demo --seed 0
+
+Writes ``train/valid/test/item_info.parquet`` (the real schema, see shared/spec/competition.md) and,
+in ``oracle/``, the true click probability of every row and the hidden test labels. The click
+process (documented with its formula in data/README.md) rewards what the real task rewards:
+
+* a sparse target attention: only the few history items very close to the target in semantic
+  space matter, so mean pooling of the history dilutes the signal;
+* real second-order interactions: the attention match times the target's likes level, and a
+  bilinear user-taste x target-semantics term;
+* a multimodal vector that carries most of an item's semantics, popularity-skewed items with a
+  hidden per-item bias that only an item-id embedding of a frequent item can learn.
+
+Everything is drawn from numpy Generators seeded from ``--seed``: the same seed gives the same
+parquet bytes. Train rows are generated and written in chunks so the full preset fits in 8 GB.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+import common
+
+SEQ_LEN = 64          # history slots per row (left-padded)
+TAG_SLOTS = 5         # tag slots per item (left-padded)
+EMB_DIM = 128         # multimodal vector width
+LATENT_DIM = 32       # true semantic space the multimodal vector is projected from
+SUBTOPICS = 8         # each topic splits into tight clusters; attention fires within a cluster
+TIMELINE_LEN = 80     # clicks stored per user; a row sees the last <= 64 before a random point
+LEVELS = 11           # likes/views levels 0..10
+TARGET_POSITIVE_RATE = 0.25
+CHUNK_ROWS = 200_000  # rows generated, and written as one parquet row group, at a time
+PILOT_ROWS = 50_000   # rows drawn (then discarded) to solve the intercept for a 25% positive rate
+
+# The click logit (see data/README.md for the formula and why each term is there).
+ATTN_TAU = 0.75           # cosine threshold: only near-duplicates of the target count
+ATTN_SCALE = 0.05         # relevance units per log step
+ATTN_RECENCY = 48.0       # history slots over which an item's weight decays by e
+ATTN_WEIGHT = 0.9         # alpha: attention match
+ATTN_X_LIKES_WEIGHT = 0.6  # beta: match x centred likes level (second order)
+TASTE_WEIGHT = 0.6        # gamma: bilinear user taste x target semantics (second order)
+QUALITY_WEIGHT = 0.5      # hidden quality, partly visible through likes_level
+ITEM_BIAS_STD = 0.5       # hidden per-item bias: learnable only through an item-id embedding
+USER_BIAS_STD = 0.3       # hidden per-user bias: learnable only through a user-id embedding
+P_TARGET_FROM_INTERESTS = 0.6  # otherwise a popular item from anywhere
+P_HISTORY_FROM_INTERESTS = 0.85
+
+
+@dataclass(frozen=True)
+class Preset:
+    n_train: int
+    n_valid: int
+    n_test: int
+    n_items: int   # item vocabulary, padding item 0 included
+    n_users: int   # user ids are 1..n_users
+    n_tags: int    # tag vocabulary, padding tag 0 included
+    n_topics: int
+
+
+PRESETS = {
+    "tiny": Preset(4_000, 600, 600, n_items=400, n_users=800, n_tags=80, n_topics=8),
+    "demo": Preset(150_000, 10_000, 20_000, n_items=3_000, n_users=20_000, n_tags=400, n_topics=30),
+    "full": Preset(3_600_000, 10_000, 379_142, n_items=91_718, n_users=1_000_000, n_tags=11_740,
+                   n_topics=300),
+}
+
+ROW_FIELDS = [
+    ("user_id", pa.int64()),
+    ("item_seq", pa.list_(pa.int64(), SEQ_LEN)),
+    ("item_id", pa.int64()),
+    ("likes_level", pa.int64()),
+    ("views_level", pa.int64()),
+]
+TRAIN_SCHEMA = pa.schema(ROW_FIELDS + [("label", pa.int64())])
+TEST_SCHEMA = pa.schema([("ID", pa.int64())] + ROW_FIELDS)
+ITEM_SCHEMA = pa.schema([
+    ("item_id", pa.int64()),
+    ("item_tags", pa.list_(pa.int64(), TAG_SLOTS)),
+    ("item_emb_d128", pa.list_(pa.float64(), EMB_DIM)),
+])
+ORACLE_PROB_SCHEMA = pa.schema([("split", pa.string()), ("row_id", pa.int64()), ("prob", pa.float64())])
+TEST_LABEL_SCHEMA = pa.schema([("ID", pa.int64()), ("label", pa.int64())])
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# ---------------------------------------------------------------------------------------------
+# the world: items, users and their click timelines
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Items:
+    semantic: np.ndarray        # float32 [V, d] unit vectors, row 0 zero
+    tags: np.ndarray            # int64 [V, 5] left-padded
+    emb: np.ndarray             # float64 [V, 128] the multimodal vector
+    likes: np.ndarray           # int64 [V] the item's likes level (rows jitter it)
+    views: np.ndarray           # int64 [V]
+    quality: np.ndarray         # float64 [V] hidden, partly visible through likes
+    bias: np.ndarray            # float64 [V] hidden, visible through nothing
+    by_topic: np.ndarray        # int64 [V-1] real item ids sorted by topic
+    popularity_cdf: np.ndarray  # float64 [V-1] cumulative popularity along by_topic
+    topic_cdf_range: np.ndarray  # float64 [T, 2] the cdf interval each topic's items cover
+
+
+@dataclass
+class Users:
+    interests: np.ndarray       # int64 [U+1, 3] interest topics (some unused, weight 0)
+    interest_cdf: np.ndarray    # float64 [U+1, 3] cumulative interest weights
+    timeline: np.ndarray        # int32 [U+1, TIMELINE_LEN] clicked items, oldest first
+    timeline_len: np.ndarray    # int64 [U+1]
+    taste: np.ndarray           # float32 [U+1, d] M @ (mean semantic vector of the timeline)
+    bias: np.ndarray            # float64 [U+1] hidden
+
+
+def sample_popular_items(items: Items, n: int, rng) -> np.ndarray:
+    u = rng.random(n) * items.popularity_cdf[-1]
+    pos = np.searchsorted(items.popularity_cdf, u, side="right")
+    return items.by_topic[np.minimum(pos, len(items.by_topic) - 1)]
+
+
+def sample_items_in_topics(items: Items, topics: np.ndarray, rng) -> np.ndarray:
+    """One popularity-weighted item inside each given topic (inverse cdf over the topic's range)."""
+    low, high = items.topic_cdf_range[topics].T
+    pos = np.searchsorted(items.popularity_cdf, low + rng.random(len(topics)) * (high - low),
+                          side="right")
+    return items.by_topic[np.minimum(pos, len(items.by_topic) - 1)]
+
+
+def sample_user_topics(users: Users, user: np.ndarray, rng) -> np.ndarray:
+    slot = (rng.random(len(user))[:, None] > users.interest_cdf[user]).sum(axis=1)
+    return users.interests[user, np.minimum(slot, users.interests.shape[1] - 1)]
+
+
+def make_items(p: Preset, rng: np.random.Generator) -> Items:
+    n_items, n_topics = p.n_items, p.n_topics
+    topic = np.zeros(n_items, np.int64)
+    topic[1:] = rng.integers(0, n_topics, n_items - 1)
+
+    # Semantics: topic centre + subtopic offset + item noise. Same-subtopic items are near
+    # duplicates (cosine ~0.94), same-topic ones related (~0.5), others unrelated (~0).
+    centres = _unit(rng.standard_normal((n_topics, LATENT_DIM)))
+    sub_offsets = _unit(rng.standard_normal((n_topics, SUBTOPICS, LATENT_DIM)))
+    subtopic = rng.integers(0, SUBTOPICS, n_items)
+    noise = rng.standard_normal((n_items, LATENT_DIM)) / np.sqrt(LATENT_DIM)
+    semantic = _unit(centres[topic] + 0.9 * sub_offsets[topic, subtopic] + 0.35 * noise)
+    semantic[0] = 0.0
+
+    # Tags: 1..5 distinct ones, mostly from the item's topic pool (tag t belongs to pool t mod T).
+    pool_members = [np.arange(1, p.n_tags)[np.arange(1, p.n_tags) % n_topics == t]
+                    for t in range(n_topics)]
+    pool_size = min(len(members) for members in pool_members)
+    pools = np.stack([members[:pool_size] for members in pool_members])          # [T, P]
+    picks = np.argsort(rng.random((n_items, pool_size)), axis=1)[:, :TAG_SLOTS]  # distinct
+    tags = pools[topic[:, None], picks]
+    tags = np.where(rng.random(tags.shape) < 0.15, rng.integers(1, p.n_tags, tags.shape), tags)
+    n_item_tags = rng.integers(1, TAG_SLOTS + 1, n_items)
+    tags = np.sort(np.where(np.arange(TAG_SLOTS) >= TAG_SLOTS - n_item_tags[:, None], tags, 0))
+    repeated = np.zeros_like(tags, bool)            # an off-topic draw may repeat a pool tag
+    repeated[:, 1:] = (tags[:, 1:] == tags[:, :-1]) & (tags[:, 1:] > 0)
+    tags = np.sort(np.where(repeated, 0, tags))     # sorting moves the padding zeros left
+    tags[0] = 0
+
+    # Multimodal vector: a fixed random projection of the semantics plus a little noise, the way
+    # the organisers' PCA of text+image embeddings keeps most of an item's meaning.
+    projection = rng.standard_normal((EMB_DIM, LATENT_DIM)) / np.sqrt(LATENT_DIM)
+    emb = semantic.astype(np.float64) @ projection.T
+    emb_scale = np.linalg.norm(emb, axis=1, keepdims=True) / np.sqrt(EMB_DIM)
+    emb += 0.15 * emb_scale * rng.standard_normal(emb.shape)
+
+    # Popularity: Zipf over a random ranking, so a few items are everywhere and most are rare.
+    popularity = 1.0 / (rng.permutation(n_items - 1) + 1.0) ** 0.9
+    log_pop = np.log(popularity)
+    pop_z = np.concatenate([[0.0], (log_pop - log_pop.mean()) / log_pop.std()])
+
+    quality = np.concatenate([[0.0], rng.standard_normal(n_items - 1)])
+    bias = np.concatenate([[0.0], ITEM_BIAS_STD * rng.standard_normal(n_items - 1)])
+    likes = np.rint(5 + 1.6 * quality + 0.8 * pop_z + 0.7 * rng.standard_normal(n_items))
+    views = np.rint(4 + 2.0 * pop_z + 0.4 * quality + 0.7 * rng.standard_normal(n_items))
+    likes = np.clip(likes, 0, LEVELS - 1).astype(np.int64)
+    views = np.clip(views, 0, LEVELS - 1).astype(np.int64)
+    likes[0] = views[0] = 0
+
+    # Sorting items by topic makes each topic one interval of the popularity cdf, so drawing
+    # "a popular item of topic t" is a single vectorised searchsorted.
+    by_topic = 1 + np.argsort(topic[1:], kind="stable")
+    popularity_cdf = np.cumsum(popularity[by_topic - 1])
+    bounds = np.searchsorted(topic[by_topic], np.arange(n_topics + 1))
+    cdf = np.concatenate([[0.0], popularity_cdf])
+    topic_cdf_range = np.stack([cdf[bounds[:-1]], cdf[bounds[1:]]], axis=1)
+    return Items(semantic.astype(np.float32), tags, emb, likes, views, quality, bias,
+                 by_topic, popularity_cdf, topic_cdf_range)
+
+
+def make_users(p: Preset, items: Items, rng: np.random.Generator) -> Users:
+    n_rows = p.n_users + 1  # row 0 is never sampled: user ids start at 1
+    interests = rng.integers(0, p.n_topics, (n_rows, 3))
+    n_interests = rng.choice([1, 2, 3], n_rows, p=[0.4, 0.4, 0.2])
+    weights = rng.dirichlet(np.ones(3), n_rows) * (np.arange(3) < n_interests[:, None])
+    interest_cdf = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
+    users = Users(interests, interest_cdf, timeline=np.zeros((n_rows, TIMELINE_LEN), np.int32),
+                  timeline_len=np.empty(n_rows, np.int64), taste=np.empty(0, np.float32),
+                  bias=USER_BIAS_STD * rng.standard_normal(n_rows))
+
+    # A quarter of the users are newcomers with short timelines (so their rows are left-padded).
+    short = rng.random(n_rows) < 0.25
+    users.timeline_len[:] = np.where(short, rng.integers(1, 21, n_rows),
+                                     rng.integers(SEQ_LEN, TIMELINE_LEN + 1, n_rows))
+    # One slot at a time for all users: memory stays O(users x d), never O(users x 80 x d).
+    semantic_sum = np.zeros((n_rows, LATENT_DIM), np.float32)
+    everyone = np.arange(n_rows)
+    for slot in tqdm(range(TIMELINE_LEN), desc="user timelines", unit="slot", leave=False,
+                     disable=p.n_users < 100_000):
+        from_interest = rng.random(n_rows) < P_HISTORY_FROM_INTERESTS
+        clicked = np.where(from_interest,
+                           sample_items_in_topics(items, sample_user_topics(users, everyone, rng), rng),
+                           sample_popular_items(items, n_rows, rng))
+        clicked[slot >= users.timeline_len] = 0
+        users.timeline[:, slot] = clicked
+        semantic_sum += items.semantic[clicked]
+
+    # Taste: a fixed random mixing of the user's mean clicked semantics, so taste x target is a
+    # genuine bilinear cross (not a similarity). Scaled so the term has unit spread.
+    mixing = rng.standard_normal((LATENT_DIM, LATENT_DIM)).astype(np.float32) / np.sqrt(LATENT_DIM)
+    taste = (semantic_sum / users.timeline_len[:, None].astype(np.float32)) @ mixing.T
+    probe_user, probe_item = rng.integers(1, n_rows, 10_000), rng.integers(1, p.n_items, 10_000)
+    users.taste = taste / np.einsum("nd,nd->n", taste[probe_user], items.semantic[probe_item]).std()
+    return users
+
+
+# ---------------------------------------------------------------------------------------------
+# rows: one (user, history, target) impression each, with its true click logit
+# ---------------------------------------------------------------------------------------------
+
+RECENCY_WEIGHT = np.exp(-(SEQ_LEN - 1 - np.arange(SEQ_LEN)) / ATTN_RECENCY).astype(np.float32)
+
+
+def attention_match(items: Items, target: np.ndarray, seq: np.ndarray) -> np.ndarray:
+    """log1p of the recency-weighted mass of history items whose cosine to the target exceeds tau."""
+    relevance = np.zeros(len(target), np.float32)
+    target_vec = items.semantic[target]
+    for slot in range(SEQ_LEN):  # a loop over the 64 slots keeps memory at O(rows x d)
+        cos = np.einsum("nd,nd->n", items.semantic[seq[:, slot]], target_vec)
+        relevance += RECENCY_WEIGHT[slot] * np.maximum(cos - ATTN_TAU, 0.0)
+    return np.log1p(relevance / ATTN_SCALE)
+
+
+def sample_rows(items: Items, users: Users, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    user = rng.integers(1, len(users.timeline_len), n)
+    # The row's moment in the user's timeline: the history is the last <= 64 clicks before it
+    # (a long timeline always fills the 64 slots, a short one is shown whole, left-padded).
+    length = users.timeline_len[user]
+    end = length - rng.integers(0, np.maximum(length - SEQ_LEN + 1, 1))
+    timeline_pos = end[:, None] - SEQ_LEN + np.arange(SEQ_LEN)
+    seq = users.timeline[user[:, None], np.maximum(timeline_pos, 0)].astype(np.int64)
+    seq[timeline_pos < 0] = 0
+
+    from_interest = rng.random(n) < P_TARGET_FROM_INTERESTS
+    target = np.where(from_interest,
+                      sample_items_in_topics(items, sample_user_topics(users, user, rng), rng),
+                      sample_popular_items(items, n, rng))
+    jitter = rng.choice([-1, 0, 1], (2, n), p=[0.05, 0.9, 0.05])
+    likes = np.clip(items.likes[target] + jitter[0], 0, LEVELS - 1)
+    views = np.clip(items.views[target] + jitter[1], 0, LEVELS - 1)
+
+    match = attention_match(items, target, seq).astype(np.float64)
+    taste = np.einsum("nd,nd->n", users.taste[user], items.semantic[target]).astype(np.float64)
+    logit = (ATTN_WEIGHT * match
+             + ATTN_X_LIKES_WEIGHT * match * (likes - 5) / 5
+             + TASTE_WEIGHT * taste
+             + QUALITY_WEIGHT * items.quality[target]
+             + items.bias[target] + users.bias[user])
+    return {"user_id": user, "item_seq": seq, "item_id": target, "likes_level": likes,
+            "views_level": views, "logit_no_intercept": logit}
+
+
+def solve_intercept(logits: np.ndarray, rate: float) -> float:
+    """Bisection on b so that mean(sigmoid(b + logit)) == rate (the mean is monotone in b)."""
+    lo, hi = -30.0, 30.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if _sigmoid(mid + logits).mean() < rate:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+def _fixed_list(values: np.ndarray, width: int, value_type) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), value_type), width)
+
+
+def rows_table(rows: dict, schema: pa.Schema, first_id: int | None,
+               label: np.ndarray | None) -> pa.Table:
+    columns = {}
+    if first_id is not None:
+        columns["ID"] = pa.array(np.arange(first_id, first_id + len(rows["user_id"]), dtype=np.int64))
+    columns["user_id"] = pa.array(rows["user_id"].astype(np.int64))
+    columns["item_seq"] = _fixed_list(rows["item_seq"].astype(np.int64), SEQ_LEN, pa.int64())
+    for name in ("item_id", "likes_level", "views_level"):
+        columns[name] = pa.array(rows[name].astype(np.int64))
+    if label is not None:
+        columns["label"] = pa.array(label)
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def item_table(items: Items) -> pa.Table:
+    return pa.Table.from_pydict({
+        "item_id": pa.array(np.arange(len(items.tags), dtype=np.int64)),
+        "item_tags": _fixed_list(items.tags, TAG_SLOTS, pa.int64()),
+        "item_emb_d128": _fixed_list(items.emb, EMB_DIM, pa.float64()),
+    }, schema=ITEM_SCHEMA)
+
+
+def roc_auc(label: np.ndarray, score: np.ndarray) -> float:
+    """Rank-based ROC AUC with tied scores sharing their mean rank (sklearn is slow to import)."""
+    label = np.asarray(label).astype(bool)
+    n_pos = int(label.sum())
+    n_neg = len(label) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
+    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0       # 1-based mean rank of each tie group
+    rank_sum = mean_rank[inverse][label].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def write_split(items: Items, users: Users, split: str, n_rows: int, intercept: float, path: Path,
+                seed: int, split_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Generate and write one split chunk by chunk; return its true probabilities and labels."""
+    schema = TEST_SCHEMA if split == "test" else TRAIN_SCHEMA
+    probs, labels = np.empty(n_rows), np.empty(n_rows, np.int64)
+    starts = range(0, n_rows, CHUNK_ROWS)
+    with pq.ParquetWriter(path, schema) as writer:
+        for chunk, start in enumerate(tqdm(starts, desc=split, unit="chunk", leave=False,
+                                           disable=len(starts) < 3)):
+            n = min(CHUNK_ROWS, n_rows - start)
+            # One generator per chunk: the output depends on the seed only, not on the chunking run.
+            rng = np.random.default_rng([seed, split_index, chunk])
+            rows = sample_rows(items, users, n, rng)
+            prob = _sigmoid(intercept + rows["logit_no_intercept"])
+            label = (rng.random(n) < prob).astype(np.int64)
+            probs[start:start + n], labels[start:start + n] = prob, label
+            if split == "test":
+                writer.write_table(rows_table(rows, schema, first_id=start, label=None))
+            else:
+                writer.write_table(rows_table(rows, schema, first_id=None, label=label))
+    return probs, labels
+
+
+def generate(preset: str, out: Path, seed: int) -> dict:
+    """Write one synthetic dataset into ``out``; return a summary (rows, positive rate, oracle AUC)."""
+    if preset not in PRESETS:
+        raise common.UserError(f"--preset {preset!r}: unknown preset (known: {', '.join(PRESETS)})")
+    if seed < 0:
+        raise common.UserError(f"--seed {seed}: must be >= 0")
+    p = PRESETS[preset]
+    out = Path(out)
+    started = time.time()
+    items = make_items(p, np.random.default_rng([seed, 0]))
+    users = make_users(p, items, np.random.default_rng([seed, 1]))
+    pilot = sample_rows(items, users, PILOT_ROWS, np.random.default_rng([seed, 2]))
+    intercept = solve_intercept(pilot["logit_no_intercept"], TARGET_POSITIVE_RATE)
+
+    # Everything is written into a staging folder first, then moved into place file by file, so
+    # no file is ever visible half-written under its final name; item_info.parquet comes last, so
+    # its presence means the set is complete (run.sh tests exactly that).
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out, prefix=".make_synthetic-"))
+    summary = {"preset": preset, "seed": seed, "out": str(out), "intercept": intercept, "splits": {}}
+    try:
+        pq.write_table(item_table(items), staging / "item_info.parquet")
+        oracle_probs, test_labels = [], None
+        for split_index, (split, n_rows) in enumerate(
+                [("train", p.n_train), ("valid", p.n_valid), ("test", p.n_test)], start=3):
+            probs, labels = write_split(items, users, split, n_rows, intercept,
+                                        staging / f"{split}.parquet", seed, split_index)
+            oracle_probs.append(pa.table({"split": pa.repeat(pa.scalar(split, pa.string()), n_rows),
+                                          "row_id": pa.array(np.arange(n_rows, dtype=np.int64)),
+                                          "prob": pa.array(probs)}, schema=ORACLE_PROB_SCHEMA))
+            if split == "test":
+                test_labels = labels
+            summary["splits"][split] = {"rows": n_rows, "positive_rate": float(labels.mean()),
+                                        "oracle_auc": roc_auc(labels, probs)}
+        (staging / "oracle").mkdir()
+        pq.write_table(pa.concat_tables(oracle_probs), staging / "oracle" / "click_prob.parquet")
+        pq.write_table(pa.table({"ID": np.arange(p.n_test, dtype=np.int64), "label": test_labels},
+                                schema=TEST_LABEL_SCHEMA), staging / "oracle" / "test_labels.parquet")
+
+        (out / "oracle").mkdir(exist_ok=True)
+        for name in ["oracle/click_prob.parquet", "oracle/test_labels.parquet", "train.parquet",
+                     "valid.parquet", "test.parquet", "item_info.parquet"]:
+            (staging / name).replace(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary["seconds"] = round(time.time() - started, 2)
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                        help="dataset size: tiny (tests), demo (run.sh default), full (real sizes)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    args = parser.parse_args()
+    summary = generate(args.preset, Path(args.out), args.seed)
+    common.log(f"wrote {args.preset} preset to {summary['out']} in {summary['seconds']} s "
+               f"(seed {args.seed})")
+    for split, info in summary["splits"].items():
+        print(f"  {split:5s} {info['rows']:>9,d} rows  positive rate {info['positive_rate']:.3f}  "
+              f"oracle AUC {info['oracle_auc']:.4f}")
+    print(f"  true click probabilities and test labels: {Path(args.out) / 'oracle'}")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

@@ -1,0 +1,416 @@
+"""Validate the four competition parquet files and turn them into memory-mappable numpy arrays.
+
+    python src/preprocess.py --config configs/data.yaml [--set data.raw_dir=...] [--force]
+
+Reads ``data.raw_dir`` (real or synthetic data, same format) and writes ``{work_dir}/processed/``
+as described in docs/DESIGN.md: int32 ids and levels, float32 labels, the item tables, stratified
+train folds and a manifest. Parquet is read in record batches straight into preallocated .npy
+files, so the full 3.6M-row train set needs well under 8 GB. The folder is built under a temporary
+name and renamed into place, so it is either complete or absent; a second run with the same inputs
+and settings reuses it.
+
+Every problem with the input is reported as one line naming the file and column, e.g.
+``train.parquet: column 'item_seq': row 17 has 63 items, expected 64``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+import common
+
+FORMAT_VERSION = 1      # bump when the processed layout changes: old caches then rebuild
+SPLITS = ("train", "valid", "test")
+ITEM_FILE = "item_info.parquet"
+SEQ_LEN = 64
+TAG_SLOTS = 5
+EMB_DIM = 128
+N_LEVELS = 11           # likes_level / views_level take values 0..10
+BATCH_ROWS = 65_536
+INT32_MAX = np.iinfo(np.int32).max
+EMB_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+# Expected columns and the kind of values they hold; other columns are ignored.
+ROW_COLUMNS = {"user_id": "int", "item_seq": "int_list", "item_id": "int",
+               "likes_level": "int", "views_level": "int"}
+SPLIT_COLUMNS = {
+    "train": {**ROW_COLUMNS, "label": "number"},
+    "valid": {**ROW_COLUMNS, "label": "number"},
+    "test": {"ID": "int", **ROW_COLUMNS},
+}
+ITEM_COLUMNS = {"item_id": "int", "item_tags": "int_list", "item_emb_d128": "float_list"}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and checking parquet columns
+# ---------------------------------------------------------------------------------------------
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_parquet(path: Path, columns: dict[str, str]) -> pq.ParquetFile:
+    """Open ``path`` and check it has rows and every expected column with a usable type."""
+    if not path.is_file():
+        raise common.UserError(f"{path}: file not found")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise common.UserError(f"{path}: not a readable parquet file ({_first_line(exc)})") from None
+    if parquet.metadata.num_rows == 0:
+        raise common.UserError(f"{path}: file has no rows")
+    schema = parquet.schema_arrow
+    for name, kind in columns.items():
+        if name not in schema.names:
+            found = ", ".join(schema.names)
+            raise common.UserError(f"{path}: column '{name}': missing (found: {found})")
+        problem = _type_problem(schema.field(name).type, kind)
+        if problem:
+            raise common.UserError(f"{path}: column '{name}': {problem}")
+    return parquet
+
+
+def _type_problem(arrow_type: pa.DataType, kind: str) -> str | None:
+    is_list = (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
+               or pa.types.is_fixed_size_list(arrow_type))
+    if kind == "int" and not pa.types.is_integer(arrow_type):
+        return f"expected integer ids, found {arrow_type}"
+    if kind == "number" and not (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+                                 or pa.types.is_boolean(arrow_type)):
+        return f"expected 0/1 numbers, found {arrow_type}"
+    if kind == "int_list" and not (is_list and pa.types.is_integer(arrow_type.value_type)):
+        return f"expected a list of integer ids, found {arrow_type}"
+    if kind == "float_list" and not (is_list and pa.types.is_floating(arrow_type.value_type)):
+        return f"expected a list of floats, found {arrow_type}"
+    return None
+
+
+def iter_batches(parquet: pq.ParquetFile, path: Path, columns: list[str], desc: str):
+    """Yield (first row number, record batch); a corrupt page becomes a one-line UserError."""
+    start = 0
+    batches = parquet.iter_batches(batch_size=BATCH_ROWS, columns=columns)
+    n_batches = -(-parquet.metadata.num_rows // BATCH_ROWS)
+    with tqdm(total=n_batches, desc=desc, unit="batch", leave=False, disable=n_batches < 8) as bar:
+        while True:
+            try:
+                batch = next(batches, None)
+            except (pa.ArrowException, OSError) as exc:
+                reason = _first_line(exc)
+                raise common.UserError(f"{path}: corrupt data from row {start} on ({reason})") from None
+            if batch is None:
+                return
+            yield start, batch
+            start += batch.num_rows
+            bar.update()
+
+
+def _fail(path: Path, column: str, message: str):
+    raise common.UserError(f"{path}: column '{column}': {message}")
+
+
+def _check_no_nulls(array: pa.Array, path: Path, column: str, start: int) -> None:
+    if array.null_count:
+        row = start + int(np.flatnonzero(array.is_null().to_numpy(zero_copy_only=False))[0])
+        _fail(path, column, f"row {row} is empty (null)")
+
+
+def scalar_column(batch: pa.RecordBatch, column: str, path: Path, start: int) -> np.ndarray:
+    array = batch.column(column)
+    _check_no_nulls(array, path, column, start)
+    return array.to_numpy(zero_copy_only=False)
+
+
+def list_column(batch: pa.RecordBatch, column: str, width: int, path: Path, start: int) -> np.ndarray:
+    """A list column (fixed-size or variable list type) as an [n, width] array; every list must
+    hold exactly ``width`` values."""
+    array = batch.column(column)
+    _check_no_nulls(array, path, column, start)
+    lengths = pc.list_value_length(array).to_numpy(zero_copy_only=False)
+    wrong = np.flatnonzero(lengths != width)
+    if len(wrong):
+        _fail(path, column, f"row {start + wrong[0]} has {lengths[wrong[0]]} items, expected {width}")
+    values = array.flatten()  # unlike .values, flatten() honours the batch's slice offset
+    if values.null_count:
+        flat = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        _fail(path, column, f"row {start + flat // width} contains a null value")
+    return values.to_numpy(zero_copy_only=False).reshape(len(array), width)
+
+
+def check_range(values: np.ndarray, low: int, high: int, path: Path, column: str, start: int,
+                what: str, expected: str | None = None) -> None:
+    """Every value must lie in [low, high]; the message names the first offending row."""
+    bad = (values < low) | (values > high)
+    if bad.any():
+        flat = int(np.flatnonzero(bad.reshape(-1))[0])
+        row = flat // (values.size // len(values))
+        value = values.reshape(-1)[flat]
+        expected = expected or f"{low}..{high}"
+        _fail(path, column, f"row {start + row} has {what} {value}, expected {expected}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the processed directory
+# ---------------------------------------------------------------------------------------------
+
+def input_files(raw_dir: Path) -> dict[str, Path]:
+    files = {split: raw_dir / f"{split}.parquet" for split in SPLITS}
+    return {**files, "item_info": raw_dir / ITEM_FILE}
+
+
+def fingerprint(cfg: dict) -> str:
+    """Hash of every input's size and mtime plus the settings that change the output."""
+    data = cfg["data"]
+    files = {}
+    for name, path in input_files(Path(data["raw_dir"])).items():
+        if not path.is_file():
+            raise common.UserError(f"{path}: file not found")
+        stat = path.stat()
+        files[name] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return common.config_hash({"format_version": FORMAT_VERSION, "files": files,
+                               "n_folds": data["n_folds"], "fold_seed": data["fold_seed"],
+                               "emb_dtype": data["emb_dtype"]})
+
+
+def check_settings(data: dict) -> None:
+    if data["emb_dtype"] not in EMB_DTYPES:
+        raise common.UserError(f"data.emb_dtype: {data['emb_dtype']!r} is not one of "
+                               f"{', '.join(EMB_DTYPES)}")
+    if not isinstance(data["n_folds"], int) or data["n_folds"] < 2:
+        raise common.UserError(f"data.n_folds: {data['n_folds']!r} must be an integer >= 2")
+    if not isinstance(data["fold_seed"], int):
+        raise common.UserError(f"data.fold_seed: {data['fold_seed']!r} must be an integer")
+
+
+def _new_array(folder: Path, name: str, dtype, shape) -> np.ndarray:
+    return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+
+def write_items(path: Path, out: Path, emb_dtype) -> tuple[int, int]:
+    """item_tags.npy and item_emb.npy; returns (item vocabulary, tag vocabulary)."""
+    parquet = open_parquet(path, ITEM_COLUMNS)
+    n_items = parquet.metadata.num_rows
+    tags = _new_array(out, "item_tags", np.int32, (n_items, TAG_SLOTS))
+    emb = _new_array(out, "item_emb", emb_dtype, (n_items, EMB_DIM))
+    emb_limit = np.finfo(emb_dtype).max
+    max_tag = 0
+    for start, batch in iter_batches(parquet, path, list(ITEM_COLUMNS), "item_info"):
+        n = batch.num_rows
+        item_id = scalar_column(batch, "item_id", path, start)
+        wrong = np.flatnonzero(item_id != np.arange(start, start + n))
+        if len(wrong):
+            _fail(path, "item_id", f"row {start + wrong[0]} has item_id {item_id[wrong[0]]}, "
+                                   f"expected {start + wrong[0]} (item_id must equal the row number)")
+        batch_tags = list_column(batch, "item_tags", TAG_SLOTS, path, start)
+        check_range(batch_tags, 0, INT32_MAX, path, "item_tags", start, "tag id",
+                    "0 (padding) or a tag id")
+        batch_emb = list_column(batch, "item_emb_d128", EMB_DIM, path, start)
+        bad = ~np.isfinite(batch_emb).all(axis=1)
+        if bad.any():
+            _fail(path, "item_emb_d128", f"row {start + np.flatnonzero(bad)[0]} contains NaN or inf")
+        too_big = (np.abs(batch_emb) > emb_limit).any(axis=1)
+        if too_big.any():
+            _fail(path, "item_emb_d128", f"row {start + np.flatnonzero(too_big)[0]} has a value too "
+                                         f"large for data.emb_dtype {np.dtype(emb_dtype).name}")
+        tags[start:start + n] = batch_tags
+        emb[start:start + n] = batch_emb
+        max_tag = max(max_tag, int(batch_tags.max()))
+    if tags[0].any():
+        _fail(path, "item_tags", "row 0 (the padding item) must be all zero")
+    if emb[0].any():
+        _fail(path, "item_emb_d128", "row 0 (the padding item) must be all zero")
+    tags.flush()
+    emb.flush()
+    return n_items, max_tag + 1
+
+
+def write_split(split: str, path: Path, out: Path, n_items: int, level_sums: np.ndarray,
+                level_counts: np.ndarray) -> tuple[int, int, float | None]:
+    """The split's row arrays; adds its target levels to the per-item sums.
+
+    Returns (rows, largest user id, positive rate or None for test).
+    """
+    columns = SPLIT_COLUMNS[split]
+    parquet = open_parquet(path, columns)
+    n_rows = parquet.metadata.num_rows
+    arrays = {name: _new_array(out, f"{split}_{name}", np.int32, (n_rows,))
+              for name in ("user_id", "item_id", "likes_level", "views_level")}
+    arrays["item_seq"] = _new_array(out, f"{split}_item_seq", np.int32, (n_rows, SEQ_LEN))
+    if "label" in columns:
+        arrays["label"] = _new_array(out, f"{split}_label", np.float32, (n_rows,))
+    if "ID" in columns:
+        arrays["ID"] = _new_array(out, "test_ID", np.int64, (n_rows,))
+    max_user, n_positive = 0, 0
+    for start, batch in iter_batches(parquet, path, list(columns), split):
+        end = start + batch.num_rows
+        if "ID" in columns:
+            ids = scalar_column(batch, "ID", path, start)
+            wrong = np.flatnonzero(ids != np.arange(start, end))
+            if len(wrong):
+                _fail(path, "ID", f"row {start + wrong[0]} has ID {ids[wrong[0]]}, expected "
+                                  f"{start + wrong[0]} (IDs must be 0..N-1 in row order, each once)")
+            arrays["ID"][start:end] = ids
+        user = scalar_column(batch, "user_id", path, start)
+        check_range(user, 0, INT32_MAX - 1, path, "user_id", start, "user id", "a non-negative int32 id")
+        item = scalar_column(batch, "item_id", path, start)
+        vocab = f"(item_info.parquet has {n_items} items, 0 = padding)"
+        check_range(item, 1, n_items - 1, path, "item_id", start, "target item id",
+                    f"1..{n_items - 1} {vocab}")
+        seq = list_column(batch, "item_seq", SEQ_LEN, path, start)
+        check_range(seq, 0, n_items - 1, path, "item_seq", start, "item id", f"0..{n_items - 1} {vocab}")
+        levels = []
+        for name in ("likes_level", "views_level"):
+            levels.append(scalar_column(batch, name, path, start))
+            check_range(levels[-1], 0, N_LEVELS - 1, path, name, start, "level")
+            arrays[name][start:end] = levels[-1]
+        if "label" in columns:
+            label = scalar_column(batch, "label", path, start)
+            not_binary = np.flatnonzero((label != 0) & (label != 1))
+            if len(not_binary):
+                _fail(path, "label", f"row {start + not_binary[0]} has label "
+                                     f"{label[not_binary[0]]}, expected 0 or 1")
+            arrays["label"][start:end] = label
+            n_positive += int(np.count_nonzero(label))
+        arrays["user_id"][start:end] = user
+        arrays["item_id"][start:end] = item
+        arrays["item_seq"][start:end] = seq
+        max_user = max(max_user, int(user.max()))
+        level_counts += np.bincount(item, minlength=n_items)
+        for sums, level in zip(level_sums, levels):
+            sums += np.bincount(item, weights=level, minlength=n_items)
+    for array in arrays.values():
+        array.flush()
+    return n_rows, max_user, (n_positive / n_rows if "label" in columns else None)
+
+
+def stratified_folds(label: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Each class is shuffled and dealt round-robin, so every fold gets the same positive rate."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(label), np.int8)
+    for cls in (0, 1):
+        rows = rng.permutation(np.flatnonzero(label == cls))
+        fold[rows] = np.arange(len(rows)) % n_folds
+    return fold
+
+
+def build(cfg: dict, out: Path, fingerprint_value: str) -> dict:
+    """Write every processed array and the manifest (last) into the empty folder ``out``."""
+    data = cfg["data"]
+    files = input_files(Path(data["raw_dir"]))
+    emb_dtype = EMB_DTYPES[data["emb_dtype"]]
+    n_items, n_tags = write_items(files["item_info"], out, emb_dtype)
+
+    level_sums = np.zeros((2, n_items))
+    level_counts = np.zeros(n_items, np.int64)
+    n_rows, positive_rate, max_user = {}, {}, 0
+    for split in SPLITS:
+        rows, split_max_user, rate = write_split(split, files[split], out, n_items, level_sums,
+                                                 level_counts)
+        n_rows[split], max_user = rows, max(max_user, split_max_user)
+        if rate is not None:
+            positive_rate[split] = rate
+    if n_rows["train"] < data["n_folds"]:
+        raise common.UserError(f"{files['train']}: {n_rows['train']} rows cannot fill "
+                               f"data.n_folds={data['n_folds']} folds")
+
+    # Per-item levels let a model attach likes/views to history items; unseen items get 0.
+    mean_levels = np.floor(level_sums / np.maximum(level_counts, 1) + 0.5)
+    mean_levels[:, level_counts == 0] = 0
+    np.save(out / "item_likes_level.npy", mean_levels[0].astype(np.int32))
+    np.save(out / "item_views_level.npy", mean_levels[1].astype(np.int32))
+    train_label = np.load(out / "train_label.npy", mmap_mode="r")
+    np.save(out / "train_fold.npy", stratified_folds(train_label, data["n_folds"], data["fold_seed"]))
+
+    manifest = {
+        "fingerprint": fingerprint_value,
+        "format_version": FORMAT_VERSION,
+        "raw_dir": str(Path(data["raw_dir"]).resolve()),
+        "n_rows": n_rows,
+        "positive_rate": positive_rate,
+        "vocab": {"item": n_items, "tag": n_tags, "user": max_user + 1, "level": N_LEVELS},
+        "seq_len": SEQ_LEN,
+        "n_tags": TAG_SLOTS,
+        "emb_dim": EMB_DIM,
+        "emb_dtype": data["emb_dtype"],
+        "n_folds": data["n_folds"],
+        "fold_seed": data["fold_seed"],
+    }
+    common.write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _swap_into_place(new: Path, final: Path) -> None:
+    """Rename ``new`` onto ``final``; an old ``final`` is moved aside first and deleted after."""
+    old = None
+    if final.exists():
+        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-old-"))
+        final.replace(old / final.name)
+    new.replace(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_preprocess(cfg: dict, force: bool = False) -> Path:
+    """Build (or reuse) the processed directory for ``cfg``; return its path."""
+    check_settings(cfg["data"])
+    processed = common.data_paths(cfg)["processed"]
+    fingerprint_value = fingerprint(cfg)
+    manifest_path = processed / "manifest.json"
+    if not force and manifest_path.is_file():
+        if common.read_json(manifest_path).get("fingerprint") == fingerprint_value:
+            common.log(f"preprocess: {processed} is up to date (fingerprint {fingerprint_value}), "
+                       f"reusing it; --force rebuilds")
+            return processed
+        common.log(f"preprocess: inputs or settings changed since {processed} was built, rebuilding")
+
+    started = time.time()
+    processed.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=processed.parent, prefix=f".{processed.name}-tmp-"))
+    try:
+        manifest = build(cfg, staging, fingerprint_value)
+        _swap_into_place(staging, processed)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    rows = ", ".join(f"{split} {n:,d}" for split, n in manifest["n_rows"].items())
+    vocab = ", ".join(f"{name} {n:,d}" for name, n in manifest["vocab"].items())
+    rates = ", ".join(f"{split} {rate:.3f}" for split, rate in manifest["positive_rate"].items())
+    common.log(f"preprocess: wrote {processed} in {time.time() - started:.1f} s")
+    print(f"  rows: {rows}\n  vocab: {vocab}\n  positive rate: {rates}\n"
+          f"  folds: {manifest['n_folds']} (seed {manifest['fold_seed']}), "
+          f"item_emb {manifest['emb_dtype']}", flush=True)
+    return processed
+
+
+def load_processed(processed_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Every processed array, memory-mapped read-only, keyed by file stem; plus the manifest."""
+    processed_dir = Path(processed_dir)
+    manifest_path = processed_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise common.UserError(f"{processed_dir}: no processed data here (run src/preprocess.py first)")
+    arrays = {path.stem: np.load(path, mmap_mode="r") for path in sorted(processed_dir.glob("*.npy"))}
+    return arrays, common.read_json(manifest_path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_config_args(parser, "data.yaml")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
+    args = parser.parse_args()
+    run_preprocess(common.config_from_args(args), force=args.force)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

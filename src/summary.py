@@ -1,0 +1,61 @@
+"""The closing table of run.sh: every run's and the blend's OOF, holdout and test AUC beside the oracle.
+
+Reads what the stages already wrote ({work_dir}/runs/<run>/, {work_dir}/blend/metrics.json and
+test.parquet); the test AUC needs the hidden labels that only synthetic data has.
+
+    python src/summary.py --config configs/blend.yaml [--set data.work_dir=...]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import common
+from blend import roc_auc
+
+
+def test_auc(pred_path: Path, labels: np.ndarray | None) -> float | None:
+    if labels is None:
+        return None
+    pred = pd.read_parquet(pred_path).sort_values("ID")["pred"].to_numpy()
+    return roc_auc(labels, pred)
+
+
+def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
+    paths = common.data_paths(cfg)
+    blend_metrics_path = paths["work"] / "blend" / "metrics.json"
+    if not blend_metrics_path.is_file():
+        raise common.UserError(f"{blend_metrics_path}: no blend yet (run src/blend.py first)")
+    blend = common.read_json(blend_metrics_path)
+    labels = common.read_test_labels(paths["raw"])
+    rows = [(name, m["oof_auc"], m["valid_auc"], test_auc(paths["runs"] / name / "test.parquet", labels))
+            for name, m in blend["runs"].items()]
+    rows.append((f"blend ({blend['chosen']})", blend["chosen_oof_auc"], blend["chosen_valid_auc"],
+                 test_auc(paths["work"] / "blend" / "test.parquet", labels)))
+    oracle_test = common.read_oracle_prob(paths["raw"], "test")
+    rows.append(("oracle (true click prob.)", blend["oracle_oof_auc"], blend["oracle_valid_auc"],
+                 None if labels is None or oracle_test is None else roc_auc(labels, oracle_test)))
+    return rows, blend
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_config_args(parser, "blend.yaml")
+    cfg = common.config_from_args(parser.parse_args())
+    rows, blend = summary_rows(cfg)
+    cell = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+    table = [("model", "OOF AUC", "holdout AUC", "test AUC")] + [(r[0], *map(cell, r[1:])) for r in rows]
+    width = max(len(r[0]) for r in table)
+    print()
+    for r in table:
+        print(f"{r[0]:<{width}}  " + "  ".join(f"{c:>11}" for c in r[1:]))
+    print(f"\nsubmission: {blend['submission']['zip']} ({blend['submission']['rows']:,} rows); "
+          f"blend wins {blend['oof_auc_gain_vs_best_single']:+.4f} OOF AUC over {blend['best_single_run']}"
+          + ("" if rows[-1][3] is not None else "; test AUC n/a: real data has no public test labels"))
+
+
+if __name__ == "__main__":
+    common.run_main(main)

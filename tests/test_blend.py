@@ -1,0 +1,321 @@
+"""The blend: methods on hand-made predictions whose answer is known, honest cross-fitting,
+selection by OOF AUC (never below the best single run), outputs, and every misalignment error.
+
+Nothing here trains a model: runs are written by hand into a private work folder next to the tiny
+processed data (symlinked), with predictions made from the oracle's true probabilities plus noise.
+"""
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import expit, logit
+from sklearn.metrics import roc_auc_score
+
+import blend
+import common
+import preprocess
+from common import UserError
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+FAST_LIGHTGBM = ["blend.lightgbm.n_estimators=60"]
+
+
+def blend_settings(*overrides: str) -> dict:
+    return blend.checked_settings(common.load_config(common.CONFIG_DIR / "blend.yaml", [*FAST_LIGHTGBM, *overrides]))
+
+
+# ---------------------------------------------------------------------------------------------
+# methods on numpy-made data: two latent signals drive the clicks, runs see them with noise
+# ---------------------------------------------------------------------------------------------
+
+def make_blend_data(*run_scores, n_oof=8000, n_other=2000, n_folds=4, seed=0) -> blend.BlendData:
+    """Each run_scores item maps (s1, s2, label, rng) to that run's logits for every row."""
+    rng = np.random.default_rng(seed)
+    n = n_oof + 2 * n_other
+    s1, s2 = rng.normal(size=(2, n))
+    label = (rng.random(n) < expit(2.0 * (s1 + s2))).astype(np.float64)
+    probs = expit(np.column_stack([score(s1, s2, label, rng) for score in run_scores]))
+    cuts = {"oof": slice(0, n_oof), "valid": slice(n_oof, n_oof + n_other), "test": slice(n_oof + n_other, n)}
+    return blend.BlendData(
+        runs=[f"run{i}" for i in range(len(run_scores))],
+        probs={split: probs[rows] for split, rows in cuts.items()},
+        oof_label=label[cuts["oof"]], valid_label=label[cuts["valid"]],
+        fold=rng.permutation(np.arange(n_oof) % n_folds), test_ids=np.arange(n_other),
+        row_features={split: rng.integers(0, 11, (rows.stop - rows.start, 3)).astype(np.float32)
+                      for split, rows in cuts.items()})
+
+
+def noise(s1, s2, label, rng):
+    return 2.0 * rng.normal(size=len(s1))
+
+
+def informative(s1, s2, label, rng):
+    return s1 + s2 + 0.5 * rng.normal(size=len(s1))
+
+
+def sees_s1(s1, s2, label, rng):
+    return s1 + 0.3 * rng.normal(size=len(s1))
+
+
+def sees_s2(s1, s2, label, rng):
+    return s2 + 0.3 * rng.normal(size=len(s1))
+
+
+def saturated(s1, s2, label, rng):
+    # logits of +-50 make float probabilities of exactly 0 and 1: the methods must not blow up
+    return np.where(s1 > 0, 50.0, -50.0)
+
+
+def test_roc_auc_is_exact_with_ties():
+    rng = np.random.default_rng(1)
+    labels = (rng.random(5000) < 0.3).astype(np.float64)
+    scores = np.round(rng.random(5000) + 0.3 * labels, 1)  # few distinct values: many ties
+    assert blend.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_normalised_rank_places_values_on_the_reference_scale():
+    reference = np.array([1.0, 2.0, 2.0, 3.0])
+    np.testing.assert_allclose(blend.normalised_rank(reference, np.array([2.0, 0.0, 5.0, 1.0])),
+                               [0.5, 0.0, 1.0, 0.125])
+
+
+def candidate(name: str, oof_auc: float, valid_auc: float) -> blend.Candidate:
+    return blend.Candidate(name, preds={}, oof_auc=oof_auc, valid_auc=valid_auc, seconds=0.0, details={})
+
+
+def test_selection_follows_the_oof_score_never_the_holdout():
+    best_single = candidate("run_a", 0.80, 0.80)
+    methods = [candidate("logit_mean", 0.81, 0.95), candidate("logistic", 0.82, 0.70)]
+    assert blend.choose(best_single, methods, "auto").name == "logistic"
+    # a tie keeps the single run: a blend must strictly win out of fold to be chosen
+    assert blend.choose(best_single, [candidate("rank_mean", 0.80, 0.99)], "auto") is best_single
+    assert blend.choose(best_single, methods, "logit_mean").name == "logit_mean"
+    assert blend.choose(best_single, methods, "best_single") is best_single
+
+
+def test_auc_weights_put_the_weight_on_the_informative_run():
+    data = make_blend_data(noise, informative)
+    preds, details = blend.auc_weights(data, blend_settings())
+    assert details["weights"]["run1"] > 0.95
+    assert sum(details["weights"].values()) == pytest.approx(1.0)
+    assert blend.roc_auc(data.oof_label, preds["oof"]) >= blend.roc_auc(data.oof_label, data.probs["oof"][:, 1])
+
+
+@pytest.mark.parametrize("method", list(blend.METHODS))
+def test_blend_of_complementary_runs_beats_both(method):
+    data = make_blend_data(sees_s1, sees_s2)
+    preds, _ = blend.METHODS[method](data, blend_settings())
+    for split, labels in (("oof", data.oof_label), ("valid", data.valid_label)):
+        best_single = max(blend.roc_auc(labels, data.probs[split][:, r]) for r in range(2))
+        assert blend.roc_auc(labels, preds[split]) > best_single + 0.03, split
+
+
+@pytest.mark.parametrize("method", list(blend.METHODS))
+def test_every_method_returns_probabilities(method):
+    data = make_blend_data(informative, saturated, noise)
+    preds, details = blend.METHODS[method](data, blend_settings())
+    assert set(preds) == set(blend.SPLITS) and "fitted" in details
+    for split in blend.SPLITS:
+        assert preds[split].shape == (len(data.probs[split]),)
+        assert np.isfinite(preds[split]).all() and (preds[split] >= 0).all() and (preds[split] <= 1).all()
+
+
+@pytest.mark.parametrize("method", ["logistic", "lightgbm"])
+def test_stacker_predicts_each_fold_with_a_model_that_never_saw_it(method):
+    # a planted run equals the label on fold 0 and its opposite on every other fold: a model fitted
+    # without fold 0 learns "high means no click" and so ranks fold 0 backwards; any model that had
+    # seen fold 0 would have had the planted run cancel out or point the right way
+    data = make_blend_data(informative, noise)
+    fold0 = data.fold == 0
+    planted = np.where(fold0, data.oof_label, 1.0 - data.oof_label)
+    data.probs["oof"] = np.column_stack([data.probs["oof"], 0.1 + 0.8 * planted])
+    for split in ("valid", "test"):
+        data.probs[split] = np.column_stack([data.probs[split], np.full(len(data.probs[split]), 0.5)])
+    data.runs.append("planted")
+    preds, _ = blend.METHODS[method](data, blend_settings())
+    assert blend.roc_auc(data.oof_label[fold0], preds["oof"][fold0]) < 0.2
+
+
+def test_lightgbm_oof_on_pure_noise_stays_at_chance():
+    data = make_blend_data(noise, noise, noise)
+    preds, _ = blend.lightgbm_stacker(data, blend_settings())
+    assert abs(blend.roc_auc(data.oof_label, preds["oof"]) - 0.5) < 0.04
+    # the same stacker scored on the rows it was fitted on looks far better: the check has teeth
+    features = np.column_stack([data.logits["oof"], data.row_features["oof"]])
+    import lightgbm
+    model = lightgbm.LGBMClassifier(**blend_settings()["lightgbm"], verbose=-1).fit(features, data.oof_label)
+    assert blend.roc_auc(data.oof_label, model.predict_proba(features)[:, 1]) > 0.6
+
+
+# ---------------------------------------------------------------------------------------------
+# run_blend on hand-written run folders next to the tiny processed data
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def workspace(tmp_path, tiny_raw, tiny_processed):
+    """A private work folder (processed data symlinked) with three hand-made finished runs."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "processed").symlink_to(tiny_processed, target_is_directory=True)
+    arrays, manifest = preprocess.load_processed(tiny_processed)
+    rng = np.random.default_rng(0)
+
+    def noisy_oracle(noise_sd: float) -> dict[str, np.ndarray]:
+        preds = {}
+        for split, raw_split in (("oof", "train"), ("valid", "valid"), ("test", "test")):
+            prob = common.read_oracle_prob(tiny_raw, raw_split)
+            preds[split] = expit(logit(prob) + rng.normal(0, noise_sd, len(prob)))
+        return preds
+
+    good, fair = noisy_oracle(0.8), noisy_oracle(1.2)
+    runs = {"good": good, "fair": fair, "noise": {split: rng.random(len(p)) for split, p in good.items()}}
+    for name, preds in runs.items():
+        write_run(work / "runs" / name, preds, arrays, manifest)
+    cfg = common.load_config(common.CONFIG_DIR / "blend.yaml", FAST_LIGHTGBM)
+    cfg["data"].update(raw_dir=str(tiny_raw), work_dir=str(work), n_folds=manifest["n_folds"])
+    cfg["blend"]["runs"] = ["good", "fair", "noise"]
+    cfg["blend"]["submission"]["dir"] = str(tmp_path / "submissions")
+    return cfg, runs
+
+
+def write_run(run_dir: Path, preds: dict[str, np.ndarray], arrays: dict, manifest: dict) -> None:
+    """A finished run folder as src/train.py leaves it (docs/DESIGN.md "Run directory")."""
+    fold = np.asarray(arrays["train_fold"])
+    common.write_json(run_dir / "fingerprint.json",
+                      {"config_hash": "handmade", "data_fingerprint": manifest["fingerprint"]})
+    for k in range(manifest["n_folds"]):
+        common.write_json(run_dir / f"fold{k}" / "done.json", {"fold": k})
+    common.write_parquet(run_dir / "oof.parquet", pd.DataFrame(
+        {"row_id": np.arange(len(fold)), "fold": fold, "pred": preds["oof"].astype(np.float32)}))
+    common.write_parquet(run_dir / "valid.parquet", pd.DataFrame(
+        {"row_id": np.arange(len(preds["valid"])), "pred": preds["valid"].astype(np.float32)}))
+    common.write_parquet(run_dir / "test.parquet", pd.DataFrame(
+        {"ID": np.asarray(arrays["test_ID"]), "pred": preds["test"].astype(np.float32)}))
+
+
+def test_run_blend_writes_the_blend_folder_and_the_submission(workspace):
+    cfg, _ = workspace
+    metrics = blend.run_blend(cfg)
+
+    candidates = {**metrics["runs"], **metrics["methods"]}
+    assert set(metrics["methods"]) == set(cfg["blend"]["methods"])
+    best_single = max(metrics["runs"].values(), key=lambda m: m["oof_auc"])
+    assert metrics["best_single_run"] == "good"
+    assert metrics["chosen_oof_auc"] == max(m["oof_auc"] for m in candidates.values())
+    assert metrics["oof_auc_gain_vs_best_single"] == pytest.approx(metrics["chosen_oof_auc"] - best_single["oof_auc"])
+    assert metrics["oof_auc_gain_vs_best_single"] >= 0
+    assert 0.5 < metrics["oracle_oof_auc"] <= 1
+
+    blend_dir = Path(cfg["data"]["work_dir"]) / "blend"
+    oof = pd.read_parquet(blend_dir / "oof.parquet")
+    assert list(oof.columns) == ["row_id", "fold", "pred"]
+    assert blend.roc_auc(np.asarray(preprocess.load_processed(Path(cfg["data"]["work_dir"]) / "processed")[0]
+                                    ["train_label"], np.float64), oof["pred"].to_numpy()) == pytest.approx(
+        metrics["chosen_oof_auc"])
+    test = pd.read_parquet(blend_dir / "test.parquet")
+    np.testing.assert_array_equal(test["ID"], np.arange(len(test)))
+    assert common.read_json(blend_dir / "metrics.json")["chosen"] == metrics["chosen"]
+    report = (blend_dir / "report.md").read_text()
+    assert all(name in report for name in candidates) and f"**Chosen: {metrics['chosen']}**" in report
+
+    submission = pd.read_csv(metrics["submission"]["csv"])
+    assert list(submission.columns) == ["ID", "Task2"]
+    np.testing.assert_array_equal(submission["ID"], test["ID"])
+    np.testing.assert_allclose(submission["Task2"], test["pred"], rtol=1e-9)
+    with zipfile.ZipFile(metrics["submission"]["zip"]) as archive:
+        assert archive.namelist() == ["prediction.csv"]
+        assert archive.read("prediction.csv") == Path(metrics["submission"]["csv"]).read_bytes()
+
+
+def test_auto_keeps_the_best_single_run_when_no_method_beats_it(workspace):
+    # averaging the good run with pure noise only hurts: the guarantee must fall back to it
+    cfg, runs = workspace
+    cfg["blend"].update(runs=["noise", "good"], methods=["logit_mean", "rank_mean"])
+    metrics = blend.run_blend(cfg)
+    assert all(m["oof_auc"] < metrics["runs"]["good"]["oof_auc"] for m in metrics["methods"].values())
+    assert metrics["chosen"] == "best_single (good)"
+    assert metrics["oof_auc_gain_vs_best_single"] == 0
+    submission = pd.read_csv(metrics["submission"]["csv"])
+    np.testing.assert_allclose(submission["Task2"], runs["good"]["test"].astype(np.float32), rtol=1e-6)
+
+
+def test_select_can_name_a_method(workspace):
+    cfg, _ = workspace
+    cfg["blend"].update(methods=["logit_mean", "rank_mean"], select="rank_mean")
+    assert blend.run_blend(cfg)["chosen"] == "rank_mean"
+
+
+def drop_last_oof_row(run_dir: Path) -> None:
+    frame = pd.read_parquet(run_dir / "oof.parquet")
+    frame.iloc[:-1].to_parquet(run_dir / "oof.parquet")
+
+
+def shift_test_ids(run_dir: Path) -> None:
+    frame = pd.read_parquet(run_dir / "test.parquet")
+    frame.assign(ID=frame["ID"] + 1).to_parquet(run_dir / "test.parquet")
+
+
+def other_data_fingerprint(run_dir: Path) -> None:
+    common.write_json(run_dir / "fingerprint.json", {"config_hash": "handmade", "data_fingerprint": "elsewhere"})
+
+
+def nan_valid_prediction(run_dir: Path) -> None:
+    frame = pd.read_parquet(run_dir / "valid.parquet")
+    frame.loc[3, "pred"] = np.nan
+    frame.to_parquet(run_dir / "valid.parquet")
+
+
+def other_folds(run_dir: Path) -> None:
+    frame = pd.read_parquet(run_dir / "oof.parquet")
+    frame.assign(fold=1 - frame["fold"]).to_parquet(run_dir / "oof.parquet")
+
+
+MISALIGNMENTS = {
+    "missing run": (lambda run_dir: shutil.rmtree(run_dir), "run 'fair' not found"),
+    "missing fold": (lambda run_dir: (run_dir / "fold1" / "done.json").unlink(), "fold 1 is not done"),
+    "missing aggregate": (lambda run_dir: (run_dir / "test.parquet").unlink(), "test.parquet: missing"),
+    "fewer rows": (drop_last_oof_row, "rows, but the processed train split has"),
+    "other ids": (shift_test_ids, "row ids differ from the processed test split"),
+    "other data": (other_data_fingerprint, "run 'fair' was trained on other data"),
+    "nan prediction": (nan_valid_prediction, "1 NaN predictions (first: row_id 3)"),
+    "other folds": (other_folds, "the run used other folds"),
+}
+
+
+@pytest.mark.parametrize("case", list(MISALIGNMENTS))
+def test_misaligned_runs_give_one_line_errors(workspace, case):
+    cfg, _ = workspace
+    damage, expected = MISALIGNMENTS[case]
+    damage(Path(cfg["data"]["work_dir"]) / "runs" / "fair")
+    with pytest.raises(UserError) as error:
+        blend.run_blend(cfg)
+    message = str(error.value)
+    assert expected in message and "\n" not in message
+    assert not (Path(cfg["blend"]["submission"]["dir"]) / "submission.zip").exists()
+
+
+def test_cli_reports_a_missing_run_as_one_line_and_exit_2(workspace, tmp_path):
+    cfg, _ = workspace
+    result = subprocess.run(
+        [sys.executable, str(SRC / "blend.py"), "--set", f"data.raw_dir={cfg['data']['raw_dir']}",
+         "--set", f"data.work_dir={cfg['data']['work_dir']}", "--set", "blend.runs=[good,absent]"],
+        cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: ") and "run 'absent' not found" in result.stderr
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("blend.methods=[logit_mean,magic]", "unknown method 'magic'"),
+    ("blend.select=lightgbm", "blend.select must be auto"),  # lightgbm is not among blend.methods
+    ("blend.runs=[]", "blend.runs must be a non-empty list"),
+    ("blend.submission.column=ID", "cannot be 'ID'"),
+])
+def test_bad_settings_are_one_line_errors(override, expected):
+    with pytest.raises(UserError, match=expected):
+        blend_settings("blend.methods=[logit_mean]", override)

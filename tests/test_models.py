@@ -1,0 +1,378 @@
+"""The models: shapes, masking, gradients, determinism, exact sizes, equal fast/literal forms, the TF
+loss, config errors, and that a few hundred Adam steps lower the training loss.
+
+Small random item tables throughout, except the training test (tiny synthetic preset).
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import models
+import preprocess
+from layers import ASTA, CrossNet, CrossNetMix, DINAttention, ItemEncoder, masked_mean, masked_softmax
+from tf4ctr import tf_loss
+
+V, T, U, LEVELS, L = 60, 30, 40, 11, 64
+ITEM_TABLES = ("item_tags", "item_emb", "item_likes_level", "item_views_level")
+
+
+def make_tables(n_items=V, n_tags=T, n_users=U, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    item_tags = torch.randint(1, n_tags, (n_items, 5), generator=g, dtype=torch.int32)
+    item_tags[:, :2] = 0  # left padding, as in item_info
+    item_tags[1] = 0  # an item without tags
+    item_emb = torch.randn(n_items, 128, generator=g)
+    levels = [torch.randint(0, LEVELS, (n_items,), generator=g, dtype=torch.int32) for _ in range(2)]
+    for table in (item_tags, item_emb, *levels):
+        table[0] = 0  # the padding item
+    return dict(item_tags=item_tags, item_emb=item_emb, item_likes_level=levels[0],
+                item_views_level=levels[1], n_items=n_items, n_tags=n_tags, n_users=n_users,
+                n_levels=LEVELS)
+
+
+def make_batch(b=16, n_items=V, dtype=torch.int32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, n_items, (b, L), generator=g)
+    lengths = torch.randint(0, L + 1, (b,), generator=g)
+    lengths[0], lengths[1] = 0, L  # an all-padding history and a full one
+    seq[torch.arange(L) < (L - lengths).unsqueeze(1)] = 0  # left padding
+    batch = dict(user_id=torch.randint(0, U, (b,), generator=g),
+                 item_id=torch.randint(1, n_items, (b,), generator=g), item_seq=seq,
+                 likes_level=torch.randint(0, LEVELS, (b,), generator=g),
+                 views_level=torch.randint(0, LEVELS, (b,), generator=g))
+    return {k: v.to(dtype) for k, v in batch.items()}
+
+
+def make_label(b=16, seed=2):
+    return torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(seed)).float()
+
+
+QIN = dict(name="qin", emb_dim=8, qnn_layers=2, qnn_m=2, mlp_hidden=[32, 16])
+DCN = dict(name="dcnv2", emb_dim=8, cross_layers=2, cross_rank=4, cross_experts=2, mlp_hidden=[32, 16])
+DIN = dict(name="din", emb_dim=8, attention_hidden=[16, 8], mlp_hidden=[32, 16], simple_hidden=[16])
+
+
+def tf(ssem="ser", dfm="wsf"):
+    return dict(tf4ctr=dict(enabled=True, ssem=ssem, dfm=dfm))
+
+
+CONFIGS = {
+    "qin": QIN,
+    "qin_strong": {**QIN, "use_user_id": True, "history_levels": True},
+    "qin_softmax_dropout": {**QIN, "attention": "softmax", "attention_dropout": 0.1},
+    "qin_literal_relu": {**QIN, "asta_fast": False, "qnn_activation": "relu"},
+    "qin_mean_mlp": {**QIN, "attention": "mean", "interaction": "mlp"},
+    "dcnv2_stacked": {**DCN, "structure": "stacked"},
+    "dcnv2_mix_asta": {**DCN, "cross": "mix", "pooling": "asta"},
+    "dcnv2_tf_ser_wsf": {**DCN, **tf("ser", "wsf")},
+    "dcnv2_tf_gm_cf": {**DCN, **tf("gm", "cf")},
+    "dcnv2_tf_moe_vf": {**DCN, "cross": "mix", **tf("moe", "vf")},
+    "dcnv2_tf_none_moef": {**DCN, **tf("none", "moef")},
+    "din": DIN,
+    "din_dice_softmax": {**DIN, "attention_activation": "dice", "attention_softmax": True,
+                         "mlp_activation": "dice"},
+    "din_tf_ser_wsf": {**DIN, **tf("ser", "wsf")},
+    "din_tf_gm_sum": {**DIN, **tf("gm", "sum")},
+    "din_tf_moe_vf": {**DIN, **tf("moe", "vf")},
+}
+
+
+def build(cfg, seed=0, tables=None):
+    torch.manual_seed(seed)
+    return models.build_model(cfg, tables or make_tables())
+
+
+# ---------------------------------------------------------------------------------------------
+# every model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shapes_and_loss(name):
+    model = build(CONFIGS[name])
+    for dtype in (torch.int32, torch.int64):
+        batch = make_batch(dtype=dtype)
+        logits = model(batch)
+        assert logits.shape == (16,) and torch.isfinite(logits).all()
+        loss, same = model.loss(batch, make_label())
+        assert loss.shape == () and torch.isfinite(loss) and same.shape == (16,)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the logits stay float32: no AUC ties
+        assert model(make_batch()).dtype == torch.float32
+
+
+def perturb_padding(model):
+    """Overwrite everything the padding item 0 and the padding tag 0 could contribute."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ItemEncoder):
+                m.item_id.weight[0].normal_()
+                m.tag.weight[0].normal_()
+                m.item_emb[0].normal_()
+                m.item_tags[0] = torch.arange(1, 6)
+        for name, buffer in model.named_buffers():
+            if name.endswith(("item_likes_level", "item_views_level")):
+                buffer[0] = LEVELS - 1
+
+
+@pytest.mark.parametrize("table_mode", ["gather", "table"])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_padding_does_not_change_the_output(name, table_mode):
+    model = build({**CONFIGS[name], "table_mode": table_mode}).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        before = model(batch)
+        perturb_padding(model)
+        after = model(batch)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gradients_reach_every_parameter_and_never_the_frozen_tables(name):
+    model = build(CONFIGS[name]).train()
+    loss, _ = model.loss(make_batch(), make_label())
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+        assert torch.isfinite(p.grad).all(), pname
+    frozen = [(n, b) for n, b in model.named_buffers() if n.split(".")[-1] in ITEM_TABLES]
+    assert {n.split(".")[-1] for n, _ in frozen} >= {"item_tags", "item_emb"}
+    for _, buffer in frozen:
+        assert not buffer.requires_grad and buffer.grad is None
+    assert not any(n.split(".")[-1] in ITEM_TABLES for n in model.state_dict())  # rebuilt, not saved
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_deterministic_for_a_fixed_seed(name):
+    a, b = build(CONFIGS[name], seed=3), build(CONFIGS[name], seed=3)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
+    batch = make_batch()
+    torch.manual_seed(4)
+    train_a = a.train()(batch)
+    torch.manual_seed(4)
+    train_b = b.train()(batch)
+    assert torch.equal(train_a, train_b)
+    assert torch.equal(a.eval()(batch), b.eval()(batch))
+
+
+# ---------------------------------------------------------------------------------------------
+# exact sizes
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("m, expected", [(4, 31_244_293), (3, 27_045_893)])
+def test_qin_has_the_released_parameter_count(m, expected):
+    tables = make_tables(n_items=91_718, n_tags=11_740, n_users=10)
+    model = models.build_model(dict(name="qin", emb_dim=128, qnn_layers=4, qnn_m=m), tables)
+    assert models.count_parameters(model) == expected
+
+
+def test_small_parameter_counts_by_hand():
+    E, I = 8, 24
+    D = 2 * E + 2 * I  # 64
+    embed = lambda e: V * e + T * e + 128 * e + 2 * LEVELS * e  # item, tag, multimodal map, levels
+    mlp = (D * 32 + 32 + 2 * 32) + (32 * 16 + 16 + 2 * 16)  # Linear + BatchNorm per layer
+
+    din_attention = (4 * I * 16 + 16) + (16 * 8 + 8) + (8 + 1)
+    assert models.count_parameters(build(DIN)) == embed(E) + din_attention + mlp + 17
+
+    cross = 2 * (D * D + D)
+    assert models.count_parameters(build(DCN)) == embed(E) + cross + mlp + (D + 16 + 1)
+    mix = 2 * (2 * (D * 4 + 4 * 4 + 4 * D) + D + D * 2)  # per layer: 2 experts' V, C, U; bias; gate
+    assert models.count_parameters(build({**DCN, "cross": "mix"})) == embed(E) + mix + mlp + (D + 16 + 1)
+
+    # SER: simple encoder (cross network) on the half-width embedder, x_0 32 wide
+    simple = embed(E // 2) + 2 * (32 * 32 + 32) + (32 + 1)
+    complex_ = embed(E) + mlp + (16 + 1)
+    assert models.count_parameters(build({**DCN, **tf()})) == simple + complex_ + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# equal forms of the same function
+# ---------------------------------------------------------------------------------------------
+
+def grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("activation", ["relu", "softmax"])
+def test_fast_asta_equals_literal_asta(activation):
+    torch.manual_seed(0)
+    fast = ASTA(12, activation=activation).double()
+    literal = ASTA(12, activation=activation, fast=False).double()
+    literal.load_state_dict(fast.state_dict())
+    x_t = torch.randn(5, 12, dtype=torch.double)
+    x_b = torch.randn(5, 7, 12, dtype=torch.double)
+    mask = torch.rand(5, 7) > 0.3
+    mask[0] = False
+    out = [m(x_t, x_b, mask) for m in (fast, literal)]
+    torch.testing.assert_close(out[0], out[1])
+    for o in out:
+        (o ** 2).sum().backward()
+    for (n, g_fast), g_literal in zip(grads(fast).items(), grads(literal).values()):
+        torch.testing.assert_close(g_fast, g_literal, msg=n)
+
+
+def test_table_mode_equals_gather_mode():
+    tables = make_tables()
+    torch.manual_seed(0)
+    gather = ItemEncoder(tables, 8, "gather").double()  # double: compare functions, not rounding
+    table = ItemEncoder(tables, 8, "table").double()
+    table.load_state_dict(gather.state_dict())
+    for dtype in (torch.int32, torch.int64):
+        batch = make_batch(dtype=dtype)
+        out = [enc(batch["item_id"], batch["item_seq"]) for enc in (gather, table)]
+        for a, b in zip(*out):
+            torch.testing.assert_close(a, b)
+        for enc, (x_t, x_b) in zip((gather, table), out):
+            enc.zero_grad()
+            ((x_t * torch.arange(24)).sum() + x_b.square().sum()).backward()
+        for (n, g_gather), g_table in zip(grads(gather).items(), grads(table).values()):
+            torch.testing.assert_close(g_gather, g_table, msg=n)
+
+
+def test_item_encoder_layout():
+    tables = make_tables()
+    enc = ItemEncoder(tables, 8)
+    ids = torch.tensor([1, 2], dtype=torch.int32)
+    x_t, _ = enc(ids, ids.view(2, 1))
+    assert torch.equal(x_t[0, 8:16], torch.zeros(8))  # item 1 has no tags: zero tag mean
+    tags = tables["item_tags"][2].long()
+    torch.testing.assert_close(x_t[1, 8:16], enc.tag.weight[tags[tags > 0]].mean(0))
+    torch.testing.assert_close(x_t[1, :8], enc.item_id.weight[2])
+    torch.testing.assert_close(x_t[1, 16:], enc.mm(tables["item_emb"][2]))
+    half = ItemEncoder({**tables, "item_emb": tables["item_emb"].half()}, 8)
+    half.load_state_dict(enc.state_dict())
+    assert half(ids, ids.view(2, 1))[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_din_attention_equals_its_literal_form(softmax):
+    torch.manual_seed(0)
+    unit = DINAttention(6, hidden=(8, 4), softmax=softmax).double()
+    x_t, x_b = torch.randn(3, 6, dtype=torch.double), torch.randn(3, 5, 6, dtype=torch.double)
+    mask = torch.rand(3, 5) > 0.3
+    q = x_t.unsqueeze(1).expand_as(x_b)
+    s = unit.score(unit.mlp(unit.act(unit.input(torch.cat([q, x_b, q - x_b, q * x_b], -1))))).squeeze(-1)
+    a = masked_softmax(s, mask) if softmax else s * mask
+    torch.testing.assert_close(unit(x_t, x_b, mask), (a.unsqueeze(-1) * x_b).sum(1))
+
+
+@pytest.mark.parametrize("name", ["qin", "qin_strong", "dcnv2_tf_ser_wsf", "din_tf_moe_vf"])
+def test_model_in_table_mode_equals_gather_mode(name):
+    gather = build({**CONFIGS[name], "table_mode": "gather"}).eval()
+    table = build({**CONFIGS[name], "table_mode": "table"}).eval()
+    table.load_state_dict(gather.state_dict())
+    batch = make_batch()
+    torch.testing.assert_close(gather(batch), table(batch))
+
+
+def test_masked_mean_and_cross_networks():
+    x = torch.arange(12.0).view(1, 3, 4).repeat(2, 1, 1)
+    mask = torch.tensor([[True, False, True], [False, False, False]])
+    torch.testing.assert_close(masked_mean(x, mask), torch.stack([(x[0, 0] + x[0, 2]) / 2, torch.zeros(4)]))
+    x0 = torch.randn(3, 6)
+    cross = CrossNet(6, 1)
+    torch.testing.assert_close(cross(x0), x0 * cross.layers[0](x0) + x0)
+    assert CrossNetMix(6, 2, rank=3, n_experts=2)(x0).shape == (3, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# the TF loss
+# ---------------------------------------------------------------------------------------------
+
+def test_tf_loss_matches_its_formula_by_hand():
+    ln3 = math.log(3)
+    # p_s = (0.75, 0.5), p_c = (0.5, 0.75), p = (0.5, 0.5); labels (1, 0)
+    y_s, y_c, y = torch.tensor([ln3, 0.0]), torch.tensor([0.0, ln3]), torch.zeros(2)
+    label = torch.tensor([1.0, 0.0])
+    easy = (-math.log(0.75) * (0.8 + 0.75) ** 2 + math.log(2) * (0.8 + 0.5) ** 2) / 2
+    hard = (math.log(2) * (1.2 - 0.5) ** 2 + -math.log(0.25) * (1.2 - 0.25) ** 2) / 2
+    expected = math.log(2) + 0.25 * easy + 0.75 * hard
+    assert expected == pytest.approx(1.5225094, abs=1e-6)
+    loss = tf_loss(y, y_s, y_c, label, c=0.8, gamma=2.0, alpha=0.25)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    # gamma = 0 and alpha = 1: plain BCE of y plus plain BCE of y_s
+    plain = F.binary_cross_entropy_with_logits(y, label) + F.binary_cross_entropy_with_logits(y_s, label)
+    assert tf_loss(y, y_s, y_c, label, gamma=0.0, alpha=1.0).item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_tf4ctr_loss_uses_the_tf_loss_of_its_twin_logits():
+    model = build({**DCN, **tf("ser", "vf")}).eval()
+    batch, label = make_batch(), make_label()
+    y, y_s, y_c = model.twin_logits(batch)
+    loss, logits = model.loss(batch, label)
+    torch.testing.assert_close(logits, y)
+    torch.testing.assert_close(loss, tf_loss(y, y_s, y_c, label, 0.8, 2.0, 0.25))
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg, key", [
+    (dict(name="deepfm"), "model.name"),
+    ({**QIN, "qnn_lyers": 3}, "model.qnn_lyers"),
+    ({**QIN, "attention": "sparse"}, "model.attention"),
+    ({**QIN, "emb_dim": 0}, "model.emb_dim"),
+    ({**QIN, "batch_norm": "yes"}, "model.batch_norm"),
+    ({**QIN, "dropout": 1.5}, "model.dropout"),
+    ({**QIN, "mlp_hidden": [32, "x"]}, "model.mlp_hidden"),
+    ({**QIN, **tf()}, "model.tf4ctr.enabled"),
+    ({**DIN, "attention_hidden": []}, "model.attention_hidden"),
+    ({**DIN, "tf4ctr": {"enabled": True, "focus": 1}}, "model.tf4ctr.focus"),
+    ({**DIN, "tf4ctr": {"enabled": True, "dfm": "avg"}}, "model.tf4ctr.dfm"),
+    ({**DCN, "tf4ctr": {"enabled": True, "c": 1.5}}, "model.tf4ctr.c"),
+])
+def test_bad_model_config_is_a_one_line_user_error(cfg, key):
+    with pytest.raises(common.UserError) as err:
+        models.build_model(cfg, make_tables())
+    assert str(err.value).startswith(key + ":") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("config", ["qin", "qin_small", "dcnv2_tf", "dcnv2_tf_small", "din_tf",
+                                    "din_tf_small"])
+def test_shipped_configs_build(config):
+    cfg = common.load_config(common.CONFIG_DIR / f"{config}.yaml")
+    assert cfg["run"]["name"] == config
+    model = models.build_model(cfg["model"], make_tables())
+    assert model(make_batch(b=4)).shape == (4,)
+
+
+# ---------------------------------------------------------------------------------------------
+# learning
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("config", ["qin_small", "dcnv2_tf_small", "din_tf_small"])
+def test_adam_lowers_the_training_loss(tiny_processed, config):
+    arrays, manifest = preprocess.load_processed(tiny_processed)
+    vocab = manifest["vocab"]
+    tables = {name: torch.from_numpy(np.array(arrays[name])) for name in ITEM_TABLES}
+    tables.update(n_items=vocab["item"], n_tags=vocab["tag"], n_users=vocab["user"], n_levels=vocab["level"])
+    features = {name: torch.from_numpy(np.array(arrays[f"train_{name}"]))
+                for name in ("user_id", "item_id", "item_seq", "likes_level", "views_level")}
+    label = torch.from_numpy(np.array(arrays["train_label"]))
+    cfg = common.load_config(common.CONFIG_DIR / f"{config}.yaml")
+    torch.manual_seed(0)
+    model = models.build_model(cfg["model"], tables)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["train"]["lr"])
+
+    def bce(n=1024):  # on the first n training rows
+        model.eval()
+        with torch.no_grad():
+            logits = model({k: v[:n] for k, v in features.items()})
+            return F.binary_cross_entropy_with_logits(logits, label[:n]).item()
+
+    before = bce()
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(300):
+        rows = torch.randint(0, label.numel(), (64,), generator=g)
+        loss, _ = model.loss({k: v[rows] for k, v in features.items()}, label[rows])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = bce()
+    assert after < 0.9 * before, (before, after)

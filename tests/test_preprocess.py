@@ -1,0 +1,349 @@
+"""preprocess.py: round trip, folds, cache, and one clear one-line error per kind of bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import common
+import make_synthetic
+import preprocess
+from conftest import make_data_cfg
+
+SPLITS = ["train", "valid", "test"]
+N_ITEMS = make_synthetic.PRESETS["tiny"].n_items
+
+
+def as_matrix(column) -> np.ndarray:
+    return np.stack(column.to_numpy(zero_copy_only=False))
+
+
+def fixed_list(matrix: np.ndarray, value_type=pa.int64()) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), value_type), matrix.shape[1])
+
+
+def replace_column(path: Path, column: str, array: pa.Array | None) -> None:
+    """Rewrite one column of a parquet file in place (None drops it)."""
+    table = pq.read_table(path)
+    index = table.column_names.index(column)
+    table = table.remove_column(index) if array is None else table.set_column(index, column, array)
+    pq.write_table(table, path)
+
+
+def edit_ints(path: Path, column: str, row: int, value) -> None:
+    values = pq.read_table(path, columns=[column])[column].to_numpy().copy()
+    values[row] = value
+    replace_column(path, column, pa.array(values))
+
+
+def edit_list(path: Path, column: str, row: int, slot: int, value, value_type=pa.int64()) -> None:
+    matrix = as_matrix(pq.read_table(path, columns=[column])[column]).copy()
+    matrix[row, slot] = value
+    replace_column(path, column, fixed_list(matrix, value_type))
+
+
+# --- round trip ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loaded(tiny_processed):
+    return preprocess.load_processed(tiny_processed)
+
+
+def test_arrays_equal_the_parquet_contents(loaded, tiny_raw):
+    arrays, _ = loaded
+    for split in SPLITS:
+        table = pq.read_table(tiny_raw / f"{split}.parquet")
+        for column in ["user_id", "item_id", "likes_level", "views_level"]:
+            assert arrays[f"{split}_{column}"].dtype == np.int32
+            assert np.array_equal(arrays[f"{split}_{column}"], table[column].to_numpy())
+        assert arrays[f"{split}_item_seq"].dtype == np.int32
+        assert np.array_equal(arrays[f"{split}_item_seq"], as_matrix(table["item_seq"]))
+        if split == "test":
+            assert arrays["test_ID"].dtype == np.int64
+            assert np.array_equal(arrays["test_ID"], table["ID"].to_numpy())
+        else:
+            assert arrays[f"{split}_label"].dtype == np.float32
+            assert np.array_equal(arrays[f"{split}_label"], table["label"].to_numpy())
+    items = pq.read_table(tiny_raw / "item_info.parquet")
+    assert arrays["item_tags"].dtype == np.int32
+    assert np.array_equal(arrays["item_tags"], as_matrix(items["item_tags"]))
+    assert arrays["item_emb"].dtype == np.float32
+    assert np.allclose(arrays["item_emb"], as_matrix(items["item_emb_d128"]), atol=1e-6)
+    assert all(isinstance(array, np.memmap) for array in arrays.values())
+
+
+def test_per_item_levels_are_rounded_means_over_all_splits(loaded, tiny_raw):
+    arrays, manifest = loaded
+    rows = pd.concat([pd.read_parquet(tiny_raw / f"{split}.parquet",
+                                      columns=["item_id", "likes_level", "views_level"])
+                      for split in SPLITS])
+    means = rows.groupby("item_id").mean()
+    for level in ("likes_level", "views_level"):
+        expected = np.zeros(manifest["vocab"]["item"], np.int32)
+        expected[means.index] = np.floor(means[level].to_numpy() + 0.5)
+        assert arrays[f"item_{level}"].dtype == np.int32
+        assert np.array_equal(arrays[f"item_{level}"], expected)
+    unseen = np.setdiff1d(np.arange(manifest["vocab"]["item"]), means.index)
+    assert 0 in unseen and not arrays["item_likes_level"][unseen].any()
+
+
+def test_folds_are_stratified_and_cover_every_train_row(loaded, tiny_cfg):
+    arrays, manifest = loaded
+    fold, label = arrays["train_fold"], arrays["train_label"]
+    n_folds = tiny_cfg["data"]["n_folds"]
+    assert fold.dtype == np.int8 and len(fold) == len(label)
+    assert set(np.unique(fold)) == set(range(n_folds))
+    sizes = np.bincount(fold)
+    assert sizes.max() - sizes.min() <= 2
+    for k in range(n_folds):
+        assert abs(label[fold == k].mean() - label.mean()) < 0.005
+    again = preprocess.stratified_folds(np.asarray(label), n_folds, tiny_cfg["data"]["fold_seed"])
+    assert np.array_equal(again, fold), "folds depend on the seed only"
+    other = preprocess.stratified_folds(np.asarray(label), n_folds, tiny_cfg["data"]["fold_seed"] + 1)
+    assert not np.array_equal(other, fold)
+
+
+def test_manifest_fields(loaded, tiny_cfg, tiny_raw):
+    _, manifest = loaded
+    data = tiny_cfg["data"]
+    assert manifest["fingerprint"] == preprocess.fingerprint(tiny_cfg)
+    assert manifest["n_rows"] == {split: pq.ParquetFile(tiny_raw / f"{split}.parquet").metadata.num_rows
+                                  for split in SPLITS}
+    tags = as_matrix(pq.read_table(tiny_raw / "item_info.parquet")["item_tags"])
+    max_user = max(pq.read_table(tiny_raw / f"{s}.parquet")["user_id"].to_numpy().max() for s in SPLITS)
+    assert manifest["vocab"] == {"item": len(tags), "tag": int(tags.max()) + 1,
+                                 "user": int(max_user) + 1, "level": 11}
+    assert (manifest["seq_len"], manifest["n_tags"], manifest["emb_dim"]) == (64, 5, 128)
+    assert (manifest["n_folds"], manifest["fold_seed"]) == (data["n_folds"], data["fold_seed"])
+
+
+def test_variable_length_list_columns_are_accepted(copy_raw, tmp_path, tiny_processed):
+    raw = copy_raw()
+    seq = pq.read_table(raw / "train.parquet")["item_seq"].combine_chunks()
+    replace_column(raw / "train.parquet", "item_seq", seq.cast(pa.list_(pa.int64())))
+    processed = preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work"))
+    mine, _ = preprocess.load_processed(processed)
+    reference, _ = preprocess.load_processed(tiny_processed)
+    assert np.array_equal(mine["train_item_seq"], reference["train_item_seq"])
+
+
+def test_float16_embeddings(tiny_raw, tmp_path, loaded):
+    cfg = make_data_cfg(tiny_raw, tmp_path / "work")
+    cfg["data"]["emb_dtype"] = "float16"
+    arrays, manifest = preprocess.load_processed(preprocess.run_preprocess(cfg))
+    assert arrays["item_emb"].dtype == np.float16 and manifest["emb_dtype"] == "float16"
+    assert np.allclose(arrays["item_emb"], loaded[0]["item_emb"], atol=2e-3)
+
+
+def test_extra_columns_are_ignored(copy_raw, tmp_path):
+    raw = copy_raw()
+    table = pq.read_table(raw / "test.parquet")
+    pq.write_table(table.append_column("label", pa.array(np.zeros(table.num_rows, np.int64))),
+                   raw / "test.parquet")
+    preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work"))
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+def test_cache_is_reused_until_inputs_or_settings_change(copy_raw, tmp_path, capsys):
+    raw = copy_raw()
+    cfg = make_data_cfg(raw, tmp_path / "work")
+    processed = preprocess.run_preprocess(cfg)
+    built = (processed / "manifest.json").stat().st_mtime_ns
+    capsys.readouterr()
+
+    assert preprocess.run_preprocess(cfg) == processed
+    assert "reusing" in capsys.readouterr().out
+    assert (processed / "manifest.json").stat().st_mtime_ns == built
+
+    stat = (raw / "valid.parquet").stat()
+    os.utime(raw / "valid.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    (processed / "stale_marker").write_text("from the old build")
+    preprocess.run_preprocess(cfg)
+    assert "rebuilding" in capsys.readouterr().out
+    assert not (processed / "stale_marker").exists(), "the old folder was replaced as a whole"
+
+    cfg["data"]["n_folds"] = 3
+    preprocess.run_preprocess(cfg)
+    assert "rebuilding" in capsys.readouterr().out
+    arrays, manifest = preprocess.load_processed(processed)
+    assert manifest["n_folds"] == 3 and set(np.unique(arrays["train_fold"])) == {0, 1, 2}
+
+    preprocess.run_preprocess(cfg, force=True)
+    assert "wrote" in capsys.readouterr().out
+    assert sorted(p.name for p in processed.parent.iterdir()) == ["processed"], "no temp folders left"
+
+
+def test_load_processed_without_data_is_a_user_error(tmp_path):
+    with pytest.raises(common.UserError, match="run src/preprocess.py first"):
+        preprocess.load_processed(tmp_path)
+
+
+# --- bad input: one case per kind, each a one-line error naming file and column -----------------
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def corrupt_pages(path: Path) -> None:
+    """Garbage in the middle of the data, the footer intact: fails while reading row batches."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2000] = b"\xff" * 2000
+    path.write_bytes(bytes(data))
+
+
+def empty(path: Path) -> None:
+    pq.write_table(pq.read_table(path).slice(0, 0), path)
+
+
+def short_history(path: Path) -> None:
+    seq = as_matrix(pq.read_table(path, columns=["item_seq"])["item_seq"]).tolist()
+    seq[17] = seq[17][1:]
+    replace_column(path, "item_seq", pa.array(seq, pa.list_(pa.int64())))
+
+
+def null_level(path: Path) -> None:
+    values = pq.read_table(path, columns=["views_level"])["views_level"].to_pylist()
+    values[8] = None
+    replace_column(path, "views_level", pa.array(values, pa.int64()))
+
+
+def float_ids(path: Path) -> None:
+    values = pq.read_table(path, columns=["user_id"])["user_id"].to_numpy()
+    replace_column(path, "user_id", pa.array(values.astype(np.float64)))
+
+
+def int_embeddings(path: Path) -> None:
+    emb = as_matrix(pq.read_table(path, columns=["item_emb_d128"])["item_emb_d128"])
+    replace_column(path, "item_emb_d128", fixed_list(np.round(emb).astype(np.int64)))
+
+
+def swapped_items(path: Path) -> None:
+    table = pq.read_table(path)
+    order = np.arange(table.num_rows)
+    order[[1, 2]] = [2, 1]
+    pq.write_table(table.take(order), path)
+
+
+def duplicate_test_id(path: Path) -> None:
+    edit_ints(path, "ID", 9, 8)
+
+
+def missing_test_id(path: Path) -> None:
+    table = pq.read_table(path)
+    pq.write_table(table.filter(pa.array(np.arange(table.num_rows) != 30)), path)
+
+
+BAD_INPUTS = {
+    # kind: (file, how to break it, expected message fragments)
+    "missing_file": ("valid.parquet", lambda p: p.unlink(), ["valid.parquet", "file not found"]),
+    "corrupt": ("train.parquet", lambda p: p.write_bytes(b"not parquet at all" * 50),
+                ["train.parquet", "not a readable parquet file"]),
+    "truncated": ("test.parquet", truncate, ["test.parquet", "not a readable parquet file"]),
+    "corrupt_pages": ("train.parquet", corrupt_pages, ["train.parquet", "corrupt data from row 0 on"]),
+    "empty": ("valid.parquet", empty, ["valid.parquet", "no rows"]),
+    "missing_column": ("valid.parquet", lambda p: replace_column(p, "likes_level", None),
+                       ["valid.parquet", "column 'likes_level'", "missing"]),
+    "missing_label": ("train.parquet", lambda p: replace_column(p, "label", None),
+                      ["train.parquet", "column 'label'", "missing"]),
+    "non_integer_ids": ("train.parquet", float_ids,
+                        ["train.parquet", "column 'user_id'", "expected integer ids"]),
+    "non_float_embeddings": ("item_info.parquet", int_embeddings,
+                             ["item_info.parquet", "column 'item_emb_d128'", "expected a list of floats"]),
+    "wrong_list_length": ("train.parquet", short_history,
+                          ["train.parquet", "column 'item_seq'", "row 17 has 63 items, expected 64"]),
+    "null_value": ("valid.parquet", null_level, ["valid.parquet", "column 'views_level'", "row 8", "null"]),
+    "history_item_out_of_vocab": ("valid.parquet", lambda p: edit_list(p, "item_seq", 5, 63, N_ITEMS),
+                                  ["valid.parquet", "column 'item_seq'", f"row 5 has item id {N_ITEMS}"]),
+    "negative_history_item": ("train.parquet", lambda p: edit_list(p, "item_seq", 6, 60, -2),
+                              ["train.parquet", "column 'item_seq'", "row 6 has item id -2"]),
+    "target_is_padding": ("test.parquet", lambda p: edit_ints(p, "item_id", 3, 0),
+                          ["test.parquet", "column 'item_id'", "row 3 has target item id 0"]),
+    "target_out_of_vocab": ("train.parquet", lambda p: edit_ints(p, "item_id", 11, N_ITEMS),
+                            ["train.parquet", "column 'item_id'", f"row 11 has target item id {N_ITEMS}"]),
+    "negative_tag": ("item_info.parquet", lambda p: edit_list(p, "item_tags", 7, 4, -1),
+                     ["item_info.parquet", "column 'item_tags'", "row 7 has tag id -1"]),
+    "negative_user": ("valid.parquet", lambda p: edit_ints(p, "user_id", 2, -5),
+                      ["valid.parquet", "column 'user_id'", "row 2 has user id -5"]),
+    "level_out_of_range": ("train.parquet", lambda p: edit_ints(p, "likes_level", 4, 11),
+                           ["train.parquet", "column 'likes_level'", "row 4 has level 11, expected 0..10"]),
+    "item_id_not_row_number": ("item_info.parquet", swapped_items,
+                               ["item_info.parquet", "column 'item_id'", "row 1 has item_id 2"]),
+    "padding_item_has_tags": ("item_info.parquet", lambda p: edit_list(p, "item_tags", 0, 4, 3),
+                              ["item_info.parquet", "column 'item_tags'", "row 0", "all zero"]),
+    "padding_item_has_embedding": ("item_info.parquet",
+                                   lambda p: edit_list(p, "item_emb_d128", 0, 0, 0.5, pa.float64()),
+                                   ["item_info.parquet", "column 'item_emb_d128'", "row 0", "all zero"]),
+    "nan_embedding": ("item_info.parquet",
+                      lambda p: edit_list(p, "item_emb_d128", 12, 3, np.nan, pa.float64()),
+                      ["item_info.parquet", "column 'item_emb_d128'", "row 12 contains NaN or inf"]),
+    "inf_embedding": ("item_info.parquet",
+                      lambda p: edit_list(p, "item_emb_d128", 13, 3, np.inf, pa.float64()),
+                      ["item_info.parquet", "column 'item_emb_d128'", "row 13 contains NaN or inf"]),
+    "duplicate_test_id": ("test.parquet", duplicate_test_id,
+                          ["test.parquet", "column 'ID'", "row 9 has ID 8, expected 9"]),
+    "missing_test_id": ("test.parquet", missing_test_id,
+                        ["test.parquet", "column 'ID'", "row 30 has ID 31, expected 30"]),
+    "label_not_binary": ("train.parquet", lambda p: edit_ints(p, "label", 6, 2),
+                         ["train.parquet", "column 'label'", "row 6 has label 2, expected 0 or 1"]),
+    "negative_valid_label": ("valid.parquet", lambda p: edit_ints(p, "label", 1, -1),
+                             ["valid.parquet", "column 'label'", "row 1 has label -1"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_is_one_clear_line_and_leaves_nothing(kind, copy_raw, tmp_path):
+    file, corrupt, fragments = BAD_INPUTS[kind]
+    raw = copy_raw()
+    corrupt(raw / file)
+    cfg = make_data_cfg(raw, tmp_path / "work")
+    with pytest.raises(common.UserError) as error:
+        preprocess.run_preprocess(cfg)
+    message = str(error.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    work = tmp_path / "work"
+    assert not work.exists() or list(work.iterdir()) == [], "no processed or temporary folder left"
+
+
+def test_a_failed_rebuild_leaves_the_good_folder_untouched(copy_raw, tmp_path):
+    raw = copy_raw()
+    cfg = make_data_cfg(raw, tmp_path / "work")
+    processed = preprocess.run_preprocess(cfg)
+    before = {p.name: p.read_bytes() for p in processed.iterdir()}
+    edit_ints(raw / "train.parquet", "likes_level", 0, 99)
+    with pytest.raises(common.UserError, match="likes_level"):
+        preprocess.run_preprocess(cfg)
+    assert {p.name: p.read_bytes() for p in processed.iterdir()} == before
+    assert sorted(p.name for p in processed.parent.iterdir()) == ["processed"]
+
+
+@pytest.mark.parametrize("key, value", [("emb_dtype", "float64"), ("n_folds", 1)])
+def test_bad_settings_are_user_errors(tiny_raw, tmp_path, key, value):
+    cfg = make_data_cfg(tiny_raw, tmp_path / "work")
+    cfg["data"][key] = value
+    with pytest.raises(common.UserError, match=f"data.{key}"):
+        preprocess.run_preprocess(cfg)
+
+
+def test_cli_reports_a_bad_input_as_one_error_line(copy_raw, tmp_path):
+    raw = copy_raw()
+    edit_ints(raw / "valid.parquet", "label", 3, 7)
+    config = tmp_path / "data.yaml"
+    config.write_text(json.dumps({"base": str(common.CONFIG_DIR / "data.yaml"),
+                                  "data": {"raw_dir": str(raw), "work_dir": str(tmp_path / "work")}}))
+    result = subprocess.run([sys.executable, str(Path(preprocess.__file__)), "--config", str(config)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert "valid.parquet: column 'label': row 3 has label 7" in lines[0]

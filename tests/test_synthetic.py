@@ -1,0 +1,220 @@
+"""The synthetic generator: exact competition schema, padding rules, determinism, oracle files, and
+the properties of the click process that make the data worth modelling (see data/README.md)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import make_synthetic
+
+TINY = make_synthetic.PRESETS["tiny"]
+MAIN_FILES = ["train", "valid", "test", "item_info"]
+ORACLE_FILES = ["oracle/click_prob", "oracle/test_labels"]
+
+# Written out here, from shared/spec/competition.md, rather than taken from the generator.
+ROW_FIELDS = [("user_id", pa.int64()), ("item_seq", pa.list_(pa.int64(), 64)), ("item_id", pa.int64()),
+              ("likes_level", pa.int64()), ("views_level", pa.int64())]
+EXPECTED_FIELDS = {
+    "train": ROW_FIELDS + [("label", pa.int64())],
+    "valid": ROW_FIELDS + [("label", pa.int64())],
+    "test": [("ID", pa.int64())] + ROW_FIELDS,
+    "item_info": [("item_id", pa.int64()), ("item_tags", pa.list_(pa.int64(), 5)),
+                  ("item_emb_d128", pa.list_(pa.float64(), 128))],
+    "oracle/click_prob": [("split", pa.string()), ("row_id", pa.int64()), ("prob", pa.float64())],
+    "oracle/test_labels": [("ID", pa.int64()), ("label", pa.int64())],
+}
+
+
+def read(raw: Path, name: str) -> pa.Table:
+    return pq.read_table(raw / f"{name}.parquet")
+
+
+def as_matrix(column: pa.ChunkedArray) -> np.ndarray:
+    return np.stack(column.to_numpy(zero_copy_only=False)) if len(column) else np.empty((0, 0))
+
+
+def is_left_padded(matrix: np.ndarray) -> bool:
+    """Zeros only before the first non-zero value of each row."""
+    nonzero = matrix != 0
+    return bool((np.diff(nonzero.astype(np.int8), axis=1) >= 0).all())
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    return np.log(p) - np.log1p(-p)
+
+
+@pytest.fixture(scope="module")
+def tables(tiny_raw) -> dict[str, pa.Table]:
+    return {name: read(tiny_raw, name) for name in MAIN_FILES + ORACLE_FILES}
+
+
+@pytest.mark.parametrize("name", MAIN_FILES + ORACLE_FILES)
+def test_schema_matches_the_competition_field_by_field(tiny_raw, name):
+    schema = pq.read_schema(tiny_raw / f"{name}.parquet")
+    assert schema.names == [field for field, _ in EXPECTED_FIELDS[name]]
+    for field, expected_type in EXPECTED_FIELDS[name]:
+        assert schema.field(field).type == expected_type, field
+
+
+def test_sizes_follow_the_preset(tables):
+    assert tables["train"].num_rows == TINY.n_train
+    assert tables["valid"].num_rows == TINY.n_valid
+    assert tables["test"].num_rows == TINY.n_test
+    assert tables["item_info"].num_rows == TINY.n_items
+
+
+def test_item_table_padding_and_ids(tables):
+    items = tables["item_info"]
+    assert np.array_equal(items["item_id"].to_numpy(), np.arange(TINY.n_items))
+    tags, emb = as_matrix(items["item_tags"]), as_matrix(items["item_emb_d128"])
+    assert not tags[0].any() and not emb[0].any()
+    assert is_left_padded(tags)
+    assert (tags[1:] > 0).any(axis=1).all(), "every real item has at least one tag"
+    assert tags.max() < TINY.n_tags and tags.min() >= 0
+    nonzero = np.where(tags > 0, tags, -np.arange(tags.size).reshape(tags.shape))
+    assert all(len(np.unique(row)) == 5 for row in nonzero), "an item's tags are distinct"
+    assert np.isfinite(emb).all() and (np.linalg.norm(emb[1:], axis=1) > 0).all()
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_rows_padding_and_vocabularies(tables, split):
+    table = tables[split]
+    seq = as_matrix(table["item_seq"])
+    assert is_left_padded(seq)
+    assert (seq[:, -1] > 0).all(), "the most recent history slot is always filled"
+    assert seq.max() < TINY.n_items and seq.min() >= 0
+    lengths = (seq != 0).sum(axis=1)
+    assert lengths.min() < 64 and lengths.max() == 64, "some histories are short, some full"
+    item = table["item_id"].to_numpy()
+    assert item.min() >= 1 and item.max() < TINY.n_items
+    user = table["user_id"].to_numpy()
+    assert user.min() >= 1 and user.max() <= TINY.n_users
+    for level in ("likes_level", "views_level"):
+        values = table[level].to_numpy()
+        assert values.min() >= 0 and values.max() <= 10
+    if split == "test":
+        assert np.array_equal(table["ID"].to_numpy(), np.arange(table.num_rows))
+        assert "label" not in table.column_names
+    else:
+        assert set(np.unique(table["label"].to_numpy())) == {0, 1}
+
+
+def test_positive_rate_is_about_a_quarter(tables):
+    for split in ("train", "valid"):
+        assert 0.18 < tables[split]["label"].to_numpy().mean() < 0.32, split
+    assert 0.18 < tables["oracle/test_labels"]["label"].to_numpy().mean() < 0.32
+
+
+def test_popularity_is_skewed(tables):
+    counts = np.bincount(tables["train"]["item_id"].to_numpy(), minlength=TINY.n_items)[1:]
+    top_tenth = np.sort(counts)[::-1][: len(counts) // 10].sum()
+    assert top_tenth > 0.35 * counts.sum(), "a few popular items get a large share of impressions"
+    assert (counts < 5).mean() > 0.3, "many items are rare"
+
+
+def test_oracle_files_align_with_the_splits(tables):
+    oracle = tables["oracle/click_prob"]
+    split_names = oracle["split"].to_numpy(zero_copy_only=False)
+    for split in ("train", "valid", "test"):
+        rows = oracle.filter(pa.array(split_names == split))
+        assert np.array_equal(rows["row_id"].to_numpy(), np.arange(tables[split].num_rows))
+        prob = rows["prob"].to_numpy()
+        assert ((prob > 0) & (prob < 1)).all()
+    labels = tables["oracle/test_labels"]
+    assert np.array_equal(labels["ID"].to_numpy(), tables["test"]["ID"].to_numpy())
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_oracle_auc_is_high_but_not_perfect(tiny_raw, tables, split):
+    import common
+    prob = common.read_oracle_prob(tiny_raw, split)
+    label = (common.read_test_labels(tiny_raw) if split == "test"
+             else tables[split]["label"].to_numpy())
+    assert 0.78 < make_synthetic.roc_auc(label, prob) < 0.96
+
+
+def test_roc_auc_matches_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    label = rng.random(300) < 0.3
+    score = np.round(rng.random(300) + 0.3 * label, 1)  # rounding makes ties
+    diff = score[label][:, None] - score[~label][None, :]
+    pairwise = ((diff > 0) + 0.5 * (diff == 0)).mean()
+    assert make_synthetic.roc_auc(label, score) == pytest.approx(pairwise)
+
+
+def test_same_seed_gives_identical_bytes_and_another_seed_differs(tiny_raw, tmp_path):
+    make_synthetic.generate("tiny", tmp_path / "again", seed=0)
+    for name in MAIN_FILES + ORACLE_FILES:
+        path = f"{name}.parquet"
+        assert (tmp_path / "again" / path).read_bytes() == (tiny_raw / path).read_bytes(), name
+    make_synthetic.generate("tiny", tmp_path / "other", seed=1)
+    assert not read(tmp_path / "other", "train").equals(read(tiny_raw, "train"))
+
+
+def test_no_staging_folder_is_left_and_a_failure_writes_nothing(tiny_raw, tmp_path, monkeypatch):
+    assert sorted(p.name for p in tiny_raw.iterdir()) == sorted(
+        [f"{name}.parquet" for name in MAIN_FILES] + ["oracle"])
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed mid-way")
+    monkeypatch.setattr(make_synthetic, "write_split", crash)
+    with pytest.raises(RuntimeError):
+        make_synthetic.generate("tiny", tmp_path / "broken", seed=0)
+    assert list((tmp_path / "broken").iterdir()) == []
+
+
+# --- the click process rewards what the real task rewards ------------------------------------
+
+@pytest.fixture(scope="module")
+def train_view(tiny_raw, tables):
+    """Cosines between each train target and its history items in the multimodal space."""
+    import common
+    emb = as_matrix(tables["item_info"]["item_emb_d128"])
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    train = tables["train"]
+    seq, target = as_matrix(train["item_seq"]), train["item_id"].to_numpy()
+    cos = np.einsum("nld,nd->nl", unit[seq], unit[target])
+    cos[seq == 0] = -1.0
+    filled = (seq != 0)[..., None]
+    mean_history = (unit[seq] * filled).sum(axis=1) / filled.sum(axis=1)
+    return {"cos": cos, "mean_pool": np.einsum("nd,nd->n", mean_history, unit[target]),
+            "label": train["label"].to_numpy(), "likes": train["likes_level"].to_numpy(),
+            "logit": logit(common.read_oracle_prob(tiny_raw, "train"))}
+
+
+def test_a_few_close_history_items_beat_mean_pooling(train_view):
+    top3 = np.sort(train_view["cos"], axis=1)[:, -3:].mean(axis=1)
+    auc_top3 = make_synthetic.roc_auc(train_view["label"], top3)
+    auc_mean = make_synthetic.roc_auc(train_view["label"], train_view["mean_pool"])
+    assert auc_top3 > auc_mean + 0.02
+    close = (train_view["cos"] > 0.8).sum(axis=1)
+    assert np.median(close) <= 8, "only a few history items are near the target"
+
+
+def test_likes_level_matters_more_when_the_history_matches(train_view):
+    match = np.sort(train_view["cos"], axis=1)[:, -3:].mean(axis=1)
+    strong, weak = match > np.quantile(match, 0.75), match < np.quantile(match, 0.5)
+    slope = {name: np.polyfit(train_view["likes"][rows], train_view["logit"][rows], 1)[0]
+             for name, rows in [("strong", strong), ("weak", weak)]}
+    assert slope["strong"] > slope["weak"] + 0.2, slope
+
+
+def test_multimodal_vectors_carry_item_semantics(tables):
+    emb = as_matrix(tables["item_info"]["item_emb_d128"])[1:]
+    tags = as_matrix(tables["item_info"]["item_tags"])[1:]
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    shares_tag = (tags[:, None, :, None] == tags[None, :, None, :]) & (tags[:, None, :, None] > 0)
+    shares_tag = shares_tag.any(axis=(2, 3)) & ~np.eye(len(tags), dtype=bool)
+    others = ~shares_tag & ~np.eye(len(tags), dtype=bool)
+    assert cos[shares_tag].mean() > cos[others].mean() + 0.2
+
+
+def test_cli_help_runs():
+    script = Path(make_synthetic.__file__)
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--preset" in result.stdout

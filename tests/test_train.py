@@ -1,0 +1,201 @@
+"""The k-fold trainer: run directory contract, resume, reproducibility, stale outputs, schedule.
+
+Every run trains on the tiny synthetic data (2 folds) with the *_small model configs shrunk further
+by overrides, on the CPU, under its own run name in the session's shared work folder.
+"""
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import common
+import preprocess
+import train
+
+MODELS = ("qin_small", "dcnv2_tf_small", "din_tf_small")
+FASTEST = "dcnv2_tf_small"
+TINY = ["train.max_epochs=2", "train.batch_size=512", "train.eval_batch_size=2048", "train.log_every=2"]
+FOLD_FILES = ("best.pt", "history.json", "oof.parquet", "valid.parquet", "test.parquet", "done.json")
+PREDICTIONS = ("oof.parquet", "valid.parquet", "test.parquet",
+               "fold0/oof.parquet", "fold1/oof.parquet", "fold1/valid.parquet", "fold1/test.parquet")
+
+
+@pytest.fixture(scope="module")
+def processed(tiny_processed):
+    return preprocess.load_processed(tiny_processed)
+
+
+def make_cfg(tiny_cfg, model: str, run_name: str, *overrides: str) -> dict:
+    cfg = common.load_config(common.CONFIG_DIR / f"{model}.yaml", [*TINY, *overrides])
+    cfg["data"] = dict(tiny_cfg["data"])
+    cfg["run"]["name"] = run_name
+    return cfg
+
+
+def assert_same_predictions(run_a, run_b, files=PREDICTIONS):
+    for name in files:
+        pd.testing.assert_frame_equal(pd.read_parquet(run_a / name), pd.read_parquet(run_b / name))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_one_fold_writes_the_fold_files(tiny_cfg, processed, model):
+    arrays, manifest = processed
+    run_dir = train.run_training(make_cfg(tiny_cfg, model, f"one_fold_{model}"), folds=[0], device="cpu")
+
+    assert run_dir == common.data_paths(tiny_cfg)["runs"] / f"one_fold_{model}"
+    assert common.load_config(run_dir / "config.yaml")["train"]["max_epochs"] == 2
+    assert common.read_json(run_dir / "fingerprint.json")["data_fingerprint"] == manifest["fingerprint"]
+    fold_dir = run_dir / "fold0"
+    assert all((fold_dir / name).is_file() for name in FOLD_FILES)
+    assert not (run_dir / "fold1").exists() and not (run_dir / "oof.parquet").exists()
+
+    history = common.read_json(fold_dir / "history.json")
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert set(history[0]) == {"epoch", "train_loss", "fold_auc", "fold_logloss", "lr", "seconds"}
+    done = common.read_json(fold_dir / "done.json")
+    assert done["fold"] == 0 and done["best_epoch"] in (1, 2) and 0 < done["fold_auc"] <= 1
+
+    oof = pd.read_parquet(fold_dir / "oof.parquet")
+    assert list(oof.columns) == ["row_id", "pred"]
+    np.testing.assert_array_equal(oof["row_id"], np.flatnonzero(np.asarray(arrays["train_fold"]) == 0))
+    valid = pd.read_parquet(fold_dir / "valid.parquet")
+    np.testing.assert_array_equal(valid["row_id"], np.arange(manifest["n_rows"]["valid"]))
+    test = pd.read_parquet(fold_dir / "test.parquet")
+    assert list(test.columns) == ["ID", "pred"]
+    np.testing.assert_array_equal(test["ID"], np.asarray(arrays["test_ID"]))
+    for frame in (oof, valid, test):
+        assert frame["pred"].between(0, 1).all()
+
+    state = torch.load(fold_dir / "best.pt")
+    assert all(tensor.device.type == "cpu" for tensor in state.values())
+
+
+def test_all_folds_aggregate_and_reproduce(tiny_cfg, processed):
+    arrays, _ = processed
+    run_a = train.run_training(make_cfg(tiny_cfg, FASTEST, "repro_a"), device="cpu")
+
+    oof = pd.read_parquet(run_a / "oof.parquet")
+    assert list(oof.columns) == ["row_id", "fold", "pred"]
+    np.testing.assert_array_equal(oof["row_id"], np.arange(len(arrays["train_fold"])))
+    np.testing.assert_array_equal(oof["fold"], np.asarray(arrays["train_fold"]))
+    fold_tests = [pd.read_parquet(run_a / f"fold{k}" / "test.parquet")["pred"] for k in (0, 1)]
+    np.testing.assert_allclose(pd.read_parquet(run_a / "test.parquet")["pred"],
+                               (fold_tests[0] + fold_tests[1]) / 2, rtol=1e-6)
+    metrics = common.read_json(run_a / "metrics.json")
+    assert [m["fold"] for m in metrics["folds"]] == [0, 1]
+    assert 0.5 < metrics["oracle_oof_auc"] <= 1 and 0.5 < metrics["oracle_valid_auc"] <= 1
+    assert "OOF" in (run_a / "report.md").read_text()
+
+    # the same config under another name: bit-identical predictions on CPU
+    run_b = train.run_training(make_cfg(tiny_cfg, FASTEST, "repro_b"), device="cpu")
+    assert_same_predictions(run_a, run_b)
+
+
+def test_resume_skips_done_folds_and_redoes_the_rest_identically(tiny_cfg, monkeypatch):
+    reference = train.run_training(make_cfg(tiny_cfg, FASTEST, "resume_reference"), device="cpu")
+    cfg = make_cfg(tiny_cfg, FASTEST, "resume")
+    run_dir = common.data_paths(cfg)["runs"] / "resume"
+
+    # crash while fold 1 writes its outputs: it is left with some files but no done.json
+    write_parquet = common.write_parquet
+
+    def crash_on_fold1_test(path, df):
+        if path == run_dir / "fold1" / "test.parquet":
+            raise RuntimeError("simulated crash")
+        write_parquet(path, df)
+
+    monkeypatch.setattr(common, "write_parquet", crash_on_fold1_test)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.run_training(cfg, device="cpu")
+    monkeypatch.undo()
+    assert (run_dir / "fold0" / "done.json").is_file() and (run_dir / "fold1" / "oof.parquet").is_file()
+    assert not (run_dir / "fold1" / "done.json").exists() and not (run_dir / "oof.parquet").exists()
+
+    fold0_mtimes = {p.name: p.stat().st_mtime_ns for p in (run_dir / "fold0").iterdir()}
+    train.run_training(cfg, device="cpu")
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "fold0").iterdir()} == fold0_mtimes
+    assert (run_dir / "fold1" / "done.json").is_file()
+    assert_same_predictions(reference, run_dir)
+
+
+def test_changed_config_discards_stale_outputs(tiny_cfg):
+    one_epoch = "train.max_epochs=1"
+    run_dir = train.run_training(make_cfg(tiny_cfg, FASTEST, "stale", one_epoch), folds=[0], device="cpu")
+    done = run_dir / "fold0" / "done.json"
+    stamp = done.stat().st_mtime_ns
+
+    # a run-time-only key (log_every) leaves the fingerprint, and so fold 0, alone
+    train.run_training(make_cfg(tiny_cfg, FASTEST, "stale", one_epoch, "train.log_every=7"), folds=[0],
+                       device="cpu")
+    assert done.stat().st_mtime_ns == stamp
+
+    old_hash = common.read_json(run_dir / "fingerprint.json")["config_hash"]
+    train.run_training(make_cfg(tiny_cfg, FASTEST, "stale", one_epoch, "train.lr=5e-4"), folds=[1],
+                       device="cpu")
+    assert not (run_dir / "fold0").exists() and (run_dir / "fold1" / "done.json").is_file()
+    assert common.read_json(run_dir / "fingerprint.json")["config_hash"] != old_hash
+    assert common.load_config(run_dir / "config.yaml")["train"]["lr"] == 5e-4
+
+
+def test_schedule_decays_lr_and_stops_early(tiny_cfg, monkeypatch):
+    """Scripted fold AUCs: the lr halves after each non-improving epoch and patience stops the fold."""
+    scripted_aucs = iter([0.60, 0.70, 0.65, 0.7000005, 0.71, 0.70, 0.70, 0.70])
+    real_scores = train.auc_and_logloss
+
+    def scripted(labels, probs, what):
+        auc, logloss = real_scores(labels, probs, what)
+        return (next(scripted_aucs), logloss) if "epoch" in what else (auc, logloss)
+
+    monkeypatch.setattr(train, "auc_and_logloss", scripted)
+    cfg = make_cfg(tiny_cfg, FASTEST, "schedule", "train.max_epochs=20", "train.patience=3",
+                   "train.lr=4e-3", "train.lr_min=1.5e-3")
+    run_dir = train.run_training(cfg, folds=[0], device="cpu")
+
+    history = common.read_json(run_dir / "fold0" / "history.json")
+    # epoch 4 beats 0.70 by less than min_delta (no improvement), epoch 5 improves and resets the
+    # patience count, epochs 6-8 do not: stop after 8, lr halved each time down to its floor
+    assert [h["lr"] for h in history] == pytest.approx([4e-3, 4e-3, 4e-3, 2e-3] + [1.5e-3] * 4)
+    done = common.read_json(run_dir / "fold0" / "done.json")
+    assert (done["best_epoch"], done["epochs"], done["fold_auc"]) == (5, 8, 0.71)
+
+
+def test_embedding_l2_matches_an_explicit_penalty():
+    """Adam weight_decay on the embedding group == adding emb_l2/2 * ||W||^2 to the loss."""
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 1))
+
+    ids = torch.tensor([[1, 2], [3, 3]])
+    train_cfg = {"lr": 1e-2, "emb_l2": 0.5}
+    decayed, penalised = make(), make()
+    opt_decayed = train.make_optimizer(decayed, train_cfg, torch.device("cpu"))
+    assert [len(g["params"]) for g in opt_decayed.param_groups] == [1, 2]
+    opt_penalised = torch.optim.Adam(penalised.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt_decayed.zero_grad()
+        decayed(ids).sum().backward()
+        opt_decayed.step()
+        opt_penalised.zero_grad()
+        (penalised(ids).sum() + 0.5 / 2 * penalised[0].weight.square().sum()).backward()
+        opt_penalised.step()
+    for a, b in zip(decayed.parameters(), penalised.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_folds_out_of_range_is_a_user_error(tiny_cfg):
+    with pytest.raises(common.UserError, match="folds 0..1"):
+        train.run_training(make_cfg(tiny_cfg, FASTEST, "bad_folds"), folds=[2], device="cpu")
+
+
+def test_cli_unknown_key_is_one_line_error():
+    result = subprocess.run(
+        [sys.executable, str(common.REPO_ROOT / "src" / "train.py"), "--config",
+         str(common.CONFIG_DIR / "qin_small.yaml"), "--set", "train.no_such_key=1"],
+        capture_output=True, text=True, cwd=common.REPO_ROOT)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "no_such_key" in result.stderr
