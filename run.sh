@@ -12,9 +12,11 @@
 #   --preset NAME      synthetic preset to use/generate: tiny, demo (default) or full
 #   --data DIR         a folder with train/valid/test/item_info.parquet (overrides --preset)
 #   --models A,B,...   model configs from configs/ (default: qin_small,dcnv2_tf_small,din_tf_small)
-#   --folds K          number of folds (default: data.n_folds in configs/data.yaml)
+#   --folds K          number of folds (default: 3 on the tiny/demo presets, 5 on full or --data)
 #   --device DEV       cpu or cuda (default: cuda when present)
 #   --name NAME        submission name: submissions/NAME.zip (default: submission)
+#   --data-root DIR    where presets are generated and derived data goes (default: data)
+#   --submissions DIR  folder for the submission files (default: submissions)
 #   --train-set K=V    extra override for every training run (repeatable), e.g. train.max_epochs=2
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,6 +27,8 @@ MODELS="qin_small,dcnv2_tf_small,din_tf_small"
 FOLDS=""
 DEVICE=""
 NAME=submission
+DATA_ROOT=data
+SUBMISSIONS=submissions
 TRAIN_SETS=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,8 +38,10 @@ while [ $# -gt 0 ]; do
     --folds) FOLDS="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
     --name) NAME="$2"; shift 2 ;;
+    --data-root) DATA_ROOT="$2"; shift 2 ;;
+    --submissions) SUBMISSIONS="$2"; shift 2 ;;
     --train-set) TRAIN_SETS+=(--set "$2"); shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown option '$1' (see bash run.sh --help)" >&2; exit 2 ;;
   esac
 done
@@ -50,15 +56,17 @@ if ! "$PY" src/check_requirements.py >/dev/null; then
   "$PY" -m pip install --disable-pip-version-check -q -r requirements.txt
 fi
 
-RAW=${DATA:-data/$PRESET}
-WORK=data/work/$(basename "$RAW")
+RAW=${DATA:-$DATA_ROOT/$PRESET}
+WORK=$DATA_ROOT/work/$(basename "$RAW")
 if [ -z "$DATA" ] && [ ! -f "$RAW/item_info.parquet" ]; then
   stage "generate synthetic '$PRESET' data into $RAW"
   "$PY" src/make_synthetic.py --preset "$PRESET" --out "$RAW" --seed 20242025
 fi
 
-DATA_SETS=(--set "data.raw_dir=$RAW" --set "data.work_dir=$WORK")
-[ -n "$FOLDS" ] && DATA_SETS+=(--set "data.n_folds=$FOLDS")
+if [ -z "$FOLDS" ]; then
+  case "$DATA:$PRESET" in :tiny|:demo) FOLDS=3 ;; *) FOLDS=5 ;; esac
+fi
+DATA_SETS=(--set "data.raw_dir=$RAW" --set "data.work_dir=$WORK" --set "data.n_folds=$FOLDS")
 
 stage "preprocess $RAW"
 "$PY" src/preprocess.py --config configs/data.yaml "${DATA_SETS[@]}"
@@ -73,14 +81,14 @@ for model in "${MODEL_LIST[@]}"; do
 done
 RUN_LIST=$(IFS=','; echo "${RUNS[*]}")
 
+BLEND_SETS=("${DATA_SETS[@]}" --set "blend.runs=[${RUN_LIST}]" --set "blend.submission.name=$NAME"
+            --set "blend.submission.dir=$SUBMISSIONS")
 stage "blend ${RUN_LIST}"
-"$PY" src/blend.py --config configs/blend.yaml "${DATA_SETS[@]}" \
-  --set "blend.runs=[${RUN_LIST}]" --set "blend.submission.name=$NAME"
+"$PY" src/blend.py --config configs/blend.yaml "${BLEND_SETS[@]}"
 
-stage "score submissions/$NAME.zip"
-"$PY" src/score.py "submissions/$NAME.zip" --config configs/data.yaml "${DATA_SETS[@]}"
+stage "score $SUBMISSIONS/$NAME.zip"
+"$PY" src/score.py "$SUBMISSIONS/$NAME.zip" --config configs/blend.yaml "${BLEND_SETS[@]}"
 
 stage "summary"
-"$PY" src/summary.py --config configs/blend.yaml "${DATA_SETS[@]}" --set "blend.runs=[${RUN_LIST}]" \
-  --set "blend.submission.name=$NAME"
-echo "done in $(( $(date +%s) - start )) s: submissions/$NAME.zip"
+"$PY" src/summary.py --config configs/blend.yaml "${BLEND_SETS[@]}"
+echo "done in $(( $(date +%s) - start )) s: $SUBMISSIONS/$NAME.zip"

@@ -332,19 +332,6 @@ def item_table(items: Items) -> pa.Table:
     }, schema=ITEM_SCHEMA)
 
 
-def roc_auc(label: np.ndarray, score: np.ndarray) -> float:
-    """Rank-based ROC AUC with tied scores sharing their mean rank (sklearn is slow to import)."""
-    label = np.asarray(label).astype(bool)
-    n_pos = int(label.sum())
-    n_neg = len(label) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    _, inverse, counts = np.unique(score, return_inverse=True, return_counts=True)
-    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0       # 1-based mean rank of each tie group
-    rank_sum = mean_rank[inverse][label].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def write_split(items: Items, users: Users, split: str, n_rows: int, intercept: float, path: Path,
                 seed: int, split_index: int) -> tuple[np.ndarray, np.ndarray]:
     """Generate and write one split chunk by chunk; return its true probabilities and labels."""
@@ -401,7 +388,7 @@ def generate(preset: str, out: Path, seed: int) -> dict:
             if split == "test":
                 test_labels = labels
             summary["splits"][split] = {"rows": n_rows, "positive_rate": float(labels.mean()),
-                                        "oracle_auc": roc_auc(labels, probs)}
+                                        "oracle_auc": common.roc_auc(labels, probs)}
         (staging / "oracle").mkdir()
         pq.write_table(pa.concat_tables(oracle_probs), staging / "oracle" / "click_prob.parquet")
         pq.write_table(pa.table({"ID": np.arange(p.n_test, dtype=np.int64), "label": test_labels},

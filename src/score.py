@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from sklearn.metrics import roc_auc_score
 
 import common
 from common import UserError
@@ -32,8 +31,8 @@ def score_submission(path: str | os.PathLike, cfg: dict, column: str) -> dict:
         raise UserError(f"{raw_dir}/oracle/test_labels.parquet: {len(labels)} labels for {len(preds)} "
                         f"test rows: the oracle belongs to other data")
     oracle_prob = common.read_oracle_prob(raw_dir, "test")
-    return {"rows": len(preds), "auc": float(roc_auc_score(labels, preds)),
-            "oracle_auc": None if oracle_prob is None else float(roc_auc_score(labels, oracle_prob))}
+    return {"rows": len(preds), "auc": float(common.roc_auc(labels, preds)),
+            "oracle_auc": None if oracle_prob is None else float(common.roc_auc(labels, oracle_prob))}
 
 
 def main() -> None:

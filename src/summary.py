@@ -14,14 +14,13 @@ import numpy as np
 import pandas as pd
 
 import common
-from blend import roc_auc
 
 
 def test_auc(pred_path: Path, labels: np.ndarray | None) -> float | None:
     if labels is None:
         return None
     pred = pd.read_parquet(pred_path).sort_values("ID")["pred"].to_numpy()
-    return roc_auc(labels, pred)
+    return common.roc_auc(labels, pred)
 
 
 def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
@@ -37,7 +36,7 @@ def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
                  test_auc(paths["work"] / "blend" / "test.parquet", labels)))
     oracle_test = common.read_oracle_prob(paths["raw"], "test")
     rows.append(("oracle (true click prob.)", blend["oracle_oof_auc"], blend["oracle_valid_auc"],
-                 None if labels is None or oracle_test is None else roc_auc(labels, oracle_test)))
+                 None if labels is None or oracle_test is None else common.roc_auc(labels, oracle_test)))
     return rows, blend
 
 

@@ -20,7 +20,6 @@ uninterrupted one. Outputs made under another config or other data are discarded
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import math
@@ -63,14 +62,13 @@ AGGREGATE_FILES = ("oof.parquet", "valid.parquet", "test.parquet", "metrics.json
 # ---------------------------------------------------------------------------------------------
 
 def coerce(key: str, value, kind: type):
-    """``value`` as ``kind``, or a UserError naming train.<key>."""
+    """``value`` as ``kind`` (8192.0 is a fine int, 1 a fine float), or a UserError naming train.<key>."""
     if isinstance(value, bool) == (kind is bool):  # True is an int to Python, not to a config
-        if kind is float and isinstance(value, (int, float, str)):
-            with contextlib.suppress(ValueError):
-                return float(value)  # YAML reads 1e-3 (no dot) as a string: take the number it means
-        elif kind is int and isinstance(value, (int, float)) and float(value).is_integer():
+        if kind is float and isinstance(value, (int, float)):
+            return float(value)
+        if kind is int and isinstance(value, (int, float)) and float(value).is_integer():
             return int(value)
-        elif isinstance(value, kind):
+        if isinstance(value, kind):
             return value
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
     raise UserError(f"config: train.{key} must be {expected}, got {value!r}")
@@ -187,6 +185,20 @@ def make_optimizer(model: nn.Module, train_cfg: dict, device: torch.device) -> t
                             fused=device.type == "cuda")
 
 
+def bf16_enabled(train_cfg: dict, device: torch.device) -> bool:
+    return train_cfg["bf16"] and device.type == "cuda"  # the CPU always trains in float32
+
+
+def make_step_parts(model: nn.Module, train_cfg: dict, device: torch.device):
+    """(loss_fn, forward, optimizer, autocast) of a run: one place, so src/bench.py times exactly the
+    training and prediction that train_fold runs (torch.compile, bfloat16 autocast, fused Adam)."""
+    loss_fn = torch.compile(model.loss) if train_cfg["compile"] else model.loss
+    forward = torch.compile(model) if train_cfg["compile"] else model
+    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16,
+                                 enabled=bf16_enabled(train_cfg, device))
+    return loss_fn, forward, make_optimizer(model, train_cfg, device), autocast
+
+
 def train_one_epoch(model, loss_fn, optimizer, features, labels, rows, generator, train_cfg,
                     autocast, desc) -> tuple[float, float]:
     """One pass over ``rows`` in shuffled order; returns (mean train loss, seconds)."""
@@ -248,11 +260,8 @@ def train_fold(fold: int, cfg: dict, data: DeviceData, fold_of_row: np.ndarray, 
 
     # the model is built on the CPU so that its initial weights do not depend on the device
     model = models.build_model(cfg["model"], data.tables).to(device)
-    loss_fn = torch.compile(model.loss) if train_cfg["compile"] else model.loss
-    forward = torch.compile(model) if train_cfg["compile"] else model
-    optimizer = make_optimizer(model, train_cfg, device)
-    use_bf16 = train_cfg["bf16"] and device.type == "cuda"
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=use_bf16)
+    loss_fn, forward, optimizer, autocast = make_step_parts(model, train_cfg, device)
+    use_bf16 = bf16_enabled(train_cfg, device)
 
     train_rows = torch.from_numpy(np.flatnonzero(fold_of_row != fold)).to(device)
     holdout_rows_host = np.flatnonzero(fold_of_row == fold)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import common
 import make_synthetic
 
 TINY = make_synthetic.PRESETS["tiny"]
@@ -134,7 +135,7 @@ def test_oracle_auc_is_high_but_not_perfect(tiny_raw, tables, split):
     prob = common.read_oracle_prob(tiny_raw, split)
     label = (common.read_test_labels(tiny_raw) if split == "test"
              else tables[split]["label"].to_numpy())
-    assert 0.78 < make_synthetic.roc_auc(label, prob) < 0.96
+    assert 0.78 < common.roc_auc(label, prob) < 0.96
 
 
 def test_roc_auc_matches_the_pairwise_definition():
@@ -143,7 +144,7 @@ def test_roc_auc_matches_the_pairwise_definition():
     score = np.round(rng.random(300) + 0.3 * label, 1)  # rounding makes ties
     diff = score[label][:, None] - score[~label][None, :]
     pairwise = ((diff > 0) + 0.5 * (diff == 0)).mean()
-    assert make_synthetic.roc_auc(label, score) == pytest.approx(pairwise)
+    assert common.roc_auc(label, score) == pytest.approx(pairwise)
 
 
 def test_same_seed_gives_identical_bytes_and_another_seed_differs(tiny_raw, tmp_path):
@@ -188,8 +189,8 @@ def train_view(tiny_raw, tables):
 
 def test_a_few_close_history_items_beat_mean_pooling(train_view):
     top3 = np.sort(train_view["cos"], axis=1)[:, -3:].mean(axis=1)
-    auc_top3 = make_synthetic.roc_auc(train_view["label"], top3)
-    auc_mean = make_synthetic.roc_auc(train_view["label"], train_view["mean_pool"])
+    auc_top3 = common.roc_auc(train_view["label"], top3)
+    auc_mean = common.roc_auc(train_view["label"], train_view["mean_pool"])
     assert auc_top3 > auc_mean + 0.02
     close = (train_view["cos"] > 0.8).sum(axis=1)
     assert np.median(close) <= 8, "only a few history items are near the target"

@@ -1,0 +1,406 @@
+"""Benchmark a model config: training and prediction rows/s, FLOPs per row, fraction of peak, memory.
+
+    python src/bench.py --config configs/qin.yaml --preset demo --steps 50 --warmup 10
+        [--set KEY=VALUE ...] [--device cpu|cuda] [--compare KEY=VALUE ...] [--repeats N]
+        [--preprocess] [--peak-tflops TFLOPS|matmul]
+
+Prints one JSON line per measurement on stdout (everything else goes to stderr, so `| jq` works):
+
+- train: --warmup steps, synchronise, --steps timed steps, synchronise. The steps are the trainer's
+  own (train.train_one_epoch over steps x batch_size shuffled train rows: gather on the device,
+  autocast, loss, backward, clipping, Adam), built by train.make_step_parts as train_fold builds them.
+- predict: the test split in eval batches with train.predict, once to warm up, once timed.
+- preprocess (--preprocess): preprocess.run_preprocess(cfg, force=True), wall time and peak RSS.
+  --steps 0 measures nothing else, so `--config configs/data.yaml --preprocess --steps 0` works.
+- compare (--compare KEY=VALUE, repeatable): the config plus that override is a variant measured
+  after the baseline; this line holds variant / baseline rows/s (above 1: the variant is faster).
+  --repeats N measures baseline and variants in turn N times and compares the medians.
+
+FLOPs per row are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, i.e. the model
+FLOPs; elementwise ops and gathers are not counted) on one forward+backward of a training batch
+and one forward of an eval batch. achieved_tflops = flops_per_row x rows/s; fraction_of_peak
+divides it by --peak-tflops: by default the datasheet figure of a known GPU for the run's dtype,
+null on CPU; 'matmul' measures a large matmul on the device instead.
+
+Peak memory: torch.cuda.max_memory_allocated on CUDA, the process's peak RSS (VmHWM, reset before
+each measurement) on CPU; both include the data, which is uploaded once (data_bytes).
+
+Data: the config's data section (preprocessed first if needed), or --preset tiny|demo|full, which
+uses {data-root}/{preset} and {data-root}/work/{preset} as run.sh does, generating the synthetic
+preset first if it is not there.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+import make_synthetic
+import models
+import preprocess
+import train
+from common import UserError
+
+PRESET_SEED = 20242025  # the seed run.sh generates presets with: the same files as a run.sh run
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+# Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s. float32 runs count
+# TF32 tensor cores, which train.configure_backend enables. The first matching name wins.
+GPU_PEAK_TFLOPS = (
+    (r"\bH200\b", {"bfloat16": 989.0, "float32": 494.0}),
+    (r"\bH100\b.*\bNVL\b", {"bfloat16": 835.0, "float32": 418.0}),
+    (r"\bH100\b.*\bPCIe\b", {"bfloat16": 756.0, "float32": 378.0}),
+    (r"\bH100\b", {"bfloat16": 989.0, "float32": 494.0}),
+    (r"\bA100\b", {"bfloat16": 312.0, "float32": 156.0}),
+    (r"\bL40S\b", {"bfloat16": 362.0, "float32": 183.0}),
+    (r"\bL4\b", {"bfloat16": 121.0, "float32": 60.0}),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# device: synchronisation, memory, names, peak
+# ---------------------------------------------------------------------------------------------
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA runs asynchronously: a timer must wait for the queue
+
+
+def proc_status_kb(field: str) -> int | None:
+    with contextlib.suppress(OSError):
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.M)
+        return int(match.group(1)) if match else None
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with contextlib.suppress(OSError):  # Linux: "5" resets VmHWM, the peak RSS, to the current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak_kb = proc_status_kb("VmHWM")
+    return None if peak_kb is None else peak_kb * 1024
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        match = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        if match:
+            return f"{match.group(1).strip()}, {os.cpu_count()} cores"
+    return f"cpu, {os.cpu_count()} cores"
+
+
+def datasheet_peak_tflops(name: str, dtype: str) -> float | None:
+    for pattern, peaks in GPU_PEAK_TFLOPS:
+        if re.search(pattern, name):
+            return peaks[dtype]
+    return None
+
+
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """TFLOP/s of a large square matmul: a practical peak where no datasheet figure applies (CPU)."""
+    n, repeats = (8192, 20) if device.type == "cuda" else (2048, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+class PeakTflops:
+    """--peak-tflops: a given number, 'matmul' (measured once per device and dtype), or the default
+    (the datasheet table on CUDA, unknown on CPU)."""
+
+    def __init__(self, spec: float | str | None):
+        self.spec, self.measured = spec, {}
+
+    def __call__(self, device: torch.device, dtype: torch.dtype) -> float | None:
+        if isinstance(self.spec, float):
+            return self.spec
+        if self.spec is None:
+            return datasheet_peak_tflops(device_name(device), DTYPE_NAMES[dtype]) if device.type == "cuda" else None
+        key = (str(device), dtype)
+        if key not in self.measured:
+            self.measured[key] = measured_matmul_tflops(device, dtype)
+        return self.measured[key]
+
+
+def parse_peak(text: str) -> float | str:
+    if text == "matmul":
+        return text
+    with contextlib.suppress(ValueError):
+        if float(text) > 0:
+            return float(text)
+    raise argparse.ArgumentTypeError(f"expected a positive number of TFLOP/s or 'matmul', got {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+# ---------------------------------------------------------------------------------------------
+
+def load_1m() -> float:
+    return os.getloadavg()[0]  # other jobs on the machine skew a CPU figure: every line records it
+
+
+def throughput(rows: int, seconds: float, flops_per_row: float, peak: float | None) -> dict:
+    rows_per_s = rows / seconds
+    achieved = flops_per_row * rows_per_s / 1e12
+    return {"rows": rows, "seconds": seconds, "rows_per_s": rows_per_s, "flops_per_row": flops_per_row,
+            "achieved_tflops": achieved, "peak_tflops": peak,
+            "fraction_of_peak": None if peak is None else achieved / peak}
+
+
+def counted_flops(run) -> int:
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
+
+
+def measure_model(cfg: dict, data: train.DeviceData, device: torch.device, steps: int, warmup: int,
+                  peak_tflops: PeakTflops) -> tuple[dict, dict]:
+    """(train record, predict record) of the config's model on ``data``."""
+    train_cfg = cfg["train"]
+    common.seed_everything(train_cfg["seed"])
+    model = models.build_model(cfg["model"], data.tables).to(device)
+    loss_fn, forward, optimizer, autocast = train.make_step_parts(model, train_cfg, device)
+    dtype = torch.bfloat16 if train.bf16_enabled(train_cfg, device) else torch.float32
+    peak = peak_tflops(device, dtype)
+    common_fields = {
+        "run": cfg["run"]["name"], "model": cfg["model"]["name"], "params": models.count_parameters(model),
+        "device": device.type, "device_name": device_name(device), "dtype": DTYPE_NAMES[dtype],
+        "compile": train_cfg["compile"], "threads": torch.get_num_threads(), "data": cfg["data"]["raw_dir"],
+        "data_bytes": data_bytes(data),
+        "memory": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
+    }
+
+    features, labels = data.features["train"], data.labels["train"]
+    batch_size = train_cfg["batch_size"]
+    n_train = labels.numel()
+    generator = torch.Generator().manual_seed(train_cfg["seed"])
+
+    def train_rows(n_steps: int) -> torch.Tensor:
+        # train_one_epoch splits these into exactly n_steps full batches (rows repeat when the
+        # train split is smaller than the steps need: throughput does not care)
+        return torch.arange(n_steps * batch_size, device=device) % n_train
+
+    def one_training_batch():
+        rows = train_rows(1)
+        with autocast():
+            loss, _ = model.loss(train.gather(features, rows), labels[rows])
+        loss.backward()
+
+    model.train()
+    train_flops_per_row = counted_flops(one_training_batch) / batch_size  # uncompiled: same FLOPs
+    optimizer.zero_grad(set_to_none=True)
+    load_at_start = load_1m()
+    if warmup:
+        train.train_one_epoch(model, loss_fn, optimizer, features, labels, train_rows(warmup), generator,
+                              train_cfg, autocast, desc="bench warm-up")
+    timed_rows = train_rows(steps)
+    reset_peak_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    train.train_one_epoch(model, loss_fn, optimizer, features, labels, timed_rows, generator,
+                          train_cfg, autocast, desc="bench")
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    train_record = {"measure": "train", **common_fields, "batch_size": batch_size, "steps": steps,
+                    "warmup": warmup,
+                    **throughput(timed_rows.numel(), seconds, train_flops_per_row, peak),
+                    "peak_memory_bytes": peak_memory_bytes(device), "load_1m": load_at_start}
+
+    model.eval()
+    test_features = data.features["test"]
+    test_rows = torch.arange(test_features["item_id"].numel(), device=device)
+    eval_batch_size = train_cfg["eval_batch_size"]
+    first_batch = test_rows[:eval_batch_size]
+
+    @torch.inference_mode()
+    def one_eval_batch():
+        with autocast():
+            model(train.gather(test_features, first_batch))
+
+    predict_flops_per_row = counted_flops(one_eval_batch) / first_batch.numel()
+    load_at_start = load_1m()
+    train.predict(forward, test_features, test_rows, eval_batch_size, autocast)  # warm-up (and compile)
+    reset_peak_memory(device)
+    synchronize(device)
+    start = time.perf_counter()
+    train.predict(forward, test_features, test_rows, eval_batch_size, autocast)  # ends on the host
+    seconds = time.perf_counter() - start
+    predict_record = {"measure": "predict", **common_fields, "batch_size": eval_batch_size,
+                      **throughput(test_rows.numel(), seconds, predict_flops_per_row, peak),
+                      "peak_memory_bytes": peak_memory_bytes(device), "load_1m": load_at_start}
+    return train_record, predict_record
+
+
+def data_bytes(data: train.DeviceData) -> int:
+    tensors = [t for split in data.features.values() for t in split.values()] + list(data.labels.values())
+    tensors += [t for t in data.tables.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_preprocess(cfg: dict) -> dict:
+    """Wall time and peak RSS of rebuilding the config's processed folder from its raw files."""
+    reset_peak_memory(torch.device("cpu"))
+    rss_before = proc_status_kb("VmRSS")
+    load_at_start = load_1m()
+    start = time.perf_counter()
+    processed = preprocess.run_preprocess(cfg, force=True)
+    seconds = time.perf_counter() - start
+    peak = peak_memory_bytes(torch.device("cpu"))
+    manifest = common.read_json(processed / "manifest.json")
+    rows = sum(manifest["n_rows"].values())
+    return {"measure": "preprocess", "data": cfg["data"]["raw_dir"], "device_name": device_name(torch.device("cpu")),
+            "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
+            # the process held torch and its libraries before preprocessing started: rss_before_bytes
+            "peak_rss_bytes": peak, "rss_before_bytes": None if rss_before is None else rss_before * 1024,
+            "load_1m": load_at_start}
+
+
+def compare_record(variant: str, train_rates: dict, predict_rates: dict) -> dict:
+    def ratio(rates):
+        return statistics.median(rates[variant]) / statistics.median(rates["baseline"])
+    return {"measure": "compare", "variant": variant, "repeats": len(train_rates[variant]),
+            "train_rows_per_s": {"baseline": statistics.median(train_rates["baseline"]),
+                                 "variant": statistics.median(train_rates[variant])},
+            "predict_rows_per_s": {"baseline": statistics.median(predict_rates["baseline"]),
+                                   "variant": statistics.median(predict_rates[variant])},
+            "train_ratio": ratio(train_rates), "predict_ratio": ratio(predict_rates)}
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+def rounded(value):
+    """Four significant digits: the noise of a benchmark is larger than that."""
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    return value
+
+
+def preset_paths(preset: str, data_root: Path) -> tuple[Path, Path]:
+    return data_root / preset, data_root / "work" / preset  # run.sh's layout
+
+
+def run_benchmark(args: argparse.Namespace, emit) -> None:
+    base_cfg = common.load_config(args.config)
+    if args.preset:
+        raw_dir, work_dir = preset_paths(args.preset, Path(args.data_root))
+        base_cfg["data"].update(raw_dir=str(raw_dir), work_dir=str(work_dir))
+    for assignment in args.overrides:  # after the preset: an explicit --set wins
+        common.apply_override(base_cfg, assignment)
+    raw_dir = Path(base_cfg["data"]["raw_dir"])
+    if args.preset and not (raw_dir / "item_info.parquet").is_file():  # written last: the set is complete
+        common.log(f"bench: generating the {args.preset} preset into {raw_dir}")
+        make_synthetic.generate(args.preset, raw_dir, PRESET_SEED)
+    context = {"config": args.config, "preset": args.preset, "overrides": args.overrides}
+
+    if args.preprocess:
+        emit({"measure": "preprocess", **context, **measure_preprocess(base_cfg)})
+    if args.steps == 0:
+        return
+
+    variants = {"baseline": base_cfg}
+    for assignment in args.compare:
+        variants[assignment] = copy.deepcopy(base_cfg)
+        common.apply_override(variants[assignment], assignment)
+    variants = {label: train.checked_config(cfg, args.device) for label, cfg in variants.items()}
+
+    peak_tflops = PeakTflops(args.peak_tflops)
+    loaded = {}  # (data section, device) -> DeviceData: variants share the upload
+    train_rates = {label: [] for label in variants}
+    predict_rates = {label: [] for label in variants}
+    for _ in range(args.repeats):
+        for label, cfg in variants.items():
+            device = train.resolve_device(cfg["train"]["device"])
+            train.configure_backend(device)
+            key = (common.config_hash(cfg["data"]), str(device))
+            if key not in loaded:
+                arrays, manifest = preprocess.load_processed(preprocess.run_preprocess(cfg))
+                loaded[key] = train.load_to_device(arrays, manifest, device)
+            train_record, predict_record = measure_model(cfg, loaded[key], device, args.steps,
+                                                         args.warmup, peak_tflops)
+            for record in (train_record, predict_record):
+                emit({"measure": record["measure"], "variant": label, **context, **record})
+            train_rates[label].append(train_record["rows_per_s"])
+            predict_rates[label].append(predict_record["rows_per_s"])
+            gc.collect()  # the finished model's memory must not count toward the next peak
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for label in args.compare:
+        emit(compare_record(label, train_rates, predict_rates))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_config_args(parser, "qin.yaml")
+    parser.add_argument("--preset", choices=sorted(make_synthetic.PRESETS), default=None,
+                        help="use the synthetic preset under --data-root (generated if missing) "
+                             "instead of the config's data.raw_dir / data.work_dir")
+    parser.add_argument("--data-root", default="data", help="folder of the presets (default: data)")
+    parser.add_argument("--steps", type=int, default=50,
+                        help="timed training steps (default 50); 0 measures no model")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed training steps first (default 10)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="force the device (default: train.device, auto = CUDA when present)")
+    parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                        help="also measure the config with this override and print the rows/s ratio "
+                             "variant / baseline (repeatable: one variant each)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure baseline and variants in turn this many times; ratios of medians")
+    parser.add_argument("--preprocess", action="store_true",
+                        help="also measure preprocess.run_preprocess(cfg, force=True): seconds, peak RSS")
+    parser.add_argument("--peak-tflops", type=parse_peak, default=None, metavar="TFLOPS|matmul",
+                        help="the hardware peak for fraction_of_peak (default: datasheet table for "
+                             "known GPUs, null on CPU; matmul: measure a large matmul)")
+    args = parser.parse_args(argv)
+    for name in ("steps", "warmup"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    json_out = sys.stdout
+    def emit(record: dict) -> None:
+        print(json.dumps(rounded(record)), file=json_out, flush=True)
+
+    with contextlib.redirect_stdout(sys.stderr):  # the stages' logs must not mix with the JSON lines
+        run_benchmark(args, emit)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
