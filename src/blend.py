@@ -58,6 +58,9 @@ PROB_EPS = 1e-7           # probabilities are clipped to [eps, 1-eps] before the
                           # predictions of 0 or 1 would otherwise become infinite logits
 SIMPLEX_STEP = 0.5        # Nelder-Mead's first moves away from a start, in normalised-weight units
 BEST_SINGLE = "best_single"
+# An OOF AUC above the holdout AUC by more than this is flagged: OOF predictions that saw their own
+# rows (a leak) look excellent out of fold and ordinary on the holdout
+GAP_WARNING = 0.05
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,9 +72,13 @@ def checked_settings(cfg: dict) -> dict:
     if not isinstance(cfg.get("blend"), dict):
         raise UserError("config: missing section 'blend:' (use --config configs/blend.yaml)")
     settings = copy.deepcopy(cfg["blend"])
-    for key in ("runs", "methods", "select", "auc_weights", "logistic", "lightgbm", "submission"):
+    known = ("runs", "methods", "select", "auc_weights", "logistic", "lightgbm", "submission")
+    for key in known:
         if key not in settings:
             raise UserError(f"config: missing key blend.{key} (see configs/blend.yaml)")
+    unknown = sorted(set(settings) - set(known))
+    if unknown:  # a typo must not silently blend with the default
+        raise UserError(f"config: unknown key blend.{unknown[0]} (known: {', '.join(sorted(known))})")
     for key in ("auc_weights", "logistic", "lightgbm", "submission"):
         if not isinstance(settings[key], dict):
             raise UserError(f"config: blend.{key} must be a mapping (see configs/blend.yaml)")
@@ -189,7 +196,8 @@ def load_run(run_dir: Path, run: str, manifest: dict, expected: dict[str, np.nda
     stamp = run_dir / "fingerprint.json"
     if not stamp.is_file():
         raise UserError(f"{stamp}: missing: '{run}' is not a run written by src/train.py")
-    run_fingerprint = common.read_json(stamp).get("data_fingerprint")
+    stamped = common.read_json(stamp)
+    run_fingerprint = stamped.get("data_fingerprint") if isinstance(stamped, dict) else None
     if run_fingerprint != manifest["fingerprint"]:
         raise UserError(f"{stamp}: run '{run}' was trained on other data (data fingerprint "
                         f"{run_fingerprint}, the processed data has {manifest['fingerprint']}): retrain it")
@@ -222,6 +230,9 @@ def load_blend_data(cfg: dict, runs: list[str], with_row_features: bool) -> Blen
     """Every run's predictions checked against the processed data and stacked column-wise."""
     paths = common.data_paths(cfg)
     arrays, manifest = preprocess.load_processed(paths["processed"])
+    if preprocess.raw_files_changed(manifest):
+        raise UserError(f"{paths['processed']}: the raw files in {manifest['raw_dir']} changed since it "
+                        f"was built: rerun src/preprocess.py and retrain the runs (src/train.py does both)")
     fold = np.asarray(arrays["train_fold"]).astype(np.int64)
     oof_label = np.asarray(arrays["train_label"], dtype=np.float64)
     valid_label = np.asarray(arrays["valid_label"], dtype=np.float64)
@@ -485,6 +496,13 @@ def table_rows(runs: list[Candidate], methods: list[Candidate], best_single: Can
 HEADER = ("candidate", "OOF AUC", "vs best single", "valid AUC", "vs best single")
 
 
+def gap_warnings(candidates: list[Candidate]) -> list[str]:
+    """One line per candidate whose OOF AUC beats its holdout AUC by more than GAP_WARNING."""
+    return [f"{c.name}: OOF AUC {c.oof_auc:.6f} but holdout AUC {c.valid_auc:.6f} "
+            f"(gap {c.oof_auc - c.valid_auc:+.6f})" for c in candidates
+            if c.oof_auc - c.valid_auc > GAP_WARNING]
+
+
 def report_markdown(metrics: dict, rows: list[tuple], methods: list[Candidate]) -> str:
     lines = [f"# Blend of {len(metrics['runs'])} runs over {metrics['n_folds']} folds", "",
              "Every method is fitted on out-of-fold (OOF) predictions only; the valid holdout is "
@@ -496,7 +514,13 @@ def report_markdown(metrics: dict, rows: list[tuple], methods: list[Candidate]) 
               f"best single run {metrics['best_single_run']} ({metrics['best_single_oof_auc']:.6f}); valid "
               f"holdout AUC {metrics['chosen_valid_auc']:.6f} ({metrics['valid_auc_gain_vs_best_single']:+.6f}).",
               "", f"Oracle AUC (true click probabilities, same rows): OOF {auc_text(metrics['oracle_oof_auc'])}, "
-              f"valid {auc_text(metrics['oracle_valid_auc'])}.", "", "## Methods", ""]
+              f"valid {auc_text(metrics['oracle_valid_auc'])}.", ""]
+    if metrics["gap_warnings"]:
+        lines += [f"## Warning: OOF AUC above the holdout AUC by more than {GAP_WARNING}", "",
+                  "Out-of-fold predictions that saw their own rows (a leak), or a holdout unlike the "
+                  "training data, look like this; a choice by OOF AUC cannot be trusted for these:", ""]
+        lines += [f"- {warning}" for warning in metrics["gap_warnings"]] + [""]
+    lines += ["## Methods", ""]
     for c in methods:
         extras = "; ".join(f"{key}: {detail_text(value)}" for key, value in c.details.items())
         lines.append(f"- **{c.name}** ({c.seconds:.1f}s): {extras}")
@@ -567,8 +591,11 @@ def run_blend(cfg: dict) -> dict:
         "blend_dir": str(blend_dir),
         "submission": {"csv": str(csv_path), "zip": str(zip_path), "rows": len(data.test_ids),
                        "column": settings["submission"]["column"]},
+        "gap_warnings": gap_warnings(runs + methods),
         "seconds": time.time() - started,
     }
+    for warning in metrics["gap_warnings"]:
+        common.log(f"warning: {warning}: OOF much better than the holdout, a leak? (see report.md)")
     rows = table_rows(runs, methods, best_single, chosen)
     common.write_text(blend_dir / "report.md", report_markdown(metrics, rows, methods))
     common.write_json(blend_dir / "metrics.json", metrics)

@@ -187,8 +187,42 @@ def write_parquet(path: str | os.PathLike, df) -> None:
         df.to_parquet(tmp, index=False)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: errors are reported as one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file's content; a missing or unreadable file is a one-line UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{path}: not a readable JSON file ({first_line(exc)})") from None
+
+
+def read_parquet(path: str | os.PathLike, columns: list[str], filters=None):
+    """``columns`` of a parquet file as a DataFrame; a missing or unreadable file, or a missing
+    column, is a one-line UserError naming the file (and the column)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        names = pq.read_schema(path).names
+    except Exception as exc:  # pyarrow raises many types for a damaged file; all mean the same here
+        raise UserError(f"{path}: not a readable parquet file ({first_line(exc)})") from None
+    for column in columns:
+        if column not in names:
+            raise UserError(f"{path}: column '{column}': missing (found: {', '.join(names) or 'none'})")
+    try:
+        return pd.read_parquet(path, columns=columns, filters=filters)
+    except Exception as exc:
+        raise UserError(f"{path}: not a readable parquet file ({first_line(exc)})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,9 +264,12 @@ def read_oracle_prob(raw_dir: str | os.PathLike, split: str) -> np.ndarray | Non
     path = Path(raw_dir) / "oracle" / "click_prob.parquet"
     if not path.is_file():
         return None
-    import pandas as pd
-    df = pd.read_parquet(path, filters=[("split", "==", split)], columns=["row_id", "prob"])
-    return df.sort_values("row_id")["prob"].to_numpy(np.float64)
+    df = read_parquet(path, ["split", "row_id", "prob"], filters=[("split", "==", split)])
+    prob = df.sort_values("row_id")["prob"].to_numpy(np.float64)
+    if not ((prob >= 0) & (prob <= 1)).all():  # NaN fails both comparisons
+        raise UserError(f"{path}: column 'prob': values must be probabilities in [0, 1] (NaN or "
+                        f"out of range in split {split})")
+    return prob
 
 
 def read_test_labels(raw_dir: str | os.PathLike) -> np.ndarray | None:
@@ -240,9 +277,15 @@ def read_test_labels(raw_dir: str | os.PathLike) -> np.ndarray | None:
     path = Path(raw_dir) / "oracle" / "test_labels.parquet"
     if not path.is_file():
         return None
-    import pandas as pd
-    df = pd.read_parquet(path, columns=["ID", "label"])
-    return df.sort_values("ID")["label"].to_numpy(np.int64)
+    df = read_parquet(path, ["ID", "label"]).sort_values("ID")
+    ids, labels = df["ID"].to_numpy(), df["label"].to_numpy(np.float64)
+    if len(ids) and not np.array_equal(ids, np.arange(len(ids))):
+        raise UserError(f"{path}: column 'ID': IDs must be 0..{len(ids) - 1}, each once")
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if len(bad):
+        raise UserError(f"{path}: column 'label': ID {ids[bad[0]]} has label {labels[bad[0]]:g}, "
+                        f"expected 0 or 1")
+    return labels.astype(np.int64)
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -363,6 +363,10 @@ def generate(preset: str, out: Path, seed: int) -> dict:
         raise common.UserError(f"--seed {seed}: must be >= 0")
     p = PRESETS[preset]
     out = Path(out)
+    try:  # before the minutes of generating: an unusable --out fails at once
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise common.UserError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
     started = time.time()
     items = make_items(p, np.random.default_rng([seed, 0]))
     users = make_users(p, items, np.random.default_rng([seed, 1]))

@@ -49,6 +49,11 @@ SPLIT_COLUMNS = {
     "test": {"ID": "int", **ROW_COLUMNS},
 }
 ITEM_COLUMNS = {"item_id": "int", "item_tags": "int_list", "item_emb_d128": "float_list"}
+# The per-row arrays of each split in the processed folder ({split}_{name}.npy)
+ROW_ARRAYS = {split: ("user_id", "item_id", "item_seq", "likes_level", "views_level")
+              + (("label",) if split != "test" else ("ID",)) + (("fold",) if split == "train" else ())
+              for split in SPLITS}
+ITEM_ARRAYS = ("item_tags", "item_emb", "item_likes_level", "item_views_level")  # [V] or [V, ...]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +80,8 @@ def open_parquet(path: Path, columns: dict[str, str]) -> pq.ParquetFile:
         if name not in schema.names:
             found = ", ".join(schema.names)
             raise common.UserError(f"{path}: column '{name}': missing (found: {found})")
+        if schema.names.count(name) > 1:
+            raise common.UserError(f"{path}: column '{name}': appears {schema.names.count(name)} times")
         problem = _type_problem(schema.field(name).type, kind)
         if problem:
             raise common.UserError(f"{path}: column '{name}': {problem}")
@@ -180,6 +187,18 @@ def fingerprint(cfg: dict) -> str:
     return common.config_hash({"format_version": FORMAT_VERSION, "files": files,
                                "n_folds": data["n_folds"], "fold_seed": data["fold_seed"],
                                "emb_dtype": data["emb_dtype"]})
+
+
+def raw_files_changed(manifest: dict) -> bool:
+    """Whether the raw files a processed folder was built from changed since (False when they are
+    gone: there is nothing to compare with)."""
+    data = {key: manifest.get(key) for key in ("raw_dir", "n_folds", "fold_seed", "emb_dtype")}
+    if not isinstance(data["raw_dir"], str):
+        return False
+    try:
+        return fingerprint({"data": data}) != manifest.get("fingerprint")
+    except common.UserError:
+        return False
 
 
 def check_settings(data: dict) -> None:
@@ -319,9 +338,17 @@ def build(cfg: dict, out: Path, fingerprint_value: str) -> dict:
         n_rows[split], max_user = rows, max(max_user, split_max_user)
         if rate is not None:
             positive_rate[split] = rate
-    if n_rows["train"] < data["n_folds"]:
-        raise common.UserError(f"{files['train']}: {n_rows['train']} rows cannot fill "
-                               f"data.n_folds={data['n_folds']} folds")
+    # every fold's held-out rows and the valid holdout need both classes, or their AUC is undefined
+    for split, label_file in (("train", "train_label.npy"), ("valid", "valid_label.npy")):
+        label = np.load(out / label_file, mmap_mode="r")
+        n_positive = int(np.count_nonzero(label))
+        n_negative = len(label) - n_positive
+        needed = data["n_folds"] if split == "train" else 1
+        if min(n_positive, n_negative) < needed:
+            where = f"each of data.n_folds={needed} folds" if split == "train" else "the holdout"
+            raise common.UserError(f"{files[split]}: column 'label': {n_positive} positive and "
+                                   f"{n_negative} negative rows cannot give {where} both classes "
+                                   f"(AUC needs both)")
 
     # Per-item levels let a model attach likes/views to history items; unseen items get 0.
     mean_levels = np.floor(level_sums / np.maximum(level_counts, 1) + 0.5)
@@ -367,7 +394,12 @@ def run_preprocess(cfg: dict, force: bool = False) -> Path:
     fingerprint_value = fingerprint(cfg)
     manifest_path = processed / "manifest.json"
     if not force and manifest_path.is_file():
-        if common.read_json(manifest_path).get("fingerprint") == fingerprint_value:
+        try:
+            built = common.read_json(manifest_path)
+        except common.UserError as exc:  # a damaged manifest describes nothing: rebuild
+            common.log(f"preprocess: {exc}")
+            built = None
+        if isinstance(built, dict) and built.get("fingerprint") == fingerprint_value:
             common.log(f"preprocess: {processed} is up to date (fingerprint {fingerprint_value}), "
                        f"reusing it; --force rebuilds")
             return processed
@@ -399,8 +431,27 @@ def load_processed(processed_dir: str | os.PathLike) -> tuple[dict[str, np.ndarr
     manifest_path = processed_dir / "manifest.json"
     if not manifest_path.is_file():
         raise common.UserError(f"{processed_dir}: no processed data here (run src/preprocess.py first)")
-    arrays = {path.stem: np.load(path, mmap_mode="r") for path in sorted(processed_dir.glob("*.npy"))}
-    return arrays, common.read_json(manifest_path)
+    manifest = common.read_json(manifest_path)
+    rebuild = "rebuild it with src/preprocess.py --force"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("n_rows"), dict):
+        raise common.UserError(f"{manifest_path}: not a manifest written by src/preprocess.py; {rebuild}")
+    arrays = {}
+    for path in sorted(processed_dir.glob("*.npy")):
+        try:
+            arrays[path.stem] = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise common.UserError(f"{path}: not a readable .npy file ({_first_line(exc)}); "
+                                   f"{rebuild}") from None
+    expected_rows = {f"{split}_{name}": n_rows for split, n_rows in manifest["n_rows"].items()
+                     for name in ROW_ARRAYS.get(split, ())}
+    expected_rows.update({name: (manifest.get("vocab") or {}).get("item") for name in ITEM_ARRAYS})
+    for name, n_rows in expected_rows.items():
+        array = arrays.get(name)
+        if array is None or array.shape[:1] != (n_rows,):
+            found = "missing" if array is None else f"shape {array.shape}"
+            raise common.UserError(f"{processed_dir / name}.npy: {found}, the manifest says {n_rows} rows; "
+                                   f"{rebuild}")
+    return arrays, manifest
 
 
 def main() -> None:

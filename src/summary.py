@@ -11,7 +11,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 import common
 
@@ -19,7 +18,13 @@ import common
 def test_auc(pred_path: Path, labels: np.ndarray | None) -> float | None:
     if labels is None:
         return None
-    pred = pd.read_parquet(pred_path).sort_values("ID")["pred"].to_numpy()
+    frame = common.read_parquet(pred_path, ["ID", "pred"]).sort_values("ID")
+    pred = frame["pred"].to_numpy(np.float64)
+    if not np.array_equal(frame["ID"].to_numpy(), np.arange(len(labels))):
+        raise common.UserError(f"{pred_path}: column 'ID': {len(frame)} rows that are not the "
+                               f"{len(labels)} test IDs of the oracle labels: other data?")
+    if not np.isfinite(pred).all():
+        raise common.UserError(f"{pred_path}: column 'pred': NaN or infinite predictions")
     return common.roc_auc(labels, pred)
 
 
@@ -29,6 +34,12 @@ def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
     if not blend_metrics_path.is_file():
         raise common.UserError(f"{blend_metrics_path}: no blend yet (run src/blend.py first)")
     blend = common.read_json(blend_metrics_path)
+    keys = ("runs", "chosen", "chosen_oof_auc", "chosen_valid_auc", "oracle_oof_auc", "oracle_valid_auc",
+            "submission", "oof_auc_gain_vs_best_single", "best_single_run")
+    missing = [key for key in keys if key not in blend] if isinstance(blend, dict) else ["runs"]
+    if missing:
+        raise common.UserError(f"{blend_metrics_path}: key '{missing[0]}' missing: not a blend's "
+                               f"metrics.json (rerun src/blend.py)")
     labels = common.read_test_labels(paths["raw"])
     rows = [(name, m["oof_auc"], m["valid_auc"], test_auc(paths["runs"] / name / "test.parquet", labels))
             for name, m in blend["runs"].items()]

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
@@ -87,6 +88,9 @@ def checked_config(cfg: dict, device: str | None) -> dict:
     train = cfg["train"]
     if device is not None:
         train["device"] = device
+    unknown = sorted(set(train) - set(TRAIN_KEY_TYPES))
+    if unknown:  # a typo must not silently train with the default
+        raise UserError(f"config: unknown key train.{unknown[0]} (known: {', '.join(sorted(TRAIN_KEY_TYPES))})")
     for key, kind in TRAIN_KEY_TYPES.items():
         if key not in train:
             raise UserError(f"config: missing key train.{key} (see configs/train.yaml)")
@@ -344,6 +348,33 @@ def fold_dirs(run_dir: Path) -> list[Path]:
     return [p for p in run_dir.glob("fold*") if p.is_dir() and re.fullmatch(r"fold\d+", p.name)]
 
 
+def written_config(path: Path) -> dict | None:
+    """The config a run folder records, or None if there is none that reads back."""
+    try:
+        return common.parse_yaml(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def fold_done(run_dir: Path, fold: int) -> bool:
+    """Whether fold{k}/done.json exists and reads back (a damaged one means the fold is redone)."""
+    done = run_dir / f"fold{fold}" / "done.json"
+    if not done.is_file():
+        return False
+    try:
+        return isinstance(common.read_json(done), dict)
+    except UserError as exc:
+        common.log(f"{exc}: fold {fold} counts as not done")
+        return False
+
+
+def read_fold_file(run_dir: Path, fold: int, name: str, columns: list[str]) -> pd.DataFrame:
+    try:
+        return common.read_parquet(run_dir / f"fold{fold}" / name, columns)
+    except UserError as exc:
+        raise UserError(f"{exc}; delete {run_dir / f'fold{fold}'} and rerun to retrain that fold") from None
+
+
 def remove_aggregates(run_dir: Path) -> None:
     for name in AGGREGATE_FILES:
         (run_dir / name).unlink(missing_ok=True)
@@ -352,7 +383,11 @@ def remove_aggregates(run_dir: Path) -> None:
 def prepare_run_dir(run_dir: Path, fingerprint: dict) -> None:
     """Discard outputs made under another config or other data, then record this fingerprint."""
     stamp = run_dir / "fingerprint.json"
-    previous = common.read_json(stamp) if stamp.is_file() else None
+    try:
+        previous = common.read_json(stamp) if stamp.is_file() else None
+    except UserError as exc:  # a damaged stamp vouches for nothing: its outputs count as another's
+        common.log(str(exc))
+        previous = None
     has_outputs = bool(fold_dirs(run_dir)) or any((run_dir / name).exists() for name in AGGREGATE_FILES)
     if previous != fingerprint and has_outputs:
         common.log(f"{run_dir}: outputs were made with another config or other data "
@@ -360,13 +395,14 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict) -> None:
         for path in fold_dirs(run_dir):
             shutil.rmtree(path)
         remove_aggregates(run_dir)
-    common.write_json(stamp, fingerprint)
+    if previous != fingerprint:  # an unchanged stamp stays untouched, mtime included
+        common.write_json(stamp, fingerprint)
 
 
 def write_aggregates(run_dir: Path, n_folds: int, arrays: dict, raw_dir: Path) -> dict:
     """OOF (every train row once), fold-mean valid and test predictions, metrics.json, report.md."""
     fold_metrics = [common.read_json(run_dir / f"fold{k}" / "done.json") for k in range(n_folds)]
-    oof = pd.concat([pd.read_parquet(run_dir / f"fold{k}" / "oof.parquet").assign(fold=k)
+    oof = pd.concat([read_fold_file(run_dir, k, "oof.parquet", ["row_id", "pred"]).assign(fold=k)
                      for k in range(n_folds)]).sort_values("row_id", kind="stable")
     train_labels = np.asarray(arrays["train_label"], dtype=np.float64)
     if not np.array_equal(oof["row_id"].to_numpy(), np.arange(len(train_labels))):
@@ -374,8 +410,12 @@ def write_aggregates(run_dir: Path, n_folds: int, arrays: dict, raw_dir: Path) -
     oof = oof[["row_id", "fold", "pred"]].astype({"fold": np.int8})
 
     def fold_mean(split: str, id_column: str) -> pd.DataFrame:
-        frames = [pd.read_parquet(run_dir / f"fold{k}" / f"{split}.parquet").sort_values(id_column)
+        frames = [read_fold_file(run_dir, k, f"{split}.parquet", [id_column, "pred"]).sort_values(id_column)
                   for k in range(n_folds)]
+        for k, frame in enumerate(frames):
+            if not np.array_equal(frame[id_column].to_numpy(), frames[0][id_column].to_numpy()):
+                raise UserError(f"{run_dir / f'fold{k}' / f'{split}.parquet'}: column '{id_column}': other "
+                                f"rows than fold 0's; delete {run_dir / f'fold{k}'} and rerun to retrain it")
         preds = np.mean([f["pred"].to_numpy(np.float64) for f in frames], axis=0)
         return pd.DataFrame({id_column: frames[0][id_column].to_numpy(), "pred": preds.astype(np.float32)})
 
@@ -444,9 +484,11 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
 
     run_dir = common.data_paths(cfg)["runs"] / cfg["run"]["name"]
     prepare_run_dir(run_dir, fingerprint_of(cfg, manifest))
-    common.write_yaml(run_dir / "config.yaml", cfg)
+    config_path = run_dir / "config.yaml"
+    if written_config(config_path) != cfg:  # an unchanged config.yaml stays untouched
+        common.write_yaml(config_path, cfg)
 
-    todo = [k for k in folds if not (run_dir / f"fold{k}" / "done.json").is_file()]
+    todo = [k for k in folds if not fold_done(run_dir, k)]
     skipped = [k for k in folds if k not in todo]
     if skipped:
         common.log(f"{run_dir}: folds {skipped} already done, skipped")
@@ -462,7 +504,7 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
             shutil.rmtree(fold_dir, ignore_errors=True)  # leftovers of an interrupted attempt
             train_fold(k, cfg, data, fold_of_row, test_ids, torch_device, fold_dir)
 
-    done = [k for k in range(n_folds) if (run_dir / f"fold{k}" / "done.json").is_file()]
+    done = [k for k in range(n_folds) if fold_done(run_dir, k)]
     missing = [k for k in range(n_folds) if k not in done]
     metrics = None if missing else write_aggregates(run_dir, n_folds, arrays, Path(cfg["data"]["raw_dir"]))
     print_summary(run_dir, done, missing, metrics, time.time() - run_start)

@@ -11,8 +11,11 @@ been preprocessed. Prints 'OK: N rows', or one line 'error: ...' and exits with 
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import IO
 
@@ -42,7 +45,15 @@ def first_line(exc: Exception) -> str:
 def _read_csv(source: str | Path | IO[bytes], where: str) -> pd.DataFrame:
     # everything is read as text, so a bad cell can be quoted back exactly as the file has it
     try:
-        return pd.read_csv(source, dtype=str, keep_default_na=False)
+        data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source.read()
+    except OSError as exc:
+        raise UserError(f"{where}: cannot read ({first_line(exc)})") from None
+    if data.startswith((codecs.BOM_UTF8, codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        # pandas would skip a UTF-8 BOM, a plain CSV reader makes it part of the first header
+        raise UserError(f"{where}: starts with a byte-order mark (BOM); save it as plain UTF-8 "
+                        f"without BOM, header '{ID_COLUMN},<column>'")
+    try:
+        return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise UserError(f"{where}: empty file, expected a header line '{ID_COLUMN},<column>'") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
@@ -71,7 +82,8 @@ def read_submission(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
                                 f"(no folder); it holds {len(names)}: {held or 'nothing'}")
             with archive.open(ZIP_MEMBER) as member:
                 return _read_csv(member, where), where
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, zlib.error,
+            EOFError) as exc:
         raise UserError(f"{path}: cannot read the zip ({first_line(exc)})") from None
 
 
@@ -80,7 +92,11 @@ def expected_test_ids(cfg: dict) -> np.ndarray:
     paths = common.data_paths(cfg)
     processed_ids = paths["processed"] / "test_ID.npy"
     if processed_ids.is_file():
-        return np.load(processed_ids)
+        try:
+            return np.load(processed_ids).astype(np.int64)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{processed_ids}: not a readable .npy file ({first_line(exc)}); rebuild it "
+                            f"with src/preprocess.py --force") from None
     raw_test = paths["raw"] / "test.parquet"
     if not raw_test.is_file():
         raise UserError(f"no test IDs to check against: neither {processed_ids} nor {raw_test} exists "
@@ -89,7 +105,11 @@ def expected_test_ids(cfg: dict) -> np.ndarray:
         table = pq.read_table(raw_test, columns=[ID_COLUMN])
     except (pa.ArrowException, OSError, KeyError) as exc:
         raise UserError(f"{raw_test}: cannot read column '{ID_COLUMN}' ({first_line(exc)})") from None
-    return table.column(ID_COLUMN).to_numpy().astype(np.int64)
+    ids = table.column(ID_COLUMN)
+    if ids.null_count or not pa.types.is_integer(ids.type):
+        raise UserError(f"{raw_test}: column '{ID_COLUMN}': expected integer IDs without nulls, found "
+                        f"{ids.type} with {ids.null_count} nulls")
+    return ids.to_numpy().astype(np.int64)
 
 
 def configured_column(cfg: dict, override: str | None = None) -> str:
@@ -135,9 +155,14 @@ def checked_predictions(frame: pd.DataFrame, expected_ids: np.ndarray, column: s
                         f"(expected exactly {ID_COLUMN},{column})")
 
     ids = _numbers(frame, ID_COLUMN, where, locate)
-    bad = np.flatnonzero(~np.isfinite(ids) | (ids != np.round(ids)))
+    not_integer = ~np.isfinite(ids) | (ids != np.round(ids)) | (np.abs(ids) >= 2.0**63)
+    if not pd.api.types.is_numeric_dtype(frame[ID_COLUMN]):
+        # a file holds IDs as integer literals: 3.0 or 3e0 is a float that happens to be whole
+        not_integer |= ~frame[ID_COLUMN].astype(str).str.strip().str.fullmatch(r"[+-]?\d+").to_numpy()
+    bad = np.flatnonzero(not_integer)
     if len(bad):
-        raise UserError(f"{where}: column '{ID_COLUMN}': {ids[bad[0]]:g} at {locate(bad[0])} is not an "
+        text = str(frame[ID_COLUMN].iloc[bad[0]]).strip()
+        raise UserError(f"{where}: column '{ID_COLUMN}': {text} at {locate(bad[0])} is not an "
                         f"integer ID ({len(bad)} such values)")
     preds = _numbers(frame, column, where, locate)
     for problem, bad in (("empty or NaN", np.isnan(preds)),
