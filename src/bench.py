@@ -335,7 +335,10 @@ def run_benchmark(args: argparse.Namespace, emit) -> None:
     variants = {"baseline": base_cfg}
     for assignment in args.compare:
         variants[assignment] = copy.deepcopy(base_cfg)
-        common.apply_override(variants[assignment], assignment)
+        try:
+            common.apply_override(variants[assignment], assignment)
+        except common.UserError as exc:  # the message names --set, the flag that shares the syntax
+            raise common.UserError(str(exc).replace("--set", "--compare", 1)) from None
     variants = {label: train.checked_config(cfg, args.device) for label, cfg in variants.items()}
 
     peak_tflops = PeakTflops(args.peak_tflops)

@@ -89,7 +89,7 @@ def test_preprocess_only_on_a_generated_preset(tmp_path):
 def test_unknown_compare_key_is_a_user_error(tiny_cfg):
     args = bench.parse_args(["--config", "configs/qin_small.yaml", *tiny_data_args(tiny_cfg),
                              "--compare", "model.asta_fats=false"])
-    with pytest.raises(common.UserError, match="unknown config key 'asta_fats'"):
+    with pytest.raises(common.UserError, match="--compare model.asta_fats: unknown config key 'asta_fats'"):
         bench.run_benchmark(args, emit=lambda record: None)
 
 

@@ -49,7 +49,6 @@ import summary
 import train
 import validate_submission
 from common import UserError
-from conftest import make_data_cfg
 
 SRC = common.REPO_ROOT / "src"
 N_ITEMS = make_synthetic.PRESETS["tiny"].n_items
@@ -64,7 +63,7 @@ TINY_TRAIN = {"max_epochs": 2, "batch_size": 512, "eval_batch_size": 2048, "log_
 
 def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SRC / f"{script}.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=ONE_THREAD)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -145,6 +144,20 @@ def truncate(path: Path) -> None:
 def write_config(path: Path, base: str, sections: dict) -> Path:
     path.write_text(yaml.safe_dump({"base": str(common.CONFIG_DIR / base), **sections}))
     return path
+
+
+# Training here uses one CPU thread, in this process and in the subprocesses: the models are tiny,
+# and two threads on a machine whose 2 cores are busy with other jobs spin in OpenMP barriers and
+# run 10-20x slower. Reference and resumed runs share the setting, so their bits still compare.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,12 +500,13 @@ def test_a_run_killed_mid_fold_resumes_to_identical_predictions(tiny_raw, tmp_pa
         return [sys.executable, str(SRC / "train.py"), "--config", str(config), "--set", f"run.name={name}",
                 "--device", "cpu"]
 
-    reference = subprocess.run(command("reference"), capture_output=True, text=True, timeout=600)
+    reference = subprocess.run(command("reference"), capture_output=True, text=True, timeout=600,
+                               env=ONE_THREAD)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
     run_dir = runs / "resumed"
     with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(command("resumed"), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command("resumed"), stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD)
         try:
             deadline = time.time() + 600
             # fold 1 has finished an epoch (its folder holds history.json) but is not done
@@ -510,7 +524,7 @@ def test_a_run_killed_mid_fold_resumes_to_identical_predictions(tiny_raw, tmp_pa
     assert not (run_dir / "fold2").exists() and not (run_dir / "oof.parquet").exists()
     fold0 = snapshot(run_dir / "fold0")
 
-    resumed = subprocess.run(command("resumed"), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(command("resumed"), capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "folds [0] already done, skipped" in resumed.stdout
     assert snapshot(run_dir / "fold0") == fold0, "the finished fold was kept as it was"
