@@ -41,6 +41,7 @@ import yaml
 
 import blend
 import common
+from fake_runs import write_run
 import make_synthetic
 import models
 import preprocess
@@ -718,21 +719,6 @@ def test_a_fold_model_never_predicts_rows_it_trained_on(pipeline):
                               cfg["train"]["eval_batch_size"], contextlib.nullcontext)
         np.testing.assert_array_equal(again, oof["pred"].to_numpy())
         np.testing.assert_array_equal(aggregate["pred"].to_numpy()[held_out], oof["pred"].to_numpy())
-
-
-def write_run(run_dir: Path, preds: dict[str, np.ndarray], arrays: dict, manifest: dict) -> None:
-    """A finished run folder as src/train.py leaves it (docs/DESIGN.md "Run directory")."""
-    fold = np.asarray(arrays["train_fold"])
-    common.write_json(run_dir / "fingerprint.json",
-                      {"config_hash": "planted", "data_fingerprint": manifest["fingerprint"]})
-    for k in range(manifest["n_folds"]):
-        common.write_json(run_dir / f"fold{k}" / "done.json", {"fold": k})
-    common.write_parquet(run_dir / "oof.parquet", pd.DataFrame(
-        {"row_id": np.arange(len(fold)), "fold": fold, "pred": preds["oof"].astype(np.float32)}))
-    common.write_parquet(run_dir / "valid.parquet", pd.DataFrame(
-        {"row_id": np.arange(len(preds["valid"])), "pred": preds["valid"].astype(np.float32)}))
-    common.write_parquet(run_dir / "test.parquet", pd.DataFrame(
-        {"ID": np.asarray(arrays["test_ID"]), "pred": preds["test"].astype(np.float32)}))
 
 
 @pytest.fixture
