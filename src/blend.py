@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 import common
 import preprocess
-from common import UserError
-from validate_submission import ID_COLUMN, ZIP_MEMBER, first_line, validate_submission
+from common import UserError, first_line
+from validate_submission import ID_COLUMN, ZIP_MEMBER, validate_submission
 
 SPLITS = ("oof", "valid", "test")
 PROCESSED_SPLIT = {"oof": "train", "valid": "valid", "test": "test"}  # the OOF rows are the train rows

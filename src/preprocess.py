@@ -60,11 +60,6 @@ ITEM_ARRAYS = ("item_tags", "item_emb", "item_likes_level", "item_views_level") 
 # reading and checking parquet columns
 # ---------------------------------------------------------------------------------------------
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def open_parquet(path: Path, columns: dict[str, str]) -> pq.ParquetFile:
     """Open ``path`` and check it has rows and every expected column with a usable type."""
     if not path.is_file():
@@ -72,7 +67,7 @@ def open_parquet(path: Path, columns: dict[str, str]) -> pq.ParquetFile:
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise common.UserError(f"{path}: not a readable parquet file ({_first_line(exc)})") from None
+        raise common.UserError(f"{path}: not a readable parquet file ({common.first_line(exc)})") from None
     if parquet.metadata.num_rows == 0:
         raise common.UserError(f"{path}: file has no rows")
     schema = parquet.schema_arrow
@@ -113,7 +108,7 @@ def iter_batches(parquet: pq.ParquetFile, path: Path, columns: list[str], desc: 
             try:
                 batch = next(batches, None)
             except (pa.ArrowException, OSError) as exc:
-                reason = _first_line(exc)
+                reason = common.first_line(exc)
                 raise common.UserError(f"{path}: corrupt data from row {start} on ({reason})") from None
             if batch is None:
                 return
@@ -440,7 +435,7 @@ def load_processed(processed_dir: str | os.PathLike) -> tuple[dict[str, np.ndarr
         try:
             arrays[path.stem] = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as exc:
-            raise common.UserError(f"{path}: not a readable .npy file ({_first_line(exc)}); "
+            raise common.UserError(f"{path}: not a readable .npy file ({common.first_line(exc)}); "
                                    f"{rebuild}") from None
     expected_rows = {f"{split}_{name}": n_rows for split, n_rows in manifest["n_rows"].items()
                      for name in ROW_ARRAYS.get(split, ())}

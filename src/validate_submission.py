@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import common
-from common import UserError
+from common import UserError, first_line
 
 ID_COLUMN = "ID"
 ZIP_MEMBER = "prediction.csv"
@@ -35,12 +35,6 @@ DEFAULT_COLUMN = "Task2"
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
-
-def first_line(exc: Exception) -> str:
-    """The first line of an exception's message: errors are reported as one line."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
 
 def _read_csv(source: str | Path | IO[bytes], where: str) -> pd.DataFrame:
     # everything is read as text, so a bad cell can be quoted back exactly as the file has it
