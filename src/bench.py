@@ -2,14 +2,15 @@
 
     python src/bench.py --config configs/qin.yaml --preset demo --steps 50 --warmup 10
         [--set KEY=VALUE ...] [--device cpu|cuda] [--compare KEY=VALUE ...] [--repeats N]
-        [--preprocess] [--peak-tflops TFLOPS|matmul]
+        [--preprocess] [--peak-tflops TFLOPS|matmul] [--predict-rows N]
 
 Prints one JSON line per measurement on stdout (everything else goes to stderr, so `| jq` works):
 
 - train: --warmup steps, synchronise, --steps timed steps, synchronise. The steps are the trainer's
   own (train.train_one_epoch over steps x batch_size shuffled train rows: gather on the device,
   autocast, loss, backward, clipping, Adam), built by train.make_step_parts as train_fold builds them.
-- predict: the test split in eval batches with train.predict, once to warm up, once timed.
+- predict: the test split (or its first --predict-rows rows) in eval batches with train.predict,
+  once to warm up, once timed.
 - preprocess (--preprocess): preprocess.run_preprocess(cfg, force=True), wall time and peak RSS.
   --steps 0 measures nothing else, so `--config configs/data.yaml --preprocess --steps 0` works.
 - compare (--compare KEY=VALUE, repeatable): the config plus that override is a variant measured
@@ -186,7 +187,7 @@ def counted_flops(run) -> int:
 
 
 def measure_model(cfg: dict, data: train.DeviceData, device: torch.device, steps: int, warmup: int,
-                  peak_tflops: PeakTflops) -> tuple[dict, dict]:
+                  peak_tflops: PeakTflops, predict_rows: int | None = None) -> tuple[dict, dict]:
     """(train record, predict record) of the config's model on ``data``."""
     train_cfg = cfg["train"]
     common.seed_everything(train_cfg["seed"])
@@ -240,7 +241,8 @@ def measure_model(cfg: dict, data: train.DeviceData, device: torch.device, steps
 
     model.eval()
     test_features = data.features["test"]
-    test_rows = torch.arange(test_features["item_id"].numel(), device=device)
+    n_test = test_features["item_id"].numel()
+    test_rows = torch.arange(n_test if predict_rows is None else min(predict_rows, n_test), device=device)
     eval_batch_size = train_cfg["eval_batch_size"]
     first_batch = test_rows[:eval_batch_size]
 
@@ -354,7 +356,7 @@ def run_benchmark(args: argparse.Namespace, emit) -> None:
                 arrays, manifest = preprocess.load_processed(preprocess.run_preprocess(cfg))
                 loaded[key] = train.load_to_device(arrays, manifest, device)
             train_record, predict_record = measure_model(cfg, loaded[key], device, args.steps,
-                                                         args.warmup, peak_tflops)
+                                                         args.warmup, peak_tflops, args.predict_rows)
             for record in (train_record, predict_record):
                 emit({"measure": record["measure"], "variant": label, **context, **record})
             train_rates[label].append(train_record["rows_per_s"])
@@ -379,6 +381,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=10, help="untimed training steps first (default 10)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="force the device (default: train.device, auto = CUDA when present)")
+    parser.add_argument("--predict-rows", type=int, default=None, metavar="N",
+                        help="predict only the first N test rows (default: the whole test split; "
+                             "a published config on a CPU needs minutes for 379k rows)")
     parser.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
                         help="also measure the config with this override and print the rows/s ratio "
                              "variant / baseline (repeatable: one variant each)")
@@ -393,6 +398,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("steps", "warmup"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
+    if args.predict_rows is not None and args.predict_rows < 1:
+        parser.error("--predict-rows must be at least 1")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -371,11 +372,37 @@ def build(cfg: dict, out: Path, fingerprint_value: str) -> dict:
     return manifest
 
 
+def _scratch_dir(final: Path, kind: str) -> Path:
+    """A new folder beside ``final`` whose name records this process, e.g. .processed-tmp-4242-x1y2."""
+    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-{kind}-{os.getpid()}-"))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_abandoned_scratch(final: Path) -> None:
+    """Delete the scratch folders of preprocess runs that were killed (their process is gone): a
+    killed full-size build would otherwise leave a gigabyte behind on every attempt."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}-(?:tmp|old)-(\d+)-[^/]*")
+    for path in final.parent.glob(f".{final.name}-*"):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir() and not _process_alive(int(match.group(1))):
+            common.log(f"preprocess: removing {path}, left by an interrupted run")
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _swap_into_place(new: Path, final: Path) -> None:
     """Rename ``new`` onto ``final``; an old ``final`` is moved aside first and deleted after."""
     old = None
     if final.exists():
-        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-old-"))
+        old = _scratch_dir(final, "old")
         final.replace(old / final.name)
     new.replace(final)
     if old is not None:
@@ -402,7 +429,8 @@ def run_preprocess(cfg: dict, force: bool = False) -> Path:
 
     started = time.time()
     processed.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=processed.parent, prefix=f".{processed.name}-tmp-"))
+    remove_abandoned_scratch(processed)
+    staging = _scratch_dir(processed, "tmp")
     try:
         manifest = build(cfg, staging, fingerprint_value)
         _swap_into_place(staging, processed)
@@ -421,7 +449,11 @@ def run_preprocess(cfg: dict, force: bool = False) -> Path:
 
 
 def load_processed(processed_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-    """Every processed array, memory-mapped read-only, keyed by file stem; plus the manifest."""
+    """Every processed array, memory-mapped, keyed by file stem; plus the manifest.
+
+    The maps are copy-on-write (mode "c"): torch can wrap them without a copy, and a write by
+    mistake changes this process's view only, never the files.
+    """
     processed_dir = Path(processed_dir)
     manifest_path = processed_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -433,7 +465,7 @@ def load_processed(processed_dir: str | os.PathLike) -> tuple[dict[str, np.ndarr
     arrays = {}
     for path in sorted(processed_dir.glob("*.npy")):
         try:
-            arrays[path.stem] = np.load(path, mmap_mode="r")
+            arrays[path.stem] = np.load(path, mmap_mode="c")
         except (OSError, ValueError) as exc:
             raise common.UserError(f"{path}: not a readable .npy file ({common.first_line(exc)}); "
                                    f"{rebuild}") from None

@@ -33,7 +33,6 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
@@ -151,9 +150,9 @@ class DeviceData:
 
 
 def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    # np.array reads the memory-mapped file into RAM once (torch refuses read-only memory); on CUDA
-    # that host copy is dropped as soon as it is on the GPU, on CPU it is the only copy
-    return torch.from_numpy(np.array(array)).to(device)
+    # load_processed maps the files copy-on-write: on CPU the tensor is that mapping (the page
+    # cache is the one copy in RAM), on CUDA it is read straight from it onto the GPU
+    return torch.from_numpy(array).to(device)
 
 
 def load_to_device(arrays: dict, manifest: dict, device: torch.device) -> DeviceData:
@@ -250,7 +249,7 @@ def auc_and_logloss(labels: np.ndarray, probs: np.ndarray, what: str) -> tuple[f
         raise UserError(f"{what}: non-finite predictions, training diverged (try a lower train.lr)")
     p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
     logloss = -np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p))
-    return float(roc_auc_score(labels, probs)), float(logloss)
+    return common.roc_auc(labels, probs), float(logloss)
 
 
 def train_fold(fold: int, cfg: dict, data: DeviceData, fold_of_row: np.ndarray, test_ids: np.ndarray,
@@ -428,7 +427,7 @@ def write_aggregates(run_dir: Path, n_folds: int, arrays: dict, raw_dir: Path) -
         # the true click probabilities (synthetic data only) score the ceiling any model could
         # reach on the same rows
         prob = common.read_oracle_prob(raw_dir, split)
-        return None if prob is None else float(roc_auc_score(labels, prob))
+        return None if prob is None else common.roc_auc(labels, prob)
 
     metrics = {
         "n_folds": n_folds, "oof_auc": oof_auc, "oof_logloss": oof_logloss,

@@ -73,6 +73,13 @@ def test_measures_train_predict_and_compares(tiny_cfg, tiny_processed):
     assert compare["predict_ratio"] > 0
 
 
+def test_predict_rows_limits_the_predicted_test_rows(tiny_cfg, tiny_processed):
+    lines = bench_records("--config", "configs/dcnv2_tf_small.yaml", *tiny_data_args(tiny_cfg),
+                          "--device", "cpu", "--set", "train.batch_size=128", "--set",
+                          "train.eval_batch_size=100", "--steps", "1", "--warmup", "0", "--predict-rows", "250")
+    assert [(line["measure"], line["rows"]) for line in lines] == [("train", 128), ("predict", 250)]
+
+
 def test_preprocess_only_on_a_generated_preset(tmp_path):
     lines = run_bench_cli("--config", "configs/data.yaml", "--preset", "tiny", "--data-root", str(tmp_path),
                       "--preprocess", "--steps", "0")

@@ -180,6 +180,31 @@ def test_cache_is_reused_until_inputs_or_settings_change(copy_raw, tmp_path, cap
     assert sorted(p.name for p in processed.parent.iterdir()) == ["processed"], "no temp folders left"
 
 
+def test_scratch_folders_of_killed_runs_are_removed_and_a_live_runs_kept(copy_raw, tmp_path):
+    cfg = make_data_cfg(copy_raw(), tmp_path / "work")
+    processed = preprocess.run_preprocess(cfg)
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()  # its pid now names a process that is gone, like a SIGKILLed preprocess
+    dead = [processed.parent / f".processed-{kind}-{finished.pid}-abc" for kind in ("tmp", "old")]
+    live = processed.parent / f".processed-tmp-{os.getpid()}-xyz"  # a build still running
+    for folder in (*dead, live):
+        folder.mkdir()
+        (folder / "train_item_seq.npy").write_bytes(b"half written")
+
+    preprocess.run_preprocess(cfg, force=True)
+    assert sorted(p.name for p in processed.parent.iterdir()) == sorted(["processed", live.name])
+
+
+def test_arrays_load_as_copy_on_write_maps_that_never_change_the_files(tiny_cfg):
+    processed = preprocess.run_preprocess(tiny_cfg)
+    arrays, _ = preprocess.load_processed(processed)
+    fold = arrays["train_fold"]
+    assert isinstance(fold, np.memmap) and fold.flags.writeable  # torch wraps it without a copy
+    before = (processed / "train_fold.npy").read_bytes()
+    fold[:] = 7
+    assert (processed / "train_fold.npy").read_bytes() == before
+
+
 def test_load_processed_without_data_is_a_user_error(tmp_path):
     with pytest.raises(common.UserError, match="run src/preprocess.py first"):
         preprocess.load_processed(tmp_path)

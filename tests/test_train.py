@@ -186,6 +186,18 @@ def test_embedding_l2_matches_an_explicit_penalty():
         torch.testing.assert_close(a, b)
 
 
+def test_on_cpu_the_device_data_is_the_mapped_files_not_a_copy(processed):
+    arrays, manifest = processed
+    data = train.load_to_device(arrays, manifest, torch.device("cpu"))
+    uploaded = {f"{split}_{name}": tensor for split, features in data.features.items()
+                for name, tensor in features.items()}
+    uploaded.update({f"{split}_label": tensor for split, tensor in data.labels.items()})
+    uploaded.update({name: data.tables[name] for name in train.ITEM_TABLES})
+    assert len(uploaded) == 3 * len(train.FEATURES) + 2 + len(train.ITEM_TABLES)
+    for name, tensor in uploaded.items():
+        assert np.shares_memory(tensor.numpy(), arrays[name]), name
+
+
 def test_folds_out_of_range_is_a_user_error(tiny_cfg):
     with pytest.raises(common.UserError, match="folds 0..1"):
         train.run_training(make_cfg(tiny_cfg, FASTEST, "bad_folds"), folds=[2], device="cpu")
