@@ -5,8 +5,8 @@
 A submission is a zip holding exactly one file, prediction.csv, at its root (a bare csv is checked
 the same way) with exactly two columns, ID and the prediction column (Task2 unless configured):
 one row per test row in test order (ID ascending), each prediction a probability in [0, 1]. The
-expected IDs come from the processed test_ID.npy, or from the raw test.parquet when the data has not
-been preprocessed. Prints 'OK: N rows', or one line 'error: ...' and exits with code 2.
+expected IDs come from the raw test.parquet, or from the processed test_ID.npy when the raw files are
+not at data.raw_dir. Prints 'OK: N rows', or one line 'error: ...' and exits with code 2.
 """
 from __future__ import annotations
 
@@ -82,28 +82,29 @@ def read_submission(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
 
 
 def expected_test_ids(cfg: dict) -> np.ndarray:
-    """The test IDs a submission must cover: processed test_ID.npy, else the raw test.parquet."""
+    """The test IDs a submission must cover: the raw test.parquet's, the rows the leaderboard scores
+    (so predictions made from stale processed data fail here), else the processed test_ID.npy."""
     paths = common.data_paths(cfg)
+    raw_test = paths["raw"] / "test.parquet"
     processed_ids = paths["processed"] / "test_ID.npy"
+    if raw_test.is_file():
+        try:
+            table = pq.read_table(raw_test, columns=[ID_COLUMN])
+        except (pa.ArrowException, OSError, KeyError) as exc:
+            raise UserError(f"{raw_test}: cannot read column '{ID_COLUMN}' ({first_line(exc)})") from None
+        ids = table.column(ID_COLUMN)
+        if ids.null_count or not pa.types.is_integer(ids.type):
+            raise UserError(f"{raw_test}: column '{ID_COLUMN}': expected integer IDs without nulls, found "
+                            f"{ids.type} with {ids.null_count} nulls")
+        return ids.to_numpy().astype(np.int64)
     if processed_ids.is_file():
         try:
             return np.load(processed_ids).astype(np.int64)
         except (OSError, ValueError) as exc:
             raise UserError(f"{processed_ids}: not a readable .npy file ({first_line(exc)}); rebuild it "
                             f"with src/preprocess.py --force") from None
-    raw_test = paths["raw"] / "test.parquet"
-    if not raw_test.is_file():
-        raise UserError(f"no test IDs to check against: neither {processed_ids} nor {raw_test} exists "
-                        f"(set data.raw_dir, e.g. --set data.raw_dir=data/demo)")
-    try:
-        table = pq.read_table(raw_test, columns=[ID_COLUMN])
-    except (pa.ArrowException, OSError, KeyError) as exc:
-        raise UserError(f"{raw_test}: cannot read column '{ID_COLUMN}' ({first_line(exc)})") from None
-    ids = table.column(ID_COLUMN)
-    if ids.null_count or not pa.types.is_integer(ids.type):
-        raise UserError(f"{raw_test}: column '{ID_COLUMN}': expected integer IDs without nulls, found "
-                        f"{ids.type} with {ids.null_count} nulls")
-    return ids.to_numpy().astype(np.int64)
+    raise UserError(f"no test IDs to check against: neither {raw_test} nor {processed_ids} exists "
+                    f"(set data.raw_dir, e.g. --set data.raw_dir=data/demo)")
 
 
 def configured_column(cfg: dict, override: str | None = None) -> str:

@@ -304,8 +304,9 @@ def test_a_damaged_processed_folder_is_one_line_for_every_reader(pipeline, case)
         assert_user_error(lambda: blend.run_blend(p.blend_cfg), *fragments)
         if name != "manifest.json":  # a damaged manifest is rebuilt: tested below
             assert_user_error(lambda: train.run_training(p.model_cfg, device="cpu"), *fragments)
-        if name == "test_ID.npy":
-            assert_user_error(lambda: validate_submission.expected_test_ids(p.blend_cfg), *fragments)
+        if name == "test_ID.npy":  # validate reads it when the raw test file is not there
+            without_raw = common.load_config(p.blend_yaml, ["data.raw_dir=/nonexistent/raw"])
+            assert_user_error(lambda: validate_submission.expected_test_ids(without_raw), *fragments)
         assert snapshot(*outputs(p)) == before
 
 
@@ -456,6 +457,13 @@ def test_validate_reads_the_raw_test_ids_only_when_they_are_sound(pipeline, tmp_
     p = pipeline
     cfg = common.load_config(p.blend_yaml, [f"data.work_dir={tmp_path / 'nothing'}"])  # no processed
     np.testing.assert_array_equal(validate_submission.expected_test_ids(cfg), np.arange(600))
+    with restored(p.raw):  # the raw file changed after preprocessing: its IDs count, not the stale ones
+        table = pq.read_table(p.raw / "test.parquet")
+        pq.write_table(table.set_column(table.schema.get_field_index("ID"), "ID",
+                                        pa.array(np.arange(600) + 1000, pa.int64())), p.raw / "test.parquet")
+        np.testing.assert_array_equal(validate_submission.expected_test_ids(p.blend_cfg), np.arange(600) + 1000)
+        without_raw = common.load_config(p.blend_yaml, ["data.raw_dir=/nonexistent/raw"])
+        np.testing.assert_array_equal(validate_submission.expected_test_ids(without_raw), np.arange(600))
     with restored(p.raw):
         replace_column(p.raw / "test.parquet", "ID", None)
         assert_user_error(lambda: validate_submission.expected_test_ids(cfg), "test.parquet", "'ID'")
