@@ -3,7 +3,6 @@
 Every run trains on the tiny synthetic data (2 folds) with the *_small model configs shrunk further
 by overrides, on the CPU, under its own run name in the session's shared work folder.
 """
-import contextlib
 import functools
 import shutil
 import subprocess
@@ -190,65 +189,62 @@ def test_embedding_l2_matches_an_explicit_penalty():
         torch.testing.assert_close(a, b)
 
 
+def train_briefly_then_predict(data, model: str, train_rows: torch.Tensor, eval_batch_size: int,
+                               autocast=None, overrides=(), **train_changes):
+    """From seed 0: the trainer's step over ``train_rows`` once, then its prediction of the valid
+    split; returns (model, mean train loss, valid probabilities)."""
+    cpu = torch.device("cpu")
+    cfg = common.load_config(common.CONFIG_DIR / f"{model}.yaml", ["train.batch_size=512", *overrides])
+    train_cfg = {**cfg["train"], **train_changes}
+    common.seed_everything(0)
+    net = models.build_model(cfg["model"], data.tables)
+    loss_fn, forward, optimizer, trainer_autocast = train.make_step_parts(net, train_cfg, cpu)
+    autocast = autocast or trainer_autocast
+    loss, _ = train.train_one_epoch(net, loss_fn, optimizer, data.features["train"], data.labels["train"],
+                                    train_rows, torch.Generator().manual_seed(0), train_cfg, autocast, "test")
+    net.eval()
+    probs = train.predict(forward, data.features["valid"], torch.arange(data.labels["valid"].numel()),
+                          eval_batch_size, autocast)
+    return net, loss, probs
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_bf16_autocast_training_and_prediction_track_float32(processed, model):
     """train.bf16 wraps the step and prediction in bfloat16 autocast on CUDA. The same code under
     the CPU's bfloat16 autocast, from the same initial weights and batches: the matmuls do run in
     bfloat16, the predictions come back float32, and loss and predictions stay close to float32's."""
-    arrays, manifest = processed
-    cpu = torch.device("cpu")
-    data = train.load_to_device(arrays, manifest, cpu)
-    cfg = common.load_config(common.CONFIG_DIR / f"{model}.yaml", ["train.batch_size=512"])
-    results = {}
-    for bf16 in (False, True):
-        common.seed_everything(0)
-        net = models.build_model(cfg["model"], data.tables)
-        loss_fn, forward, optimizer, _ = train.make_step_parts(net, cfg["train"], cpu)
-        autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=bf16)
-        linear_dtypes = set()
-        for module in net.modules():
-            if type(module) is nn.Linear:  # Float32Linear (the logits) stays float32 by design
-                module.register_forward_hook(lambda m, i, out: linear_dtypes.add(out.dtype))
-        loss, _ = train.train_one_epoch(net, loss_fn, optimizer, data.features["train"],
-                                        data.labels["train"], torch.arange(4 * 512),
-                                        torch.Generator().manual_seed(0), cfg["train"], autocast, "bf16")
-        net.eval()
-        probs = train.predict(forward, data.features["valid"], torch.arange(data.labels["valid"].numel()),
-                              2048, autocast)
-        results[bf16] = loss, probs, linear_dtypes
-
-    (loss32, probs32, dtypes32), (loss16, probs16, dtypes16) = results[False], results[True]
-    assert dtypes32 == {torch.float32} and dtypes16 == {torch.bfloat16}
+    data = train.load_to_device(*processed, torch.device("cpu"))
+    runs = {bf16: train_briefly_then_predict(
+                data, model, torch.arange(4 * 512), 2048,
+                functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=bf16))
+            for bf16 in (False, True)}
+    (_, loss32, probs32), (net16, loss16, probs16) = runs[False], runs[True]
     assert probs16.dtype == np.float32 and np.isfinite(probs16).all()
     assert abs(loss16 - loss32) < 0.01 * loss32
     assert np.abs(probs16 - probs32).mean() < 0.01 and np.corrcoef(probs16, probs32)[0, 1] > 0.98
+
+    linear_dtypes = set()
+    for module in net16.modules():
+        if type(module) is nn.Linear:  # Float32Linear (the logits) stays float32 by design
+            module.register_forward_hook(lambda m, i, out: linear_dtypes.add(out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net16(train.gather(data.features["valid"], torch.arange(8)))
+    assert linear_dtypes == {torch.bfloat16}
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_training_and_prediction_equal_eager(processed):
     """train.compile runs the same function. Dropout is off: compiled code draws its own random
     masks, so with dropout the two runs would train on different noise, not compute differently."""
-    arrays, manifest = processed
-    cpu = torch.device("cpu")
-    data = train.load_to_device(arrays, manifest, cpu)
-    cfg = common.load_config(common.CONFIG_DIR / "qin_small.yaml", ["train.batch_size=512", "model.dropout=0.0"])
-    results = {}
-    for compiled in (False, True):
-        common.seed_everything(0)
-        net = models.build_model(cfg["model"], data.tables)
-        loss_fn, forward, optimizer, autocast = train.make_step_parts(
-            net, {**cfg["train"], "compile": compiled}, cpu)
-        # 3999 rows in batches of 500 and a last of 499, then the 600 valid rows in batches of
-        # 256, 256 and 88: the compiled code meets a second shape in both (a recompile)
-        loss, _ = train.train_one_epoch(net, loss_fn, optimizer, data.features["train"],
-                                        data.labels["train"], torch.arange(3999),
-                                        torch.Generator().manual_seed(0), cfg["train"], autocast, "compile")
-        net.eval()
-        probs = train.predict(forward, data.features["valid"], torch.arange(data.labels["valid"].numel()),
-                              256, autocast)
-        results[compiled] = loss, probs
-    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
-    np.testing.assert_allclose(results[True][1], results[False][1], atol=1e-4)
+    data = train.load_to_device(*processed, torch.device("cpu"))
+    # 3999 rows in batches of 500 and a last of 499, then the 600 valid rows in batches of 256,
+    # 256 and 88: the compiled code meets a second shape in both (a recompile)
+    (_, loss_eager, probs_eager), (_, loss_compiled, probs_compiled) = (
+        train_briefly_then_predict(data, "qin_small", torch.arange(3999), 256,
+                                   overrides=["model.dropout=0.0"], compile=compiled)
+        for compiled in (False, True))
+    assert loss_compiled == pytest.approx(loss_eager, rel=1e-5)
+    np.testing.assert_allclose(probs_compiled, probs_eager, atol=1e-4)
 
 
 def test_on_cpu_the_device_data_is_the_mapped_files_not_a_copy(processed):
