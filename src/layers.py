@@ -104,7 +104,10 @@ class ItemEncoder(nn.Module):
             flat = ids.reshape(-1)
             x = self.encode(self.item_id(flat), self.item_tags[flat], self.item_emb[flat])
             x = x.view(*ids.shape, -1)
-        return x[:, 0], x[:, 1:]
+        # split, not x[:, 0] and x[:, 1:]: its backward concatenates the two gradients, where
+        # indexing would zero-fill a [B, 1 + L, I] gradient for each part and add them
+        x_t, x_b = x.split([1, item_seq.shape[1]], dim=1)
+        return x_t.squeeze(1), x_b
 
 
 class LevelEmbedding(nn.Module):
