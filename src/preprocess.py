@@ -379,18 +379,18 @@ def _scratch_dir(final: Path, kind: str) -> Path:
 
 def _process_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
-        return True
+    except PermissionError:  # another user's process: it exists
+        pass
     return True
 
 
 def remove_abandoned_scratch(final: Path) -> None:
     """Delete the scratch folders of preprocess runs that were killed (their process is gone): a
     killed full-size build would otherwise leave a gigabyte behind on every attempt."""
-    pattern = re.compile(rf"\.{re.escape(final.name)}-(?:tmp|old)-(\d+)-[^/]*")
+    pattern = re.compile(rf"\.{re.escape(final.name)}-(?:tmp|old)-(\d+)-.*")
     for path in final.parent.glob(f".{final.name}-*"):
         match = pattern.fullmatch(path.name)
         if match and path.is_dir() and not _process_alive(int(match.group(1))):
