@@ -3,6 +3,7 @@
 Every run trains on the tiny synthetic data (2 folds) with the *_small model configs shrunk further
 by overrides, on the CPU, under its own run name in the session's shared work folder.
 """
+import contextlib
 import functools
 import shutil
 import subprocess
@@ -58,7 +59,8 @@ def test_one_fold_writes_the_fold_files(tiny_cfg, processed, model):
 
     history = common.read_json(fold_dir / "history.json")
     assert [h["epoch"] for h in history] == [1, 2]
-    assert set(history[0]) == {"epoch", "train_loss", "fold_auc", "fold_logloss", "lr", "seconds"}
+    assert set(history[0]) == {"epoch", "train_loss", "fold_auc", "fold_logloss", "valid_auc", "valid_logloss",
+                               "lr", "seconds"}
     done = common.read_json(fold_dir / "done.json")
     assert done["fold"] == 0 and done["best_epoch"] in (1, 2) and 0 < done["fold_auc"] <= 1
 
@@ -144,18 +146,21 @@ def test_changed_config_discards_stale_outputs(tiny_cfg):
     assert common.load_config(run_dir / "config.yaml")["train"]["lr"] == 5e-4
 
 
-def test_schedule_decays_lr_and_stops_early(tiny_cfg, monkeypatch):
-    """Scripted fold AUCs: the lr halves after each non-improving epoch and patience stops the fold."""
+@pytest.mark.parametrize("monitor, auc_key", [("valid", "valid_auc"), ("holdout", "fold_auc")])
+def test_schedule_decays_lr_and_stops_early(tiny_cfg, monkeypatch, monitor, auc_key):
+    """Scripted AUCs of the monitored split: the lr halves after each non-improving epoch and
+    patience stops the fold; the other split's AUC decides nothing."""
     scripted_aucs = iter([0.60, 0.70, 0.65, 0.7000005, 0.71, 0.70, 0.70, 0.70])
     real_scores = train.auc_and_logloss
 
     def scripted(labels, probs, what):
         auc, logloss = real_scores(labels, probs, what)
-        return (next(scripted_aucs), logloss) if "epoch" in what else (auc, logloss)
+        per_epoch = "epoch" in what and what.endswith(f" {monitor}")  # e.g. "fold 0 epoch 3 valid"
+        return (next(scripted_aucs), logloss) if per_epoch else (auc, logloss)
 
     monkeypatch.setattr(train, "auc_and_logloss", scripted)
-    cfg = make_cfg(tiny_cfg, FASTEST, "schedule", "train.max_epochs=20", "train.patience=3",
-                   "train.lr=4e-3", "train.lr_min=1.5e-3")
+    cfg = make_cfg(tiny_cfg, FASTEST, f"schedule_{monitor}", "train.max_epochs=20", "train.patience=3",
+                   "train.lr=4e-3", "train.lr_min=1.5e-3", f"train.early_stopping={monitor}")
     run_dir = train.run_training(cfg, folds=[0], device="cpu")
 
     history = common.read_json(run_dir / "fold0" / "history.json")
@@ -163,7 +168,33 @@ def test_schedule_decays_lr_and_stops_early(tiny_cfg, monkeypatch):
     # patience count, epochs 6-8 do not: stop after 8, lr halved each time down to its floor
     assert [h["lr"] for h in history] == pytest.approx([4e-3, 4e-3, 4e-3, 2e-3] + [1.5e-3] * 4)
     done = common.read_json(run_dir / "fold0" / "done.json")
-    assert (done["best_epoch"], done["epochs"], done["fold_auc"]) == (5, 8, 0.71)
+    assert (done["best_epoch"], done["epochs"], done[auc_key]) == (5, 8, 0.71)
+    assert done["early_stopping"] == monitor
+    assert [h[auc_key] for h in history] == [0.60, 0.70, 0.65, 0.7000005, 0.71, 0.70, 0.70, 0.70]
+
+
+def test_the_fold_files_hold_the_best_epochs_predictions(tiny_cfg, processed):
+    """With early stopping on valid: the best epoch is the first with the highest valid AUC, and the
+    fold's OOF and valid files are what its saved weights predict."""
+    arrays, manifest = processed
+    cfg = make_cfg(tiny_cfg, FASTEST, "best_epoch", "train.max_epochs=3", "train.patience=3")
+    assert cfg["train"]["early_stopping"] == "valid"  # the released schedule's default
+    run_dir = train.run_training(cfg, folds=[0], device="cpu")
+
+    history = common.read_json(run_dir / "fold0" / "history.json")
+    done = common.read_json(run_dir / "fold0" / "done.json")
+    valid_aucs = [h["valid_auc"] for h in history]
+    assert done["best_epoch"] == 1 + valid_aucs.index(max(valid_aucs))
+    assert done["valid_auc"] == max(valid_aucs)
+    data = train.load_to_device(arrays, manifest, torch.device("cpu"))
+    model = models.build_model(cfg["model"], data.tables)
+    model.load_state_dict(torch.load(run_dir / "fold0" / "best.pt"))
+    model.eval()
+    for split, name, features in (("holdout", "oof", "train"), ("valid", "valid", "valid")):
+        saved = pd.read_parquet(run_dir / "fold0" / f"{name}.parquet")
+        again = train.predict(model, data.features[features], torch.tensor(saved["row_id"].to_numpy()),
+                              2048, contextlib.nullcontext)
+        np.testing.assert_array_equal(again, saved["pred"].to_numpy(), err_msg=split)
 
 
 def test_embedding_l2_matches_an_explicit_penalty():
