@@ -161,14 +161,20 @@ def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(array).to(device)
 
 
-def load_to_device(arrays: dict, manifest: dict, device: torch.device) -> DeviceData:
-    features = {split: {name: upload(arrays[f"{split}_{name}"], device) for name in FEATURES}
-                for split in ("train", "valid", "test")}
-    labels = {split: upload(arrays[f"{split}_label"], device) for split in ("train", "valid")}
+def item_tables(arrays: dict, manifest: dict, device: torch.device) -> dict:
+    """The item tables and vocabulary sizes models.build_model takes."""
     tables = {name: upload(arrays[name], device) for name in ITEM_TABLES}
     vocab = manifest["vocab"]
     tables.update(n_items=vocab["item"], n_tags=vocab["tag"], n_users=vocab["user"],
                   n_levels=vocab["level"])
+    return tables
+
+
+def load_to_device(arrays: dict, manifest: dict, device: torch.device) -> DeviceData:
+    features = {split: {name: upload(arrays[f"{split}_{name}"], device) for name in FEATURES}
+                for split in ("train", "valid", "test")}
+    labels = {split: upload(arrays[f"{split}_label"], device) for split in ("train", "valid")}
+    tables = item_tables(arrays, manifest, device)
     host_labels = {split: np.asarray(arrays[f"{split}_label"]) for split in ("train", "valid")}
     return DeviceData(features, labels, host_labels, tables)
 
@@ -504,6 +510,12 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
     if any(not 0 <= k < n_folds for k in folds):
         raise UserError(f"--folds {','.join(map(str, folds))}: the data has folds 0..{n_folds - 1}")
 
+    # every check that can fail comes before the run folder is touched: a typo in a --set must
+    # not discard finished folds. The model is built on the meta device: no memory, no init.
+    torch_device = resolve_device(cfg["train"]["device"])
+    with torch.device("meta"):
+        models.build_model(cfg["model"], item_tables(arrays, manifest, torch.device("cpu")))
+
     run_dir = common.data_paths(cfg)["runs"] / cfg["run"]["name"]
     prepare_run_dir(run_dir, fingerprint_of(cfg, manifest))
     config_path = run_dir / "config.yaml"
@@ -516,7 +528,6 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
         common.log(f"{run_dir}: folds {skipped} already done, skipped")
     if todo:
         remove_aggregates(run_dir)  # they would describe folds about to change
-        torch_device = resolve_device(cfg["train"]["device"])
         configure_backend(torch_device)
         data = load_to_device(arrays, manifest, torch_device)
         fold_of_row = np.asarray(arrays["train_fold"])

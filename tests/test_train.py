@@ -290,6 +290,19 @@ def test_on_cpu_the_device_data_is_the_mapped_files_not_a_copy(processed):
         assert np.shares_memory(tensor.numpy(), arrays[name]), name
 
 
+@pytest.mark.parametrize("override, fragment", [("model.emb_dim=0", "model.emb_dim"),
+                                                ("model.qnn_activation=tanh", "qnn_activation"),
+                                                ("train.device=cuda", "no CUDA device")])
+def test_a_bad_value_fails_before_finished_folds_are_discarded(tiny_cfg, override, fragment):
+    if override == "train.device=cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run_dir = train.run_training(make_cfg(tiny_cfg, "qin_small", "kept", "train.max_epochs=1"), folds=[0])
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "fold0").iterdir()}
+    with pytest.raises(common.UserError, match=fragment):
+        train.run_training(make_cfg(tiny_cfg, "qin_small", "kept", "train.max_epochs=1", override), folds=[0])
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "fold0").iterdir()} == before
+
+
 def test_folds_out_of_range_is_a_user_error(tiny_cfg):
     with pytest.raises(common.UserError, match="folds 0..1"):
         train.run_training(make_cfg(tiny_cfg, FASTEST, "bad_folds"), folds=[2], device="cpu")
