@@ -32,6 +32,12 @@ SUBMISSIONS=submissions
 TRAIN_SETS=()
 while [ $# -gt 0 ]; do
   case "$1" in
+    --preset|--data|--models|--folds|--device|--name|--data-root|--submissions|--train-set)
+      if [ $# -lt 2 ] || [[ "$2" == --* ]]; then
+        echo "run.sh: option $1 needs a value (see bash run.sh --help)" >&2; exit 2
+      fi ;;
+  esac
+  case "$1" in
     --preset) PRESET="$2"; shift 2 ;;
     --data) DATA="$2"; shift 2 ;;
     --models) MODELS="$2"; shift 2 ;;
@@ -41,10 +47,18 @@ while [ $# -gt 0 ]; do
     --data-root) DATA_ROOT="$2"; shift 2 ;;
     --submissions) SUBMISSIONS="$2"; shift 2 ;;
     --train-set) TRAIN_SETS+=(--set "$2"); shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown option '$1' (see bash run.sh --help)" >&2; exit 2 ;;
   esac
 done
+
+case "$PRESET" in
+  tiny|demo|full) ;;
+  *) echo "run.sh: --preset must be tiny, demo or full, got '$PRESET'" >&2; exit 2 ;;
+esac
+if [ -n "$FOLDS" ] && ! [[ "$FOLDS" =~ ^[0-9]+$ && "$FOLDS" -ge 2 ]]; then
+  echo "run.sh: --folds must be an integer >= 2, got '$FOLDS'" >&2; exit 2
+fi
 
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1

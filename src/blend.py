@@ -230,9 +230,7 @@ def load_blend_data(cfg: dict, runs: list[str], with_row_features: bool) -> Blen
     """Every run's predictions checked against the processed data and stacked column-wise."""
     paths = common.data_paths(cfg)
     arrays, manifest = preprocess.load_processed(paths["processed"])
-    if preprocess.raw_files_changed(manifest):
-        raise UserError(f"{paths['processed']}: the raw files in {manifest['raw_dir']} changed since it "
-                        f"was built: rerun src/preprocess.py and retrain the runs (src/train.py does both)")
+    preprocess.require_current(paths["processed"], manifest)
     fold = np.asarray(arrays["train_fold"]).astype(np.int64)
     oof_label = np.asarray(arrays["train_label"], dtype=np.float64)
     valid_label = np.asarray(arrays["valid_label"], dtype=np.float64)

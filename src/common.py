@@ -125,7 +125,7 @@ def add_config_args(parser: argparse.ArgumentParser, default_config: str) -> Non
     parser.add_argument("--config", default=str(CONFIG_DIR / default_config),
                         help=f"YAML config (default: configs/{default_config})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.lr=1e-3 (repeatable)")
+                        help="override a config key, e.g. --set data.n_folds=5 (repeatable)")
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
@@ -148,6 +148,18 @@ def data_paths(cfg: dict) -> dict[str, Path]:
 # atomic output: write to a temporary name in the same folder, then rename
 # ---------------------------------------------------------------------------------------------
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes files 0600 and folders 0700 (private to their owner); what a stage publishes gets
+# the permissions any other new file would get: 0666 / 0777 minus the umask
+UMASK = _read_umask()
+FILE_MODE, DIR_MODE = 0o666 & ~UMASK, 0o777 & ~UMASK
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
@@ -159,6 +171,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
+    tmp_path.chmod(FILE_MODE)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -197,6 +197,14 @@ def raw_files_changed(manifest: dict) -> bool:
         return False
 
 
+def require_current(processed: Path, manifest: dict) -> None:
+    """A UserError if the raw files changed since ``processed`` was built from them: whatever was
+    made from it (runs, blend) describes other data."""
+    if raw_files_changed(manifest):
+        raise common.UserError(f"{processed}: the raw files in {manifest['raw_dir']} changed since it "
+                               f"was built: rerun src/preprocess.py and retrain the runs (src/train.py does both)")
+
+
 def check_settings(data: dict) -> None:
     if data["emb_dtype"] not in EMB_DTYPES:
         raise common.UserError(f"data.emb_dtype: {data['emb_dtype']!r} is not one of "
@@ -374,7 +382,9 @@ def build(cfg: dict, out: Path, fingerprint_value: str) -> dict:
 
 def _scratch_dir(final: Path, kind: str) -> Path:
     """A new folder beside ``final`` whose name records this process, e.g. .processed-tmp-4242-x1y2."""
-    return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-{kind}-{os.getpid()}-"))
+    path = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-{kind}-{os.getpid()}-"))
+    path.chmod(common.DIR_MODE)  # mkdtemp's 0700 would make the processed folder private
+    return path
 
 
 def _process_alive(pid: int) -> bool:

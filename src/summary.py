@@ -13,11 +13,15 @@ from pathlib import Path
 import numpy as np
 
 import common
+import preprocess
 
 
 def test_auc(pred_path: Path, labels: np.ndarray | None) -> float | None:
     if labels is None:
         return None
+    if not pred_path.is_file():
+        raise common.UserError(f"{pred_path}: missing: the run changed after the blend (a retraining "
+                               f"not finished?); finish it with src/train.py, then rerun src/blend.py")
     frame = common.read_parquet(pred_path, ["ID", "pred"]).sort_values("ID")
     pred = frame["pred"].to_numpy(np.float64)
     if not np.array_equal(frame["ID"].to_numpy(), np.arange(len(labels))):
@@ -40,6 +44,9 @@ def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
     if missing:
         raise common.UserError(f"{blend_metrics_path}: key '{missing[0]}' missing: not a blend's "
                                f"metrics.json (rerun src/blend.py)")
+    # the runs and the blend were made from the processed data: new raw files (and labels) would
+    # be scored against old predictions
+    preprocess.require_current(paths["processed"], preprocess.load_processed(paths["processed"])[1])
     labels = common.read_test_labels(paths["raw"])
     rows = [(name, m["oof_auc"], m["valid_auc"], test_auc(paths["runs"] / name / "test.parquet", labels))
             for name, m in blend["runs"].items()]

@@ -1,6 +1,7 @@
 """preprocess.py: round trip, folds, cache, and one clear one-line error per kind of bad input."""
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +204,14 @@ def test_arrays_load_as_copy_on_write_maps_that_never_change_the_files(tiny_cfg)
     before = (processed / "train_fold.npy").read_bytes()
     fold[:] = 7
     assert (processed / "train_fold.npy").read_bytes() == before
+
+
+def test_outputs_get_the_permissions_of_any_new_file(tiny_processed):
+    """Not tempfile's owner-only 0700 / 0600: the processed folder and atomically written files
+    are readable by whoever may read the user's other files."""
+    assert stat.S_IMODE(tiny_processed.stat().st_mode) == common.DIR_MODE
+    assert stat.S_IMODE((tiny_processed / "manifest.json").stat().st_mode) == common.FILE_MODE
+    assert stat.S_IMODE((tiny_processed / "train_item_seq.npy").stat().st_mode) == common.FILE_MODE
 
 
 def test_load_processed_without_data_is_a_user_error(tmp_path):

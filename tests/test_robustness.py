@@ -436,7 +436,7 @@ SUMMARY_CASES = {
     "metrics of something else": ("blend/metrics.json", lambda path: path.write_text("{}"),
                                   ["metrics.json", "key 'runs' missing"]),
     "missing run predictions": (f"runs/{RUN}/test.parquet", lambda path: path.unlink(),
-                                ["test.parquet", "file not found"]),
+                                ["test.parquet", "changed after the blend", "src/train.py"]),
     "NaN prediction": ("blend/test.parquet", nan_prediction, ["blend/test.parquet", "NaN or infinite"]),
     "predictions for other rows": (f"runs/{RUN}/test.parquet",
                                    lambda path: pq.write_table(pq.read_table(path).slice(0, 10), path),
@@ -451,6 +451,15 @@ def test_summary_user_errors(pipeline, case):
     with restored(p.raw, *outputs(p)):
         damage(p.work / target)
         assert_user_error(lambda: summary.summary_rows(p.blend_cfg), *fragments)
+
+
+def test_summary_refuses_raw_data_newer_than_its_runs(pipeline):
+    """Regenerated raw files (new labels) would be scored against the old runs' predictions."""
+    p = pipeline
+    with restored(p.raw, *outputs(p)):
+        stat = (p.raw / "test.parquet").stat()
+        os.utime(p.raw / "test.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        assert_user_error(lambda: summary.summary_rows(p.blend_cfg), "changed since", "retrain")
 
 
 def test_validate_reads_the_raw_test_ids_only_when_they_are_sound(pipeline, tmp_path):
