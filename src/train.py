@@ -305,28 +305,28 @@ def train_fold(fold: int, cfg: dict, data: DeviceData, fold_of_row: np.ndarray, 
                                     train_cfg["eval_batch_size"], autocast),
                  "valid": predict(forward, data.features["valid"], valid_rows,
                                   train_cfg["eval_batch_size"], autocast)}
-        fold_auc, fold_logloss = auc_and_logloss(holdout_labels, probs["holdout"],
-                                                 f"fold {fold} epoch {epoch} holdout")
-        valid_auc, valid_logloss = auc_and_logloss(data.host_labels["valid"], probs["valid"],
-                                                   f"fold {fold} epoch {epoch} valid")
-        monitored = valid_auc if monitor == "valid" else fold_auc
+        scores = {}
+        for prefix, split, labels in (("fold", "holdout", holdout_labels),
+                                      ("valid", "valid", data.host_labels["valid"])):
+            scores[f"{prefix}_auc"], scores[f"{prefix}_logloss"] = auc_and_logloss(
+                labels, probs[split], f"fold {fold} epoch {epoch} {split}")
+        monitored = scores["valid_auc" if monitor == "valid" else "fold_auc"]
         improved = monitored > best["monitored"] + train_cfg["min_delta"]
         if improved:
             # the best epoch's predictions of the held-out rows are the OOF predictions, and
             # its valid predictions the fold's: kept rather than predicted again after training
-            best = {"monitored": monitored, "epoch": epoch, "fold_auc": fold_auc,
-                    "fold_logloss": fold_logloss, "valid_auc": valid_auc, "valid_logloss": valid_logloss,
+            best = {"monitored": monitored, "epoch": epoch, "scores": scores,
                     "oof": probs["holdout"], "valid": probs["valid"],
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
             bad_epochs = 0
         else:
             bad_epochs += 1
-        history.append({"epoch": epoch, "train_loss": train_loss, "fold_auc": fold_auc,
-                        "fold_logloss": fold_logloss, "valid_auc": valid_auc, "valid_logloss": valid_logloss,
-                        "lr": lr, "seconds": time.time() - epoch_start})
+        history.append({"epoch": epoch, "train_loss": train_loss, **scores, "lr": lr,
+                        "seconds": time.time() - epoch_start})
         common.write_json(fold_dir / "history.json", history)
-        common.log(f"fold {fold} epoch {epoch:3d}  train loss {train_loss:.5f}  fold AUC {fold_auc:.6f}  "
-                   f"valid AUC {valid_auc:.6f} ({monitor} decides)  lr {lr:.2e}  "
+        common.log(f"fold {fold} epoch {epoch:3d}  train loss {train_loss:.5f}  "
+                   f"fold AUC {scores['fold_auc']:.6f}  valid AUC {scores['valid_auc']:.6f} "
+                   f"({monitor} decides)  lr {lr:.2e}  "
                    f"{time.time() - fold_start:.0f}s" + ("  *best" if improved else ""))
         if not improved:
             lr = max(lr * train_cfg["lr_decay"], train_cfg["lr_min"])
@@ -347,14 +347,13 @@ def train_fold(fold: int, cfg: dict, data: DeviceData, fold_of_row: np.ndarray, 
                          pd.DataFrame({"row_id": np.arange(len(best["valid"])), "pred": best["valid"]}))
     common.write_parquet(fold_dir / "test.parquet", pd.DataFrame({"ID": test_ids, "pred": test_probs}))
     metrics = {"fold": fold, "best_epoch": best["epoch"], "epochs": len(history),
-               "early_stopping": monitor, "fold_auc": best["fold_auc"], "fold_logloss": best["fold_logloss"],
-               "valid_auc": best["valid_auc"], "valid_logloss": best["valid_logloss"],
-               "train_rows": int(train_rows.numel()),
+               "early_stopping": monitor, **best["scores"], "train_rows": int(train_rows.numel()),
                "rows_per_s": rows_trained / train_seconds, "seconds": time.time() - fold_start,
                "device": str(device)}
     common.write_json(fold_dir / "done.json", metrics)
     common.log(f"fold {fold} done: best epoch {best['epoch']} by {monitor} AUC, fold AUC "
-               f"{best['fold_auc']:.6f}, valid AUC {best['valid_auc']:.6f}, {metrics['rows_per_s']:,.0f} rows/s, "
+               f"{metrics['fold_auc']:.6f}, valid AUC {metrics['valid_auc']:.6f}, "
+               f"{metrics['rows_per_s']:,.0f} rows/s, "
                f"{metrics['seconds']:.0f}s")
     return metrics
 
