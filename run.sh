@@ -66,7 +66,7 @@ start=$(date +%s)
 stage() { echo; echo "=== $* ($(( $(date +%s) - start )) s)"; }
 
 stage "setup"
-if ! "$PY" src/check_requirements.py >/dev/null; then
+if ! "$PY" tools/check_requirements.py >/dev/null; then
   "$PY" -m pip install --disable-pip-version-check -q -r requirements.txt
 fi
 

@@ -25,6 +25,11 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
+# The torch-only kit (layers, model files, fit.py, tables.py) that a notebook pastes as flat files:
+# the stages import its modules by file name too, so the kit is on the import path as a folder.
+KIT_DIR = Path(__file__).resolve().parent / "models"
+if str(KIT_DIR) not in sys.path:
+    sys.path.insert(1, str(KIT_DIR))
 
 
 class UserError(Exception):

@@ -2,7 +2,7 @@
 
     python src/make_synthetic.py --preset demo --out data/demo --seed 0
 
-Writes ``train/valid/test/item_info.parquet`` (the real schema, see shared/spec/competition.md) and,
+Writes ``train/valid/test/item_info.parquet`` (the real schema, see docs/spec/competition.md) and,
 in ``oracle/``, the true click probability of every row and the hidden test labels. The click
 process (documented with its formula in data/README.md) rewards what the real task rewards:
 

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 import common
-import models
+import model_config
 import preprocess
 from common import UserError
 
@@ -162,7 +162,7 @@ def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def item_tables(arrays: dict, manifest: dict, device: torch.device) -> dict:
-    """The item tables and vocabulary sizes models.build_model takes."""
+    """The item tables and vocabulary sizes model_config.build_model takes."""
     tables = {name: upload(arrays[name], device) for name in ITEM_TABLES}
     vocab = manifest["vocab"]
     tables.update(n_items=vocab["item"], n_tags=vocab["tag"], n_users=vocab["user"],
@@ -205,7 +205,7 @@ def bf16_enabled(train_cfg: dict, device: torch.device) -> bool:
 
 
 def make_step_parts(model: nn.Module, train_cfg: dict, device: torch.device):
-    """(loss_fn, forward, optimizer, autocast) of a run: one place, so src/bench.py times exactly the
+    """(loss_fn, forward, optimizer, autocast) of a run: one place, so tools/bench.py times exactly the
     training and prediction that train_fold runs (torch.compile, bfloat16 autocast, fused Adam)."""
     loss_fn = torch.compile(model.loss) if train_cfg["compile"] else model.loss
     forward = torch.compile(model) if train_cfg["compile"] else model
@@ -274,7 +274,7 @@ def train_fold(fold: int, cfg: dict, data: DeviceData, fold_of_row: np.ndarray, 
     generator = torch.Generator().manual_seed(seed)
 
     # the model is built on the CPU so that its initial weights do not depend on the device
-    model = models.build_model(cfg["model"], data.tables).to(device)
+    model = model_config.build_model(cfg["model"], data.tables).to(device)
     loss_fn, forward, optimizer, autocast = make_step_parts(model, train_cfg, device)
     use_bf16 = bf16_enabled(train_cfg, device)
 
@@ -513,7 +513,7 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
     # not discard finished folds. The model is built on the meta device: no memory, no init.
     torch_device = resolve_device(cfg["train"]["device"])
     with torch.device("meta"):
-        models.build_model(cfg["model"], item_tables(arrays, manifest, torch.device("cpu")))
+        model_config.build_model(cfg["model"], item_tables(arrays, manifest, torch.device("cpu")))
 
     run_dir = common.data_paths(cfg)["runs"] / cfg["run"]["name"]
     prepare_run_dir(run_dir, fingerprint_of(cfg, manifest))

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parent.parent / "src"
-sys.path.insert(0, str(SRC))
+REPO = Path(__file__).resolve().parent.parent
+SRC = REPO / "src"
+sys.path[:0] = [str(SRC), str(REPO / "tools")]  # the stages and the tools; common adds src/models
 
 import common  # noqa: E402
 

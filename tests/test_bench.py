@@ -1,4 +1,4 @@
-"""src/bench.py: the records it prints and what they hold, on the tiny data, a couple of steps.
+"""tools/bench.py: the records it prints and what they hold, on the tiny data, a couple of steps.
 
 No timing assertions: how fast a model runs is the benchmark's output, not something to test. The
 measurements run in-process (a subprocess would spend seconds importing torch again); the CLI runs
@@ -30,7 +30,7 @@ def bench_records(*args: str) -> list[dict]:
 
 
 def run_bench_cli(*args: str) -> list[dict]:
-    result = subprocess.run([sys.executable, str(REPO / "src" / "bench.py"), *args], cwd=REPO,
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "bench.py"), *args], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in result.stdout.splitlines()]  # stdout holds JSON lines only

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import common
-import models
+import model_config
 import preprocess
 import train
 
@@ -35,7 +35,7 @@ def test_model_config_builds_and_predicts(path: Path, tiny_processed):
     cfg = common.load_config(path)
     arrays, manifest = preprocess.load_processed(tiny_processed)
     data = train.load_to_device(arrays, manifest, torch.device("cpu"))
-    model = models.build_model(cfg["model"], data.tables).eval()
+    model = model_config.build_model(cfg["model"], data.tables).eval()
     rows = torch.arange(16)
     with torch.no_grad():
         logits = model(train.gather(data.features["valid"], rows))

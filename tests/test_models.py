@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-import models
+import model_config
 import preprocess
 from layers import ASTA, CrossNet, CrossNetMix, DINAttention, ItemEncoder, masked_mean, masked_softmax
 from tf4ctr import tf_loss
@@ -83,7 +83,7 @@ CONFIGS = {
 
 def build(cfg, seed=0, tables=None):
     torch.manual_seed(seed)
-    return models.build_model(cfg, tables or make_tables())
+    return model_config.build_model(cfg, tables or make_tables())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +165,8 @@ def test_deterministic_for_a_fixed_seed(name):
 @pytest.mark.parametrize("m, expected", [(4, 31_244_293), (3, 27_045_893)])
 def test_qin_has_the_released_parameter_count(m, expected):
     tables = make_tables(n_items=91_718, n_tags=11_740, n_users=10)
-    model = models.build_model(dict(name="qin", emb_dim=128, qnn_layers=4, qnn_m=m), tables)
-    assert models.count_parameters(model) == expected
+    model = model_config.build_model(dict(name="qin", emb_dim=128, qnn_layers=4, qnn_m=m), tables)
+    assert model_config.count_parameters(model) == expected
 
 
 def test_small_parameter_counts_by_hand():
@@ -176,17 +176,17 @@ def test_small_parameter_counts_by_hand():
     mlp = (D * 32 + 32 + 2 * 32) + (32 * 16 + 16 + 2 * 16)  # Linear + BatchNorm per layer
 
     din_attention = (4 * I * 16 + 16) + (16 * 8 + 8) + (8 + 1)
-    assert models.count_parameters(build(DIN)) == embed(E) + din_attention + mlp + 17
+    assert model_config.count_parameters(build(DIN)) == embed(E) + din_attention + mlp + 17
 
     cross = 2 * (D * D + D)
-    assert models.count_parameters(build(DCN)) == embed(E) + cross + mlp + (D + 16 + 1)
+    assert model_config.count_parameters(build(DCN)) == embed(E) + cross + mlp + (D + 16 + 1)
     mix = 2 * (2 * (D * 4 + 4 * 4 + 4 * D) + D + D * 2)  # per layer: 2 experts' V, C, U; bias; gate
-    assert models.count_parameters(build({**DCN, "cross": "mix"})) == embed(E) + mix + mlp + (D + 16 + 1)
+    assert model_config.count_parameters(build({**DCN, "cross": "mix"})) == embed(E) + mix + mlp + (D + 16 + 1)
 
     # SER: simple encoder (cross network) on the half-width embedder, x_0 32 wide
     simple = embed(E // 2) + 2 * (32 * 32 + 32) + (32 + 1)
     complex_ = embed(E) + mlp + (16 + 1)
-    assert models.count_parameters(build({**DCN, **tf()})) == simple + complex_ + 2
+    assert model_config.count_parameters(build({**DCN, **tf()})) == simple + complex_ + 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +328,7 @@ def test_tf4ctr_loss_uses_the_tf_loss_of_its_twin_logits():
 ])
 def test_bad_model_config_is_a_one_line_user_error(cfg, key):
     with pytest.raises(common.UserError) as err:
-        models.build_model(cfg, make_tables())
+        model_config.build_model(cfg, make_tables())
     assert str(err.value).startswith(key + ":") and "\n" not in str(err.value)
 
 
@@ -337,7 +337,7 @@ def test_bad_model_config_is_a_one_line_user_error(cfg, key):
 def test_shipped_configs_build(config):
     cfg = common.load_config(common.CONFIG_DIR / f"{config}.yaml")
     assert cfg["run"]["name"] == config
-    model = models.build_model(cfg["model"], make_tables())
+    model = model_config.build_model(cfg["model"], make_tables())
     assert model(make_batch(b=4)).shape == (4,)
 
 
@@ -356,7 +356,7 @@ def test_adam_lowers_the_training_loss(tiny_processed, config):
     label = torch.from_numpy(np.array(arrays["train_label"]))
     cfg = common.load_config(common.CONFIG_DIR / f"{config}.yaml")
     torch.manual_seed(0)
-    model = models.build_model(cfg["model"], tables)
+    model = model_config.build_model(cfg["model"], tables)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["train"]["lr"])
 
     def bce(n=1024):  # on the first n training rows

@@ -43,7 +43,7 @@ import blend
 import common
 from fake_runs import write_run
 import make_synthetic
-import models
+import model_config
 import preprocess
 import score
 import summary
@@ -729,7 +729,7 @@ def test_a_fold_model_never_predicts_rows_it_trained_on(pipeline):
         np.testing.assert_array_equal(oof["row_id"], held_out)
         assert not np.isin(oof["row_id"], trained_on).any()
         # the stored OOF predictions are exactly the saved fold model's predictions on its rows
-        model = models.build_model(cfg["model"], data.tables)
+        model = model_config.build_model(cfg["model"], data.tables)
         model.load_state_dict(torch.load(p.run_dir / f"fold{k}" / "best.pt"))
         model.eval()
         again = train.predict(model, data.features["train"], torch.from_numpy(held_out),

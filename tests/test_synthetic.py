@@ -16,7 +16,7 @@ TINY = make_synthetic.PRESETS["tiny"]
 MAIN_FILES = ["train", "valid", "test", "item_info"]
 ORACLE_FILES = ["oracle/click_prob", "oracle/test_labels"]
 
-# Written out here, from shared/spec/competition.md, rather than taken from the generator.
+# Written out here, from docs/spec/competition.md, rather than taken from the generator.
 ROW_FIELDS = [("user_id", pa.int64()), ("item_seq", pa.list_(pa.int64(), 64)), ("item_id", pa.int64()),
               ("likes_level", pa.int64()), ("views_level", pa.int64())]
 EXPECTED_FIELDS = {

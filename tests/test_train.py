@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import common
-import models
+import model_config
 import preprocess
 import train
 
@@ -187,7 +187,7 @@ def test_the_fold_files_hold_the_best_epochs_predictions(tiny_cfg, processed):
     assert done["best_epoch"] == 1 + valid_aucs.index(max(valid_aucs))
     assert done["valid_auc"] == max(valid_aucs)
     data = train.load_to_device(arrays, manifest, torch.device("cpu"))
-    model = models.build_model(cfg["model"], data.tables)
+    model = model_config.build_model(cfg["model"], data.tables)
     model.load_state_dict(torch.load(run_dir / "fold0" / "best.pt"))
     model.eval()
     for split, name, features in (("holdout", "oof", "train"), ("valid", "valid", "valid")):
@@ -228,7 +228,7 @@ def train_briefly_then_predict(data, model: str, train_rows: torch.Tensor, eval_
     cfg = common.load_config(common.CONFIG_DIR / f"{model}.yaml", ["train.batch_size=512", *overrides])
     train_cfg = {**cfg["train"], **train_changes}
     common.seed_everything(0)
-    net = models.build_model(cfg["model"], data.tables)
+    net = model_config.build_model(cfg["model"], data.tables)
     loss_fn, forward, optimizer, trainer_autocast = train.make_step_parts(net, train_cfg, cpu)
     autocast = autocast or trainer_autocast
     loss, _ = train.train_one_epoch(net, loss_fn, optimizer, data.features["train"], data.labels["train"],

@@ -1,7 +1,7 @@
 """QIN: Quadratic Interest Network (Li et al., 2025), the 2nd-place model of EReL@MIR Task 2.
 
 ASTA pools the user's history against the target item, then a QNN models quadratic interactions
-of all features. Built exactly as released (../shared/spec/qin.md), with switches for the paper's
+of all features. Built exactly as released (docs/spec/qin.md), with switches for the paper's
 ablations and for the stronger variant the authors found after the deadline.
 """
 import torch

@@ -1,6 +1,6 @@
 """Benchmark a model config: training and prediction rows/s, FLOPs per row, fraction of peak, memory.
 
-    python src/bench.py --config configs/qin.yaml --preset demo --steps 50 --warmup 10
+    python tools/bench.py --config configs/qin.yaml --preset demo --steps 50 --warmup 10
         [--set KEY=VALUE ...] [--device cpu|cuda] [--compare KEY=VALUE ...] [--repeats N]
         [--preprocess] [--peak-tflops TFLOPS|matmul] [--predict-rows N]
 
@@ -47,11 +47,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import common
-import make_synthetic
-import models
-import preprocess
-import train
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # the stages' modules
+import common  # noqa: E402
+import make_synthetic  # noqa: E402
+import model_config  # noqa: E402
+import preprocess  # noqa: E402
+import train  # noqa: E402
 
 PRESET_SEED = 20242025  # the seed run.sh generates presets with: the same files as a run.sh run
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -191,12 +192,12 @@ def measure_model(cfg: dict, data: train.DeviceData, device: torch.device, steps
     """(train record, predict record) of the config's model on ``data``."""
     train_cfg = cfg["train"]
     common.seed_everything(train_cfg["seed"])
-    model = models.build_model(cfg["model"], data.tables).to(device)
+    model = model_config.build_model(cfg["model"], data.tables).to(device)
     loss_fn, forward, optimizer, autocast = train.make_step_parts(model, train_cfg, device)
     dtype = torch.bfloat16 if train.bf16_enabled(train_cfg, device) else torch.float32
     peak = peak_tflops(device, dtype)
     common_fields = {
-        "run": cfg["run"]["name"], "model": cfg["model"]["name"], "params": models.count_parameters(model),
+        "run": cfg["run"]["name"], "model": cfg["model"]["name"], "params": model_config.count_parameters(model),
         "device": device.type, "device_name": device_name(device), "dtype": DTYPE_NAMES[dtype],
         "compile": train_cfg["compile"], "threads": torch.get_num_threads(), "data": cfg["data"]["raw_dir"],
         "data_bytes": data_bytes(data),

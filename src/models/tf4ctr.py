@@ -1,5 +1,5 @@
 """TF4CTR: Twin Focus Framework (Li et al., 2024), a plug-in for any model split into a simple and a
-complex encoder (../shared/spec/tf4ctr.md).
+complex encoder (docs/spec/tf4ctr.md).
 
 SSEM gives the two encoders different inputs, each encoder ends in its own Linear -> 1 (y_s, y_c),
 DFM fuses them into the final logit y, and the TF loss trains the simple encoder on easy samples
