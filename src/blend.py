@@ -47,12 +47,9 @@ from tqdm import tqdm
 import common
 import preprocess
 from common import UserError, first_line
+from runs import PROCESSED_SPLIT, SPLITS, auc_text, markdown_table, read_predictions
 from validate_submission import ID_COLUMN, ZIP_MEMBER, validate_submission
 
-SPLITS = ("oof", "valid", "test")
-PROCESSED_SPLIT = {"oof": "train", "valid": "valid", "test": "test"}  # the OOF rows are the train rows
-RUN_FILES = {"oof": ("oof.parquet", "row_id"), "valid": ("valid.parquet", "row_id"),
-             "test": ("test.parquet", "ID")}
 ROW_FEATURES = ("history_len", "likes_level", "views_level")
 PROB_EPS = 1e-7           # probabilities are clipped to [eps, 1-eps] before the logit: float32
                           # predictions of 0 or 1 would otherwise become infinite logits
@@ -140,79 +137,6 @@ class BlendData:
         return {split: logit(np.clip(p, PROB_EPS, 1 - PROB_EPS)) for split, p in self.probs.items()}
 
 
-def read_run_file(path: Path, split: str, run: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise UserError(f"{path}: missing: run '{run}' is not finished (src/train.py writes it once "
-                        f"every fold is done)")
-    try:
-        frame = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises many types for a damaged file; all mean the same here
-        raise UserError(f"{path}: not a readable parquet file ({first_line(exc)})") from None
-    id_column = RUN_FILES[split][1]
-    for column in (id_column, "pred") + (("fold",) if split == "oof" else ()):
-        if column not in frame.columns:
-            raise UserError(f"{path}: column '{column}': missing (found: {', '.join(map(str, frame.columns))})")
-    return frame
-
-
-def aligned_predictions(path: Path, frame: pd.DataFrame, split: str, expected_ids: np.ndarray,
-                        expected_fold: np.ndarray | None) -> np.ndarray:
-    """The run's predictions in processed row order, after checking rows, folds and values."""
-    id_column = RUN_FILES[split][1]
-    processed_split = PROCESSED_SPLIT[split]
-    if len(frame) != len(expected_ids):
-        raise UserError(f"{path}: {len(frame):,} rows, but the processed {processed_split} split has "
-                        f"{len(expected_ids):,}: the run does not line up with the processed data")
-    frame = frame.sort_values(id_column, kind="stable")
-    ids = frame[id_column].to_numpy()
-    differ = np.flatnonzero(ids != expected_ids)
-    if len(differ):
-        raise UserError(f"{path}: column '{id_column}': row ids differ from the processed "
-                        f"{processed_split} split ({ids[differ[0]]} where {expected_ids[differ[0]]} was "
-                        f"expected): the run does not line up with the processed data")
-    if expected_fold is not None:
-        other_fold = np.flatnonzero(frame["fold"].to_numpy() != expected_fold)
-        if len(other_fold):
-            raise UserError(f"{path}: column 'fold': {len(other_fold):,} rows differ from the processed "
-                            f"train_fold.npy (first: row_id {ids[other_fold[0]]}): the run used other folds")
-    preds = frame["pred"].to_numpy(np.float64)
-    nan = np.isnan(preds)
-    if nan.any():
-        raise UserError(f"{path}: column 'pred': {int(nan.sum()):,} NaN predictions (first: "
-                        f"{id_column} {ids[np.flatnonzero(nan)[0]]})")
-    outside = ~((preds >= 0) & (preds <= 1))
-    if outside.any():
-        first = np.flatnonzero(outside)[0]
-        raise UserError(f"{path}: column 'pred': {int(outside.sum()):,} values outside [0, 1] (first: "
-                        f"{preds[first]:g} at {id_column} {ids[first]})")
-    return preds
-
-
-def load_run(run_dir: Path, run: str, manifest: dict, expected: dict[str, np.ndarray],
-             fold: np.ndarray) -> dict[str, np.ndarray]:
-    """One run's OOF/valid/test predictions, or a one-line UserError saying why they cannot be used."""
-    if not run_dir.is_dir():
-        raise UserError(f"{run_dir}: run '{run}' not found (train it first with src/train.py, or fix blend.runs)")
-    stamp = run_dir / "fingerprint.json"
-    if not stamp.is_file():
-        raise UserError(f"{stamp}: missing: '{run}' is not a run written by src/train.py")
-    stamped = common.read_json(stamp)
-    run_fingerprint = stamped.get("data_fingerprint") if isinstance(stamped, dict) else None
-    if run_fingerprint != manifest["fingerprint"]:
-        raise UserError(f"{stamp}: run '{run}' was trained on other data (data fingerprint "
-                        f"{run_fingerprint}, the processed data has {manifest['fingerprint']}): retrain it")
-    for k in range(int(manifest["n_folds"])):
-        if not (run_dir / f"fold{k}" / "done.json").is_file():
-            raise UserError(f"{run_dir}: run '{run}' is not finished: fold {k} is not done "
-                            f"(fold{k}/done.json missing); rerun src/train.py with its config to finish it")
-    preds = {}
-    for split, (file_name, _) in RUN_FILES.items():
-        path = run_dir / file_name
-        preds[split] = aligned_predictions(path, read_run_file(path, split, run), split, expected[split],
-                                           fold if split == "oof" else None)
-    return preds
-
-
 def history_length(item_seq: np.ndarray, chunk_rows: int = 262_144) -> np.ndarray:
     # chunked, so that the full train split's [3.6M, 64] memory map is never read whole into RAM
     return np.concatenate([(item_seq[i:i + chunk_rows] > 0).sum(axis=1)
@@ -229,8 +153,7 @@ def row_features_of(arrays: dict) -> dict[str, np.ndarray]:
 def load_blend_data(cfg: dict, runs: list[str], with_row_features: bool) -> BlendData:
     """Every run's predictions checked against the processed data and stacked column-wise."""
     paths = common.data_paths(cfg)
-    arrays, manifest = preprocess.load_processed(paths["processed"])
-    preprocess.require_current(paths["processed"], manifest)
+    _, arrays, manifest = preprocess.load_current(cfg)
     fold = np.asarray(arrays["train_fold"]).astype(np.int64)
     oof_label = np.asarray(arrays["train_label"], dtype=np.float64)
     valid_label = np.asarray(arrays["valid_label"], dtype=np.float64)
@@ -240,7 +163,7 @@ def load_blend_data(cfg: dict, runs: list[str], with_row_features: bool) -> Blen
             raise UserError(f"{paths['processed']}/{split}_label.npy: every label is {labels[0]:.0f}: "
                             f"AUC is undefined")
     expected = {"oof": np.arange(len(oof_label)), "valid": np.arange(len(valid_label)), "test": test_ids}
-    per_run = [load_run(paths["runs"] / run, run, manifest, expected, fold) for run in runs]
+    per_run = [read_predictions(paths["runs"] / run, run, manifest, expected, fold) for run in runs]
     probs = {split: np.column_stack([preds[split] for preds in per_run]) for split in SPLITS}
     return BlendData(runs=list(runs), probs=probs, oof_label=oof_label, valid_label=valid_label,
                      fold=fold, test_ids=test_ids,
@@ -465,10 +388,6 @@ def write_submission(test_ids: np.ndarray, preds: np.ndarray, submission: dict) 
     return csv_path, zip_path
 
 
-def auc_text(value: float | None) -> str:
-    return "n/a (real data)" if value is None else f"{value:.6f}"
-
-
 def detail_text(value) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{key} {detail_text(v)}" for key, v in value.items())
@@ -504,9 +423,8 @@ def gap_warnings(candidates: list[Candidate]) -> list[str]:
 def report_markdown(metrics: dict, rows: list[tuple], methods: list[Candidate]) -> str:
     lines = [f"# Blend of {len(metrics['runs'])} runs over {metrics['n_folds']} folds", "",
              "Every method is fitted on out-of-fold (OOF) predictions only; the valid holdout is "
-             "scored, never fitted on.", "",
-             "| " + " | ".join(HEADER) + " |", "|---|---:|---:|---:|---:|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+             "scored, never fitted on.", ""]
+    lines += markdown_table(HEADER, rows)
     lines += ["", f"**Chosen: {metrics['chosen']}** (select: {metrics['select']}): OOF AUC "
               f"{metrics['chosen_oof_auc']:.6f}, {metrics['oof_auc_gain_vs_best_single']:+.6f} over the "
               f"best single run {metrics['best_single_run']} ({metrics['best_single_oof_auc']:.6f}); valid "

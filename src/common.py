@@ -306,21 +306,4 @@ def read_test_labels(raw_dir: str | os.PathLike) -> np.ndarray | None:
     return labels.astype(np.int64)
 
 
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Exact ROC AUC with tied scores sharing their mean rank, from one sort (NaN for a single class).
-
-    Numpy only: fast enough to be an optimiser's objective, and no slow sklearn import in scripts
-    that need nothing else from it.
-    """
-    labels, scores = np.asarray(labels), np.asarray(scores)
-    order = np.argsort(scores)  # unstable sort: ~3x faster, and ties are averaged below anyway
-    sorted_scores = scores[order]
-    group_start = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
-    group_end = np.r_[group_start[1:], len(scores)]
-    ranks = np.repeat((group_start + group_end + 1) / 2.0, group_end - group_start)  # 1-based mean rank
-    positive = labels[order] > 0.5
-    n_pos = int(positive.sum())
-    n_neg = len(labels) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+from metrics import roc_auc  # noqa: E402,F401  (the kit's, so that stages and fit.py agree)

@@ -202,7 +202,43 @@ def require_current(processed: Path, manifest: dict) -> None:
     made from it (runs, blend) describes other data."""
     if raw_files_changed(manifest):
         raise common.UserError(f"{processed}: the raw files in {manifest['raw_dir']} changed since it "
-                               f"was built: rerun src/preprocess.py and retrain the runs (src/train.py does both)")
+                               f"was built: rerun src/preprocess.py, then retrain the runs")
+
+
+# the data settings a processed folder is built with, which every later stage must share
+BUILD_SETTINGS = ("n_folds", "fold_seed", "emb_dtype")
+
+
+def preprocess_command(data: dict) -> str:
+    sets = " ".join(f"--set data.{key}={data[key]}" for key in ("raw_dir", "work_dir", *BUILD_SETTINGS))
+    return f"python src/preprocess.py --config configs/data.yaml {sets}"
+
+
+def load_current(cfg: dict) -> tuple[Path, dict, dict]:
+    """(folder, arrays, manifest) of the processed data the config's data section describes.
+
+    For the stages after preprocessing (train, bench, blend, summary), which never build or rebuild
+    it: a missing folder, one built with other fold or dtype settings, or one whose raw files
+    changed since is a one-line error naming the command to run, so a stage can never make another
+    model's finished runs stale behind the user's back.
+    """
+    data = cfg["data"]
+    processed = common.data_paths(cfg)["processed"]
+    if not (processed / "manifest.json").is_file():
+        raise common.UserError(f"{processed}: no processed data yet: run `{preprocess_command(data)}` first")
+    arrays, manifest = load_processed(processed)
+    for key in BUILD_SETTINGS:
+        if manifest.get(key) != data[key]:
+            raise common.UserError(
+                f"{processed}: built with data.{key}={manifest.get(key)}, the config says {data[key]}: "
+                f"pass --set data.{key}={manifest.get(key)}, or rebuild with `{preprocess_command(data)}` "
+                f"(runs trained on the old folders must then be retrained)")
+    if Path(manifest.get("raw_dir", "")).resolve() != Path(data["raw_dir"]).resolve():
+        raise common.UserError(f"{processed}: built from {manifest.get('raw_dir')}, the config's "
+                               f"data.raw_dir is {data['raw_dir']}: set data.work_dir to another folder "
+                               f"for other raw data, or rebuild with `{preprocess_command(data)}`")
+    require_current(processed, manifest)
+    return processed, arrays, manifest
 
 
 def check_settings(data: dict) -> None:

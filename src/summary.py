@@ -14,6 +14,7 @@ import numpy as np
 
 import common
 import preprocess
+import runs
 
 
 def test_auc(pred_path: Path, labels: np.ndarray | None) -> float | None:
@@ -22,7 +23,7 @@ def test_auc(pred_path: Path, labels: np.ndarray | None) -> float | None:
     if not pred_path.is_file():
         raise common.UserError(f"{pred_path}: missing: the run changed after the blend (a retraining "
                                f"not finished?); finish it with src/train.py, then rerun src/blend.py")
-    frame = common.read_parquet(pred_path, ["ID", "pred"]).sort_values("ID")
+    frame = runs.read_run_file(pred_path, "test", pred_path.parent.name).sort_values("ID")
     pred = frame["pred"].to_numpy(np.float64)
     if not np.array_equal(frame["ID"].to_numpy(), np.arange(len(labels))):
         raise common.UserError(f"{pred_path}: column 'ID': {len(frame)} rows that are not the "
@@ -46,9 +47,9 @@ def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
                                f"metrics.json (rerun src/blend.py)")
     # the runs and the blend were made from the processed data: new raw files (and labels) would
     # be scored against old predictions
-    preprocess.require_current(paths["processed"], preprocess.load_processed(paths["processed"])[1])
+    preprocess.load_current(cfg)
     labels = common.read_test_labels(paths["raw"])
-    rows = [(name, m["oof_auc"], m["valid_auc"], test_auc(paths["runs"] / name / "test.parquet", labels))
+    rows = [(name, m["oof_auc"], m["valid_auc"], test_auc(runs.run_dir(cfg, name) / "test.parquet", labels))
             for name, m in blend["runs"].items()]
     rows.append((f"blend ({blend['chosen']})", blend["chosen_oof_auc"], blend["chosen_valid_auc"],
                  test_auc(paths["work"] / "blend" / "test.parquet", labels)))

@@ -48,3 +48,9 @@ def copy_raw(tiny_raw, tmp_path):
         shutil.copytree(tiny_raw, dst)
         return dst
     return _copy
+
+
+def pytest_configure(config):
+    # .ci/run runs everything; `python3 -m pytest -q -m "not slow" tests` is the quick tier
+    config.addinivalue_line("markers", "slow: end to end, subprocesses, kills, fuzzing or compile "
+                                       "(skipped by -m 'not slow')")

@@ -80,6 +80,7 @@ def test_predict_rows_limits_the_predicted_test_rows(tiny_cfg, tiny_processed):
     assert [(line["measure"], line["rows"]) for line in lines] == [("train", 128), ("predict", 250)]
 
 
+@pytest.mark.slow
 def test_preprocess_only_on_a_generated_preset(tmp_path):
     lines = run_bench_cli("--config", "configs/data.yaml", "--preset", "tiny", "--data-root", str(tmp_path),
                       "--preprocess", "--steps", "0")

@@ -289,7 +289,8 @@ def test_cli_reports_a_missing_run_as_one_line_and_exit_2(workspace, tmp_path):
     cfg, _ = workspace
     result = subprocess.run(
         [sys.executable, str(SRC / "blend.py"), "--set", f"data.raw_dir={cfg['data']['raw_dir']}",
-         "--set", f"data.work_dir={cfg['data']['work_dir']}", "--set", "blend.runs=[good,absent]"],
+         "--set", f"data.work_dir={cfg['data']['work_dir']}", "--set", f"data.n_folds={cfg['data']['n_folds']}",
+         "--set", "blend.runs=[good,absent]"],
         cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]

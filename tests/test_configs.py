@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import common
+import fit
 import model_config
 import preprocess
 import train
@@ -34,9 +35,9 @@ def test_blend_defaults_name_the_demo_runs():
 def test_model_config_builds_and_predicts(path: Path, tiny_processed):
     cfg = common.load_config(path)
     arrays, manifest = preprocess.load_processed(tiny_processed)
-    data = train.load_to_device(arrays, manifest, torch.device("cpu"))
-    model = model_config.build_model(cfg["model"], data.tables).eval()
+    data = train.load_to_device(arrays, torch.device("cpu"))
+    model = model_config.build_model(cfg["model"], train.item_tables(arrays, manifest, torch.device("cpu"))).eval()
     rows = torch.arange(16)
     with torch.no_grad():
-        logits = model(train.gather(data.features["valid"], rows))
+        logits = model(fit.gather(data["valid"], rows))
     assert logits.shape == (16,) and torch.isfinite(logits).all()

@@ -19,7 +19,6 @@ Everything runs on the tiny synthetic data on the CPU.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import os
 import shutil
@@ -43,8 +42,10 @@ import blend
 import common
 from fake_runs import write_run
 import make_synthetic
+import fit
 import model_config
 import preprocess
+import runs
 import score
 import summary
 import train
@@ -180,18 +181,16 @@ def pipeline(tiny_raw, tmp_path_factory):
         "runs": [RUN], "methods": ["logit_mean"], "submission": {"dir": str(subs)}}})
 
     trained_rows: dict[int, set[int]] = {}
-    signature = inspect.signature(train.train_one_epoch)
-    real_epoch = train.train_one_epoch
+    real_fit = train.fit
 
-    def recording_epoch(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs).arguments
-        fold = int(bound["desc"].split()[1])  # "fold {k} epoch {e}"
-        trained_rows.setdefault(fold, set()).update(bound["rows"].cpu().numpy().tolist())
-        return real_epoch(*args, **kwargs)
+    def recording_fit(model, data, train_rows, *args, **kwargs):
+        trained_rows[len(trained_rows)] = set(train_rows.cpu().numpy().tolist())  # folds run in order
+        return real_fit(model, data, train_rows, *args, **kwargs)
 
+    preprocess.run_preprocess(common.load_config(data_yaml))
     model_cfg = common.load_config(model_yaml)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(train, "train_one_epoch", recording_epoch)
+        patch.setattr(train, "fit", recording_fit)
         run_dir = train.run_training(model_cfg, device="cpu")
     metrics = blend.run_blend(common.load_config(blend_yaml))
     return SimpleNamespace(
@@ -255,6 +254,7 @@ SCRIPT_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", list(SCRIPT_CASES))
 def test_every_script_stops_with_one_line_and_touches_nothing(pipeline, script):
     p = pipeline
@@ -311,7 +311,7 @@ def test_a_damaged_processed_folder_is_one_line_for_every_reader(pipeline, case)
 
 
 def without_aggregates(p) -> None:
-    for name in train.AGGREGATE_FILES:  # as after an interrupted run: the folds are read again
+    for name in runs.AGGREGATE_FILES:  # as after an interrupted run: the folds are read again
         (p.run_dir / name).unlink()
 
 
@@ -338,7 +338,8 @@ TRAIN_CASES = {
     "text where a number belongs": (None, ["train.batch_size=big"], ["train.batch_size must be an integer"]),
     "a list where a number belongs": (None, ["train.max_epochs=[1,2]"], ["train.max_epochs must be an integer"]),
     "run name with a path": (None, ["run.name=../elsewhere"], ["run.name must be a plain folder name"]),
-    "too many folds for the data": (None, ["data.n_folds=5000"], ["train.parquet", "data.n_folds=5000"]),
+    "other folds than the processed data": (None, ["data.n_folds=5000"],
+                                            ["built with data.n_folds=2", "says 5000", "src/preprocess.py"]),
 }
 
 
@@ -377,7 +378,7 @@ BLEND_CASES = {
                   ["oof.parquet", "0 rows", "4,000"]),
     "unknown key": (None, None, ["blend.method=[logit_mean]"], ["unknown config key 'method'"]),
     "unknown run": (None, None, ["blend.runs=[tiny_run,nope]"], ["run 'nope' not found"]),
-    "no processed data": ("processed", shutil.rmtree, [], ["no processed data here"]),
+    "no processed data": ("processed", shutil.rmtree, [], ["no processed data yet", "src/preprocess.py"]),
 }
 
 
@@ -505,6 +506,7 @@ def test_an_unknown_key_is_named_for_every_default_config(config):
 # 2. SIGKILL in the middle of a fold, then the same command again
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_killed_mid_fold_resumes_to_identical_predictions(tiny_raw, tmp_path):
     data = {"raw_dir": str(tiny_raw), "work_dir": str(tmp_path / "work"), "n_folds": 3}
     # the kill comes after fold 1's first epoch (about 40 steps), and no early stopping leaves it
@@ -512,7 +514,7 @@ def test_a_run_killed_mid_fold_resumes_to_identical_predictions(tiny_raw, tmp_pa
     config = write_config(tmp_path / "qin.yaml", "qin_small.yaml", {"data": data, "train": {
         "max_epochs": 3, "patience": 3, "batch_size": 64, "eval_batch_size": 2048}})
     preprocess.run_preprocess(common.load_config(config))  # the processed data exists for all three
-    runs = tmp_path / "work" / "runs"
+    runs_root = tmp_path / "work" / "runs"
 
     def command(name: str) -> list[str]:
         return [sys.executable, str(SRC / "train.py"), "--config", str(config), "--set", f"run.name={name}",
@@ -522,7 +524,7 @@ def test_a_run_killed_mid_fold_resumes_to_identical_predictions(tiny_raw, tmp_pa
                                env=ONE_THREAD)
     assert reference.returncode == 0, reference.stderr[-2000:]
 
-    run_dir = runs / "resumed"
+    run_dir = runs_root / "resumed"
     with open(tmp_path / "killed.log", "w") as log:
         process = subprocess.Popen(command("resumed"), stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD)
         try:
@@ -549,7 +551,7 @@ def test_a_run_killed_mid_fold_resumes_to_identical_predictions(tiny_raw, tmp_pa
     predictions = ["oof.parquet", "valid.parquet", "test.parquet"] + [
         f"fold{k}/{name}" for k in range(3) for name in ("oof.parquet", "valid.parquet", "test.parquet")]
     for name in predictions:
-        assert (run_dir / name).read_bytes() == (runs / "reference" / name).read_bytes(), name
+        assert (run_dir / name).read_bytes() == (runs_root / "reference" / name).read_bytes(), name
     assert not [q for q in run_dir.rglob("*") if q.name.endswith(".tmp")], "no temporaries left"
 
 
@@ -655,11 +657,11 @@ def test_damaged_run_metadata_means_redo_never_reuse(pipeline, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(p.run_dir, copy)
     (copy / "fold1" / "done.json").write_text('{"fold": 1, "fold_auc"')
-    assert train.fold_done(copy, 0) and not train.fold_done(copy, 1)
+    assert runs.fold_done(copy, 0) and not runs.fold_done(copy, 1)
     stamp = common.read_json(copy / "fingerprint.json")
     (copy / "fingerprint.json").write_text("{")
-    train.prepare_run_dir(copy, stamp)
-    assert train.fold_dirs(copy) == [] and not (copy / "oof.parquet").exists()
+    runs.prepare(copy, stamp, common.load_config(copy / "config.yaml"))
+    assert runs.fold_dirs(copy) == [] and not (copy / "oof.parquet").exists()
     assert common.read_json(copy / "fingerprint.json") == stamp
 
 
@@ -672,6 +674,8 @@ def test_changed_data_or_config_is_recomputed_and_blend_refuses_stale_runs(copy_
         "data": data, "run": {"name": "r"}, "train": {**TINY_TRAIN, "max_epochs": 1}})
     blend_yaml = write_config(tmp_path / "blend.yaml", "blend.yaml", {"data": data, "blend": {
         "runs": ["r"], "methods": ["logit_mean"], "submission": {"dir": str(tmp_path / "subs")}}})
+    data_cfg = common.load_config(model_yaml)
+    preprocess.run_preprocess(data_cfg)
     run_dir = train.run_training(common.load_config(model_yaml), device="cpu")
     blend.run_blend(common.load_config(blend_yaml))
     submission = snapshot(tmp_path / "subs")
@@ -684,7 +688,10 @@ def test_changed_data_or_config_is_recomputed_and_blend_refuses_stale_runs(copy_
     assert_user_error(lambda: blend.run_blend(common.load_config(blend_yaml)),
                       "raw files", "changed since it was built")
     assert snapshot(tmp_path / "subs") == submission
-    # train rebuilds the processed data and retrains every fold
+    # so does train, naming the command that rebuilds; after it, train retrains every fold
+    assert_user_error(lambda: train.run_training(common.load_config(model_yaml), device="cpu"),
+                      "changed since it was built", "rerun src/preprocess.py")
+    preprocess.run_preprocess(data_cfg)
     train.run_training(common.load_config(model_yaml), device="cpu")
     new = common.read_json(run_dir / "fingerprint.json")
     manifest = common.read_json(tmp_path / "work" / "processed" / "manifest.json")
@@ -714,7 +721,8 @@ def test_a_fold_model_never_predicts_rows_it_trained_on(pipeline):
     fold_of_row = np.asarray(arrays["train_fold"])
     n_rows = len(fold_of_row)
     cfg = train.checked_config(p.model_cfg, "cpu")
-    data = train.load_to_device(arrays, manifest, torch.device("cpu"))
+    data = train.load_to_device(arrays, torch.device("cpu"))
+    tables = train.item_tables(arrays, manifest, torch.device("cpu"))
     aggregate = pd.read_parquet(p.run_dir / "oof.parquet")
     np.testing.assert_array_equal(aggregate["row_id"], np.arange(n_rows))
     np.testing.assert_array_equal(aggregate["fold"], fold_of_row)
@@ -729,11 +737,9 @@ def test_a_fold_model_never_predicts_rows_it_trained_on(pipeline):
         np.testing.assert_array_equal(oof["row_id"], held_out)
         assert not np.isin(oof["row_id"], trained_on).any()
         # the stored OOF predictions are exactly the saved fold model's predictions on its rows
-        model = model_config.build_model(cfg["model"], data.tables)
+        model = model_config.build_model(cfg["model"], tables)
         model.load_state_dict(torch.load(p.run_dir / f"fold{k}" / "best.pt"))
-        model.eval()
-        again = train.predict(model, data.features["train"], torch.from_numpy(held_out),
-                              cfg["train"]["eval_batch_size"], contextlib.nullcontext)
+        again = fit.predict(model, data["train"], torch.from_numpy(held_out), cfg["train"]["eval_batch_size"])
         np.testing.assert_array_equal(again, oof["pred"].to_numpy())
         np.testing.assert_array_equal(aggregate["pred"].to_numpy()[held_out], oof["pred"].to_numpy())
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 import common
 from validate_submission import validate_submission
@@ -18,6 +19,7 @@ def run_sh(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_run_sh_end_to_end_on_tiny(tmp_path):
     first = run_sh(tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]

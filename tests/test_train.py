@@ -3,7 +3,6 @@
 Every run trains on the tiny synthetic data (2 folds) with the *_small model configs shrunk further
 by overrides, on the CPU, under its own run name in the session's shared work folder.
 """
-import contextlib
 import functools
 import shutil
 import subprocess
@@ -16,9 +15,11 @@ import torch
 from torch import nn
 
 import common
+import fit
 import model_config
 import preprocess
 import train
+from fit import FitSettings
 
 MODELS = ("qin_small", "dcnv2_tf_small", "din_tf_small")
 FASTEST = "dcnv2_tf_small"
@@ -151,14 +152,14 @@ def test_schedule_decays_lr_and_stops_early(tiny_cfg, monkeypatch, monitor, auc_
     """Scripted AUCs of the monitored split: the lr halves after each non-improving epoch and
     patience stops the fold; the other split's AUC decides nothing."""
     scripted_aucs = iter([0.60, 0.70, 0.65, 0.7000005, 0.71, 0.70, 0.70, 0.70])
-    real_scores = train.auc_and_logloss
+    real_auc, calls = fit.roc_auc, []
 
-    def scripted(labels, probs, what):
-        auc, logloss = real_scores(labels, probs, what)
-        per_epoch = "epoch" in what and what.endswith(f" {monitor}")  # e.g. "fold 0 epoch 3 valid"
-        return (next(scripted_aucs), logloss) if per_epoch else (auc, logloss)
+    def scripted(labels, probs):
+        calls.append(len(calls))  # fit scores its eval sets in order: fold (held-out rows), valid
+        monitored = len(calls) % 2 == (1 if monitor == "holdout" else 0)
+        return next(scripted_aucs) if monitored else real_auc(labels, probs)
 
-    monkeypatch.setattr(train, "auc_and_logloss", scripted)
+    monkeypatch.setattr(fit, "roc_auc", scripted)
     cfg = make_cfg(tiny_cfg, FASTEST, f"schedule_{monitor}", "train.max_epochs=20", "train.patience=3",
                    "train.lr=4e-3", "train.lr_min=1.5e-3", f"train.early_stopping={monitor}")
     run_dir = train.run_training(cfg, folds=[0], device="cpu")
@@ -186,14 +187,12 @@ def test_the_fold_files_hold_the_best_epochs_predictions(tiny_cfg, processed):
     valid_aucs = [h["valid_auc"] for h in history]
     assert done["best_epoch"] == 1 + valid_aucs.index(max(valid_aucs))
     assert done["valid_auc"] == max(valid_aucs)
-    data = train.load_to_device(arrays, manifest, torch.device("cpu"))
-    model = model_config.build_model(cfg["model"], data.tables)
+    data = train.load_to_device(arrays, torch.device("cpu"))
+    model = model_config.build_model(cfg["model"], train.item_tables(arrays, manifest, torch.device("cpu")))
     model.load_state_dict(torch.load(run_dir / "fold0" / "best.pt"))
-    model.eval()
     for split, name, features in (("holdout", "oof", "train"), ("valid", "valid", "valid")):
         saved = pd.read_parquet(run_dir / "fold0" / f"{name}.parquet")
-        again = train.predict(model, data.features[features], torch.tensor(saved["row_id"].to_numpy()),
-                              2048, contextlib.nullcontext)
+        again = fit.predict(model, data[features], torch.tensor(saved["row_id"].to_numpy()), 2048)
         np.testing.assert_array_equal(again, saved["pred"].to_numpy(), err_msg=split)
 
 
@@ -204,9 +203,8 @@ def test_embedding_l2_matches_an_explicit_penalty():
         return nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 1))
 
     ids = torch.tensor([[1, 2], [3, 3]])
-    train_cfg = {"lr": 1e-2, "emb_l2": 0.5}
     decayed, penalised = make(), make()
-    opt_decayed = train.make_optimizer(decayed, train_cfg, torch.device("cpu"))
+    opt_decayed = fit.make_optimizer(decayed, FitSettings(lr=1e-2, emb_l2=0.5))
     assert [len(g["params"]) for g in opt_decayed.param_groups] == [1, 2]
     opt_penalised = torch.optim.Adam(penalised.parameters(), lr=1e-2)
     for _ in range(3):
@@ -220,23 +218,27 @@ def test_embedding_l2_matches_an_explicit_penalty():
         torch.testing.assert_close(a, b)
 
 
-def train_briefly_then_predict(data, model: str, train_rows: torch.Tensor, eval_batch_size: int,
-                               autocast=None, overrides=(), **train_changes):
-    """From seed 0: the trainer's step over ``train_rows`` once, then its prediction of the valid
-    split; returns (model, mean train loss, valid probabilities)."""
+def train_briefly_then_predict(processed, model: str, train_rows: torch.Tensor, eval_batch_size: int,
+                               autocast=None, overrides=(), compile=False):
+    """From seed 0: fit.py's step over ``train_rows`` once, then its prediction of the valid split;
+    returns (model, mean train loss, valid probabilities, the data on the device)."""
+    arrays, manifest = processed
     cpu = torch.device("cpu")
+    data = train.load_to_device(arrays, cpu)
     cfg = common.load_config(common.CONFIG_DIR / f"{model}.yaml", ["train.batch_size=512", *overrides])
-    train_cfg = {**cfg["train"], **train_changes}
+    settings = FitSettings(batch_size=512, compile=compile, grad_clip=cfg["train"]["grad_clip"],
+                           lr=cfg["train"]["lr"], emb_l2=cfg["train"]["emb_l2"])
     common.seed_everything(0)
-    net = model_config.build_model(cfg["model"], data.tables)
-    loss_fn, forward, optimizer, trainer_autocast = train.make_step_parts(net, train_cfg, cpu)
+    net = model_config.build_model(cfg["model"], train.item_tables(arrays, manifest, cpu))
+    loss_fn, forward, optimizer, trainer_autocast = fit.make_step_parts(net, settings)
     autocast = autocast or trainer_autocast
-    loss, _ = train.train_one_epoch(net, loss_fn, optimizer, data.features["train"], data.labels["train"],
-                                    train_rows, torch.Generator().manual_seed(0), train_cfg, autocast, "test")
+    loss, _ = fit.train_one_epoch(net, loss_fn, optimizer, data["train"], train_rows,
+                                  torch.Generator().manual_seed(0), settings, autocast)
     net.eval()
-    probs = train.predict(forward, data.features["valid"], torch.arange(data.labels["valid"].numel()),
-                          eval_batch_size, autocast)
-    return net, loss, probs
+    valid_rows = torch.arange(data["valid"]["label"].numel())
+    with autocast():  # the CPU's bfloat16 autocast where the test asks for it (fit's is CUDA-only)
+        probs = fit.predict(net, data["valid"], valid_rows, eval_batch_size, forward=forward)
+    return net, loss, probs, data
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -244,12 +246,11 @@ def test_bf16_autocast_training_and_prediction_track_float32(processed, model):
     """train.bf16 wraps the step and prediction in bfloat16 autocast on CUDA. The same code under
     the CPU's bfloat16 autocast, from the same initial weights and batches: the matmuls do run in
     bfloat16, the predictions come back float32, and loss and predictions stay close to float32's."""
-    data = train.load_to_device(*processed, torch.device("cpu"))
     runs = {bf16: train_briefly_then_predict(
-                data, model, torch.arange(4 * 512), 2048,
+                processed, model, torch.arange(4 * 512), 2048,
                 functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=bf16))
             for bf16 in (False, True)}
-    (_, loss32, probs32), (net16, loss16, probs16) = runs[False], runs[True]
+    (_, loss32, probs32, data), (net16, loss16, probs16, _) = runs[False], runs[True]
     assert probs16.dtype == np.float32 and np.isfinite(probs16).all()
     assert abs(loss16 - loss32) < 0.01 * loss32
     assert np.abs(probs16 - probs32).mean() < 0.01 and np.corrcoef(probs16, probs32)[0, 1] > 0.98
@@ -259,19 +260,19 @@ def test_bf16_autocast_training_and_prediction_track_float32(processed, model):
         if type(module) is nn.Linear:  # Float32Linear (the logits) stays float32 by design
             module.register_forward_hook(lambda m, i, out: linear_dtypes.add(out.dtype))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        net16(train.gather(data.features["valid"], torch.arange(8)))
+        net16(fit.gather(data["valid"], torch.arange(8)))
     assert linear_dtypes == {torch.bfloat16}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_training_and_prediction_equal_eager(processed):
     """train.compile runs the same function. Dropout is off: compiled code draws its own random
     masks, so with dropout the two runs would train on different noise, not compute differently."""
-    data = train.load_to_device(*processed, torch.device("cpu"))
     # 3999 rows in batches of 500 and a last of 499, then the 600 valid rows in batches of 256,
     # 256 and 88: the compiled code meets a second shape in both (a recompile)
-    (_, loss_eager, probs_eager), (_, loss_compiled, probs_compiled) = (
-        train_briefly_then_predict(data, "qin_small", torch.arange(3999), 256,
+    (_, loss_eager, probs_eager, _), (_, loss_compiled, probs_compiled, _) = (
+        train_briefly_then_predict(processed, "qin_small", torch.arange(3999), 256,
                                    overrides=["model.dropout=0.0"], compile=compiled)
         for compiled in (False, True))
     assert loss_compiled == pytest.approx(loss_eager, rel=1e-5)
@@ -280,12 +281,11 @@ def test_compiled_training_and_prediction_equal_eager(processed):
 
 def test_on_cpu_the_device_data_is_the_mapped_files_not_a_copy(processed):
     arrays, manifest = processed
-    data = train.load_to_device(arrays, manifest, torch.device("cpu"))
-    uploaded = {f"{split}_{name}": tensor for split, features in data.features.items()
-                for name, tensor in features.items()}
-    uploaded.update({f"{split}_label": tensor for split, tensor in data.labels.items()})
-    uploaded.update({name: data.tables[name] for name in train.ITEM_TABLES})
-    assert len(uploaded) == 3 * len(train.FEATURES) + 2 + len(train.ITEM_TABLES)
+    data = train.load_to_device(arrays, torch.device("cpu"))
+    tables = train.item_tables(arrays, manifest, torch.device("cpu"))
+    uploaded = {f"{split}_{name}": tensor for split, columns in data.items() for name, tensor in columns.items()}
+    uploaded.update({name: tables[name] for name in train.ITEM_TABLES})
+    assert len(uploaded) == 3 * len(fit.FEATURES) + 2 + len(train.ITEM_TABLES)
     for name, tensor in uploaded.items():
         assert np.shares_memory(tensor.numpy(), arrays[name]), name
 
@@ -308,6 +308,7 @@ def test_folds_out_of_range_is_a_user_error(tiny_cfg):
         train.run_training(make_cfg(tiny_cfg, FASTEST, "bad_folds"), folds=[2], device="cpu")
 
 
+@pytest.mark.slow
 def test_cli_unknown_key_is_one_line_error():
     result = subprocess.run(
         [sys.executable, str(common.REPO_ROOT / "src" / "train.py"), "--config",

@@ -6,10 +6,10 @@
 
 Prints one JSON line per measurement on stdout (everything else goes to stderr, so `| jq` works):
 
-- train: --warmup steps, synchronise, --steps timed steps, synchronise. The steps are the trainer's
-  own (train.train_one_epoch over steps x batch_size shuffled train rows: gather on the device,
-  autocast, loss, backward, clipping, Adam), built by train.make_step_parts as train_fold builds them.
-- predict: the test split (or its first --predict-rows rows) in eval batches with train.predict,
+- train: --warmup steps, synchronise, --steps timed steps, synchronise. The steps are fit.py's
+  own (fit.train_one_epoch over steps x batch_size shuffled train rows: gather on the device,
+  autocast, loss, backward, clipping, Adam), built by fit.make_step_parts as fit() builds them.
+- predict: the test split (or its first --predict-rows rows) in eval batches with fit.predict,
   once to warm up, once timed.
 - preprocess (--preprocess): preprocess.run_preprocess(cfg, force=True), wall time and peak RSS.
   --steps 0 measures nothing else, so `--config configs/data.yaml --preprocess --steps 0` works.
@@ -49,6 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # the stages' modules
 import common  # noqa: E402
+import fit  # noqa: E402
 import make_synthetic  # noqa: E402
 import model_config  # noqa: E402
 import preprocess  # noqa: E402
@@ -58,7 +59,7 @@ PRESET_SEED = 20242025  # the seed run.sh generates presets with: the same files
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s. float32 runs count
-# TF32 tensor cores, which train.configure_backend enables. The first matching name wins.
+# TF32 tensor cores, which fit.configure_backend enables. The first matching name wins.
 GPU_PEAK_TFLOPS = (
     (r"\bH200\b", {"bfloat16": 989.0, "float32": 494.0}),
     (r"\bH100\b.*\bNVL\b", {"bfloat16": 835.0, "float32": 418.0}),
@@ -187,24 +188,26 @@ def counted_flops(run) -> int:
     return counter.get_total_flops()
 
 
-def measure_model(cfg: dict, data: train.DeviceData, device: torch.device, steps: int, warmup: int,
+def measure_model(cfg: dict, data: dict, tables: dict, device: torch.device, steps: int, warmup: int,
                   peak_tflops: PeakTflops, predict_rows: int | None = None) -> tuple[dict, dict]:
     """(train record, predict record) of the config's model on ``data``."""
     train_cfg = cfg["train"]
+    settings = common.typed_section(train.TrainConfig, train_cfg, "train").fit_settings(train_cfg["seed"])
     common.seed_everything(train_cfg["seed"])
-    model = model_config.build_model(cfg["model"], data.tables).to(device)
-    loss_fn, forward, optimizer, autocast = train.make_step_parts(model, train_cfg, device)
-    dtype = torch.bfloat16 if train.bf16_enabled(train_cfg, device) else torch.float32
+    model = model_config.build_model(cfg["model"], tables).to(device)
+    loss_fn, forward, optimizer, autocast = fit.make_step_parts(model, settings)
+    dtype = torch.bfloat16 if fit.bf16_enabled(settings, device) else torch.float32
     peak = peak_tflops(device, dtype)
     common_fields = {
         "run": cfg["run"]["name"], "model": cfg["model"]["name"], "params": model_config.count_parameters(model),
         "device": device.type, "device_name": device_name(device), "dtype": DTYPE_NAMES[dtype],
         "compile": train_cfg["compile"], "threads": torch.get_num_threads(), "data": cfg["data"]["raw_dir"],
-        "data_bytes": data_bytes(data),
+        "data_bytes": data_bytes(data, tables),
         "memory": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
     }
 
-    features, labels = data.features["train"], data.labels["train"]
+    columns = data["train"]
+    labels = columns["label"]
     batch_size = train_cfg["batch_size"]
     n_train = labels.numel()
     generator = torch.Generator().manual_seed(train_cfg["seed"])
@@ -217,7 +220,7 @@ def measure_model(cfg: dict, data: train.DeviceData, device: torch.device, steps
     def one_training_batch():
         rows = train_rows(1)
         with autocast():
-            loss, _ = model.loss(train.gather(features, rows), labels[rows])
+            loss, _ = model.loss(fit.gather(columns, rows), labels[rows])
         loss.backward()
 
     model.train()
@@ -225,14 +228,13 @@ def measure_model(cfg: dict, data: train.DeviceData, device: torch.device, steps
     optimizer.zero_grad(set_to_none=True)
     load_at_start = load_1m()
     if warmup:
-        train.train_one_epoch(model, loss_fn, optimizer, features, labels, train_rows(warmup), generator,
-                              train_cfg, autocast, desc="bench warm-up")
+        fit.train_one_epoch(model, loss_fn, optimizer, columns, train_rows(warmup), generator, settings,
+                            autocast)
     timed_rows = train_rows(steps)
     reset_peak_memory(device)
     synchronize(device)
     start = time.perf_counter()
-    train.train_one_epoch(model, loss_fn, optimizer, features, labels, timed_rows, generator,
-                          train_cfg, autocast, desc="bench")
+    fit.train_one_epoch(model, loss_fn, optimizer, columns, timed_rows, generator, settings, autocast)
     synchronize(device)
     seconds = time.perf_counter() - start
     train_record = {"measure": "train", **common_fields, "batch_size": batch_size, "steps": steps,
@@ -241,7 +243,7 @@ def measure_model(cfg: dict, data: train.DeviceData, device: torch.device, steps
                     "peak_memory_bytes": peak_memory_bytes(device), "load_1m": load_at_start}
 
     model.eval()
-    test_features = data.features["test"]
+    test_features = data["test"]
     n_test = test_features["item_id"].numel()
     test_rows = torch.arange(n_test if predict_rows is None else min(predict_rows, n_test), device=device)
     eval_batch_size = train_cfg["eval_batch_size"]
@@ -250,15 +252,15 @@ def measure_model(cfg: dict, data: train.DeviceData, device: torch.device, steps
     @torch.inference_mode()
     def one_eval_batch():
         with autocast():
-            model(train.gather(test_features, first_batch))
+            model(fit.gather(test_features, first_batch))
 
     predict_flops_per_row = counted_flops(one_eval_batch) / first_batch.numel()
     load_at_start = load_1m()
-    train.predict(forward, test_features, test_rows, eval_batch_size, autocast)  # warm-up (and compile)
+    fit.predict(model, test_features, test_rows, eval_batch_size, settings.bf16, forward)  # warm-up, compile
     reset_peak_memory(device)
     synchronize(device)
     start = time.perf_counter()
-    train.predict(forward, test_features, test_rows, eval_batch_size, autocast)  # ends on the host
+    fit.predict(model, test_features, test_rows, eval_batch_size, settings.bf16, forward)  # ends on the host
     seconds = time.perf_counter() - start
     predict_record = {"measure": "predict", **common_fields, "batch_size": eval_batch_size,
                       **throughput(test_rows.numel(), seconds, predict_flops_per_row, peak),
@@ -266,9 +268,9 @@ def measure_model(cfg: dict, data: train.DeviceData, device: torch.device, steps
     return train_record, predict_record
 
 
-def data_bytes(data: train.DeviceData) -> int:
-    tensors = [t for split in data.features.values() for t in split.values()] + list(data.labels.values())
-    tensors += [t for t in data.tables.values() if isinstance(t, torch.Tensor)]
+def data_bytes(data: dict, tables: dict) -> int:
+    tensors = [t for split in data.values() for t in split.values()]
+    tensors += [t for t in tables.values() if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -345,18 +347,20 @@ def run_benchmark(args: argparse.Namespace, emit) -> None:
     variants = {label: train.checked_config(cfg, args.device) for label, cfg in variants.items()}
 
     peak_tflops = PeakTflops(args.peak_tflops)
-    loaded = {}  # (data section, device) -> DeviceData: variants share the upload
+    loaded = {}  # (data section, device) -> (data, tables): variants share the upload
     train_rates = {label: [] for label in variants}
     predict_rates = {label: [] for label in variants}
     for _ in range(args.repeats):
         for label, cfg in variants.items():
             device = train.resolve_device(cfg["train"]["device"])
-            train.configure_backend(device)
+            fit.configure_backend(device)
             key = (common.config_hash(cfg["data"]), str(device))
             if key not in loaded:
-                arrays, manifest = preprocess.load_processed(preprocess.run_preprocess(cfg))
-                loaded[key] = train.load_to_device(arrays, manifest, device)
-            train_record, predict_record = measure_model(cfg, loaded[key], device, args.steps,
+                if args.preset and not (common.data_paths(cfg)["processed"] / "manifest.json").is_file():
+                    preprocess.run_preprocess(cfg)  # a preset bench makes its data; it never rebuilds it
+                _, arrays, manifest = preprocess.load_current(cfg)
+                loaded[key] = (train.load_to_device(arrays, device), train.item_tables(arrays, manifest, device))
+            train_record, predict_record = measure_model(cfg, *loaded[key], device, args.steps,
                                                          args.warmup, peak_tflops, args.predict_rows)
             for record in (train_record, predict_record):
                 emit({"measure": record["measure"], "variant": label, **context, **record})

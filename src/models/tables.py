@@ -1,0 +1,79 @@
+"""From the competition's parquet files (read with pandas) to what the models and fit.py take.
+
+    frames = {split: pd.read_parquet(f"{split}.parquet") for split in ("train", "valid", "test")}
+    tables = item_tables(pd.read_parquet("item_info.parquet"), frames.values())
+    data = {split: to_device(row_arrays(frame), device) for split, frame in frames.items()}
+    tables = to_device(tables, device)
+
+The same arrays src/preprocess.py writes (it also validates every value and streams the files),
+built in memory for a notebook. Imports numpy and torch only; the frames may be any table whose
+columns index by name and convert with np.asarray (pandas, polars).
+"""
+import numpy as np
+import torch
+
+SEQ_LEN, TAG_SLOTS, EMB_DIM, N_LEVELS = 64, 5, 128, 11  # the competition's format
+
+
+def list_column(column, width):
+    """A column of equal-length lists as an [N, width] array."""
+    values = np.stack([np.asarray(v) for v in column]) if len(column) else np.zeros((0, width))
+    if values.shape[1:] != (width,):
+        raise ValueError(f"expected lists of {width} values, got shape {values.shape}")
+    return values
+
+
+def row_arrays(frame):
+    """A split's columns as arrays: ids and levels int32 [N], item_seq int32 [N, 64], label float32."""
+    arrays = {name: np.asarray(frame[name], dtype=np.int32)
+              for name in ("user_id", "item_id", "likes_level", "views_level")}
+    arrays["item_seq"] = list_column(frame["item_seq"], SEQ_LEN).astype(np.int32)
+    if "label" in frame.columns:
+        arrays["label"] = np.asarray(frame["label"], dtype=np.float32)
+    return arrays
+
+
+def item_levels(n_items, frames):
+    """Per-item likes/views levels: the rounded mean of the item's rows over every split (0 if unseen).
+
+    Rows carry their target item's levels; these tables let a model attach levels to history items.
+    """
+    sums, counts = np.zeros((2, n_items)), np.zeros(n_items)
+    for frame in frames:
+        item = np.asarray(frame["item_id"], dtype=np.int64)
+        counts += np.bincount(item, minlength=n_items)
+        for k, name in enumerate(("likes_level", "views_level")):
+            sums[k] += np.bincount(item, weights=np.asarray(frame[name], dtype=np.float64), minlength=n_items)
+    levels = np.floor(sums / np.maximum(counts, 1) + 0.5)  # halves round up
+    levels[:, counts == 0] = 0
+    return levels.astype(np.int32)
+
+
+def item_tables(item_info, frames, emb_dtype=np.float32):
+    """The ``tables`` dict every model takes: item tables as tensors [V, ...] and vocabulary sizes.
+
+    item_info: item_id (= row number), item_tags (5 ids, 0 = padding), item_emb_d128 (128 floats);
+    frames: every split (their user ids size the user vocabulary, their levels the level tables).
+    """
+    frames = list(frames)
+    item_id = np.asarray(item_info["item_id"])
+    if not np.array_equal(item_id, np.arange(len(item_id))):
+        raise ValueError("item_info: item_id must equal the row number")
+    tags = list_column(item_info["item_tags"], TAG_SLOTS).astype(np.int32)
+    likes, views = item_levels(len(item_id), frames)
+    return {
+        "item_tags": torch.from_numpy(tags),
+        "item_emb": torch.from_numpy(list_column(item_info["item_emb_d128"], EMB_DIM).astype(emb_dtype)),
+        "item_likes_level": torch.from_numpy(likes),
+        "item_views_level": torch.from_numpy(views),
+        "n_items": len(item_id),
+        "n_tags": int(tags.max()) + 1,
+        "n_users": max(int(np.asarray(f["user_id"]).max()) for f in frames) + 1,
+        "n_levels": N_LEVELS,
+    }
+
+
+def to_device(arrays, device):
+    """Every array (or tensor) of a dict as a tensor on ``device``; other values pass through."""
+    return {name: (torch.as_tensor(value).to(device) if isinstance(value, (np.ndarray, torch.Tensor)) else value)
+            for name, value in arrays.items()}

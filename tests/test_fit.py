@@ -1,0 +1,146 @@
+"""fit.py and the notebook kit: in-memory training, the same numbers as the trainer before fit.py
+existed, imports limited to torch and numpy, and the notebook run from an empty folder."""
+import ast
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import common
+import preprocess
+import train
+from fit import FitSettings, fit, predict
+from qin import QIN
+from tables import item_tables, row_arrays, to_device
+
+KIT = common.KIT_DIR
+REFERENCE = common.REPO_ROOT / "tests" / "data" / "reference_tiny_before_fit.npz"
+NOTEBOOK = common.REPO_ROOT / "notebooks" / "one_fold.py"
+TINY = ["train.max_epochs=2", "train.batch_size=512", "train.eval_batch_size=2048", "train.log_every=2"]
+
+
+def test_kit_imports_only_torch_numpy_and_itself():
+    """Every file in src/models/ can be pasted into a notebook: no repo stage, no YAML, no pandas."""
+    kit_modules = {path.stem for path in KIT.glob("*.py")}
+    allowed = {"torch", "numpy", "math", "functools", "contextlib", "time", "dataclasses", "typing"}
+    for path in KIT.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                top = name.split(".")[0]
+                assert top in allowed | kit_modules, f"{path.name} imports {name}"
+
+
+def test_importing_fit_loads_no_stage_module():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import fit; "
+            "print(','.join(sorted(m for m in sys.modules if m in sys.argv[2].split(','))))")
+    stages = {p.stem for p in (common.REPO_ROOT / "src").glob("*.py")}
+    out = subprocess.run([sys.executable, "-c", code, str(KIT), ",".join(stages)], capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == ""
+
+
+@pytest.mark.parametrize("model", ["qin_small", "dcnv2_tf_small", "din_tf_small"])
+def test_same_predictions_as_the_trainer_before_fit_py(tiny_cfg, tiny_processed, model):
+    """tests/data/reference_tiny_before_fit.npz holds fold 0 of each small config on the tiny data
+    (seed 0, 2 folds, the TINY overrides), written by src/train.py before the loop moved to fit.py."""
+    reference = np.load(REFERENCE)
+    cfg = common.load_config(common.CONFIG_DIR / f"{model}.yaml", TINY)
+    cfg["data"] = dict(tiny_cfg["data"])
+    cfg["run"]["name"] = f"reference_{model}"
+    run_dir = train.run_training(cfg, folds=[0], device="cpu")
+    for split in ("oof", "valid", "test"):
+        got = pd.read_parquet(run_dir / "fold0" / f"{split}.parquet")["pred"].to_numpy()
+        np.testing.assert_allclose(got, reference[f"{model}/{split}"], rtol=0, atol=2e-6, err_msg=split)
+    losses = [h["train_loss"] for h in common.read_json(run_dir / "fold0" / "history.json")]
+    np.testing.assert_allclose(losses, reference[f"{model}/history_train_loss"], rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def memory_data(tiny_raw):
+    frames = {split: pd.read_parquet(tiny_raw / f"{split}.parquet") for split in ("train", "valid", "test")}
+    tables = item_tables(pd.read_parquet(tiny_raw / "item_info.parquet"), frames.values())
+    data = {split: to_device(row_arrays(frame), "cpu") for split, frame in frames.items()}
+    return frames, tables, data
+
+
+def test_tables_helper_builds_what_preprocess_writes(memory_data, tiny_processed):
+    frames, tables, data = memory_data
+    arrays, manifest = preprocess.load_processed(tiny_processed)
+    for name in train.ITEM_TABLES:
+        np.testing.assert_array_equal(tables[name].numpy(), arrays[name], err_msg=name)
+    vocab = manifest["vocab"]
+    assert (tables["n_items"], tables["n_tags"], tables["n_users"], tables["n_levels"]) == \
+        (vocab["item"], vocab["tag"], vocab["user"], vocab["level"])
+    for split in ("train", "valid", "test"):
+        for name, column in data[split].items():
+            np.testing.assert_array_equal(column.numpy(), arrays[f"{split}_{name}"], err_msg=f"{split} {name}")
+
+
+def test_fit_returns_the_best_epoch_model_and_its_predictions(memory_data):
+    _, tables, data = memory_data
+    torch.manual_seed(0)
+    model = QIN(tables, emb_dim=8, qnn_layers=1, qnn_m=1)
+    n_train, n_valid = data["train"]["label"].numel(), data["valid"]["label"].numel()
+    eval_sets = {"valid": ("valid", torch.arange(n_valid)), "head": ("train", torch.arange(500))}
+    settings = FitSettings(seed=1, batch_size=512, max_epochs=3, patience=3)
+    records = []
+    result = fit(model, data, torch.arange(500, n_train), eval_sets, settings, on_epoch=records.append)
+
+    assert [r["epoch"] for r in result.history] == [1, 2, 3] and records == result.history
+    best = max(result.history, key=lambda r: r["valid_auc"])  # "valid" comes first: it decides
+    assert result.best_epoch == best["epoch"] and result.scores["valid_auc"] == best["valid_auc"]
+    # the returned model is the best epoch's: predicting again gives the kept predictions
+    again = predict(result.model, data["valid"], batch_size=256, bf16=False)
+    np.testing.assert_allclose(again, result.predictions["valid"], atol=1e-6)
+    assert not result.model.training and result.rows_per_s > 0
+
+
+def test_fit_without_eval_sets_runs_every_epoch_and_keeps_the_last(memory_data):
+    _, tables, data = memory_data
+    torch.manual_seed(0)
+    model = QIN(tables, emb_dim=8, qnn_layers=1, qnn_m=1)
+    result = fit(model, data, torch.arange(1000), {}, FitSettings(batch_size=500, max_epochs=2, patience=1))
+    assert result.best_epoch == 2 and len(result.history) == 2 and result.predictions == {}
+
+
+def test_fit_rejects_an_unknown_monitor_and_reports_divergence(memory_data):
+    _, tables, data = memory_data
+    model = QIN(tables, emb_dim=8, qnn_layers=1, qnn_m=1)
+    with pytest.raises(ValueError, match="monitor"):
+        fit(model, data, torch.arange(100), {"valid": ("valid", torch.arange(50))}, FitSettings(), monitor="nope")
+    with torch.no_grad():
+        model.out.bias.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        fit(model, data, torch.arange(100), {"valid": ("valid", torch.arange(50))},
+            FitSettings(batch_size=100, max_epochs=1, grad_clip=1.0))
+
+
+@pytest.mark.slow
+def test_notebook_runs_from_an_empty_folder_with_only_the_pasted_files(tiny_raw, tmp_path):
+    text = NOTEBOOK.read_text()
+    pasted = re.search(r"^# PASTE: (.+)$", text, re.M).group(1).split()
+    folder = tmp_path / "kaggle"
+    folder.mkdir()
+    for name in pasted:
+        shutil.copy(KIT / name, folder / name)
+    shutil.copy(NOTEBOOK, folder / NOTEBOOK.name)
+    env = {**os.environ, "DATA": str(tiny_raw), "OUT": str(tmp_path / "out"), "EPOCHS": "1"}
+    result = subprocess.run([sys.executable, NOTEBOOK.name], cwd=folder, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "best epoch 1" in result.stdout
+    with zipfile.ZipFile(tmp_path / "out" / "submission.zip") as archive:
+        submission = pd.read_csv(archive.open("prediction.csv"))
+    test = pd.read_parquet(tiny_raw / "test.parquet")
+    assert list(submission.columns) == ["ID", "Task2"]
+    np.testing.assert_array_equal(submission["ID"], test["ID"])
+    assert submission["Task2"].between(0, 1).all()
