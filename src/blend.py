@@ -27,14 +27,13 @@ renamed into place.
 from __future__ import annotations
 
 import argparse
-import copy
 import re
 import time
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import lightgbm
 import numpy as np
@@ -64,56 +63,75 @@ GAP_WARNING = 0.05
 # configuration
 # ---------------------------------------------------------------------------------------------
 
-def checked_settings(cfg: dict) -> dict:
-    """A validated copy of the blend section: every problem is one line naming the key."""
+Method = Literal["rank_mean", "logit_mean", "auc_weights", "logistic", "lightgbm"]  # = METHODS
+
+
+@dataclass
+class AucWeightsConfig:
+    """blend.auc_weights: the AUC-maximising weights."""
+    max_rows: int = field(default=250_000, metadata={"min": 1})  # stratified OOF sample scored per evaluation
+    max_evals: int = field(default=200, metadata={"min": 1})     # Nelder-Mead evaluations per start
+    seed: int = field(default=20242025, metadata={"min": 0})     # draws the sample
+
+
+@dataclass
+class LogisticConfig:
+    """blend.logistic: the logistic regression on the logits."""
+    C: float = field(default=1.0, metadata={"positive": True})   # inverse L2 strength (sklearn)
+
+
+@dataclass
+class LightGBMConfig:
+    """blend.lightgbm: the LGBMClassifier keyword arguments of the stacker."""
+    n_estimators: int = field(default=200, metadata={"min": 1})
+    learning_rate: float = field(default=0.05, metadata={"positive": True})
+    num_leaves: int = field(default=15, metadata={"min": 2})
+    min_child_samples: int = field(default=100, metadata={"min": 0})
+    seed: int = 20242025
+    n_jobs: int = 1
+
+
+@dataclass
+class SubmissionConfig:
+    """blend.submission: <dir>/<name>.csv and .zip, predictions in column <column>."""
+    dir: str = field(default="submissions", metadata={"nonempty": True})
+    name: str = "submission"
+    column: str = field(default="Task2", metadata={"nonempty": True})
+
+
+@dataclass
+class BlendConfig:
+    """The blend: section (configs/blend.yaml)."""
+    runs: list[str]                                       # run folders under {work_dir}/runs/
+    methods: list[Method] = field(default_factory=lambda: list(get_args(Method)))
+    select: str = "auto"                                  # auto | best_single | one of methods
+    auc_weights: AucWeightsConfig = field(default_factory=AucWeightsConfig)
+    logistic: LogisticConfig = field(default_factory=LogisticConfig)
+    lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+
+
+def checked_settings(cfg: dict) -> BlendConfig:
+    """The blend section, validated: every problem is one line naming the key."""
     if not isinstance(cfg.get("blend"), dict):
         raise UserError("config: missing section 'blend:' (use --config configs/blend.yaml)")
-    settings = copy.deepcopy(cfg["blend"])
-    known = ("runs", "methods", "select", "auc_weights", "logistic", "lightgbm", "submission")
-    for key in known:
-        if key not in settings:
-            raise UserError(f"config: missing key blend.{key} (see configs/blend.yaml)")
-    unknown = sorted(set(settings) - set(known))
-    if unknown:  # a typo must not silently blend with the default
-        raise UserError(f"config: unknown key blend.{unknown[0]} (known: {', '.join(sorted(known))})")
-    for key in ("auc_weights", "logistic", "lightgbm", "submission"):
-        if not isinstance(settings[key], dict):
-            raise UserError(f"config: blend.{key} must be a mapping (see configs/blend.yaml)")
-    runs, methods, select = settings["runs"], settings["methods"], settings["select"]
-    if not isinstance(runs, list) or not runs or not all(isinstance(r, str) and r for r in runs):
+    settings = common.typed_section(BlendConfig, cfg["blend"], "blend")
+    # what the annotations cannot say
+    runs, methods, select = settings.runs, settings.methods, settings.select
+    if not runs or not all(runs):
         raise UserError(f"config: blend.runs must be a non-empty list of run names, got {runs!r}")
     if len(set(runs)) != len(runs):
         raise UserError(f"config: blend.runs names a run twice: {runs}")
-    if not isinstance(methods, list) or len(set(methods)) != len(methods):
-        raise UserError(f"config: blend.methods must be a list of distinct method names, got {methods!r}")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise UserError(f"config: blend.methods: unknown method {unknown[0]!r} (known: {', '.join(METHODS)})")
+    if len(set(methods)) != len(methods):
+        raise UserError(f"config: blend.methods names a method twice: {methods}")
     if select not in ("auto", BEST_SINGLE, *methods):
         raise UserError(f"config: blend.select must be auto, {BEST_SINGLE} or one of blend.methods "
                         f"({', '.join(methods) or 'none'}), got {select!r}")
-
-    submission = settings["submission"]
-    for key in ("dir", "name", "column"):
-        if not isinstance(submission.get(key), str) or not submission[key]:
-            raise UserError(f"config: blend.submission.{key} must be a non-empty string")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", submission["name"]):
-        raise UserError(f"config: blend.submission.name must be a plain file stem, got {submission['name']!r}")
-    if submission["column"] == ID_COLUMN:
+    name = settings.submission.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise UserError(f"config: blend.submission.name must be a plain file stem, got {name!r}")
+    if settings.submission.column == ID_COLUMN:
         raise UserError(f"config: blend.submission.column cannot be '{ID_COLUMN}' (that column holds the IDs)")
-
-    for key in ("max_rows", "max_evals", "seed"):
-        value = settings["auc_weights"].get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed" else 1):
-            raise UserError(f"config: blend.auc_weights.{key} must be a "
-                            f"{'non-negative' if key == 'seed' else 'positive'} integer, got {value!r}")
-    try:
-        settings["logistic"]["C"] = float(settings["logistic"].get("C"))
-    except (TypeError, ValueError):
-        raise UserError(f"config: blend.logistic.C must be a positive number, got "
-                        f"{settings['logistic'].get('C')!r}") from None
-    if not settings["logistic"]["C"] > 0:
-        raise UserError(f"config: blend.logistic.C must be a positive number, got {settings['logistic']['C']}")
     return settings
 
 
@@ -188,7 +206,7 @@ def normalised_rank(sorted_reference: np.ndarray, values: np.ndarray) -> np.ndar
     return ranks
 
 
-def rank_mean(data: BlendData, settings: dict) -> tuple[Predictions, dict]:
+def rank_mean(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]:
     # valid and test rows are ranked against the OOF predictions, not among themselves, so a row's
     # blended score does not depend on which other rows happen to share its split
     references = [np.sort(data.probs["oof"][:, r]) for r in range(len(data.runs))]
@@ -197,7 +215,7 @@ def rank_mean(data: BlendData, settings: dict) -> tuple[Predictions, dict]:
     return preds, {"fitted": "nothing to fit"}
 
 
-def logit_mean(data: BlendData, settings: dict) -> tuple[Predictions, dict]:
+def logit_mean(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]:
     return ({split: expit(logits.mean(axis=1)) for split, logits in data.logits.items()},
             {"fitted": "nothing to fit"})
 
@@ -221,9 +239,9 @@ def weights_from(theta: np.ndarray) -> np.ndarray:
     return magnitude / total if total > 0 else np.full(len(theta), 1.0 / len(theta))
 
 
-def auc_weights(data: BlendData, settings: dict) -> tuple[Predictions, dict]:
-    params = settings["auc_weights"]
-    rows = stratified_sample(data.oof_label, params["max_rows"], params["seed"])
+def auc_weights(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]:
+    params = settings.auc_weights
+    rows = stratified_sample(data.oof_label, params.max_rows, params.seed)
     logits, labels = data.logits["oof"][rows], data.oof_label[rows]
     n_runs = len(data.runs)
 
@@ -237,7 +255,7 @@ def auc_weights(data: BlendData, settings: dict) -> tuple[Predictions, dict]:
     for start in tqdm(starts, desc="auc_weights starts", leave=False, disable=n_runs < 2):
         simplex = np.vstack([start] + [start + SIMPLEX_STEP * np.eye(n_runs)[j] for j in range(n_runs)])
         result = minimize(negative_auc, start, method="Nelder-Mead",
-                          options={"initial_simplex": simplex, "maxfev": params["max_evals"],
+                          options={"initial_simplex": simplex, "maxfev": params.max_evals,
                                    "xatol": 1e-3, "fatol": 1e-6})
         if best is None or result.fun < best.fun:
             best = result
@@ -253,11 +271,11 @@ def fold_splits(data: BlendData, desc: str):
         yield np.flatnonzero(data.fold != k), np.flatnonzero(data.fold == k)
 
 
-def logistic(data: BlendData, settings: dict) -> tuple[Predictions, dict]:
+def logistic(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]:
     features, labels = data.logits, data.oof_label
 
     def fit(rows: np.ndarray) -> LogisticRegression:
-        return LogisticRegression(C=settings["logistic"]["C"], max_iter=1000).fit(features["oof"][rows], labels[rows])
+        return LogisticRegression(C=settings.logistic.C, max_iter=1000).fit(features["oof"][rows], labels[rows])
 
     oof = np.empty(len(labels))
     for fit_rows, held_rows in fold_splits(data, "logistic folds"):
@@ -275,7 +293,7 @@ def click_prob(model: lightgbm.LGBMClassifier, features: np.ndarray, names: list
     return model.predict_proba(pd.DataFrame(features, columns=names))[:, 1]
 
 
-def lightgbm_stacker(data: BlendData, settings: dict) -> tuple[Predictions, dict]:
+def lightgbm_stacker(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]:
     names = [f"logit_{run}" for run in data.runs] + list(ROW_FEATURES)
     features = {split: np.column_stack([data.logits[split], data.row_features[split]]) for split in SPLITS}
     labels = data.oof_label.astype(np.int64)
@@ -286,7 +304,7 @@ def lightgbm_stacker(data: BlendData, settings: dict) -> tuple[Predictions, dict
     for fit_rows, held_rows in fold_splits(data, "lightgbm folds"):
         # a fixed number of trees, no early stopping: stopping on the held-out fold would let it
         # shape the model whose predictions on it are the honest OOF estimate
-        model = lightgbm.LGBMClassifier(**settings["lightgbm"], verbose=-1)
+        model = lightgbm.LGBMClassifier(**asdict(settings.lightgbm), verbose=-1)
         try:
             model.fit(pd.DataFrame(features["oof"][fit_rows], columns=names), labels[fit_rows])
         except (lightgbm.basic.LightGBMError, TypeError, ValueError) as exc:
@@ -301,13 +319,14 @@ def lightgbm_stacker(data: BlendData, settings: dict) -> tuple[Predictions, dict
              "gain_share": {name: float(s) for name, s in zip(names, share)}})
 
 
-METHODS: dict[str, Callable[[BlendData, dict], tuple[Predictions, dict]]] = {
+METHODS: dict[str, Callable[[BlendData, BlendConfig], tuple[Predictions, dict]]] = {
     "rank_mean": rank_mean,
     "logit_mean": logit_mean,
     "auc_weights": auc_weights,
     "logistic": logistic,
     "lightgbm": lightgbm_stacker,
 }
+assert tuple(METHODS) == get_args(Method), "Method must list METHODS' names"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,9 +354,9 @@ def single_runs(data: BlendData) -> list[Candidate]:
             for r, run in enumerate(data.runs)]
 
 
-def fit_methods(data: BlendData, settings: dict) -> list[Candidate]:
+def fit_methods(data: BlendData, settings: BlendConfig) -> list[Candidate]:
     candidates = []
-    for method in settings["methods"]:
+    for method in settings.methods:
         started = time.time()
         preds, details = METHODS[method](data, settings)
         candidate = evaluate(method, preds, data, time.time() - started, details)
@@ -367,7 +386,8 @@ def oracle_aucs(cfg: dict, data: BlendData) -> dict[str, float | None]:
 
 
 def write_submission(test_ids: np.ndarray, preds: np.ndarray, submission: dict) -> tuple[Path, Path]:
-    """<dir>/<name>.csv and .zip (prediction.csv at its root), each validated before the rename."""
+    """<dir>/<name>.csv and .zip (prediction.csv at its root), each validated before the rename;
+    ``submission``: the keys of SubmissionConfig."""
     column = submission["column"]
     # 12 significant digits: far finer than the float32 predictions the runs make, so rounding adds
     # practically no ties
@@ -464,16 +484,16 @@ def run_blend(cfg: dict) -> dict:
     """Blend the configured runs, write {work_dir}/blend/ and the submission; return the metrics."""
     started = time.time()
     settings = checked_settings(cfg)
-    data = load_blend_data(cfg, settings["runs"], with_row_features="lightgbm" in settings["methods"])
+    data = load_blend_data(cfg, settings.runs, with_row_features="lightgbm" in settings.methods)
     common.log(f"blend: {len(data.runs)} runs, {len(data.oof_label):,} OOF rows, "
-               f"{len(np.unique(data.fold))} folds, methods: {', '.join(settings['methods']) or 'none'}")
+               f"{len(np.unique(data.fold))} folds, methods: {', '.join(settings.methods) or 'none'}")
 
     runs = single_runs(data)
     best_single = max(runs, key=lambda c: c.oof_auc)
     methods = fit_methods(data, settings)
-    chosen = choose(best_single, methods, settings["select"])
+    chosen = choose(best_single, methods, settings.select)
     if chosen.oof_auc < best_single.oof_auc:
-        common.log(f"warning: blend.select={settings['select']} scores {chosen.oof_auc:.6f} OOF, below the "
+        common.log(f"warning: blend.select={settings.select} scores {chosen.oof_auc:.6f} OOF, below the "
                    f"best single run {best_single.name} ({best_single.oof_auc:.6f}); select: auto would not")
 
     blend_dir = common.data_paths(cfg)["work"] / "blend"
@@ -484,7 +504,7 @@ def run_blend(cfg: dict) -> dict:
     common.write_parquet(blend_dir / "valid.parquet", pd.DataFrame(
         {"row_id": np.arange(len(data.valid_label)), "pred": chosen.preds["valid"]}))
     common.write_parquet(blend_dir / "test.parquet", pd.DataFrame({"ID": data.test_ids, "pred": chosen.preds["test"]}))
-    csv_path, zip_path = write_submission(data.test_ids, chosen.preds["test"], settings["submission"])
+    csv_path, zip_path = write_submission(data.test_ids, chosen.preds["test"], asdict(settings.submission))
 
     oracle = oracle_aucs(cfg, data)
     chosen_name = f"{BEST_SINGLE} ({best_single.name})" if chosen is best_single else chosen.name
@@ -493,7 +513,7 @@ def run_blend(cfg: dict) -> dict:
         "methods": {c.name: {"oof_auc": c.oof_auc, "valid_auc": c.valid_auc, "seconds": c.seconds, **c.details}
                     for c in methods},
         "n_folds": int(len(np.unique(data.fold))),
-        "select": settings["select"],
+        "select": settings.select,
         "chosen": chosen_name,
         "chosen_oof_auc": chosen.oof_auc,
         "chosen_valid_auc": chosen.valid_auc,
@@ -506,7 +526,7 @@ def run_blend(cfg: dict) -> dict:
         "oracle_valid_auc": oracle["valid"],
         "blend_dir": str(blend_dir),
         "submission": {"csv": str(csv_path), "zip": str(zip_path), "rows": len(data.test_ids),
-                       "column": settings["submission"]["column"]},
+                       "column": settings.submission.column},
         "gap_warnings": gap_warnings(runs + methods),
         "seconds": time.time() - started,
     }

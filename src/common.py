@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,6 +18,8 @@ import re
 import sys
 import tempfile
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -124,6 +127,166 @@ def config_hash(obj: Any) -> str:
     """Stable short hash of any JSON-able object (used to tell whether cached outputs are stale)."""
     blob = json.dumps(obj, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# typed config sections: a dataclass holds a section's keys, types and defaults
+# ---------------------------------------------------------------------------------------------
+
+class ConfigError(UserError):
+    """A config key's problem: ``key`` is its dotted name (``train.lr``), ``detail`` the problem
+    without the key (``must be positive, got nan``), for a caller that words its errors its own way."""
+
+    def __init__(self, key: str, detail: str, message: str | None = None):
+        self.key, self.detail = key, detail
+        super().__init__(message or f"config: {key} {detail}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _must_be(where: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(where, f"must be {expected}, got {_shown(value)}")
+
+
+def type_text(annotation: Any) -> str:
+    """A value of ``annotation`` in words ("an integer", "valid or holdout"), for messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    simple = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Any: "any value"}
+    if annotation in simple:
+        return simple[annotation]
+    if origin is typing.Literal:
+        choices = [str(a) for a in args]
+        return " or ".join(choices) if len(choices) == 2 else "one of " + ", ".join(choices)
+    if origin in (list, tuple) and (origin is list or args[1:] == (Ellipsis,)):
+        return f"a list of {_plural(args[0]) if args else 'values'}"
+    if origin is tuple:
+        return f"a list of {len(args)} values ({'; '.join(type_text(a) for a in args)})"
+    if origin in (typing.Union, types.UnionType):
+        arms = [type_text(a) for a in args if a is not type(None)]
+        return " or ".join(arms + (["null"] if type(None) in args else []))
+    if dataclasses.is_dataclass(annotation):
+        return "a mapping of keys"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _plural(annotation: Any) -> str:
+    words = {bool: "true/false values", int: "integers", float: "numbers", str: "strings"}
+    if typing.get_origin(annotation) is typing.Literal:
+        return "values from " + ", ".join(str(a) for a in typing.get_args(annotation))
+    return words.get(annotation) or f"values each {type_text(annotation)}"
+
+
+def _typed_value(annotation: Any, value: Any, where: str) -> Any:
+    """``value`` checked against ``annotation`` and coerced (8192.0 -> 8192, 1 -> 1.0, [..] -> tuple)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:  # True is an int to Python, not to a config; 8192.0 is a fine int
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif origin is typing.Literal:
+        for choice in args:  # the type too: true must not pass for 1, nor 1 for true
+            if value == choice and type(value) is type(choice):
+                return choice
+    elif origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms:
+            try:
+                return _typed_value(arm, value, where)
+            except ConfigError:
+                if len(arms) == 1:
+                    raise
+    elif origin in (list, tuple):
+        variadic = origin is list or args[1:] == (Ellipsis,)
+        if isinstance(value, (list, tuple)) and (variadic or len(value) == len(args)):
+            arms = [args[0] if args else Any] * len(value) if variadic else args
+            items = []
+            for i, (arm, item) in enumerate(zip(arms, value)):
+                try:
+                    items.append(_typed_value(arm, item, f"{where}[{i}]"))
+                except ConfigError:
+                    if dataclasses.is_dataclass(arm):
+                        raise
+                    raise ConfigError(where, f"must be {type_text(annotation)}, got {_shown(value)} "
+                                             f"(item {i}: {_shown(item)})") from None
+            return items if origin is list else tuple(items)
+    elif dataclasses.is_dataclass(annotation):
+        return typed_section(annotation, value, where)
+    else:
+        raise TypeError(f"typed_section: {where}: unsupported annotation {annotation!r}")
+    raise _must_be(where, type_text(annotation), value)
+
+
+def _check_constraints(metadata: typing.Mapping, value: Any, where: str, raw: Any) -> None:
+    """A field's value constraints, from ``dataclasses.field(metadata=...)``: ``min``, ``max``,
+    ``range: (lo, hi)`` (inclusive) and ``positive: True`` on a number, or on every number of a
+    list; ``nonempty: True`` on a string or list. ``raw`` is the value as written, for the message."""
+    if metadata.get("nonempty") and isinstance(value, (str, list, tuple)) and not value:
+        raise ConfigError(where, f"must not be empty, got {_shown(raw)}")
+    lo, hi = metadata.get("range", (metadata.get("min"), metadata.get("max")))
+    rules = [(metadata.get("positive"), lambda v: v > 0, "positive"),
+             (lo is not None and hi is not None, lambda v: lo <= v <= hi, f"in [{lo}, {hi}]"),
+             (lo is not None and hi is None, lambda v: v >= lo, f"at least {lo}"),
+             (hi is not None and lo is None, lambda v: v <= hi, f"at most {hi}")]
+    is_list = isinstance(value, (list, tuple))
+    for number in value if is_list else [value]:
+        if not isinstance(number, (int, float)) or isinstance(number, bool):
+            continue
+        for active, ok, expected in rules:
+            if active and not ok(number):  # NaN fails every comparison
+                raise ConfigError(where, f"items must each be {expected}, got {_shown(raw)}" if is_list
+                                  else f"must be {expected}, got {_shown(raw)}")
+
+
+T = typing.TypeVar("T")
+
+
+def typed_section(cls: type[T], raw: Any, where: str) -> T:
+    """The config section ``raw`` (a mapping) as an instance of the dataclass ``cls``.
+
+    ``cls`` holds the section's keys, types (annotations) and defaults, so no checker repeats
+    them: a key that is not a field is an error naming the known ones, a missing key takes the
+    field's default (no default: required), and every value is checked and coerced by its
+    annotation: bool (true/false only), int (8192.0 is 8192; true is not 1), float (ints too), str,
+    Literal[...], list[X], tuple[X, ...], X | None, a nested dataclass (a nested section), and by
+    the field's metadata constraints (see _check_constraints). Every problem is one ConfigError
+    (a UserError) line naming the key as ``{where}.{key}``.
+    """
+    if not isinstance(raw, dict):
+        raise _must_be(where, "a mapping of keys", raw)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    known = f"known: {', '.join(fields) or 'none'}"
+    for key in raw:
+        if key not in fields:  # a typo must never silently run the default
+            raise ConfigError(f"{where}.{key}", f"unknown key ({known})",
+                              f"config: unknown key {where}.{key} ({known})")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _typed_value(hints[name], raw[name], f"{where}.{name}")
+            _check_constraints(f.metadata, values[name], f"{where}.{name}", raw[name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            expected = type_text(hints[name])
+            raise ConfigError(f"{where}.{name}", f"missing key ({expected}, no default)",
+                              f"config: missing key {where}.{name} ({expected}, no default)")
+    return cls(**values)
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_config: str) -> None:

@@ -1,96 +1,115 @@
 """Config -> model: build_model and count_parameters. The only model file that imports common.
 
 model_cfg = {name: qin | dcnv2 | din, <the model's keyword arguments>, tf4ctr: {enabled, ssem,
-dfm, c, gamma, alpha}}. The keys a model takes are its builder's keyword arguments (QIN, DCNv2,
-DIN, and dcnv2_tf4ctr / din_tf4ctr when tf4ctr.enabled), so the configs and the classes cannot
-drift apart; a key only the other form takes (structure: plain DCNv2, simple_hidden: DIN in
-TF4CTR) is accepted and unused. Absent keys take the builder's defaults.
+dfm, c, gamma, alpha}}. The keys a model takes, their types (Literal choices in the signatures,
+otherwise the default's type) and their defaults are its builder's keyword arguments (QIN, DCNv2,
+DIN, and dcnv2_tf4ctr / din_tf4ctr when tf4ctr.enabled), and the tf4ctr keys are TF4CTR's, so the
+configs and the classes cannot drift apart. Both are checked by common.typed_section. A key only
+the other form takes (structure: plain DCNv2; simple_hidden: DIN in TF4CTR) is an error, as is any
+unknown key. Absent keys, and keys set to null, take the builder's defaults.
 """
+import dataclasses
+import functools
 import inspect
+import typing
 
 import common
 from dcnv2 import DCNv2, dcnv2_tf4ctr
 from din import DIN, din_tf4ctr
 from qin import QIN
+from tf4ctr import TF4CTR
 
 PLAIN = {"qin": QIN, "dcnv2": DCNv2, "din": DIN}
 WITH_TF4CTR = {"dcnv2": dcnv2_tf4ctr, "din": din_tf4ctr}
-TF4CTR_DEFAULTS = {"enabled": False, "ssem": "ser", "dfm": "wsf", "c": 0.8, "gamma": 2.0, "alpha": 0.25}
-RANGES = {"c": (0, 1), "gamma": (0, float("inf")), "alpha": (0, 1)}  # TF loss; dropouts: [0, 1]
-
-CHOICES = {
-    "table_mode": ("auto", "gather", "table"),
-    "attention": ("relu", "softmax", "mean"),
-    "interaction": ("qnn", "mlp"),
-    "qnn_activation": ("prelu", "relu"),
-    "pooling": ("mean", "asta"),
-    "cross": ("full", "mix"),
-    "structure": ("stacked", "parallel"),
-    "attention_activation": ("dice", "relu", "prelu"),
-    "mlp_activation": ("relu", "prelu", "dice"),
-    "ssem": ("ser", "gm", "moe", "none"),
-    "dfm": ("wsf", "cf", "vf", "moef", "sum"),
-}
 
 
-def _keywords(builder):
-    return {k: p.default for k, p in inspect.signature(builder).parameters.items() if k != "tables"}
+def _constraints(key: str, annotation) -> dict:
+    """What the types cannot say: every integer of a model is a size (>= 1); dropouts and the TF
+    loss's c and alpha are in [0, 1], its gamma non-negative."""
+    if key.endswith("dropout") or key in ("c", "alpha"):
+        return {"range": (0, 1)}
+    if key == "gamma":
+        return {"min": 0}
+    if annotation is int or typing.get_args(annotation)[:1] == (int,):
+        return {"min": 1}
+    return {}
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+def _keywords(builder, skip=()) -> list[tuple[str, typing.Any, typing.Any]]:
+    """(name, annotation, default) of the builder's keyword arguments with a default: the
+    annotation where the signature has one (Literal choices), else the default's type."""
+    hints = typing.get_type_hints(builder.__init__ if inspect.isclass(builder) else builder)
+    out = []
+    for key, param in inspect.signature(builder).parameters.items():
+        if param.default is inspect.Parameter.empty or key in skip:
+            continue
+        annotation = hints.get(key)
+        if annotation is None:
+            default_type = type(param.default)
+            annotation = tuple[int, ...] if default_type is tuple else default_type  # layer widths
+        out.append((key, annotation, param.default))
+    return out
 
 
-def _check(where, key, value, default):
-    """Raise a one-line UserError unless value fits the type of default (and its choices, range)."""
-    if key in CHOICES:
-        ok, expected = value in CHOICES[key], "one of " + ", ".join(CHOICES[key])
-    elif isinstance(default, bool):
-        ok, expected = isinstance(value, bool), "true or false"
-    elif isinstance(default, int):
-        ok, expected = _is_int(value) and value >= 1, "an integer >= 1"
-    elif isinstance(default, float):
-        lo, hi = (0, 1) if key.endswith("dropout") else RANGES.get(key, (-float("inf"), float("inf")))
-        ok = (_is_int(value) or isinstance(value, float)) and lo <= value <= hi
-        expected = f"a number in [{lo}, {hi}]"
-    else:  # layer widths
-        ok = isinstance(value, (list, tuple)) and all(_is_int(v) and v >= 1 for v in value)
-        expected = "a list of integers >= 1"
-    if not ok:
-        raise common.UserError(f"{where}.{key}: invalid value {value!r} (expected {expected})")
+def _keys(builder) -> list[str]:
+    """The model: keys ``builder`` takes (the tf4ctr ones are in the tf4ctr: section)."""
+    return [key for key, _, _ in _keywords(builder, skip=TF4CTR_KEYS)]
+
+
+def _section_class(name: str, keywords, extra=()) -> type:
+    fields = [(key, annotation, dataclasses.field(default=default, metadata=_constraints(key, annotation)))
+              for key, annotation, default in keywords]
+    return dataclasses.make_dataclass(name, [*extra, *fields])
+
+
+# the tf4ctr: section: enabled plus TF4CTR's own keyword arguments (ssem, dfm, c, gamma, alpha)
+TF4CTR_KEYS = [key for key, _, _ in _keywords(TF4CTR)]
+TF4CTRConfig = _section_class("TF4CTRConfig", _keywords(TF4CTR), extra=[("enabled", bool, False)])
+
+
+@functools.cache
+def _model_class(builder) -> type:
+    """The model: section for ``builder``: name, tf4ctr and the builder's keywords."""
+    return _section_class(f"{builder.__name__}Config", _keywords(builder, skip=TF4CTR_KEYS), extra=[
+        ("name", typing.Literal[tuple(PLAIN)]),
+        ("tf4ctr", TF4CTRConfig, dataclasses.field(default_factory=TF4CTRConfig))])
+
+
+def _typed(cls, raw, where: str):
+    """common.typed_section, its problems worded as every model error: '<key>: <problem>'."""
+    try:
+        return common.typed_section(cls, raw, where)
+    except common.ConfigError as exc:
+        raise common.UserError(f"{exc.key}: {exc.detail}") from None
 
 
 def build_model(model_cfg: dict, tables: dict):
     """The model named by model_cfg['name'] over the item tables (see docs/DESIGN.md)."""
-    cfg = dict(model_cfg)
-    name = cfg.pop("name", None)
+    if not isinstance(model_cfg, dict):
+        raise common.UserError(f"model: must be a mapping of keys, got {model_cfg!r}")
+    cfg = {key: value for key, value in model_cfg.items() if value is not None}  # null: the default
+    name = cfg.get("name")
     if name not in PLAIN:
         raise common.UserError(f"model.name: unknown model {name!r} (known: {', '.join(PLAIN)})")
-    tf = cfg.pop("tf4ctr", None) or {}
-    if not isinstance(tf, dict):
-        raise common.UserError("model.tf4ctr: expected a section of keys")
-    for key, value in tf.items():
-        if key not in TF4CTR_DEFAULTS:
-            raise common.UserError(f"model.tf4ctr.{key}: unknown key (known: {', '.join(TF4CTR_DEFAULTS)})")
-        _check("model.tf4ctr", key, value, TF4CTR_DEFAULTS[key])
-    tf = {**TF4CTR_DEFAULTS, **tf}
-    enabled = tf.pop("enabled")
+    enabled = _typed(TF4CTRConfig, cfg.get("tf4ctr", {}), "model.tf4ctr").enabled
     if enabled and name not in WITH_TF4CTR:
         raise common.UserError(f"model.tf4ctr.enabled: TF4CTR wraps {' and '.join(WITH_TF4CTR)}, not {name}")
 
-    known = _keywords(PLAIN[name])
-    if name in WITH_TF4CTR:
-        known.update((k, v) for k, v in _keywords(WITH_TF4CTR[name]).items() if k not in tf)
-    for key, value in cfg.items():
-        if key not in known:
-            raise common.UserError(f"model.{key}: unknown key for {name} (known: {', '.join(sorted(known))})")
-        _check("model", key, value, known[key])
-
     builder = WITH_TF4CTR[name] if enabled else PLAIN[name]
-    takes = _keywords(builder)
-    kwargs = {k: v for k, v in cfg.items() if k in takes}
+    takes = _keys(builder)
+    other = PLAIN[name] if enabled else WITH_TF4CTR.get(name)
+    if other is not None:
+        for key in cfg:
+            if key not in takes and key in _keys(other):
+                raise common.UserError(
+                    f"model.{key}: only {name} with tf4ctr.enabled: {str(not enabled).lower()} takes this "
+                    f"key, and model.tf4ctr.enabled is {str(enabled).lower()}: remove it (or set it to null)")
+    section = _typed(_model_class(builder), cfg, "model")
+    kwargs = {key: getattr(section, key) for key in takes}
+    if enabled:
+        kwargs.update((key, getattr(section.tf4ctr, key)) for key in TF4CTR_KEYS)
     try:
-        return builder(tables, **kwargs, **(tf if enabled else {}))
+        return builder(tables, **kwargs)
     except ValueError as exc:  # the classes' own checks, which start with the key they reject
         raise common.UserError(f"model.{exc}") from None
 

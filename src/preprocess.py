@@ -20,7 +20,9 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +41,8 @@ EMB_DIM = 128
 N_LEVELS = 11           # likes_level / views_level take values 0..10
 BATCH_ROWS = 65_536
 INT32_MAX = np.iinfo(np.int32).max
-EMB_DTYPES = {"float32": np.float32, "float16": np.float16}
+EmbDtype = Literal["float32", "float16"]
+EMB_DTYPES = {name: np.dtype(name).type for name in get_args(EmbDtype)}
 
 # Expected columns and the kind of values they hold; other columns are ignored.
 ROW_COLUMNS = {"user_id": "int", "item_seq": "int_list", "item_id": "int",
@@ -222,7 +225,7 @@ def load_current(cfg: dict) -> tuple[Path, dict, dict]:
     changed since is a one-line error naming the command to run, so a stage can never make another
     model's finished runs stale behind the user's back.
     """
-    data = cfg["data"]
+    data = checked_data(cfg)
     processed = common.data_paths(cfg)["processed"]
     if not (processed / "manifest.json").is_file():
         raise common.UserError(f"{processed}: no processed data yet: run `{preprocess_command(data)}` first")
@@ -241,14 +244,19 @@ def load_current(cfg: dict) -> tuple[Path, dict, dict]:
     return processed, arrays, manifest
 
 
-def check_settings(data: dict) -> None:
-    if data["emb_dtype"] not in EMB_DTYPES:
-        raise common.UserError(f"data.emb_dtype: {data['emb_dtype']!r} is not one of "
-                               f"{', '.join(EMB_DTYPES)}")
-    if not isinstance(data["n_folds"], int) or data["n_folds"] < 2:
-        raise common.UserError(f"data.n_folds: {data['n_folds']!r} must be an integer >= 2")
-    if not isinstance(data["fold_seed"], int):
-        raise common.UserError(f"data.fold_seed: {data['fold_seed']!r} must be an integer")
+@dataclass
+class DataConfig:
+    """The data: section (configs/data.yaml), which every stage shares."""
+    raw_dir: str                      # train/valid/test/item_info.parquet, real or synthetic
+    work_dir: str                     # processed arrays, runs and blends for this dataset
+    n_folds: int = field(default=3, metadata={"min": 2})  # stratified folds over train, for OOF predictions
+    fold_seed: int = 20242025
+    emb_dtype: EmbDtype = "float32"   # float16 halves the multimodal table in memory
+
+
+def checked_data(cfg: dict) -> dict:
+    """The data section type-checked and completed with the defaults, as a dict."""
+    return asdict(common.typed_section(DataConfig, cfg.get("data"), "data"))
 
 
 def _new_array(folder: Path, name: str, dtype, shape) -> np.ndarray:
@@ -457,7 +465,7 @@ def _swap_into_place(new: Path, final: Path) -> None:
 
 def run_preprocess(cfg: dict, force: bool = False) -> Path:
     """Build (or reuse) the processed directory for ``cfg``; return its path."""
-    check_settings(cfg["data"])
+    cfg = {**cfg, "data": checked_data(cfg)}
     processed = common.data_paths(cfg)["processed"]
     fingerprint_value = fingerprint(cfg)
     manifest_path = processed / "manifest.json"

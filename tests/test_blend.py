@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ SRC = Path(__file__).resolve().parent.parent / "src"
 FAST_LIGHTGBM = ["blend.lightgbm.n_estimators=60"]
 
 
-def blend_settings(*overrides: str) -> dict:
+def blend_settings(*overrides: str) -> blend.BlendConfig:
     return blend.checked_settings(common.load_config(common.CONFIG_DIR / "blend.yaml", [*FAST_LIGHTGBM, *overrides]))
 
 
@@ -149,7 +150,7 @@ def test_lightgbm_oof_on_pure_noise_stays_at_chance():
     # the same stacker scored on the rows it was fitted on looks far better: the check has teeth
     features = np.column_stack([data.logits["oof"], data.row_features["oof"]])
     import lightgbm
-    model = lightgbm.LGBMClassifier(**blend_settings()["lightgbm"], verbose=-1).fit(features, data.oof_label)
+    model = lightgbm.LGBMClassifier(**asdict(blend_settings().lightgbm), verbose=-1).fit(features, data.oof_label)
     assert common.roc_auc(data.oof_label, model.predict_proba(features)[:, 1]) > 0.6
 
 
@@ -298,11 +299,29 @@ def test_cli_reports_a_missing_run_as_one_line_and_exit_2(workspace, tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("blend.methods=[logit_mean,magic]", "unknown method 'magic'"),
+    ("blend.methods=[logit_mean,magic]", r"blend.methods must be a list of values from rank_mean, .*\(item 1: 'magic'\)"),
+    ("blend.methods=[logit_mean,logit_mean]", "names a method twice"),
     ("blend.select=lightgbm", "blend.select must be auto"),  # lightgbm is not among blend.methods
     ("blend.runs=[]", "blend.runs must be a non-empty list"),
     ("blend.submission.column=ID", "cannot be 'ID'"),
+    ("blend.submission.name=../x", "plain file stem"),
+    ("blend.submission.column=''", "blend.submission.column must not be empty"),
+    ("blend.runs=[a,a]", "names a run twice"),
+    ("blend.auc_weights.max_rows=0", "blend.auc_weights.max_rows must be at least 1, got 0"),
+    ("blend.auc_weights.seed=true", "blend.auc_weights.seed must be an integer, got True"),
+    ("blend.logistic.C=0", "blend.logistic.C must be positive, got 0"),
+    ("blend.lightgbm.num_leaves=1.5", "blend.lightgbm.num_leaves must be an integer, got 1.5"),
 ])
 def test_bad_settings_are_one_line_errors(override, expected):
-    with pytest.raises(UserError, match=expected):
+    with pytest.raises(UserError, match=expected) as error:
         blend_settings("blend.methods=[logit_mean]", override)
+    assert "\n" not in str(error.value)
+
+
+def test_settings_are_typed_and_missing_keys_take_the_defaults():
+    settings = blend_settings("blend.logistic={}", "blend.lightgbm={n_estimators: 80.0}", "blend.auc_weights.max_rows=1e3")
+    assert settings.logistic.C == 1.0 and settings.lightgbm.n_estimators == 80
+    assert isinstance(settings.lightgbm.n_estimators, int) and settings.auc_weights.max_rows == 1000
+    assert settings.lightgbm.num_leaves == blend.LightGBMConfig().num_leaves
+    with pytest.raises(UserError, match=r"unknown key blend.lightgbm.n_estimator \(known: n_estimators,"):
+        blend_settings("blend.lightgbm={n_estimator: 80}")

@@ -1,4 +1,5 @@
 """Every shipped config loads, follows the run-name convention and builds a working model."""
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,9 @@ import fit
 import model_config
 import preprocess
 import train
+from dcnv2 import DCNv2
+from din import DIN
+from test_models import DCN, QIN, make_batch, make_tables
 
 CONFIGS = sorted(common.CONFIG_DIR.glob("*.yaml"))
 MODEL_CONFIGS = [p for p in CONFIGS if "model" in common.load_config(p)]
@@ -41,3 +45,65 @@ def test_model_config_builds_and_predicts(path: Path, tiny_processed):
     with torch.no_grad():
         logits = model(fit.gather(data["valid"], rows))
     assert logits.shape == (16,) and torch.isfinite(logits).all()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# model sections: the builders' keywords, and nothing only the other form takes
+# ---------------------------------------------------------------------------------------------
+
+def build(config: str, *overrides: str):
+    cfg = common.load_config(common.CONFIG_DIR / config, list(overrides))
+    return model_config.build_model(cfg["model"], make_tables())
+
+
+def test_tf4ctr_off_on_the_dcnv2_config_gives_plain_dcnv2_with_its_default_structure():
+    model = build("dcnv2_tf.yaml", "model.tf4ctr.enabled=false", "model.emb_dim=8", "model.mlp_hidden=[16]")
+    assert isinstance(model, DCNv2) and not model.stacked  # DCNv2's default: parallel
+    assert not isinstance(build("dcnv2_tf_small.yaml"), DCNv2)
+
+
+def test_a_key_only_the_other_form_takes_is_an_error():
+    # DIN in TF4CTR only
+    with pytest.raises(common.UserError, match=r"^model.simple_hidden: only din with tf4ctr.enabled: true "
+                                               r"takes this key, and model.tf4ctr.enabled is false"):
+        build("din_tf_small.yaml", "model.tf4ctr.enabled=false")
+    # plain DCNv2 only
+    with pytest.raises(common.UserError, match=r"^model.structure: only dcnv2 with tf4ctr.enabled: false"):
+        model_config.build_model({**DCN, "structure": "parallel", "tf4ctr": {"enabled": True}}, make_tables())
+    with pytest.raises(common.UserError, match=r"^model.structure: unknown key \(known: name, tf4ctr, emb_dim,"):
+        model_config.build_model({**QIN, "structure": "parallel"}, make_tables())  # no form of QIN takes it
+
+
+def test_null_takes_the_builders_default():
+    model_config.build_model({**DCN, "structure": None, "tf4ctr": {"enabled": True}}, make_tables())
+    assert isinstance(build("din_tf_small.yaml", "model.tf4ctr.enabled=false", "model.simple_hidden=null"), DIN)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.emb_dim=0", "model.emb_dim: must be at least 1, got 0"),
+    ("model.emb_dim=true", "model.emb_dim: must be an integer, got True"),
+    ("model.dropout=1.5", "model.dropout: must be in [0, 1], got 1.5"),
+    ("model.pooling=max", "model.pooling: must be mean or asta, got 'max'"),
+    ("model.mlp_hidden=[8,0]", "model.mlp_hidden: items must each be at least 1, got [8, 0]"),
+    ("model.mlp_hidden=8", "model.mlp_hidden: must be a list of integers, got 8"),
+    ("model.tf4ctr.gamma=-1", "model.tf4ctr.gamma: must be at least 0, got -1"),
+    ("model.tf4ctr.dfm=avg", "model.tf4ctr.dfm: must be one of wsf, cf, vf, moef, sum, got 'avg'"),
+    ("model.tf4ctr={enabled: 1}", "model.tf4ctr.enabled: must be true or false, got 1"),
+    ("model.tf4ctr={focus: 1}", "model.tf4ctr.focus: unknown key (known: enabled, ssem, dfm, c, gamma, alpha)"),
+    ("model.tf4ctr=3", "model.tf4ctr: must be a mapping of keys, got 3"),
+])
+def test_model_values_are_checked_by_their_builders_types(override, message):
+    with pytest.raises(common.UserError) as error:
+        build("dcnv2_tf_small.yaml", override)
+    assert str(error.value) == message
+
+
+def test_model_numbers_are_coerced():
+    model = build("qin_small.yaml", "model.emb_dim=16.0", "model.dropout=0", "model.mlp_hidden=[8.0]")
+    assert model(make_batch(b=4)).shape == (4,)
+
+
+def test_the_tf4ctr_keys_are_tf4ctrs_keywords():
+    assert model_config.TF4CTR_KEYS == ["ssem", "dfm", "c", "gamma", "alpha"]
+    assert [f.name for f in dataclasses.fields(model_config.TF4CTRConfig)] == ["enabled", *model_config.TF4CTR_KEYS]

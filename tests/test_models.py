@@ -53,7 +53,8 @@ def make_label(b=16, seed=2):
 
 QIN = dict(name="qin", emb_dim=8, qnn_layers=2, qnn_m=2, mlp_hidden=[32, 16])
 DCN = dict(name="dcnv2", emb_dim=8, cross_layers=2, cross_rank=4, cross_experts=2, mlp_hidden=[32, 16])
-DIN = dict(name="din", emb_dim=8, attention_hidden=[16, 8], mlp_hidden=[32, 16], simple_hidden=[16])
+DIN = dict(name="din", emb_dim=8, attention_hidden=[16, 8], mlp_hidden=[32, 16])
+DIN_TF = {**DIN, "simple_hidden": [16]}  # simple_hidden: DIN in TF4CTR only
 
 
 def tf(ssem="ser", dfm="wsf"):
@@ -75,9 +76,9 @@ CONFIGS = {
     "din": DIN,
     "din_dice_softmax": {**DIN, "attention_activation": "dice", "attention_softmax": True,
                          "mlp_activation": "dice"},
-    "din_tf_ser_wsf": {**DIN, **tf("ser", "wsf")},
-    "din_tf_gm_sum": {**DIN, **tf("gm", "sum")},
-    "din_tf_moe_vf": {**DIN, **tf("moe", "vf")},
+    "din_tf_ser_wsf": {**DIN_TF, **tf("ser", "wsf")},
+    "din_tf_gm_sum": {**DIN_TF, **tf("gm", "sum")},
+    "din_tf_moe_vf": {**DIN_TF, **tf("moe", "vf")},
 }
 
 

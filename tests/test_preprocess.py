@@ -361,12 +361,30 @@ def test_a_failed_rebuild_leaves_the_good_folder_untouched(copy_raw, tmp_path):
     assert sorted(p.name for p in processed.parent.iterdir()) == ["processed"]
 
 
-@pytest.mark.parametrize("key, value", [("emb_dtype", "float64"), ("n_folds", 1)])
-def test_bad_settings_are_user_errors(tiny_raw, tmp_path, key, value):
+@pytest.mark.parametrize("key, value, message", [
+    ("emb_dtype", "float64", "config: data.emb_dtype must be float32 or float16, got 'float64'"),
+    ("n_folds", 1, "config: data.n_folds must be at least 2, got 1"),
+    ("n_folds", 2.5, "config: data.n_folds must be an integer, got 2.5"),
+    ("fold_seed", True, "config: data.fold_seed must be an integer, got True"),
+    ("raw_dir", None, "config: data.raw_dir must be a string, got None"),
+    ("nfolds", 3, "config: unknown key data.nfolds (known: raw_dir, work_dir, n_folds, fold_seed, emb_dtype)"),
+])
+def test_bad_settings_are_user_errors(tiny_raw, tmp_path, key, value, message):
     cfg = make_data_cfg(tiny_raw, tmp_path / "work")
     cfg["data"][key] = value
-    with pytest.raises(common.UserError, match=f"data.{key}"):
+    with pytest.raises(common.UserError) as error:
         preprocess.run_preprocess(cfg)
+    assert str(error.value) == message
+    assert not (tmp_path / "work").exists()
+
+
+def test_the_data_section_is_typed_with_the_defaults_in_python():
+    data = preprocess.checked_data({"data": {"raw_dir": "r", "work_dir": "w", "n_folds": 4.0}})
+    assert data == {"raw_dir": "r", "work_dir": "w", "n_folds": 4, "fold_seed": preprocess.DataConfig.fold_seed,
+                    "emb_dtype": "float32"}
+    assert type(data["n_folds"]) is int
+    with pytest.raises(common.UserError, match="config: missing key data.work_dir"):
+        preprocess.checked_data({"data": {"raw_dir": "r"}})
 
 
 def test_cli_reports_a_bad_input_as_one_error_line(copy_raw, tmp_path):

@@ -5,6 +5,8 @@ network (full rank or the low-rank mixture CrossNetMix) and an MLP, stacked or i
 Under TF4CTR the cross network is the simple encoder and the MLP the complex one, which is the
 parallel structure by construction.
 """
+from typing import Literal
+
 import torch
 
 from layers import (ASTA, MLP, CrossNet, CrossNetMix, CTRModel, FeatureEmbedding, Float32Linear, MeanPooling,
@@ -28,9 +30,10 @@ def cross_network(dim, cross, cross_layers, cross_rank, cross_experts):
 class DCNv2(CTRModel):
     """x_0 [B, D = 2E + 2I] -> cross network and MLP, stacked or in parallel -> Linear -> 1."""
 
-    def __init__(self, tables, emb_dim=64, pooling="mean", cross="full", cross_layers=3, cross_rank=64,
-                 cross_experts=4, structure="parallel", mlp_hidden=(1024, 512, 256), dropout=0.1,
-                 batch_norm=True, table_mode="auto"):
+    def __init__(self, tables, emb_dim=64, pooling: Literal["mean", "asta"] = "mean",
+                 cross: Literal["full", "mix"] = "full", cross_layers=3, cross_rank=64, cross_experts=4,
+                 structure: Literal["stacked", "parallel"] = "parallel", mlp_hidden=(1024, 512, 256),
+                 dropout=0.1, batch_norm=True, table_mode: Literal["auto", "gather", "table"] = "auto"):
         super().__init__()
         check_choice("structure", structure, ("stacked", "parallel"))
         self.embedding = FeatureEmbedding(tables, emb_dim, history_pooling(pooling), table_mode)
@@ -50,9 +53,11 @@ class DCNv2(CTRModel):
         return self.out(h).squeeze(-1)
 
 
-def dcnv2_tf4ctr(tables, emb_dim=64, pooling="mean", cross="full", cross_layers=3, cross_rank=64,
-                 cross_experts=4, mlp_hidden=(1024, 512, 256), dropout=0.1, batch_norm=True,
-                 table_mode="auto", ssem="ser", dfm="wsf", c=0.8, gamma=2.0, alpha=0.25):
+def dcnv2_tf4ctr(tables, emb_dim=64, pooling: Literal["mean", "asta"] = "mean",
+                 cross: Literal["full", "mix"] = "full", cross_layers=3, cross_rank=64, cross_experts=4,
+                 mlp_hidden=(1024, 512, 256), dropout=0.1, batch_norm=True,
+                 table_mode: Literal["auto", "gather", "table"] = "auto",
+                 ssem="ser", dfm="wsf", c=0.8, gamma=2.0, alpha=0.25):
     """DCNv2 in TF4CTR: cross network = simple encoder, MLP = complex encoder, each on its SSEM input."""
     return TF4CTR(
         make_embedder=lambda e: FeatureEmbedding(tables, e, history_pooling(pooling), table_mode),

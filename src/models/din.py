@@ -3,6 +3,7 @@
 The attention unit pools the history against the target; [likes/views embeddings, target item,
 pooled interest] (FeatureEmbedding) goes through a deep MLP.
 """
+from typing import Literal
 
 from layers import MLP, CTRModel, DINAttention, FeatureEmbedding, Float32Linear, init_weights
 from tf4ctr import TF4CTR
@@ -15,9 +16,11 @@ def din_attention(hidden, activation, dropout, softmax):
 class DIN(CTRModel):
     """[levels, target, attention-pooled interest] [B, 2E + 2I] -> MLP -> Linear -> 1."""
 
-    def __init__(self, tables, emb_dim=64, attention_hidden=(512, 256), attention_activation="relu",
-                 attention_dropout=0.1, attention_softmax=False, mlp_hidden=(1024, 512, 256),
-                 mlp_activation="relu", dropout=0.1, batch_norm=True, table_mode="auto"):
+    def __init__(self, tables, emb_dim=64, attention_hidden=(512, 256),
+                 attention_activation: Literal["relu", "dice", "prelu"] = "relu", attention_dropout=0.1,
+                 attention_softmax=False, mlp_hidden=(1024, 512, 256),
+                 mlp_activation: Literal["relu", "prelu", "dice"] = "relu", dropout=0.1, batch_norm=True,
+                 table_mode: Literal["auto", "gather", "table"] = "auto"):
         super().__init__()
         pool = din_attention(attention_hidden, attention_activation, attention_dropout, attention_softmax)
         self.embedding = FeatureEmbedding(tables, emb_dim, pool, table_mode)
@@ -29,9 +32,11 @@ class DIN(CTRModel):
         return self.out(self.mlp(self.embedding(batch))).squeeze(-1)
 
 
-def din_tf4ctr(tables, emb_dim=64, attention_hidden=(512, 256), attention_activation="relu",
-               attention_dropout=0.1, attention_softmax=False, mlp_hidden=(1024, 512, 256),
-               mlp_activation="relu", dropout=0.1, batch_norm=True, table_mode="auto",
+def din_tf4ctr(tables, emb_dim=64, attention_hidden=(512, 256),
+               attention_activation: Literal["relu", "dice", "prelu"] = "relu", attention_dropout=0.1,
+               attention_softmax=False, mlp_hidden=(1024, 512, 256),
+               mlp_activation: Literal["relu", "prelu", "dice"] = "relu", dropout=0.1, batch_norm=True,
+               table_mode: Literal["auto", "gather", "table"] = "auto",
                simple_hidden=(256,), ssem="ser", dfm="wsf", c=0.8, gamma=2.0, alpha=0.25):
     """DIN in TF4CTR.
 

@@ -38,23 +38,28 @@ from metrics import log_loss, roc_auc
 FEATURES = ("user_id", "item_id", "item_seq", "likes_level", "views_level")
 
 
+# bounds on a setting, for config loaders (common.typed_section checks them)
+AT_LEAST_1, POSITIVE = {"min": 1}, {"positive": True}
+
+
 @dataclass
 class FitSettings:
     """The schedule; the defaults are QIN's released settings (docs/spec/qin.md)."""
-    seed: int = 20242025            # the shuffle order of every epoch
-    batch_size: int = 8192          # training rows per Adam step
-    eval_batch_size: int = 65536    # rows per forward pass at evaluation (no gradients: far larger fits)
-    lr: float = 2.0e-3              # Adam's initial learning rate
-    lr_min: float = 1.0e-6          # the learning rate is never decayed below this floor
-    lr_decay: float = 0.5           # lr multiplier after every epoch whose monitored AUC did not improve
-    min_delta: float = 1.0e-6       # an epoch improves only if it beats the best AUC by more than this
-    patience: int = 8               # stop after this many epochs in a row without improvement
-    max_epochs: int = 100           # hard cap on epochs
-    emb_l2: float = 2.0e-4          # L2 penalty emb_l2/2 * ||W||^2 on every nn.Embedding table
-    grad_clip: float = 10.0         # clip the global gradient norm to this before each step
-    bf16: bool = True               # bfloat16 autocast on CUDA (the CPU always runs float32)
-    compile: bool = False           # torch.compile the model's loss and forward
-    log_every: int = 50             # steps between progress reports (each costs a host sync)
+    seed: int = 20242025                                     # the shuffle order of every epoch
+    batch_size: int = field(default=8192, metadata=AT_LEAST_1)  # training rows per Adam step
+    # rows per forward pass at evaluation: no gradients, so far larger batches fit
+    eval_batch_size: int = field(default=65536, metadata=AT_LEAST_1)
+    lr: float = field(default=2.0e-3, metadata=POSITIVE)     # Adam's initial learning rate
+    lr_min: float = field(default=1.0e-6, metadata=POSITIVE)  # the learning rate is never decayed below this
+    lr_decay: float = field(default=0.5, metadata=POSITIVE)  # lr factor after an epoch that did not improve
+    min_delta: float = 1.0e-6                                # improving means beating the best AUC by more
+    patience: int = field(default=8, metadata=AT_LEAST_1)    # stop after this many epochs in a row without
+    max_epochs: int = field(default=100, metadata=AT_LEAST_1)  # hard cap on epochs
+    emb_l2: float = 2.0e-4                                   # L2 emb_l2/2 * ||W||^2 on every nn.Embedding
+    grad_clip: float = field(default=10.0, metadata=POSITIVE)  # global gradient-norm clip before each step
+    bf16: bool = True                                        # bfloat16 autocast on CUDA (the CPU: float32)
+    compile: bool = False                                    # torch.compile the model's loss and forward
+    log_every: int = field(default=50, metadata=AT_LEAST_1)  # steps between progress reports (a host sync each)
 
 
 @dataclass

@@ -4,6 +4,8 @@ ASTA pools the user's history against the target item, then a QNN models quadrat
 of all features. Built exactly as released (docs/spec/qin.md), with switches for the paper's
 ablations and for the stronger variant the authors found after the deadline.
 """
+from typing import Literal
+
 import torch
 import torch.nn as nn
 
@@ -21,10 +23,12 @@ class QIN(CTRModel):
     thing, so both go through the same two level tables.
     """
 
-    def __init__(self, tables, emb_dim=128, qnn_layers=4, qnn_m=4, qnn_activation="prelu",
-                 interaction="qnn", mlp_hidden=(1024, 512, 256), dropout=0.1, batch_norm=True,
-                 attention="relu", attention_dropout=0.0, asta_fast=True,
-                 use_user_id=False, history_levels=False, table_mode="auto"):
+    def __init__(self, tables, emb_dim=128, qnn_layers=4, qnn_m=4,
+                 qnn_activation: Literal["prelu", "relu"] = "prelu",
+                 interaction: Literal["qnn", "mlp"] = "qnn", mlp_hidden=(1024, 512, 256), dropout=0.1,
+                 batch_norm=True, attention: Literal["relu", "softmax", "mean"] = "relu",
+                 attention_dropout=0.0, asta_fast=True, use_user_id=False, history_levels=False,
+                 table_mode: Literal["auto", "gather", "table"] = "auto"):
         super().__init__()
         check_choice("attention", attention, ("relu", "softmax", "mean"))
         check_choice("interaction", interaction, ("qnn", "mlp"))

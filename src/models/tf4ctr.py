@@ -8,6 +8,8 @@ and the complex one on hard samples. A model joins by handing over three factori
   make_simple(in_dim), make_complex(in_dim) -> module([B, in_dim]) -> [B, out_dim]
 each module exposing .out_dim.
 """
+from typing import Literal
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -118,7 +120,8 @@ class TF4CTR(nn.Module):
     """
 
     def __init__(self, make_embedder, make_simple, make_complex, emb_dim,
-                 ssem="ser", dfm="wsf", c=0.8, gamma=2.0, alpha=0.25):
+                 ssem: Literal["ser", "gm", "moe", "none"] = "ser",
+                 dfm: Literal["wsf", "cf", "vf", "moef", "sum"] = "wsf", c=0.8, gamma=2.0, alpha=0.25):
         super().__init__()
         if not 0 <= c <= 1:  # keeps (2 - c) - p_t, the hard-sample focus, non-negative
             raise ValueError(f"c: {c} is not in [0, 1]")
