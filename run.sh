@@ -5,13 +5,14 @@
 # finished, so rerunning this script after a crash or Ctrl-C picks up where it stopped.
 #
 #   bash run.sh                                  # synthetic demo data, small models, CPU friendly
-#   bash run.sh --preset full --models qin,dcnv2_tf,din_tf     # real sizes, published models (GPU)
-#   bash run.sh --data data/MicroLens_1M_x1 --models qin,dcnv2_tf,din_tf     # the real data
+#   bash run.sh --preset full                    # real sizes, published models (GPU)
+#   bash run.sh --data data/MicroLens_1M_x1      # the real data, published models (GPU)
 #
 # Options:
 #   --preset NAME      synthetic preset to use/generate: tiny, demo (default) or full
 #   --data DIR         a folder with train/valid/test/item_info.parquet (overrides --preset)
-#   --models A,B,...   model configs from configs/ (default: qin_small,dcnv2_tf_small,din_tf_small)
+#   --models A,B,...   model configs from configs/ (default: qin_small,dcnv2_tf_small,din_tf_small
+#                      on tiny/demo; qin,dcnv2_tf,din_tf,transformer_dcn_gpu on full or --data)
 #   --folds K          number of folds (default: 3 on the tiny/demo presets, 5 on full or --data)
 #   --device DEV       cpu or cuda (default: cuda when present)
 #   --name NAME        submission name: submissions/NAME.zip (default: submission)
@@ -23,7 +24,7 @@ cd "$(dirname "$0")"
 
 PRESET=demo
 DATA=""
-MODELS="qin_small,dcnv2_tf_small,din_tf_small"
+MODELS=""
 FOLDS=""
 DEVICE=""
 NAME=submission
@@ -79,6 +80,12 @@ fi
 
 if [ -z "$FOLDS" ]; then
   case "$DATA:$PRESET" in :tiny|:demo) FOLDS=3 ;; *) FOLDS=5 ;; esac
+fi
+if [ -z "$MODELS" ]; then
+  case "$DATA:$PRESET" in
+    :tiny|:demo) MODELS="qin_small,dcnv2_tf_small,din_tf_small" ;;
+    *) MODELS="qin,dcnv2_tf,din_tf,transformer_dcn_gpu" ;;
+  esac
 fi
 DATA_SETS=(--set "data.raw_dir=$RAW" --set "data.work_dir=$WORK" --set "data.n_folds=$FOLDS")
 

@@ -18,8 +18,9 @@ from dcnv2 import DCNv2, dcnv2_tf4ctr
 from din import DIN, din_tf4ctr
 from qin import QIN
 from tf4ctr import TF4CTR
+from transformer_dcn import TransformerDCN
 
-PLAIN = {"qin": QIN, "dcnv2": DCNv2, "din": DIN}
+PLAIN = {"qin": QIN, "dcnv2": DCNv2, "din": DIN, "transformer_dcn": TransformerDCN}
 WITH_TF4CTR = {"dcnv2": dcnv2_tf4ctr, "din": din_tf4ctr}
 
 

@@ -145,7 +145,7 @@ class Progress:
             self.close()
             self.epoch = epoch
             self.bar = tqdm(total=total, desc=f"fold {self.fold} epoch {epoch}", unit="rows", unit_scale=True,
-                            leave=False, mininterval=1.0, dynamic_ncols=True)
+                            leave=False, mininterval=1.0, dynamic_ncols=True, smoothing=0)
         self.bar.update(done - self.bar.n)
         self.bar.set_postfix(loss=f"{loss:.4f}")
 

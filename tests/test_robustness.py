@@ -64,7 +64,8 @@ TINY_TRAIN = {"max_epochs": 2, "batch_size": 512, "eval_batch_size": 2048, "log_
 # ---------------------------------------------------------------------------------------------
 
 def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SRC / f"{script}.py"), *map(str, args)], cwd=cwd,
+    folder = common.REPO_ROOT / "tools" if script == "bench" else SRC
+    return subprocess.run([sys.executable, str(folder / f"{script}.py"), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=300, env=ONE_THREAD)
 
 
@@ -236,9 +237,8 @@ SCRIPT_CASES = {
                        ["data.yaml", "--out", "cannot create the folder"]),
     "preprocess": ("raw/test.parquet", truncate, lambda p: ["--config", p.data_yaml],
                    ["test.parquet", "not a readable parquet file"]),
-    "train": ("raw/valid.parquet", lambda path: edit_value(path, "item_id", 5, N_ITEMS),
-              lambda p: ["--config", p.model_yaml, "--device", "cpu"],
-              ["valid.parquet", "column 'item_id'", f"row 5 has target item id {N_ITEMS}"]),
+    "train": ("work/processed/train_fold.npy", truncate, lambda p: ["--config", p.model_yaml, "--device", "cpu"],
+              ["train_fold.npy", "not a readable .npy file"]),
     "blend": (f"work/runs/{RUN}/valid.parquet", inf_prediction, lambda p: ["--config", p.blend_yaml],
               ["valid.parquet", "column 'pred'", "outside [0, 1]", "inf"]),
     "validate_submission": (None, None, lambda p: [float_id_submission(p), "--config", p.blend_yaml],

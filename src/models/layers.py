@@ -15,13 +15,17 @@ def check_choice(name, value, choices):
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
 
 
-def init_weights(model):
+def init_weights(model, keep=()):
     """FuxiCTR's initialisation, which the released QIN and the official DIN use.
 
     Embeddings N(0, 1e-4) (tiny, so the frozen multimodal vector dominates the item at the start),
-    Linear weights xavier-normal with zero bias.
+    Linear weights xavier-normal with zero bias. Modules of the types in ``keep``, and everything
+    inside them, keep torch's own initialisation.
     """
+    kept = {id(inner) for m in model.modules() if isinstance(m, keep) for inner in m.modules()}
     for m in model.modules():
+        if id(m) in kept:
+            continue
         if isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=1e-4)
             if m.padding_idx is not None:
@@ -66,7 +70,8 @@ class Float32Linear(nn.Linear):
 
 
 class ItemEncoder(nn.Module):
-    """An item as [item_id embedding, mean tag embedding, W_mm * multimodal vector]: width I = 3E.
+    """An item as [item_id embedding, mean tag embedding, W_mm * multimodal vector]: width I = 2E + M,
+    M = mm_dim (default E, so I = 3E; FuxiCTR keeps an embedding-type feature at its own width 128).
 
     The multimodal vectors (item_emb) and tag lists (item_tags) are frozen data held as buffers
     that are not saved (persistent=False): they are rebuilt from the processed tables at load time.
@@ -75,16 +80,18 @@ class ItemEncoder(nn.Module):
     to encode every lookup ('gather'); 'auto' picks per call. Both are the same function.
     """
 
-    def __init__(self, tables, emb_dim, table_mode="auto"):
+    def __init__(self, tables, emb_dim, table_mode="auto", mm_dim=None, id_padding=False):
         super().__init__()
         check_choice("table_mode", table_mode, ("auto", "gather", "table"))
+        mm_dim = mm_dim or emb_dim
         self.table_mode = table_mode
         self.register_buffer("item_tags", tables["item_tags"], persistent=False)  # [V, 5] int
         self.register_buffer("item_emb", tables["item_emb"], persistent=False)  # [V, 128] float
-        self.item_id = nn.Embedding(self.item_tags.shape[0], emb_dim)
+        # id_padding: item 0 (padding) is a fixed zero vector, as in FuxiCTR's embedding tables
+        self.item_id = nn.Embedding(self.item_tags.shape[0], emb_dim, padding_idx=0 if id_padding else None)
         self.tag = nn.Embedding(tables["n_tags"], emb_dim, padding_idx=0)
-        self.mm = nn.Linear(self.item_emb.shape[1], emb_dim, bias=False)
-        self.out_dim = 3 * emb_dim
+        self.mm = nn.Linear(self.item_emb.shape[1], mm_dim, bias=False)
+        self.out_dim = 2 * emb_dim + mm_dim
 
     def encode(self, id_vec, tags, mm_vec):  # [N, E], [N, 5], [N, 128] -> [N, I]
         # embedding_bag 'mean' with padding_idx leaves padding tags out of the mean and gives
@@ -113,10 +120,10 @@ class ItemEncoder(nn.Module):
 class LevelEmbedding(nn.Module):
     """likes_level and views_level embeddings, concatenated: [*] x 2 -> [*, 2E]."""
 
-    def __init__(self, n_levels, emb_dim):
+    def __init__(self, n_levels, emb_dim, padding=False):
         super().__init__()
-        self.likes = nn.Embedding(n_levels, emb_dim)
-        self.views = nn.Embedding(n_levels, emb_dim)
+        self.likes = nn.Embedding(n_levels, emb_dim, padding_idx=0 if padding else None)
+        self.views = nn.Embedding(n_levels, emb_dim, padding_idx=0 if padding else None)
 
     def forward(self, likes_level, views_level):
         return torch.cat([self.likes(likes_level), self.views(views_level)], -1)
