@@ -46,8 +46,9 @@ RUN_TIME_ONLY_KEYS = (("train", "device"), ("train", "log_every"))
 @dataclass
 class TrainConfig(FitSettings):
     """The train: section: fit.py's schedule (defaults: QIN's released one) plus where to run."""
-    early_stopping: Literal["valid", "holdout"] = "valid"  # whose AUC decides: the valid split or the fold's held-out rows
-    device: str = "auto"                                   # auto (CUDA when present), cpu or cuda
+    # whose AUC decides: the official valid split (as released) or the fold's held-out train rows
+    early_stopping: Literal["valid", "holdout"] = "valid"
+    device: str = "auto"  # auto (CUDA when present), cpu or cuda
 
     def fit_settings(self, seed: int) -> FitSettings:
         """fit.py's part of the section, with a fold's own seed."""
