@@ -19,6 +19,8 @@
 #   --data-root DIR    where presets are generated and derived data goes (default: data)
 #   --submissions DIR  folder for the submission files (default: submissions)
 #   --train-set K=V    extra override for every training run (repeatable), e.g. train.max_epochs=2
+#   --refit            also train each model once on every train row, and submit the blend of the
+#                      refits' test predictions (weights still fitted on the folds' OOF predictions)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,6 +33,8 @@ NAME=submission
 DATA_ROOT=data
 SUBMISSIONS=submissions
 TRAIN_SETS=()
+REFIT=""
+TEST_FROM=folds
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset|--data|--models|--folds|--device|--name|--data-root|--submissions|--train-set)
@@ -48,6 +52,7 @@ while [ $# -gt 0 ]; do
     --data-root) DATA_ROOT="$2"; shift 2 ;;
     --submissions) SUBMISSIONS="$2"; shift 2 ;;
     --train-set) TRAIN_SETS+=(--set "$2"); shift 2 ;;
+    --refit) REFIT=1; TEST_FROM=refit; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown option '$1' (see bash run.sh --help)" >&2; exit 2 ;;
   esac
@@ -98,12 +103,17 @@ for model in "${MODEL_LIST[@]}"; do
   stage "train $model"
   "$PY" src/train.py --config "configs/$model.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" \
     ${DEVICE:+--device "$DEVICE"}
+  if [ -n "$REFIT" ]; then
+    stage "refit $model"
+    "$PY" src/train.py --config "configs/$model.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" \
+      ${DEVICE:+--device "$DEVICE"} --refit
+  fi
   RUNS+=("$model")   # by convention run.name equals the config's file name (tests/test_configs.py)
 done
 RUN_LIST=$(IFS=','; echo "${RUNS[*]}")
 
 BLEND_SETS=("${DATA_SETS[@]}" --set "blend.runs=[${RUN_LIST}]" --set "blend.submission.name=$NAME"
-            --set "blend.submission.dir=$SUBMISSIONS")
+            --set "blend.submission.dir=$SUBMISSIONS" --set "blend.test_from=$TEST_FROM")
 stage "blend ${RUN_LIST}"
 "$PY" src/blend.py --config configs/blend.yaml "${BLEND_SETS[@]}"
 

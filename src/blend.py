@@ -105,6 +105,9 @@ class BlendConfig:
     runs: list[str]                                       # run folders under {work_dir}/runs/
     methods: list[Method] = field(default_factory=lambda: list(get_args(Method)))
     select: str = "auto"                                  # auto | best_single | one of methods
+    # whose valid and test predictions the fitted blend is applied to: each run's fold mean, or its
+    # refit (one model on every train row, src/train.py --refit)
+    test_from: Literal["folds", "refit"] = "folds"
     auc_weights: AucWeightsConfig = field(default_factory=AucWeightsConfig)
     logistic: LogisticConfig = field(default_factory=LogisticConfig)
     lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
@@ -168,7 +171,7 @@ def row_features_of(arrays: dict) -> dict[str, np.ndarray]:
             for split, name in PROCESSED_SPLIT.items()}
 
 
-def load_blend_data(cfg: dict, runs: list[str], with_row_features: bool) -> BlendData:
+def load_blend_data(cfg: dict, runs: list[str], with_row_features: bool, test_from: str = "folds") -> BlendData:
     """Every run's predictions checked against the processed data and stacked column-wise."""
     paths = common.data_paths(cfg)
     _, arrays, manifest = preprocess.load_current(cfg)
@@ -181,7 +184,7 @@ def load_blend_data(cfg: dict, runs: list[str], with_row_features: bool) -> Blen
             raise UserError(f"{paths['processed']}/{split}_label.npy: every label is {labels[0]:.0f}: "
                             f"AUC is undefined")
     expected = {"oof": np.arange(len(oof_label)), "valid": np.arange(len(valid_label)), "test": test_ids}
-    per_run = [read_predictions(paths["runs"] / run, run, manifest, expected, fold) for run in runs]
+    per_run = [read_predictions(paths["runs"] / run, run, manifest, expected, fold, test_from) for run in runs]
     probs = {split: np.column_stack([preds[split] for preds in per_run]) for split in SPLITS}
     return BlendData(runs=list(runs), probs=probs, oof_label=oof_label, valid_label=valid_label,
                      fold=fold, test_ids=test_ids,
@@ -484,9 +487,11 @@ def run_blend(cfg: dict) -> dict:
     """Blend the configured runs, write {work_dir}/blend/ and the submission; return the metrics."""
     started = time.time()
     settings = checked_settings(cfg)
-    data = load_blend_data(cfg, settings.runs, with_row_features="lightgbm" in settings.methods)
+    data = load_blend_data(cfg, settings.runs, with_row_features="lightgbm" in settings.methods,
+                           test_from=settings.test_from)
     common.log(f"blend: {len(data.runs)} runs, {len(data.oof_label):,} OOF rows, "
-               f"{len(np.unique(data.fold))} folds, methods: {', '.join(settings.methods) or 'none'}")
+               f"{len(np.unique(data.fold))} folds, methods: {', '.join(settings.methods) or 'none'}, "
+               f"valid and test predictions from the {settings.test_from}")
 
     runs = single_runs(data)
     best_single = max(runs, key=lambda c: c.oof_auc)
@@ -514,6 +519,7 @@ def run_blend(cfg: dict) -> dict:
                     for c in methods},
         "n_folds": int(len(np.unique(data.fold))),
         "select": settings.select,
+        "test_from": settings.test_from,
         "chosen": chosen_name,
         "chosen_oof_auc": chosen.oof_auc,
         "chosen_valid_auc": chosen.valid_auc,

@@ -1,8 +1,10 @@
 """The run folder {work_dir}/runs/<name>/: the one module that writes and reads it.
 
 Layout (docs/DESIGN.md "Run directory"): config.yaml, fingerprint.json, fold{k}/{best.pt,
-history.json, oof.parquet, valid.parquet, test.parquet, done.json}, and once every fold is done
-the aggregates oof.parquet, valid.parquet, test.parquet, metrics.json, report.md. Every file is
+history.json, oof.parquet, valid.parquet, test.parquet, done.json}, once every fold is done the
+aggregates oof.parquet, valid.parquet, test.parquet, metrics.json, report.md, and optionally
+refit/ (one model on every train row: best.pt, history.json, valid.parquet, test.parquet,
+done.json). Every file is
 written atomically; a fold is done when its done.json (written last) reads back as a mapping.
 Predictions are stored with their row ids (``row_id`` for train and valid rows, ``ID`` for test),
 so that reading them back is a join on the ids, checked here against the ids the caller expects.
@@ -57,16 +59,21 @@ def run_dir(cfg: dict, name: str | None = None) -> Path:
     return common.data_paths(cfg)["runs"] / (name or cfg["run"]["name"])
 
 
-def fold_dir(run: Path, fold: int) -> Path:
-    return run / f"fold{fold}"
+REFIT = "refit"  # the "fold" that trains on every train row: its folder is {run}/refit/
+
+
+def fold_dir(run: Path, fold: int | str) -> Path:
+    return run / (REFIT if fold == REFIT else f"fold{fold}")
 
 
 def fold_dirs(run: Path) -> list[Path]:
-    return [p for p in run.glob("fold*") if p.is_dir() and re.fullmatch(r"fold\d+", p.name)]
+    """The run's fold folders, the refit's included."""
+    return [p for p in run.glob("*") if p.is_dir() and re.fullmatch(rf"fold\d+|{REFIT}", p.name)]
 
 
-def fold_done(run: Path, fold: int) -> bool:
-    """Whether fold{k}/done.json exists and reads back as a mapping (a damaged one: not done)."""
+def fold_done(run: Path, fold: int | str) -> bool:
+    """Whether fold{k}/done.json (or refit/done.json) exists and reads back as a mapping (a damaged
+    one: not done)."""
     done = fold_dir(run, fold) / "done.json"
     if not done.is_file():
         return False
@@ -77,7 +84,7 @@ def fold_done(run: Path, fold: int) -> bool:
         return False
 
 
-def fold_metrics(run: Path, fold: int) -> dict:
+def fold_metrics(run: Path, fold: int | str) -> dict:
     return common.read_json(fold_dir(run, fold) / "done.json")
 
 
@@ -118,7 +125,7 @@ def remove_aggregates(run: Path) -> None:
         (run / name).unlink(missing_ok=True)
 
 
-def clear_fold(run: Path, fold: int) -> None:
+def clear_fold(run: Path, fold: int | str) -> None:
     shutil.rmtree(fold_dir(run, fold), ignore_errors=True)  # leftovers of an interrupted attempt
 
 
@@ -133,11 +140,11 @@ def prediction_frame(split: str, ids: np.ndarray, preds: np.ndarray, fold: np.nd
     return pd.DataFrame({**columns, "pred": np.asarray(preds, dtype=np.float32)})
 
 
-def write_history(run: Path, fold: int, history: list[dict]) -> None:
+def write_history(run: Path, fold: int | str, history: list[dict]) -> None:
     common.write_json(fold_dir(run, fold) / "history.json", history)
 
 
-def write_fold(run: Path, fold: int, state: dict, preds: dict[str, tuple[np.ndarray, np.ndarray]],
+def write_fold(run: Path, fold: int | str, state: dict, preds: dict[str, tuple[np.ndarray, np.ndarray]],
                metrics: dict) -> None:
     """A finished fold: its checkpoint, its predictions (split -> (ids, probabilities)), done.json last."""
     folder = fold_dir(run, fold)
@@ -296,24 +303,35 @@ PROCESSED_SPLIT = {"oof": "train", "valid": "valid", "test": "test"}  # the OOF 
 
 
 def read_predictions(run: Path, name: str, manifest: dict, expected: dict[str, np.ndarray],
-                     fold: np.ndarray) -> dict[str, np.ndarray]:
+                     fold: np.ndarray, test_from: str = "folds") -> dict[str, np.ndarray]:
     """A finished run's OOF/valid/test predictions aligned to the expected ids (split -> ids), or
-    a one-line UserError saying why they cannot be used."""
+    a one-line UserError saying why they cannot be used. test_from 'refit' takes the valid and test
+    predictions of the run's refit (one model on every train row) instead of the fold mean."""
     require_finished(run, name, manifest["fingerprint"], int(manifest["n_folds"]))
+    if test_from == REFIT and not fold_done(run, REFIT):
+        raise UserError(f"{run}: run '{name}' has no finished refit ({REFIT}/done.json missing): run "
+                        f"src/train.py --refit with its config, or blend with blend.test_from: folds")
     preds = {}
     for split in SPLITS:
-        path = run / f"{split}.parquet"
+        path = (fold_dir(run, REFIT) if test_from == REFIT and split != "oof" else run) / f"{split}.parquet"
         preds[split] = aligned_predictions(path, read_run_file(path, split, name), split, expected[split],
                                            fold if split == "oof" else None, PROCESSED_SPLIT[split])
     return preds
 
 
 def write_finished_run(run: Path, preds: dict[str, np.ndarray], fold: np.ndarray, test_ids: np.ndarray,
-                       data_fingerprint: str) -> None:
-    """A finished run from given predictions in row order, with no model behind them (tests)."""
+                       data_fingerprint: str, refit: dict[str, np.ndarray] | None = None) -> None:
+    """A finished run from given predictions in row order, with no model behind them (tests);
+    ``refit`` (valid and test predictions) adds a finished refit."""
     common.write_json(run / "fingerprint.json", {"config_hash": "handmade", "data_fingerprint": data_fingerprint})
     for k in range(int(fold.max()) + 1):
         common.write_json(fold_dir(run, k) / "done.json", {"fold": k})
     write_predictions(run, {"oof": prediction_frame("oof", np.arange(len(fold)), preds["oof"], fold),
                             "valid": prediction_frame("valid", np.arange(len(preds["valid"])), preds["valid"]),
                             "test": prediction_frame("test", test_ids, preds["test"])})
+    if refit is not None:
+        folder = fold_dir(run, REFIT)
+        common.write_parquet(folder / "valid.parquet",
+                             prediction_frame("valid", np.arange(len(refit["valid"])), refit["valid"]))
+        common.write_parquet(folder / "test.parquet", prediction_frame("test", test_ids, refit["test"]))
+        common.write_json(folder / "done.json", {"fold": REFIT})

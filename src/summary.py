@@ -49,7 +49,9 @@ def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
     # be scored against old predictions
     preprocess.load_current(cfg)
     labels = common.read_test_labels(paths["raw"])
-    rows = [(name, m["oof_auc"], m["valid_auc"], test_auc(runs.run_dir(cfg, name) / "test.parquet", labels))
+    # the runs' test predictions the blend used: their fold means, or their refits
+    source = runs.REFIT if blend.get("test_from") == runs.REFIT else "."
+    rows = [(name, m["oof_auc"], m["valid_auc"], test_auc(runs.run_dir(cfg, name) / source / "test.parquet", labels))
             for name, m in blend["runs"].items()]
     rows.append((f"blend ({blend['chosen']})", blend["chosen_oof_auc"], blend["chosen_valid_auc"],
                  test_auc(paths["work"] / "blend" / "test.parquet", labels)))

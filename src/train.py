@@ -9,6 +9,10 @@ train rows; train.early_stopping says whose AUC decides (valid, as QIN was relea
 holdout). The best epoch's held-out predictions are the fold's OOF predictions; its weights then
 predict the test split.
 
+With --refit it trains one more model instead, on every train row (refit/ in the run folder):
+early stopping on the valid split as released, or the folds' median best epoch
+(train.refit_epochs). The blend can use its test predictions (blend.test_from: refit).
+
 Outputs: {work_dir}/runs/<run.name>/ exactly as docs/DESIGN.md ("Run directory"). A fold is
 complete once fold{k}/done.json reads back; a rerun skips complete folds and redoes the others from
 scratch with the same seed, so an interrupted run ends with the same predictions as an
@@ -21,7 +25,7 @@ import argparse
 import copy
 import re
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +39,7 @@ import preprocess
 import runs
 from common import UserError
 from fit import FEATURES, FitSettings, fit, predict
+from metrics import log_loss, roc_auc
 
 ITEM_TABLES = ("item_tags", "item_emb", "item_likes_level", "item_views_level")
 
@@ -48,6 +53,9 @@ class TrainConfig(FitSettings):
     """The train: section: fit.py's schedule (defaults: QIN's released one) plus where to run."""
     # whose AUC decides: the official valid split (as released) or the fold's held-out train rows
     early_stopping: Literal["valid", "holdout"] = "valid"
+    # how long the refit (--refit: one model on every train row) trains: early stopping on the valid
+    # split (as released) or the median best epoch of the run's folds
+    refit_epochs: Literal["valid", "folds"] = "valid"
     device: str = "auto"  # auto (CUDA when present), cpu or cuda
 
     def fit_settings(self, seed: int) -> FitSettings:
@@ -138,14 +146,14 @@ def load_to_device(arrays: dict, device: torch.device) -> dict:
 class Progress:
     """A tqdm bar per epoch, fed by fit's progress reports (the running loss every log_every steps)."""
 
-    def __init__(self, fold: int):
-        self.fold, self.bar, self.epoch = fold, None, None
+    def __init__(self, name: str):
+        self.name, self.bar, self.epoch = name, None, None
 
     def __call__(self, epoch: int, done: int, total: int, loss: float) -> None:
         if epoch != self.epoch:
             self.close()
             self.epoch = epoch
-            self.bar = tqdm(total=total, desc=f"fold {self.fold} epoch {epoch}", unit="rows", unit_scale=True,
+            self.bar = tqdm(total=total, desc=f"{self.name} epoch {epoch}", unit="rows", unit_scale=True,
                             leave=False, mininterval=1.0, dynamic_ncols=True, smoothing=0)
         self.bar.update(done - self.bar.n)
         self.bar.set_postfix(loss=f"{loss:.4f}")
@@ -156,27 +164,40 @@ class Progress:
             self.bar = None
 
 
-def train_fold(fold: int, cfg: dict, data: dict, tables: dict, fold_of_row: np.ndarray,
-               test_ids: np.ndarray, device: torch.device, run_dir: Path) -> dict:
-    """Train fold ``fold`` from scratch and write its files; returns its metrics (done.json)."""
+def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row: np.ndarray,
+               test_ids: np.ndarray, device: torch.device, run_dir: Path, refit_epochs: int | None = None) -> dict:
+    """Train fold ``fold`` from scratch and write its files; returns its metrics (done.json).
+
+    fold runs.REFIT is the refit: every train row, seed train.seed + K (no fold's), early stopping on
+    the valid split, or exactly ``refit_epochs`` epochs (the last one kept) when given.
+    """
     train_cfg = common.typed_section(TrainConfig, cfg["train"], "train")
     fold_start = time.time()
-    seed = train_cfg.seed + fold
+    refit = fold == runs.REFIT
+    seed = train_cfg.seed + (int(fold_of_row.max()) + 1 if refit else fold)
     common.seed_everything(seed)  # weight init and dropout; fit draws the shuffles from the same seed
     # the model is built on the CPU so that its initial weights do not depend on the device
     model = model_config.build_model(cfg["model"], tables).to(device)
 
-    holdout_host = np.flatnonzero(fold_of_row == fold)
+    holdout_host = np.flatnonzero(fold_of_row == fold)  # none for the refit
     train_rows = torch.from_numpy(np.flatnonzero(fold_of_row != fold)).to(device)
-    if train_rows.numel() == 0 or len(holdout_host) == 0:
+    if train_rows.numel() == 0 or (len(holdout_host) == 0 and not refit):
         raise UserError(f"train_fold.npy: fold {fold} leaves no rows to train on or to hold out")
     n_valid = data["valid"]["label"].numel()
+    valid_rows = torch.arange(n_valid, device=device)
+    settings = train_cfg.fit_settings(seed)
     # "fold" scores the held-out train rows, "valid" the official valid split
-    eval_sets = {"fold": ("train", torch.from_numpy(holdout_host).to(device)),
-                 "valid": ("valid", torch.arange(n_valid, device=device))}
-    monitor = {"valid": "valid", "holdout": "fold"}[train_cfg.early_stopping]
+    if refit:
+        eval_sets, monitor = ({}, None) if refit_epochs else ({"valid": ("valid", valid_rows)}, "valid")
+        settings = replace(settings, max_epochs=refit_epochs or settings.max_epochs)
+        stopping = f"{refit_epochs} epochs, as the folds' median best epoch" if refit_epochs else "valid"
+    else:
+        eval_sets = {"fold": ("train", torch.from_numpy(holdout_host).to(device)), "valid": ("valid", valid_rows)}
+        monitor = {"valid": "valid", "holdout": "fold"}[train_cfg.early_stopping]
+        stopping = train_cfg.early_stopping
+    name = "refit" if refit else f"fold {fold}"
     use_bf16 = train_cfg.bf16 and device.type == "cuda"
-    common.log(f"fold {fold}: {train_rows.numel():,} train rows, {len(holdout_host):,} held out, "
+    common.log(f"{name}: {train_rows.numel():,} train rows, {len(holdout_host):,} held out, "
                f"{model_config.count_parameters(model):,} parameters, device {device}{', bf16' if use_bf16 else ''}")
 
     history = []
@@ -184,40 +205,58 @@ def train_fold(fold: int, cfg: dict, data: dict, tables: dict, fold_of_row: np.n
     def on_epoch(record: dict) -> None:
         history.append({k: v for k, v in record.items() if k != "improved"})
         runs.write_history(run_dir, fold, history)
-        common.log(f"fold {fold} epoch {record['epoch']:3d}  train loss {record['train_loss']:.5f}  "
-                   f"fold AUC {record['fold_auc']:.6f}  valid AUC {record['valid_auc']:.6f} "
-                   f"({train_cfg.early_stopping} decides)  lr {record['lr']:.2e}  "
-                   f"{time.time() - fold_start:.0f}s" + ("  *best" if record["improved"] else ""))
+        scores = "  ".join(f"{key[:-4]} AUC {value:.6f}" for key, value in record.items() if key.endswith("_auc"))
+        common.log(f"{name} epoch {record['epoch']:3d}  train loss {record['train_loss']:.5f}  {scores} "
+                   f"({stopping} decides)  lr {record['lr']:.2e}  "
+                   f"{time.time() - fold_start:.0f}s" + ("  *best" if record["improved"] and monitor else ""))
 
-    progress = Progress(fold)
+    progress = Progress(name)
     try:
-        result = fit(model, data, train_rows, eval_sets, train_cfg.fit_settings(seed), monitor=monitor,
-                     on_epoch=on_epoch, progress=progress)
+        result = fit(model, data, train_rows, eval_sets, settings, monitor=monitor, on_epoch=on_epoch,
+                     progress=progress)
     except FloatingPointError as exc:
-        raise UserError(f"fold {fold}: {exc}") from None
+        raise UserError(f"{name}: {exc}") from None
     finally:
         progress.close()
-    test_probs = predict(result.model, data["test"], batch_size=train_cfg.eval_batch_size, bf16=train_cfg.bf16)
+    predictions = dict(result.predictions)
+    scores = dict(result.scores)
+    if "valid" not in predictions:  # a refit of fixed epochs scores the valid split once, at its end
+        predictions["valid"] = predict(result.model, data["valid"], batch_size=settings.eval_batch_size,
+                                       bf16=settings.bf16)
+        labels = data["valid"]["label"].cpu().numpy()
+        scores.update(valid_auc=roc_auc(labels, predictions["valid"]), valid_logloss=log_loss(labels, predictions["valid"]))
+    test_probs = predict(result.model, data["test"], batch_size=settings.eval_batch_size, bf16=settings.bf16)
     metrics = {"fold": fold, "best_epoch": result.best_epoch, "epochs": len(result.history),
-               "early_stopping": train_cfg.early_stopping, **result.scores,
+               "early_stopping": stopping, **scores,
                "train_rows": int(train_rows.numel()), "rows_per_s": result.rows_per_s,
                "seconds": time.time() - fold_start, "device": str(device)}
-    runs.write_fold(run_dir, fold, result.model.state_dict(),
-                    {"oof": (holdout_host, result.predictions["fold"]),
-                     "valid": (np.arange(n_valid), result.predictions["valid"]),
-                     "test": (test_ids, test_probs)}, metrics)
-    common.log(f"fold {fold} done: best epoch {result.best_epoch} by {train_cfg.early_stopping} AUC, fold AUC "
-               f"{metrics['fold_auc']:.6f}, valid AUC {metrics['valid_auc']:.6f}, "
-               f"{metrics['rows_per_s']:,.0f} rows/s, {metrics['seconds']:.0f}s")
+    preds = {} if refit else {"oof": (holdout_host, predictions["fold"])}
+    preds.update(valid=(np.arange(n_valid), predictions["valid"]), test=(test_ids, test_probs))
+    runs.write_fold(run_dir, fold, result.model.state_dict(), preds, metrics)
+    common.log(f"{name} done: best epoch {result.best_epoch} by {stopping}, "
+               + "".join(f"{key[:-4]} AUC {metrics[key]:.6f}, " for key in ("fold_auc", "valid_auc") if key in metrics)
+               + f"{metrics['rows_per_s']:,.0f} rows/s, {metrics['seconds']:.0f}s")
     return metrics
+
+
+def refit_epochs_from_folds(run_dir: Path, n_folds: int) -> int:
+    """The median best epoch of the finished folds (rounded half up): how long a refit trains when
+    train.refit_epochs is 'folds'."""
+    missing = [k for k in range(n_folds) if not runs.fold_done(run_dir, k)]
+    if missing:
+        raise UserError(f"{run_dir}: train.refit_epochs is folds, but folds {missing} are not done: "
+                        f"train them first (src/train.py without --refit)")
+    return int(np.floor(np.median([runs.fold_metrics(run_dir, k)["best_epoch"] for k in range(n_folds)]) + 0.5))
 
 
 # ---------------------------------------------------------------------------------------------
 # entry points
 # ---------------------------------------------------------------------------------------------
 
-def run_training(cfg: dict, folds: list[int] | None = None, device: str | None = None) -> Path:
-    """Train the given folds (default: all) that are not done yet; returns the run directory."""
+def run_training(cfg: dict, folds: list[int] | None = None, device: str | None = None,
+                 refit: bool = False) -> Path:
+    """Train the given folds (default: all) that are not done yet, or with ``refit`` the refit (one
+    model on every train row) if it is not done yet; returns the run directory."""
     run_start = time.time()
     cfg = checked_config(cfg, device)
     _, arrays, manifest = preprocess.load_current(cfg)
@@ -225,6 +264,8 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
     folds = list(range(n_folds)) if folds is None else sorted(set(folds))
     if any(not 0 <= k < n_folds for k in folds):
         raise UserError(f"--folds {','.join(map(str, folds))}: the data has folds 0..{n_folds - 1}")
+    if refit:
+        folds = [runs.REFIT]
 
     # every check that can fail comes before the run folder is touched: a typo in a --set must
     # not discard finished folds. The model is built on the meta device: no memory, no init.
@@ -234,29 +275,39 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
 
     run_dir = runs.run_dir(cfg)
     runs.prepare(run_dir, fingerprint_of(cfg, manifest), cfg)
+    refit_epochs = None
+    if refit and cfg["train"]["refit_epochs"] == "folds":
+        refit_epochs = refit_epochs_from_folds(run_dir, n_folds)
     todo = [k for k in folds if not runs.fold_done(run_dir, k)]
     skipped = [k for k in folds if k not in todo]
     if skipped:
         common.log(f"{run_dir}: folds {skipped} already done, skipped")
     if todo:
-        runs.remove_aggregates(run_dir)  # they would describe folds about to change
+        if not refit:
+            runs.remove_aggregates(run_dir)  # they would describe folds about to change
         data = load_to_device(arrays, torch_device)
         tables = item_tables(arrays, manifest, torch_device)
         fold_of_row = np.asarray(arrays["train_fold"])
         test_ids = np.asarray(arrays["test_ID"], dtype=np.int64)
         for k in todo:
             runs.clear_fold(run_dir, k)
-            train_fold(k, cfg, data, tables, fold_of_row, test_ids, torch_device, run_dir)
+            train_fold(k, cfg, data, tables, fold_of_row, test_ids, torch_device, run_dir, refit_epochs)
 
     done = [k for k in range(n_folds) if runs.fold_done(run_dir, k)]
     missing = [k for k in range(n_folds) if k not in done]
     metrics = None
-    if not missing:
+    if not missing and (refit or not todo) and all((run_dir / name).is_file() for name in runs.AGGREGATE_FILES):
+        metrics = runs.read_metrics(run_dir)  # nothing changed: the aggregates stay as they are
+    elif not missing:
         raw_dir = Path(cfg["data"]["raw_dir"])
         labels = {split: np.asarray(arrays[f"{split}_label"], dtype=np.float64) for split in ("train", "valid")}
         oracle = {split: common.read_oracle_prob(raw_dir, split) for split in ("train", "valid")}
         metrics = runs.write_aggregates(run_dir, n_folds, labels, oracle)
     print_summary(run_dir, done, missing, metrics, time.time() - run_start)
+    if runs.fold_done(run_dir, runs.REFIT):
+        m = runs.fold_metrics(run_dir, runs.REFIT)
+        print(f"refit: valid AUC {runs.auc_text(m['valid_auc'])}  epochs {m['epochs']} "
+              f"(best {m['best_epoch']}, {m['early_stopping']})  {m['seconds']:.0f}s")
     return run_dir
 
 
@@ -294,8 +345,13 @@ def main() -> None:
                         help="train only these folds (default: all); aggregates need every fold done")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="force the device (default: train.device, auto = CUDA when present)")
+    parser.add_argument("--refit", action="store_true",
+                        help="train the refit instead of folds: one model on every train row "
+                             "(train.refit_epochs says how long), written to the run's refit/ folder")
     args = parser.parse_args()
-    run_training(common.config_from_args(args), args.folds, args.device)
+    if args.refit and args.folds is not None:
+        parser.error("--refit trains on every train row: it takes no --folds")
+    run_training(common.config_from_args(args), args.folds, args.device, refit=args.refit)
 
 
 if __name__ == "__main__":

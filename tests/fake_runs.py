@@ -6,7 +6,9 @@ import numpy as np
 import runs
 
 
-def write_run(run_dir: Path, preds: dict[str, np.ndarray], arrays: dict, manifest: dict) -> None:
-    """A finished run folder (docs/DESIGN.md "Run directory"), written by the run folder's owner."""
+def write_run(run_dir: Path, preds: dict[str, np.ndarray], arrays: dict, manifest: dict,
+              refit: dict[str, np.ndarray] | None = None) -> None:
+    """A finished run folder (docs/DESIGN.md "Run directory"), written by the run folder's owner;
+    ``refit`` (valid and test predictions) adds a finished refit."""
     runs.write_finished_run(run_dir, preds, np.asarray(arrays["train_fold"]), np.asarray(arrays["test_ID"]),
-                            manifest["fingerprint"])
+                            manifest["fingerprint"], refit)

@@ -325,3 +325,32 @@ def test_settings_are_typed_and_missing_keys_take_the_defaults():
     assert settings.lightgbm.num_leaves == blend.LightGBMConfig().num_leaves
     with pytest.raises(UserError, match=r"unknown key blend.lightgbm.n_estimator \(known: n_estimators,"):
         blend_settings("blend.lightgbm={n_estimator: 80}")
+
+
+def test_test_from_refit_applies_the_oof_fitted_blend_to_the_refits(workspace, tiny_processed):
+    cfg, runs = workspace
+    arrays, manifest = preprocess.load_processed(tiny_processed)
+    work = Path(cfg["data"]["work_dir"])
+    cfg["blend"].update(runs=["good", "fair"], methods=["logit_mean"], select="logit_mean", test_from="refit")
+    with pytest.raises(UserError, match="no finished refit"):
+        blend.run_blend(cfg)
+
+    rng = np.random.default_rng(1)
+    refits = {name: {split: np.clip(runs[name][split] + rng.normal(0, 0.05, len(runs[name][split])), 0, 1)
+                     for split in ("valid", "test")} for name in ("good", "fair")}
+    for name in ("good", "fair"):
+        write_run(work / "runs" / name, runs[name], arrays, manifest, refit=refits[name])
+    metrics = blend.run_blend(cfg)
+    assert metrics["test_from"] == "refit"
+    expected = {split: expit((logit(np.clip(refits["good"][split], 1e-7, 1 - 1e-7))
+                              + logit(np.clip(refits["fair"][split], 1e-7, 1 - 1e-7))) / 2)
+                for split in ("valid", "test")}
+    test = pd.read_parquet(work / "blend" / "test.parquet")
+    np.testing.assert_allclose(test["pred"], expected["test"], rtol=1e-5)
+    assert metrics["chosen_valid_auc"] == pytest.approx(common.roc_auc(np.asarray(arrays["valid_label"]),
+                                                                       expected["valid"]))
+    # the OOF side is the folds' either way
+    oof = pd.read_parquet(work / "blend" / "oof.parquet")
+    np.testing.assert_allclose(oof["pred"], expit((logit(np.clip(runs["good"]["oof"], 1e-7, 1 - 1e-7))
+                                                   + logit(np.clip(runs["fair"]["oof"], 1e-7, 1 - 1e-7))) / 2),
+                               rtol=1e-5)

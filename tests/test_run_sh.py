@@ -48,3 +48,15 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
     assert "fold 0 epoch" not in second.stdout
     with zipfile.ZipFile(zip_path) as zf, zf.open("prediction.csv") as f:
         np.testing.assert_array_equal(pd.read_csv(f)["Task2"], submission["Task2"])
+
+    # --refit adds one model per config on every train row and submits the blend of their test
+    # predictions; the folds stay as they were
+    refit = run_sh(tmp_path, "--refit", "--name", "refit")
+    assert refit.returncode == 0, refit.stdout[-3000:] + refit.stderr[-3000:]
+    assert "fold 0 epoch" not in refit.stdout and refit.stdout.count("refit epoch   1") == 3
+    runs = tmp_path / "data" / "work" / "tiny" / "runs"
+    assert all((runs / model / "refit" / "done.json").is_file() for model in ("qin_small", "din_tf_small"))
+    with zipfile.ZipFile(tmp_path / "sub" / "refit.zip") as zf, zf.open("prediction.csv") as f:
+        refit_submission = pd.read_csv(f)
+    assert common.roc_auc(labels, refit_submission["Task2"].to_numpy()) > 0.5
+    assert not np.array_equal(refit_submission["Task2"], submission["Task2"])

@@ -29,8 +29,9 @@ PREDICTIONS = ("oof.parquet", "valid.parquet", "test.parquet",
                "fold0/oof.parquet", "fold1/oof.parquet", "fold1/valid.parquet", "fold1/test.parquet")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def processed(tiny_processed):
+    """The tiny data, preprocessed once: every test here trains on it (train.py never builds it)."""
     return preprocess.load_processed(tiny_processed)
 
 
@@ -317,3 +318,44 @@ def test_cli_unknown_key_is_one_line_error():
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "no_such_key" in result.stderr
+
+
+def test_refit_trains_one_model_on_every_row_beside_the_folds(tiny_cfg, processed):
+    arrays, manifest = processed
+    cfg = make_cfg(tiny_cfg, FASTEST, "refit")
+    run_dir = train.run_training(cfg, device="cpu")
+    folds = {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+    train.run_training(cfg, device="cpu", refit=True)
+    refit = run_dir / "refit"
+    assert {p.name for p in refit.iterdir()} == {"best.pt", "history.json", "valid.parquet", "test.parquet",
+                                                 "done.json"}
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.parent != refit} == folds
+    done = common.read_json(refit / "done.json")
+    assert done["fold"] == "refit" and done["train_rows"] == len(arrays["train_fold"])
+    history = common.read_json(refit / "history.json")
+    assert "valid_auc" in history[0] and "fold_auc" not in history[0]
+    assert done["valid_auc"] == max(h["valid_auc"] for h in history)
+    test = pd.read_parquet(refit / "test.parquet")
+    np.testing.assert_array_equal(test["ID"], np.asarray(arrays["test_ID"]))
+    # different rows and seed than any fold: other predictions than the fold mean
+    assert not np.allclose(test["pred"], pd.read_parquet(run_dir / "test.parquet")["pred"])
+
+    stamp = (refit / "done.json").stat().st_mtime_ns
+    train.run_training(cfg, device="cpu", refit=True)  # done: skipped
+    assert (refit / "done.json").stat().st_mtime_ns == stamp
+    train.run_training(make_cfg(tiny_cfg, FASTEST, "refit", "train.lr=5e-4"), folds=[0], device="cpu")
+    assert not refit.exists(), "another config: the refit is discarded with the folds"
+
+
+def test_refit_of_the_folds_median_best_epoch(tiny_cfg):
+    cfg = make_cfg(tiny_cfg, FASTEST, "refit_folds", "train.refit_epochs=folds", "train.max_epochs=3",
+                   "train.patience=3")
+    with pytest.raises(common.UserError, match="folds .0, 1. are not done"):
+        train.run_training(cfg, device="cpu", refit=True)
+    run_dir = train.run_training(cfg, device="cpu")
+    best = sorted(common.read_json(run_dir / f"fold{k}" / "done.json")["best_epoch"] for k in (0, 1))
+    train.run_training(cfg, device="cpu", refit=True)
+    done = common.read_json(run_dir / "refit" / "done.json")
+    assert done["epochs"] == done["best_epoch"] == int(np.floor(np.mean(best) + 0.5))
+    assert "valid_auc" in done and "median best epoch" in done["early_stopping"]
