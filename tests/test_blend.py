@@ -4,7 +4,6 @@ selection by OOF AUC (never below the best single run), outputs, and every misal
 Nothing here trains a model: runs are written by hand into a private work folder next to the tiny
 processed data (symlinked), with predictions made from the oracle's true probabilities plus noise.
 """
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -263,7 +262,6 @@ def other_folds(run_dir: Path) -> None:
 
 
 MISALIGNMENTS = {
-    "missing run": (lambda run_dir: shutil.rmtree(run_dir), "run 'fair' not found"),
     "missing fold": (lambda run_dir: (run_dir / "fold1" / "done.json").unlink(), "fold 1 is not done"),
     "missing aggregate": (lambda run_dir: (run_dir / "test.parquet").unlink(), "test.parquet: missing"),
     "fewer rows": (drop_last_oof_row, "rows, but the processed train split has"),

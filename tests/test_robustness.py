@@ -394,7 +394,7 @@ def test_blend_user_errors_keep_the_earlier_submission(pipeline, case):
         assert snapshot(p.run_dir, p.blend_dir, p.subs) == before
 
 
-def test_a_blend_section_typo_in_a_config_file_is_an_error(pipeline, tmp_path):
+def test_a_blend_section_typo_in_a_config_file_is_an_error(tmp_path):
     cfg = common.load_config(write_config(tmp_path / "b.yaml", "blend.yaml", {"blend": {"method": ["x"]}}))
     assert_user_error(lambda: blend.checked_settings(cfg), "unknown key blend.method")
 
