@@ -156,7 +156,8 @@ class Progress:
             self.bar = tqdm(total=total, desc=f"{self.name} epoch {epoch}", unit="rows", unit_scale=True,
                             leave=False, mininterval=1.0, dynamic_ncols=True, smoothing=0)
         self.bar.update(done - self.bar.n)
-        self.bar.set_postfix(loss=f"{loss:.4f}")
+        if loss == loss:  # not NaN: the start of an epoch has no loss yet
+            self.bar.set_postfix(loss=f"{loss:.4f}")
 
     def close(self) -> None:
         if self.bar is not None:

@@ -134,7 +134,8 @@ def train_one_epoch(model, loss_fn, optimizer, columns, rows, generator, setting
                     progress: Optional[Callable] = None) -> tuple[float, float]:
     """One pass over ``rows`` in shuffled order; returns (mean train loss, seconds).
 
-    ``progress(rows_done, rows_total, mean_loss)`` is called every ``log_every`` steps and at the end.
+    ``progress(rows_done, rows_total, mean_loss)`` is called at the start (loss NaN), every
+    ``log_every`` steps and at the end.
     """
     start = time.time()
     model.train()
@@ -146,6 +147,8 @@ def train_one_epoch(model, loss_fn, optimizer, columns, rows, generator, setting
     batches = order.tensor_split(math.ceil(rows.numel() / settings.batch_size))
     loss_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
     seen = 0
+    if progress is not None:
+        progress(0, rows.numel(), float("nan"))  # the epoch starts: a rate is measured from here
     for step, batch_rows in enumerate(batches, 1):
         with autocast():
             loss, _ = loss_fn(gather(columns, batch_rows), labels[batch_rows])
