@@ -12,7 +12,7 @@
 #   --preset NAME      synthetic preset to use/generate: tiny, demo (default) or full
 #   --data DIR         a folder with train/valid/test/item_info.parquet (overrides --preset)
 #   --models A,B,...   model configs from configs/ (default: qin_small,dcnv2_tf_small,din_tf_small
-#                      on tiny/demo; qin,dcnv2_tf,din_tf,transformer_dcn_gpu on full or --data)
+#                      on tiny/demo; qin,qin_plus,dcnv2_tf,din_tf,transformer_dcn_gpu on full or --data)
 #   --folds K          number of folds (default: 3 on the tiny/demo presets, 5 on full or --data)
 #   --device DEV       cpu or cuda (default: cuda when present)
 #   --name NAME        submission name: submissions/NAME.zip (default: submission)
@@ -89,7 +89,7 @@ fi
 if [ -z "$MODELS" ]; then
   case "$DATA:$PRESET" in
     :tiny|:demo) MODELS="qin_small,dcnv2_tf_small,din_tf_small" ;;
-    *) MODELS="qin,dcnv2_tf,din_tf,transformer_dcn_gpu" ;;
+    *) MODELS="qin,qin_plus,dcnv2_tf,din_tf,transformer_dcn_gpu" ;;
   esac
 fi
 DATA_SETS=(--set "data.raw_dir=$RAW" --set "data.work_dir=$WORK" --set "data.n_folds=$FOLDS")

@@ -153,72 +153,58 @@ class PassThrough(nn.Module):
 
 
 def make_ssem(mode, d=12):
-    return randomize_(SSEM(PassThrough, d, mode).double(), scale=0.8)
+    return randomize_(SSEM(PassThrough, d, mode, dropout=0.1, batch_norm=True).double(), scale=0.8)
 
 
-def test_ssem_gm_gates_the_embedding_between_the_encoders():
-    """The code's GM (tf4ctr.py): g = sigmoid(W_2 ReLU(W_1 e + b_1) + b_2) in (0, 1), hidden width
-    |e|/4; simple input e * g, complex input e * (1 - g)."""
+def dense_bn_relu(mlp, layer, x):
+    """Hidden layer ``layer`` of an MLP (Linear, BatchNorm, ReLU, Dropout each) in eval mode:
+    ReLU(BatchNorm(W x + b)) on a single vector."""
+    linear, bn = mlp[4 * layer], mlp[4 * layer + 1]
+    z = linear.weight @ x + linear.bias
+    return torch.relu((z - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias)
+
+
+def test_ssem_gm_is_one_scalar_gate_per_sample():
+    """GM as the authors wrote it (TF4CTRv2.py, Gate): g = sigmoid(w . ReLU(BN(W_1 e + b_1)) + b) in
+    (0, 1), ONE number per sample, hidden width |e|/4; simple input e * g, complex input e * (1 - g)."""
     d = 12
     ssem = make_ssem("gm", d)
-    first, last = ssem.gate[0], ssem.gate[2]
-    assert first.out_features == d // 4
+    hidden, out = ssem.gate[0], ssem.gate[1]
+    assert hidden[0].out_features == d // 4 and len(hidden) == 4 and out.out_features == 1
     e = randn(B, d, seed=4)
     expected_s, expected_c = torch.empty(B, d, dtype=torch.double), torch.empty(B, d, dtype=torch.double)
     for b in range(B):
-        g = torch.sigmoid(last.weight @ torch.relu(first.weight @ e[b] + first.bias) + last.bias)
+        g = torch.sigmoid(out.weight[0] @ dense_bn_relu(hidden, 0, e[b]) + out.bias[0])  # a scalar
+        assert 0 < g < 1
         expected_s[b], expected_c[b] = e[b] * g, e[b] * (1 - g)
     e_s, e_c = ssem(e)
     assert_close(e_s, expected_s)
     assert_close(e_c, expected_c)
 
 
-@pytest.mark.xfail(strict=True, reason="spec (authors' TF4CTRv2.py, output_dim=1): one scalar gate per "
-                                       "sample; the code gates every feature of e separately")
-def test_ssem_gm_gate_is_one_scalar_per_sample():
-    """docs/spec/tf4ctr.md: 'a per-sample scalar gate g(e) in (0,1) ... simple input e*g, complex
-    input e*(1-g)': e_s / e is the same number for every feature of a row."""
-    d = 12
-    ssem = make_ssem("gm", d)
-    e = randn(B, d, seed=4)
-    e_s, e_c = ssem(e)
-    assert_close(e_s + e_c, e)
-    g = e_s / e
-    assert ((g > 0) & (g < 1)).all()
-    assert_close(g, g[:, :1].expand_as(g))
-
-
-def test_ssem_moe_mixes_two_linear_experts_with_one_softmax_gate_per_encoder():
-    """The code's MoE (tf4ctr.py): experts x_j = A_j e + a_j (j = 0, 1: rows j*d..(j+1)*d of
-    `experts`), gate logits z_kj = row 2k + j of `gates`, input k = sum_j softmax_j(z_k.) x_j,
-    the softmax over the two experts; k = 0 feeds the simple encoder, k = 1 the complex one."""
+def test_ssem_moe_is_an_mmoe_of_two_relu_mlp_experts():
+    """MoE as the authors wrote it (TF4CTRv2.py, MMoE_Layer): expert j = ReLU MLP [|e|/2, |e|] (each
+    layer Linear, BatchNorm, ReLU); gate k = Linear(ReLU MLP [|e|/4]) -> 2; input k = sum_j
+    softmax_j(gate k) expert j, the softmax over the experts; k = 0 feeds the simple encoder."""
     d = 12
     ssem = make_ssem("moe", d)
-    A, a = ssem.experts.weight, ssem.experts.bias  # [2d, d], [2d]
-    Z, z0 = ssem.gates.weight, ssem.gates.bias  # [4, d], [4]
     e = randn(B, d, seed=5)
     expected = torch.empty(2, B, d, dtype=torch.double)
     for b in range(B):
-        experts = [A[j * d:(j + 1) * d] @ e[b] + a[j * d:(j + 1) * d] for j in range(2)]
-        for k in range(2):
-            logits = torch.stack([Z[2 * k + j] @ e[b] + z0[2 * k + j] for j in range(2)])
+        experts = []
+        for expert in ssem.experts:
+            h = dense_bn_relu(expert, 0, e[b])
+            assert h.shape == (d // 2,)
+            experts.append(dense_bn_relu(expert, 1, h))
+        for k, gate in enumerate(ssem.gates):
+            hidden, out = gate[0], gate[1]
+            logits = out.weight @ dense_bn_relu(hidden, 0, e[b]) + out.bias  # [2]
             weights = torch.exp(logits) / torch.exp(logits).sum()
             expected[k, b] = weights[0] * experts[0] + weights[1] * experts[1]
     e_s, e_c = ssem(e)
     assert_close(e_s, expected[0])
     assert_close(e_c, expected[1])
-
-
-@pytest.mark.xfail(strict=True, reason="spec (authors' MMoE_Layer): experts are ReLU MLPs [|e|/2, |e|] and "
-                                       "gates MLPs [|e|/4]; the code's experts and gates are single Linears")
-def test_ssem_moe_experts_are_relu_mlps():
-    """docs/spec/tf4ctr.md: 'an MMoE layer: 2 experts, each an MLP [|e|/2, |e|] with ReLU ...': every
-    expert output passes a ReLU last, so their softmax-weighted mixtures are never negative."""
-    d = 12
-    ssem = make_ssem("moe", d)
-    for seed in range(3):
-        e_s, e_c = ssem(randn(64, d, seed=seed))
-        assert (e_s >= 0).all() and (e_c >= 0).all()
+    assert (e_s >= 0).all() and (e_c >= 0).all()  # mixtures of ReLU outputs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +315,7 @@ def test_tf4ctr_feeds_each_encoder_its_own_input_and_head():
     in its own Linear -> 1 (y_s, y_c), and WSF fuses the two logits."""
     emb_dim, d_in = 4, 5
     model = TF4CTR(make_embedder=lambda e: Projector(d_in, 2 * e), make_simple=lambda d: Projector(d, 3),
-                   make_complex=Deep, emb_dim=emb_dim, ssem="ser", dfm="wsf")
+                   make_complex=Deep, emb_dim=emb_dim, dropout=0.0, batch_norm=False, ssem="ser", dfm="wsf")
     randomize_(model)
     assert model.ssem.dims == (emb_dim, 2 * emb_dim)  # the simple encoder's embedding: half the width
     x = randn(B, d_in, seed=12, dtype=torch.float32)

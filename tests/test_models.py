@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import fit
 import model_config
 import preprocess
 from layers import ASTA, DINAttention, ItemEncoder, masked_mean, masked_softmax
@@ -51,9 +52,10 @@ def make_label(b=16, seed=2):
     return torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(seed)).float()
 
 
-QIN = dict(name="qin", emb_dim=8, qnn_layers=2, qnn_m=2, mlp_hidden=[32, 16])
-DCN = dict(name="dcnv2", emb_dim=8, cross_layers=2, cross_rank=4, cross_experts=2, mlp_hidden=[32, 16])
-DIN = dict(name="din", emb_dim=8, attention_hidden=[16, 8], mlp_hidden=[32, 16])
+M = 12  # the multimodal width: not E, so that a mix-up of the two shows in the shapes and the counts
+QIN = dict(name="qin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, mlp_hidden=[32, 16])
+DCN = dict(name="dcnv2", emb_dim=8, mm_dim=M, cross_layers=2, cross_rank=4, cross_experts=2, mlp_hidden=[32, 16])
+DIN = dict(name="din", emb_dim=8, mm_dim=M, attention_hidden=[16, 8], mlp_hidden=[32, 16])
 DIN_TF = {**DIN, "simple_hidden": [16]}  # simple_hidden: DIN in TF4CTR only
 
 
@@ -63,7 +65,7 @@ def tf(ssem="ser", dfm="wsf"):
 
 CONFIGS = {
     "qin": QIN,
-    "qin_strong": {**QIN, "use_user_id": True, "history_levels": True},
+    "qin_plus": {**QIN, "use_user_id": True, "history_levels": True, "asta_bias": True},
     "qin_softmax_dropout": {**QIN, "attention": "softmax", "attention_dropout": 0.1},
     "qin_literal_relu": {**QIN, "asta_fast": False, "qnn_activation": "relu"},
     "qin_mean_mlp": {**QIN, "attention": "mean", "interaction": "mlp"},
@@ -163,17 +165,51 @@ def test_deterministic_for_a_fixed_seed(name):
 # exact sizes
 # ---------------------------------------------------------------------------------------------
 
+REAL = dict(n_items=91_718, n_tags=11_740)  # the real vocabularies (levels: 11)
+
+
 @pytest.mark.parametrize("m, expected", [(4, 31_244_293), (3, 27_045_893)])
 def test_qin_has_the_released_parameter_count(m, expected):
-    tables = make_tables(n_items=91_718, n_tags=11_740, n_users=10)
-    model = model_config.build_model(dict(name="qin", emb_dim=128, qnn_layers=4, qnn_m=m), tables)
+    model = build(dict(name="qin", emb_dim=128, qnn_layers=4, qnn_m=m), tables=make_tables(**REAL, n_users=10))
     assert model_config.count_parameters(model) == expected
 
 
+def released(config_name):
+    return common.load_config(common.CONFIG_DIR / config_name)["model"]
+
+
+def test_shipped_official_din_and_qin_plus_have_the_released_parameter_counts():
+    """DIN as the organisers released it (counted on their class) and QIN's stronger variant (the
+    authors' log), both from the shipped configs; the 1M-row user table is counted on the meta device."""
+    with torch.device("meta"):
+        tables = make_tables(**REAL, n_users=1_000_001)
+        din = model_config.build_model(released("din.yaml"), tables)
+        qin_plus = model_config.build_model(released("qin_plus.yaml"), tables)
+    assert model_config.count_parameters(din) == 8_611_842
+    assert model_config.count_parameters(qin_plus) == 177_801_093
+    assert qin_plus.user.weight.numel() == 128_000_128
+
+
+@pytest.mark.parametrize("name", ["qin_plus", "din_tf_gm_sum"])
+def test_embedding_l2_covers_exactly_the_embedding_module(name):
+    """FuxiCTR's embedding_regularizer: every table and the multimodal map decay, nothing else."""
+    model = build(CONFIGS[name])
+    decayed, other = fit.make_optimizer(model, fit.FitSettings(emb_l2=1e-3)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    expected = {n for n, _ in model.named_parameters()
+                if n.endswith(("item_id.weight", "tag.weight", "mm.weight", "likes.weight", "views.weight",
+                               "user.weight"))}
+    assert decayed_names == expected and any(n.endswith("mm.weight") for n in expected)
+    assert decayed["weight_decay"] == 1e-3 and other["weight_decay"] == 0.0
+
+
 def test_small_parameter_counts_by_hand():
-    E, I = 8, 24
-    D = 2 * E + 2 * I  # 64
-    embed = lambda e: V * e + T * e + 128 * e + 2 * LEVELS * e  # item, tag, multimodal map, levels
+    E = 8
+    I = 2 * E + M  # 28: id, tags, multimodal
+    D = 2 * E + 2 * I  # 72
+    # item, tag, multimodal map (M wide whatever the embedding width), levels
+    embed = lambda e: V * e + T * e + 128 * M + 2 * LEVELS * e
     mlp = (D * 32 + 32 + 2 * 32) + (32 * 16 + 16 + 2 * 16)  # Linear + BatchNorm per layer
 
     din_attention = (4 * I * 16 + 16) + (16 * 8 + 8) + (8 + 1)
@@ -184,10 +220,22 @@ def test_small_parameter_counts_by_hand():
     mix = 2 * (2 * (D * 4 + 4 * 4 + 4 * D) + D + D * 2)  # per layer: 2 experts' V, C, U; bias; gate
     assert model_config.count_parameters(build({**DCN, "cross": "mix"})) == embed(E) + mix + mlp + (D + 16 + 1)
 
-    # SER: simple encoder (cross network) on the half-width embedder, x_0 32 wide
-    simple = embed(E // 2) + 2 * (32 * 32 + 32) + (32 + 1)
+    # SER: simple encoder (cross network) on the half-width embedder: x_0 = 2(E/2) + 2(E + M) = 48 wide
+    d_s = 2 * 4 + 2 * (2 * 4 + M)
+    simple = embed(E // 2) + 2 * (d_s * d_s + d_s) + (d_s + 1)
     complex_ = embed(E) + mlp + (16 + 1)
     assert model_config.count_parameters(build({**DCN, **tf()})) == simple + complex_ + 2
+
+    # GM: one embedder and a gate MLP [D/4] (Linear + BatchNorm) -> 1; MoE: two expert MLPs [D/2, D]
+    # and two gate MLPs [D/4] -> 2, all with BatchNorm like the model's MLP
+    cross_on = lambda d: 2 * (d * d + d) + (d + 1)
+    gate = (D * (D // 4) + D // 4 + 2 * (D // 4)) + (D // 4 + 1)
+    assert model_config.count_parameters(build({**DCN, **tf("gm", "wsf")})) == (
+        embed(E) + gate + cross_on(D) + mlp + (16 + 1) + 2)
+    expert = (D * (D // 2) + D // 2 + 2 * (D // 2)) + (D // 2 * D + D + 2 * D)
+    moe_gate = (D * (D // 4) + D // 4 + 2 * (D // 4)) + (D // 4 * 2 + 2)
+    assert model_config.count_parameters(build({**DCN, **tf("moe", "wsf")})) == (
+        embed(E) + 2 * expert + 2 * moe_gate + cross_on(D) + mlp + (16 + 1) + 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +309,7 @@ def test_din_attention_equals_its_literal_form(softmax):
     torch.testing.assert_close(unit(x_t, x_b, mask), (a.unsqueeze(-1) * x_b).sum(1))
 
 
-@pytest.mark.parametrize("name", ["qin", "qin_strong", "dcnv2_tf_ser_wsf", "din_tf_moe_vf"])
+@pytest.mark.parametrize("name", ["qin", "qin_plus", "dcnv2_tf_ser_wsf", "din_tf_moe_vf"])
 def test_model_in_table_mode_equals_gather_mode(name):
     gather = build({**CONFIGS[name], "table_mode": "gather"}).eval()
     table = build({**CONFIGS[name], "table_mode": "table"}).eval()

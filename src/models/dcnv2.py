@@ -30,13 +30,13 @@ def cross_network(dim, cross, cross_layers, cross_rank, cross_experts):
 class DCNv2(CTRModel):
     """x_0 [B, D = 2E + 2I] -> cross network and MLP, stacked or in parallel -> Linear -> 1."""
 
-    def __init__(self, tables, emb_dim=64, pooling: Literal["mean", "asta"] = "mean",
+    def __init__(self, tables, emb_dim=64, mm_dim=128, pooling: Literal["mean", "asta"] = "mean",
                  cross: Literal["full", "mix"] = "full", cross_layers=3, cross_rank=64, cross_experts=4,
                  structure: Literal["stacked", "parallel"] = "parallel", mlp_hidden=(1024, 512, 256),
                  dropout=0.1, batch_norm=True, table_mode: Literal["auto", "gather", "table"] = "auto"):
         super().__init__()
         check_choice("structure", structure, ("stacked", "parallel"))
-        self.embedding = FeatureEmbedding(tables, emb_dim, history_pooling(pooling), table_mode)
+        self.embedding = FeatureEmbedding(tables, emb_dim, history_pooling(pooling), table_mode, mm_dim)
         dim = self.embedding.out_dim
         self.cross = cross_network(dim, cross, cross_layers, cross_rank, cross_experts)
         self.mlp = MLP(dim, mlp_hidden, "relu", batch_norm, dropout)
@@ -53,14 +53,15 @@ class DCNv2(CTRModel):
         return self.out(h).squeeze(-1)
 
 
-def dcnv2_tf4ctr(tables, emb_dim=64, pooling: Literal["mean", "asta"] = "mean",
+def dcnv2_tf4ctr(tables, emb_dim=64, mm_dim=128, pooling: Literal["mean", "asta"] = "mean",
                  cross: Literal["full", "mix"] = "full", cross_layers=3, cross_rank=64, cross_experts=4,
                  mlp_hidden=(1024, 512, 256), dropout=0.1, batch_norm=True,
                  table_mode: Literal["auto", "gather", "table"] = "auto",
                  ssem="ser", dfm="wsf", c=0.8, gamma=2.0, alpha=0.25):
     """DCNv2 in TF4CTR: cross network = simple encoder, MLP = complex encoder, each on its SSEM input."""
     return TF4CTR(
-        make_embedder=lambda e: FeatureEmbedding(tables, e, history_pooling(pooling), table_mode),
+        make_embedder=lambda e: FeatureEmbedding(tables, e, history_pooling(pooling), table_mode, mm_dim),
         make_simple=lambda d: cross_network(d, cross, cross_layers, cross_rank, cross_experts),
         make_complex=lambda d: MLP(d, mlp_hidden, "relu", batch_norm, dropout),
-        emb_dim=emb_dim, ssem=ssem, dfm=dfm, c=c, gamma=gamma, alpha=alpha)
+        emb_dim=emb_dim, dropout=dropout, batch_norm=batch_norm, ssem=ssem, dfm=dfm, c=c, gamma=gamma,
+        alpha=alpha)

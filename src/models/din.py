@@ -16,14 +16,14 @@ def din_attention(hidden, activation, dropout, softmax):
 class DIN(CTRModel):
     """[levels, target, attention-pooled interest] [B, 2E + 2I] -> MLP -> Linear -> 1."""
 
-    def __init__(self, tables, emb_dim=64, attention_hidden=(512, 256),
+    def __init__(self, tables, emb_dim=64, mm_dim=128, attention_hidden=(512, 256),
                  attention_activation: Literal["relu", "dice", "prelu"] = "relu", attention_dropout=0.1,
                  attention_softmax=False, mlp_hidden=(1024, 512, 256),
                  mlp_activation: Literal["relu", "prelu", "dice"] = "relu", dropout=0.1, batch_norm=True,
                  table_mode: Literal["auto", "gather", "table"] = "auto"):
         super().__init__()
         pool = din_attention(attention_hidden, attention_activation, attention_dropout, attention_softmax)
-        self.embedding = FeatureEmbedding(tables, emb_dim, pool, table_mode)
+        self.embedding = FeatureEmbedding(tables, emb_dim, pool, table_mode, mm_dim)
         self.mlp = MLP(self.embedding.out_dim, mlp_hidden, mlp_activation, batch_norm, dropout)
         self.out = Float32Linear(self.mlp.out_dim, 1)
         init_weights(self)
@@ -32,7 +32,7 @@ class DIN(CTRModel):
         return self.out(self.mlp(self.embedding(batch))).squeeze(-1)
 
 
-def din_tf4ctr(tables, emb_dim=64, attention_hidden=(512, 256),
+def din_tf4ctr(tables, emb_dim=64, mm_dim=128, attention_hidden=(512, 256),
                attention_activation: Literal["relu", "dice", "prelu"] = "relu", attention_dropout=0.1,
                attention_softmax=False, mlp_hidden=(1024, 512, 256),
                mlp_activation: Literal["relu", "prelu", "dice"] = "relu", dropout=0.1, batch_norm=True,
@@ -47,7 +47,8 @@ def din_tf4ctr(tables, emb_dim=64, attention_hidden=(512, 256),
     """
     pool = din_attention(attention_hidden, attention_activation, attention_dropout, attention_softmax)
     return TF4CTR(
-        make_embedder=lambda e: FeatureEmbedding(tables, e, pool, table_mode),
+        make_embedder=lambda e: FeatureEmbedding(tables, e, pool, table_mode, mm_dim),
         make_simple=lambda d: MLP(d, simple_hidden, mlp_activation, batch_norm, dropout),
         make_complex=lambda d: MLP(d, mlp_hidden, mlp_activation, batch_norm, dropout),
-        emb_dim=emb_dim, ssem=ssem, dfm=dfm, c=c, gamma=gamma, alpha=alpha)
+        emb_dim=emb_dim, dropout=dropout, batch_norm=batch_norm, ssem=ssem, dfm=dfm, c=c, gamma=gamma,
+        alpha=alpha)

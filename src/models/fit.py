@@ -55,7 +55,7 @@ class FitSettings:
     min_delta: float = 1.0e-6                                # improving means beating the best AUC by more
     patience: int = field(default=8, metadata=AT_LEAST_1)    # stop after this many epochs in a row without
     max_epochs: int = field(default=100, metadata=AT_LEAST_1)  # hard cap on epochs
-    emb_l2: float = 2.0e-4                                   # L2 emb_l2/2 * ||W||^2 on every nn.Embedding
+    emb_l2: float = 2.0e-4                                   # L2 emb_l2/2 * ||W||^2 on the embedding module
     grad_clip: float = field(default=10.0, metadata=POSITIVE)  # global gradient-norm clip before each step
     bf16: bool = True                                        # bfloat16 autocast on CUDA (the CPU: float32)
     compile: bool = False                                    # torch.compile the model's loss and forward
@@ -110,12 +110,15 @@ def autocast_for(bf16: bool, device: torch.device):
 
 
 def make_optimizer(model: nn.Module, settings: FitSettings) -> torch.optim.Adam:
-    embedding_weights = {id(m.weight): m.weight for m in model.modules()
-                         if isinstance(m, nn.Embedding) and m.weight.requires_grad}
+    # the embedding module, as FuxiCTR's embedding_regularizer sees it: every embedding table and
+    # every module marked embedding_l2 (the multimodal projection)
+    embedding_weights = {id(p): p for m in model.modules()
+                         if isinstance(m, nn.Embedding) or getattr(m, "embedding_l2", False)
+                         for p in m.parameters(recurse=False) if p.requires_grad}
     other = [p for p in model.parameters() if p.requires_grad and id(p) not in embedding_weights]
     # Adam's weight_decay is the classic coupled L2: it adds emb_l2 * W to the gradient, exactly
     # the gradient of a penalty emb_l2/2 * ||W||^2 in the loss (FuxiCTR's embedding_regularizer),
-    # and a param group confines it to the embedding tables.
+    # and a param group confines it to the embedding module.
     groups = [{"params": list(embedding_weights.values()), "weight_decay": settings.emb_l2},
               {"params": other, "weight_decay": 0.0}]
     return torch.optim.Adam([g for g in groups if g["params"]], lr=settings.lr,

@@ -1,7 +1,8 @@
 """Building blocks shared by every model: the item encoder, MLPs, attention and interaction layers.
 
 Imports torch alone, so the model files (layers, qin, tf4ctr, dcnv2, din) can be pasted into a
-notebook as they are. Shapes: B batch, L history length (64), E embedding width, I = 3E item width.
+notebook as they are. Shapes: B batch, L history length (64), E embedding width, I = 2E + M item width
+(M: the multimodal width, 128 as released).
 """
 import math
 
@@ -69,9 +70,22 @@ class Float32Linear(nn.Linear):
             return super().forward(x.float())
 
 
+class MultimodalProjection(nn.Linear):
+    """W_mm: the frozen 128-d multimodal vector -> mm_dim, no bias. It belongs to the embedding
+    module (FuxiCTR's FeatureEmbedding holds it), so the embedding L2 covers it too: the training
+    loop decays every module marked ``embedding_l2``."""
+    embedding_l2 = True
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__(in_dim, out_dim, bias=False)
+
+
 class ItemEncoder(nn.Module):
-    """An item as [item_id embedding, mean tag embedding, W_mm * multimodal vector]: width I = 2E + M,
-    M = mm_dim (default E, so I = 3E; FuxiCTR keeps an embedding-type feature at its own width 128).
+    """An item as [item_id embedding, mean tag embedding, W_mm * multimodal vector]: width I = 2E + M.
+
+    M = mm_dim: the released models keep the multimodal feature at its own width, 128, whatever E is
+    (FuxiCTR's embedding-type feature); mm_dim=None gives M = E. Item 0 and tag 0 are padding:
+    fixed zero rows (padding_idx 0), as in FuxiCTR's tables.
 
     The multimodal vectors (item_emb) and tag lists (item_tags) are frozen data held as buffers
     that are not saved (persistent=False): they are rebuilt from the processed tables at load time.
@@ -80,17 +94,16 @@ class ItemEncoder(nn.Module):
     to encode every lookup ('gather'); 'auto' picks per call. Both are the same function.
     """
 
-    def __init__(self, tables, emb_dim, table_mode="auto", mm_dim=None, id_padding=False):
+    def __init__(self, tables, emb_dim, table_mode="auto", mm_dim=None):
         super().__init__()
         check_choice("table_mode", table_mode, ("auto", "gather", "table"))
         mm_dim = mm_dim or emb_dim
         self.table_mode = table_mode
         self.register_buffer("item_tags", tables["item_tags"], persistent=False)  # [V, 5] int
         self.register_buffer("item_emb", tables["item_emb"], persistent=False)  # [V, 128] float
-        # id_padding: item 0 (padding) is a fixed zero vector, as in FuxiCTR's embedding tables
-        self.item_id = nn.Embedding(self.item_tags.shape[0], emb_dim, padding_idx=0 if id_padding else None)
+        self.item_id = nn.Embedding(self.item_tags.shape[0], emb_dim, padding_idx=0)
         self.tag = nn.Embedding(tables["n_tags"], emb_dim, padding_idx=0)
-        self.mm = nn.Linear(self.item_emb.shape[1], mm_dim, bias=False)
+        self.mm = MultimodalProjection(self.item_emb.shape[1], mm_dim)
         self.out_dim = 2 * emb_dim + mm_dim
 
     def encode(self, id_vec, tags, mm_vec):  # [N, E], [N, 5], [N, 128] -> [N, I]
@@ -118,12 +131,13 @@ class ItemEncoder(nn.Module):
 
 
 class LevelEmbedding(nn.Module):
-    """likes_level and views_level embeddings, concatenated: [*] x 2 -> [*, 2E]."""
+    """likes_level and views_level embeddings, concatenated: [*] x 2 -> [*, 2E]. Level 0 is a fixed
+    zero vector (padding_idx 0), as in the released FuxiCTR feature config."""
 
-    def __init__(self, n_levels, emb_dim, padding=False):
+    def __init__(self, n_levels, emb_dim):
         super().__init__()
-        self.likes = nn.Embedding(n_levels, emb_dim, padding_idx=0 if padding else None)
-        self.views = nn.Embedding(n_levels, emb_dim, padding_idx=0 if padding else None)
+        self.likes = nn.Embedding(n_levels, emb_dim, padding_idx=0)
+        self.views = nn.Embedding(n_levels, emb_dim, padding_idx=0)
 
     def forward(self, likes_level, views_level):
         return torch.cat([self.likes(likes_level), self.views(views_level)], -1)
@@ -136,9 +150,9 @@ class FeatureEmbedding(nn.Module):
     make_pool(I) gives the history pooling, a module (x_t [B, I], x_b [B, L, I], mask [B, L]) -> [B, I].
     """
 
-    def __init__(self, tables, emb_dim, make_pool, table_mode="auto"):
+    def __init__(self, tables, emb_dim, make_pool, table_mode="auto", mm_dim=None):
         super().__init__()
-        self.items = ItemEncoder(tables, emb_dim, table_mode)
+        self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim)
         self.levels = LevelEmbedding(tables["n_levels"], emb_dim)
         self.pool = make_pool(self.items.out_dim)
         self.out_dim = 2 * emb_dim + 2 * self.items.out_dim
@@ -198,21 +212,21 @@ class ASTA(nn.Module):
     """Adaptive Sparse Target Attention (QIN): single-head target attention, ReLU instead of softmax.
 
     s_j = m_j (q . k_j) / sqrt(A), o = W_o sum_j ReLU(s_j) v_j + x_t, with q = W_q x_t, k_j = W_k x_bj,
-    v_j = W_v x_bj, no biases, A = 2I by default. The padding mask multiplies the scores before the
+    v_j = W_v x_bj, no biases (out_bias: W_o with a bias, the authors' later variant), A = 2I by default. The padding mask multiplies the scores before the
     activation, as released. Single-head projections reassociate: q . k_j = (W_k^T q) . x_bj and
     sum_j a_j v_j = W_v (sum_j a_j x_bj), so the fast form (default) never projects the L history
     items; fast=False is the literal form (same function, for checking).
     activation 'softmax' is the paper's ablation; dropout (on the weights) another.
     """
 
-    def __init__(self, dim, attn_dim=None, activation="relu", dropout=0.0, fast=True):
+    def __init__(self, dim, attn_dim=None, activation="relu", dropout=0.0, fast=True, out_bias=False):
         super().__init__()
         check_choice("attention", activation, ("relu", "softmax"))
         attn_dim = attn_dim or 2 * dim
         self.W_q = nn.Linear(dim, attn_dim, bias=False)
         self.W_k = nn.Linear(dim, attn_dim, bias=False)
         self.W_v = nn.Linear(dim, attn_dim, bias=False)
-        self.W_o = nn.Linear(attn_dim, dim, bias=False)
+        self.W_o = nn.Linear(attn_dim, dim, bias=out_bias)
         self.activation, self.fast, self.scale = activation, fast, 1 / math.sqrt(attn_dim)
         self.dropout = nn.Dropout(dropout)
 

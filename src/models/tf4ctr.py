@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import Float32Linear, check_choice, init_weights
+from layers import MLP, Float32Linear, check_choice, init_weights
 
 
 def tf_loss(y, y_s, y_c, label, c=0.8, gamma=2.0, alpha=0.25):
@@ -38,41 +38,48 @@ def tf_loss(y, y_s, y_c, label, c=0.8, gamma=2.0, alpha=0.25):
 class SSEM(nn.Module):
     """Sample Selection Embedding Module: the (simple, complex) encoder inputs.
 
+    As the authors wrote them (TF4CTRv2.py), with d = |e| and every MLP in the model's own batch
+    norm and dropout settings:
     ser: two separate embedders, the simple one at half the embedding width;
-    gm: one embedding e and a gate g(e) in (0, 1): e * g for the simple encoder, e * (1 - g) for the complex;
-    moe: an MMoE layer, two linear experts mixed by one softmax gate per encoder;
+    gm: one embedding e and one scalar gate per sample, g(e) = sigmoid(Linear(MLP_[d/4](e)) -> 1) in
+        (0, 1): e * g for the simple encoder, e * (1 - g) for the complex;
+    moe: an MMoE layer: two experts, each a ReLU MLP [d/2, d], mixed for encoder k by the softmax of
+        gate k, a ReLU MLP [d/4] -> Linear -> 2;
     none: both encoders share one embedding.
     """
 
-    def __init__(self, make_embedder, emb_dim, mode="ser"):
+    def __init__(self, make_embedder, emb_dim, mode="ser", dropout=0.0, batch_norm=False):
         super().__init__()
         check_choice("ssem", mode, ("ser", "gm", "moe", "none"))
         self.mode = mode
         self.embed = make_embedder(emb_dim)
         d = self.embed.out_dim
         self.dims = (d, d)
+
+        def mlp(hidden):
+            return MLP(d, hidden, "relu", batch_norm, dropout)
+
         if mode == "ser":
             self.embed_s = make_embedder(max(emb_dim // 2, 1))
             self.dims = (self.embed_s.out_dim, d)
         elif mode == "gm":
-            self.gate = nn.Sequential(nn.Linear(d, max(d // 4, 1)), nn.ReLU(),
-                                      nn.Linear(max(d // 4, 1), d), nn.Sigmoid())
+            self.gate = nn.Sequential(mlp([max(d // 4, 1)]), nn.Linear(max(d // 4, 1), 1))
         elif mode == "moe":
-            self.experts = nn.Linear(d, 2 * d)  # both experts in one matmul
-            self.gates = nn.Linear(d, 4)  # two softmax gates over two experts
+            self.experts = nn.ModuleList([mlp([max(d // 2, 1), d]) for _ in range(2)])
+            self.gates = nn.ModuleList([nn.Sequential(mlp([max(d // 4, 1)]), nn.Linear(max(d // 4, 1), 2))
+                                        for _ in range(2)])
 
     def forward(self, batch):  # -> e_s [B, dims[0]], e_c [B, dims[1]]
-        e = self.embed(batch)
+        e = self.embed(batch)  # [B, d]
         if self.mode == "ser":
             return self.embed_s(batch), e
         if self.mode == "gm":
-            g = self.gate(e)
+            g = torch.sigmoid(self.gate(e))  # [B, 1]
             return e * g, e * (1 - g)
         if self.mode == "moe":
-            experts = self.experts(e).view(e.shape[0], 2, -1)  # [B, expert, d]
-            gates = torch.softmax(self.gates(e).view(e.shape[0], 2, 2), -1)  # [B, encoder, expert]
-            mixed = torch.einsum("bge,bed->bgd", gates, experts)
-            return mixed[:, 0], mixed[:, 1]
+            experts = torch.stack([expert(e) for expert in self.experts], 1)  # [B, expert, d]
+            e_s, e_c = (torch.einsum("be,bed->bd", torch.softmax(gate(e), -1), experts) for gate in self.gates)
+            return e_s, e_c
         return e, e
 
 
@@ -116,10 +123,12 @@ class DFM(nn.Module):
 class TF4CTR(nn.Module):
     """Any model as SSEM -> (simple, complex) encoders -> own Linear -> 1 each -> DFM, with the TF loss.
 
-    init_weights runs over the whole wrapper, so the factories' modules start like every model here.
+    dropout and batch_norm are the wrapped model's own (net_dropout, batch_norm in TF4CTRv2.py), used
+    by SSEM's gate and expert MLPs. init_weights runs over the whole wrapper, so the factories'
+    modules start like every model here.
     """
 
-    def __init__(self, make_embedder, make_simple, make_complex, emb_dim,
+    def __init__(self, make_embedder, make_simple, make_complex, emb_dim, dropout, batch_norm,
                  ssem: Literal["ser", "gm", "moe", "none"] = "ser",
                  dfm: Literal["wsf", "cf", "vf", "moef", "sum"] = "wsf", c=0.8, gamma=2.0, alpha=0.25):
         super().__init__()
@@ -129,7 +138,7 @@ class TF4CTR(nn.Module):
             raise ValueError(f"gamma: {gamma} is negative")
         if not 0 <= alpha <= 1:
             raise ValueError(f"alpha: {alpha} is not in [0, 1]")
-        self.ssem = SSEM(make_embedder, emb_dim, ssem)
+        self.ssem = SSEM(make_embedder, emb_dim, ssem, dropout, batch_norm)
         self.simple = make_simple(self.ssem.dims[0])
         self.complex = make_complex(self.ssem.dims[1])
         self.head_s = Float32Linear(self.simple.out_dim, 1)

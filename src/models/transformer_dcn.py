@@ -74,8 +74,8 @@ class TransformerDCN(CTRModel):
                  max_history: Optional[int] = None, cross_layers=3, dcn_hidden=(1024, 512, 256),
                  head_hidden=(64, 32), dropout=0.2, batch_norm=False, table_mode="auto"):
         super().__init__()
-        self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim=mm_dim, id_padding=True)
-        self.levels = LevelEmbedding(tables["n_levels"], emb_dim, padding=True)
+        self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim)
+        self.levels = LevelEmbedding(tables["n_levels"], emb_dim)
         item_dim = self.items.out_dim
         self.sequence = SequenceTransformer(item_dim, transformer_layers, num_heads, dim_feedforward,
                                             transformer_dropout, first_k_cols, max_pool, history_mask,
