@@ -15,6 +15,8 @@
 #                      on tiny/demo; qin,qin_plus,dcnv2_tf,din_tf,transformer_dcn_gpu on full or --data)
 #   --folds K          number of folds (default: 3 on the tiny/demo presets, 5 on full or --data)
 #   --device DEV       cpu or cuda (default: cuda when present)
+#   --gpus 0,1,...     train the folds of each model in parallel, one worker process per listed GPU
+#                      (train.py --devices cuda:0,cuda:1,...); README "Several GPUs"
 #   --name NAME        submission name: submissions/NAME.zip (default: submission)
 #   --data-root DIR    where presets are generated and derived data goes (default: data)
 #   --submissions DIR  folder for the submission files (default: submissions)
@@ -29,6 +31,7 @@ DATA=""
 MODELS=""
 FOLDS=""
 DEVICE=""
+GPUS=""
 NAME=submission
 DATA_ROOT=data
 SUBMISSIONS=submissions
@@ -37,7 +40,7 @@ REFIT=""
 TEST_FROM=folds
 while [ $# -gt 0 ]; do
   case "$1" in
-    --preset|--data|--models|--folds|--device|--name|--data-root|--submissions|--train-set)
+    --preset|--data|--models|--folds|--device|--gpus|--name|--data-root|--submissions|--train-set)
       if [ $# -lt 2 ] || [[ "$2" == --* ]]; then
         echo "run.sh: option $1 needs a value (see bash run.sh --help)" >&2; exit 2
       fi ;;
@@ -48,6 +51,7 @@ while [ $# -gt 0 ]; do
     --models) MODELS="$2"; shift 2 ;;
     --folds) FOLDS="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
+    --gpus) GPUS="$2"; shift 2 ;;
     --name) NAME="$2"; shift 2 ;;
     --data-root) DATA_ROOT="$2"; shift 2 ;;
     --submissions) SUBMISSIONS="$2"; shift 2 ;;
@@ -65,6 +69,16 @@ esac
 if [ -n "$FOLDS" ] && ! [[ "$FOLDS" =~ ^[0-9]+$ && "$FOLDS" -ge 2 ]]; then
   echo "run.sh: --folds must be an integer >= 2, got '$FOLDS'" >&2; exit 2
 fi
+DEVICE_ARGS=(${DEVICE:+--device "$DEVICE"})
+if [ -n "$GPUS" ]; then
+  if ! [[ "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    echo "run.sh: --gpus must be GPU numbers such as 0,1, got '$GPUS'" >&2; exit 2
+  fi
+  if [ -n "$DEVICE" ]; then
+    echo "run.sh: give --device or --gpus, not both" >&2; exit 2
+  fi
+  DEVICE_ARGS=(--devices "cuda:${GPUS//,/,cuda:}")
+fi
 
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -72,9 +86,9 @@ start=$(date +%s)
 stage() { echo; echo "=== $* ($(( $(date +%s) - start )) s)"; }
 
 stage "setup"
-if ! "$PY" tools/check_requirements.py >/dev/null; then
-  "$PY" -m pip install --disable-pip-version-check -q -r requirements.txt
-fi
+# installs only what is missing or outside its range in requirements.txt (an installed torch inside
+# it is never replaced), at the versions of requirements-lock.txt, and says what in one line
+"$PY" tools/check_requirements.py --install
 
 RAW=${DATA:-$DATA_ROOT/$PRESET}
 WORK=$DATA_ROOT/work/$(basename "$RAW")
@@ -102,11 +116,11 @@ IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
 for model in "${MODEL_LIST[@]}"; do
   stage "train $model"
   "$PY" src/train.py --config "configs/$model.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" \
-    ${DEVICE:+--device "$DEVICE"}
+    "${DEVICE_ARGS[@]}"
   if [ -n "$REFIT" ]; then
     stage "refit $model"
     "$PY" src/train.py --config "configs/$model.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" \
-      ${DEVICE:+--device "$DEVICE"} --refit
+      "${DEVICE_ARGS[@]}" --refit
   fi
   RUNS+=("$model")   # by convention run.name equals the config's file name (tests/test_configs.py)
 done

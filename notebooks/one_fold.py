@@ -54,7 +54,7 @@ eval_sets = {"valid": ("valid", torch.arange(len(frames["valid"]), device=device
 
 # %% train: the model, then fit (the released schedule, CPU-sized batches and epochs)
 torch.manual_seed(SEED)  # weight init and dropout; fit shuffles with settings.seed
-model = QIN(tables, emb_dim=16, qnn_layers=2, qnn_m=2).to(device)
+model = QIN(tables, emb_dim=16, mm_dim=16, qnn_layers=2, qnn_m=2).to(device)
 settings = FitSettings(seed=SEED, batch_size=1024, max_epochs=int(os.environ.get("EPOCHS", 4)), patience=1)
 result = fit(model, data, train_rows, eval_sets, settings,
              on_epoch=lambda r: print(f"epoch {r['epoch']}: loss {r['train_loss']:.4f}  "

@@ -20,9 +20,10 @@ The official valid holdout is scored for every candidate and used for nothing el
 whether the OOF choice carries over. A run's valid and test predictions average its fold models, so
 they are a little smoother than its OOF ones; the holdout column is where that would show.
 
-Writes {work_dir}/blend/ (oof/valid/test.parquet, report.md, then metrics.json last: the folder is
-complete once it exists) and <submission.dir>/<name>.csv and .zip, each validated before it is
-renamed into place.
+Writes {work_dir}/blend/ (oof/valid/test.parquet, report.md with its pictures candidates.png and,
+on synthetic data, calibration.png, then metrics.json last: the folder is complete once it exists)
+and <submission.dir>/<name>.csv and .zip, each validated before it is renamed into place. The
+command line (not run_blend) appends the blend's row to the experiment log (src/experiments.py).
 """
 from __future__ import annotations
 
@@ -44,9 +45,11 @@ from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
 import common
+import experiments
+import plots
 import preprocess
 from common import UserError, first_line
-from runs import PROCESSED_SPLIT, SPLITS, auc_text, markdown_table, read_predictions
+from runs import PROCESSED_SPLIT, SPLITS, auc_text, markdown_table, picture_lines, read_predictions
 from validate_submission import ID_COLUMN, ZIP_MEMBER, validate_submission
 
 ROW_FEATURES = ("history_len", "likes_level", "views_level")
@@ -57,6 +60,7 @@ BEST_SINGLE = "best_single"
 # An OOF AUC above the holdout AUC by more than this is flagged: OOF predictions that saw their own
 # rows (a leak) look excellent out of fold and ordinary on the holdout
 GAP_WARNING = 0.05
+CANDIDATES_PNG, CALIBRATION_PNG = "candidates.png", "calibration.png"  # report.md's pictures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,14 +382,53 @@ def choose(best_single: Candidate, methods: list[Candidate], select: str) -> Can
     return next(c for c in methods if c.name == select)
 
 
-def oracle_aucs(cfg: dict, data: BlendData) -> dict[str, float | None]:
-    """AUC of the true click probabilities (synthetic data only): the ceiling on the same rows."""
+def oracle_probs(cfg: dict, data: BlendData) -> dict[str, np.ndarray | None]:
+    """The true click probabilities of the OOF and valid rows (synthetic data only), else None."""
     raw_dir = common.data_paths(cfg)["raw"]
     result = {}
     for split, raw_split, labels in (("oof", "train", data.oof_label), ("valid", "valid", data.valid_label)):
         prob = common.read_oracle_prob(raw_dir, raw_split)
-        result[split] = None if prob is None or len(prob) != len(labels) else common.roc_auc(labels, prob)
+        result[split] = None if prob is None or len(prob) != len(labels) else prob
     return result
+
+
+def oracle_auc(labels: np.ndarray, prob: np.ndarray | None) -> float | None:
+    """AUC of the true click probabilities: the ceiling on the same rows."""
+    return None if prob is None else common.roc_auc(labels, prob)
+
+
+# what each method's details say it puts on its inputs: (what the numbers are, key in details)
+METHOD_WEIGHTS = {"auc_weights": ("weight on the logit", "weights"),
+                  "logistic": ("coefficient on the logit", "coefficients"),
+                  "lightgbm": ("share of the split gain", "gain_share")}
+
+
+def chosen_weights(chosen: Candidate, run_names: list[str]) -> tuple[str, dict[str, float]]:
+    """(what the numbers are, input -> number): what the chosen candidate puts on each input."""
+    if chosen.name in METHOD_WEIGHTS:
+        what, key = METHOD_WEIGHTS[chosen.name]
+        return what, chosen.details[key]
+    if chosen.name in run_names:  # the best single run
+        return "weight", {run: float(run == chosen.name) for run in run_names}
+    scale = "rank" if chosen.name == "rank_mean" else "logit"
+    return f"equal weight on the {scale}", {run: 1.0 / len(run_names) for run in run_names}
+
+
+def draw_pictures(blend_dir: Path, runs: list[Candidate], methods: list[Candidate], chosen: Candidate,
+                  data: BlendData, oracle: dict[str, np.ndarray | None]) -> list[tuple[str, str]]:
+    """The report's pictures: (caption, file name) of each one drawn (a failure is a warning)."""
+    pictures = []
+    candidates = [(c.name, c.oof_auc, c.valid_auc) for c in runs + methods]
+    if plots.draw(blend_dir / CANDIDATES_PNG, plots.blend_candidates, candidates, chosen.name,
+                  chosen_weights(chosen, data.runs)):
+        pictures.append(("Every candidate's OOF and valid AUC, and the chosen one's weights", CANDIDATES_PNG))
+    if oracle["oof"] is not None:  # synthetic data: the true click probabilities are known
+        series = {"OOF": (chosen.preds["oof"], oracle["oof"])}
+        if oracle["valid"] is not None:
+            series["valid holdout"] = (chosen.preds["valid"], oracle["valid"])
+        if plots.draw(blend_dir / CALIBRATION_PNG, plots.calibration, f"blend ({chosen.name})", series):
+            pictures.append(("Predicted vs true click probability (synthetic data)", CALIBRATION_PNG))
+    return pictures
 
 
 def write_submission(test_ids: np.ndarray, preds: np.ndarray, submission: dict) -> tuple[Path, Path]:
@@ -443,7 +486,8 @@ def gap_warnings(candidates: list[Candidate]) -> list[str]:
             if c.oof_auc - c.valid_auc > GAP_WARNING]
 
 
-def report_markdown(metrics: dict, rows: list[tuple], methods: list[Candidate]) -> str:
+def report_markdown(metrics: dict, rows: list[tuple], methods: list[Candidate],
+                    pictures: list[tuple[str, str]] = ()) -> str:
     lines = [f"# Blend of {len(metrics['runs'])} runs over {metrics['n_folds']} folds", "",
              "Every method is fitted on out-of-fold (OOF) predictions only; the valid holdout is "
              "scored, never fitted on.", ""]
@@ -465,7 +509,7 @@ def report_markdown(metrics: dict, rows: list[tuple], methods: list[Candidate]) 
         lines.append(f"- **{c.name}** ({c.seconds:.1f}s): {extras}")
     sub = metrics["submission"]
     lines += ["", f"Submission: `{sub['zip']}` ({sub['rows']:,} rows, column `{sub['column']}`).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + picture_lines(pictures))
 
 
 def print_summary(metrics: dict, rows: list[tuple]) -> None:
@@ -503,7 +547,8 @@ def run_blend(cfg: dict) -> dict:
 
     blend_dir = common.data_paths(cfg)["work"] / "blend"
     # metrics.json is written last and marks the folder complete, like a fold's done.json
-    (blend_dir / "metrics.json").unlink(missing_ok=True)
+    for name in ("metrics.json", CANDIDATES_PNG, CALIBRATION_PNG):  # no picture of an earlier blend stays
+        (blend_dir / name).unlink(missing_ok=True)
     common.write_parquet(blend_dir / "oof.parquet", pd.DataFrame(
         {"row_id": np.arange(len(data.oof_label)), "fold": data.fold.astype(np.int8), "pred": chosen.preds["oof"]}))
     common.write_parquet(blend_dir / "valid.parquet", pd.DataFrame(
@@ -511,7 +556,7 @@ def run_blend(cfg: dict) -> dict:
     common.write_parquet(blend_dir / "test.parquet", pd.DataFrame({"ID": data.test_ids, "pred": chosen.preds["test"]}))
     csv_path, zip_path = write_submission(data.test_ids, chosen.preds["test"], asdict(settings.submission))
 
-    oracle = oracle_aucs(cfg, data)
+    oracle = oracle_probs(cfg, data)
     chosen_name = f"{BEST_SINGLE} ({best_single.name})" if chosen is best_single else chosen.name
     metrics = {
         "runs": {c.name: {"oof_auc": c.oof_auc, "valid_auc": c.valid_auc} for c in runs},
@@ -528,8 +573,8 @@ def run_blend(cfg: dict) -> dict:
         "best_single_valid_auc": best_single.valid_auc,
         "oof_auc_gain_vs_best_single": chosen.oof_auc - best_single.oof_auc,
         "valid_auc_gain_vs_best_single": chosen.valid_auc - best_single.valid_auc,
-        "oracle_oof_auc": oracle["oof"],
-        "oracle_valid_auc": oracle["valid"],
+        "oracle_oof_auc": oracle_auc(data.oof_label, oracle["oof"]),
+        "oracle_valid_auc": oracle_auc(data.valid_label, oracle["valid"]),
         "blend_dir": str(blend_dir),
         "submission": {"csv": str(csv_path), "zip": str(zip_path), "rows": len(data.test_ids),
                        "column": settings.submission.column},
@@ -539,7 +584,8 @@ def run_blend(cfg: dict) -> dict:
     for warning in metrics["gap_warnings"]:
         common.log(f"warning: {warning}: OOF much better than the holdout, a leak? (see report.md)")
     rows = table_rows(runs, methods, best_single, chosen)
-    common.write_text(blend_dir / "report.md", report_markdown(metrics, rows, methods))
+    pictures = draw_pictures(blend_dir, runs, methods, chosen, data, oracle)
+    common.write_text(blend_dir / "report.md", report_markdown(metrics, rows, methods, pictures))
     common.write_json(blend_dir / "metrics.json", metrics)
     print_summary(metrics, rows)
     return metrics
@@ -548,7 +594,9 @@ def run_blend(cfg: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_config_args(parser, "blend.yaml")
-    run_blend(common.config_from_args(parser.parse_args()))
+    args = parser.parse_args()
+    cfg = common.config_from_args(args)
+    experiments.record_blend(cfg, run_blend(cfg), args.config, args.overrides)
 
 
 if __name__ == "__main__":

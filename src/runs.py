@@ -2,15 +2,17 @@
 
 Layout (docs/DESIGN.md "Run directory"): config.yaml, fingerprint.json, fold{k}/{best.pt,
 history.json, oof.parquet, valid.parquet, test.parquet, done.json}, once every fold is done the
-aggregates oof.parquet, valid.parquet, test.parquet, metrics.json, report.md, and optionally
-refit/ (one model on every train row: best.pt, history.json, valid.parquet, test.parquet,
-done.json). Every file is
-written atomically; a fold is done when its done.json (written last) reads back as a mapping.
+aggregates oof.parquet, valid.parquet, test.parquet, metrics.json, report.md with its pictures
+curves.png and (synthetic data) calibration.png, and optionally refit/ (one model on every train
+row: best.pt, history.json, valid.parquet, test.parquet, done.json). Every file is written
+atomically; a fold is done when its done.json (written last) reads back as a mapping. While a
+process trains fold k, fold{k}.claim (refit.claim) holds its pid.
 Predictions are stored with their row ids (``row_id`` for train and valid rows, ``ID`` for test),
 so that reading them back is a join on the ids, checked here against the ids the caller expects.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -21,12 +23,17 @@ import torch
 import yaml
 
 import common
+import plots
 from common import UserError
 from metrics import log_loss, roc_auc
 
 SPLITS = ("oof", "valid", "test")
 ID_COLUMN = {"oof": "row_id", "valid": "row_id", "test": "ID"}
 AGGREGATE_FILES = ("oof.parquet", "valid.parquet", "test.parquet", "metrics.json", "report.md")
+# report.md's pictures: written with the aggregates and removed with them, but not among them, since
+# a picture that could not be drawn is only a warning and must not make a finished run look unfinished
+CURVES_PNG, CALIBRATION_PNG = "curves.png", "calibration.png"
+PICTURES = (CURVES_PNG, CALIBRATION_PNG)
 EARLY_STOPPING_NOTE = {
     "valid": "on the valid split's AUC (as QIN was released), which chose each fold's epoch, so the "
              "holdout AUC flatters a little; the OOF AUC is untouched",
@@ -121,12 +128,67 @@ def prepare(run: Path, fingerprint: dict, cfg: dict) -> None:
 
 
 def remove_aggregates(run: Path) -> None:
-    for name in AGGREGATE_FILES:
+    for name in AGGREGATE_FILES + PICTURES:
         (run / name).unlink(missing_ok=True)
 
 
 def clear_fold(run: Path, fold: int | str) -> None:
     shutil.rmtree(fold_dir(run, fold), ignore_errors=True)  # leftovers of an interrupted attempt
+
+
+# Claims: which process trains which fold, so that workers training the folds of one run at once
+# (train.py --devices) take each fold exactly once. Between processes of one machine (pids).
+
+def claim_path(run: Path, fold: int | str) -> Path:
+    return run / f"{fold_dir(run, fold).name}.claim"
+
+
+def claim_fold(run: Path, fold: int | str) -> bool:
+    """Claim ``fold`` for this process to train it: create its claim file holding our pid,
+    atomically (O_EXCL: of processes claiming at once, exactly one gets it). False when another
+    process holds it, or has finished it since (the claim is released once the fold is done)."""
+    try:
+        fd = os.open(claim_path(run, fold), os.O_CREAT | os.O_EXCL | os.O_WRONLY, common.FILE_MODE)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as claim:
+        claim.write(f"{os.getpid()}\n")
+    if fold_done(run, fold):
+        release_claim(run, fold)
+        return False
+    return True
+
+
+def release_claim(run: Path, fold: int | str) -> None:
+    claim_path(run, fold).unlink(missing_ok=True)
+
+
+def claim_owner(path: Path) -> int | None:
+    """The pid in a claim file, or None when it is gone or unreadable (its writer died first)."""
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def remove_stale_claims(run: Path) -> None:
+    """Remove the claims of processes that are gone (a killed worker's), so that their folds are
+    trained again; a live process's claim stays."""
+    for path in run.glob("*.claim"):
+        pid = claim_owner(path)
+        if pid is None or not process_alive(pid):
+            common.log(f"{path}: its process {pid} is gone: the fold is free again")
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,11 +266,38 @@ def write_aggregates(run: Path, n_folds: int, labels: dict[str, np.ndarray],
     metrics.update(seconds=sum(m["seconds"] for m in folds), folds=folds)
     write_predictions(run, preds)
     common.write_json(run / "metrics.json", metrics)
-    common.write_text(run / "report.md", report_markdown(run.name, metrics))
+    pictures = draw_pictures(run, folds, preds, oracle)
+    common.write_text(run / "report.md", report_markdown(run.name, metrics, pictures))
     return metrics
 
 
-def report_markdown(run_name: str, metrics: dict) -> str:
+def draw_pictures(run: Path, folds: list[dict], preds: dict[str, pd.DataFrame],
+                  oracle: dict[str, np.ndarray | None]) -> list[tuple[str, str]]:
+    """The report's pictures: (caption, file name) of each one drawn (a failure is a warning)."""
+    monitor = {"valid": "valid", "holdout": "fold"}[folds[0]["early_stopping"]]
+
+    def curves():  # read inside draw(): a damaged history.json costs the picture, not the run
+        return plots.training_curves(run.name, {
+            m["fold"]: {"history": common.read_json(fold_dir(run, m["fold"]) / "history.json"),
+                        "best_epoch": m["best_epoch"], "monitor": monitor} for m in folds})
+
+    pictures = []
+    if plots.draw(run / CURVES_PNG, curves):
+        pictures.append(("Train loss and AUC per epoch, every fold", CURVES_PNG))
+    if oracle["train"] is not None:  # synthetic data: the true click probabilities are known
+        series = {"OOF": (preds["oof"]["pred"].to_numpy(), oracle["train"]),
+                  "valid holdout": (preds["valid"]["pred"].to_numpy(), oracle["valid"])}
+        if plots.draw(run / CALIBRATION_PNG, plots.calibration, run.name, series):
+            pictures.append(("Predicted vs true click probability (synthetic data)", CALIBRATION_PNG))
+    return pictures
+
+
+def picture_lines(pictures: list[tuple[str, str]]) -> list[str]:
+    """Markdown that embeds each (caption, file name) picture of the report's folder."""
+    return [line for caption, name in pictures for line in (f"![{caption}]({name})", "")]
+
+
+def report_markdown(run_name: str, metrics: dict, pictures: list[tuple[str, str]] = ()) -> str:
     folds = [(m["fold"], m["best_epoch"], m["epochs"], auc_text(m["fold_auc"]), f"{m['fold_logloss']:.5f}",
               auc_text(m["valid_auc"]), f"{m['rows_per_s']:,.0f}", f"{m['seconds']:.0f}")
              for m in metrics["folds"]]
@@ -223,7 +312,7 @@ def report_markdown(run_name: str, metrics: dict) -> str:
                                    totals)
     lines += ["", f"Early stopping: {EARLY_STOPPING_NOTE[metrics['early_stopping']]}.",
               "", f"Training time: {metrics['seconds']:.0f} s over all folds.", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + picture_lines(pictures))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +386,24 @@ def aligned_predictions(path: Path, frame: pd.DataFrame, split: str, expected_id
         raise UserError(f"{path}: column 'pred': {int(outside.sum()):,} values outside [0, 1] (first: "
                         f"{preds[first]:g} at {id_column} {ids[first]})")
     return preds
+
+
+def hidden_test_auc(pred_path: Path, labels: np.ndarray | None) -> float | None:
+    """AUC of a finished run's (or the blend's) test.parquet on the hidden test labels of synthetic
+    data; None without labels (real data)."""
+    if labels is None:
+        return None
+    if not pred_path.is_file():
+        raise UserError(f"{pred_path}: missing: the run changed after the blend (a retraining "
+                        f"not finished?); finish it with src/train.py, then rerun src/blend.py")
+    frame = read_run_file(pred_path, "test", pred_path.parent.name).sort_values("ID")
+    pred = frame["pred"].to_numpy(np.float64)
+    if not np.array_equal(frame["ID"].to_numpy(), np.arange(len(labels))):
+        raise UserError(f"{pred_path}: column 'ID': {len(frame)} rows that are not the "
+                        f"{len(labels)} test IDs of the oracle labels: other data?")
+    if not np.isfinite(pred).all():
+        raise UserError(f"{pred_path}: column 'pred': NaN or infinite predictions")
+    return common.roc_auc(labels, pred)
 
 
 PROCESSED_SPLIT = {"oof": "train", "valid": "valid", "test": "test"}  # the OOF rows are the train rows

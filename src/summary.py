@@ -8,29 +8,11 @@ test.parquet); the test AUC needs the hidden labels that only synthetic data has
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-import numpy as np
 
 import common
+import experiments
 import preprocess
 import runs
-
-
-def test_auc(pred_path: Path, labels: np.ndarray | None) -> float | None:
-    if labels is None:
-        return None
-    if not pred_path.is_file():
-        raise common.UserError(f"{pred_path}: missing: the run changed after the blend (a retraining "
-                               f"not finished?); finish it with src/train.py, then rerun src/blend.py")
-    frame = runs.read_run_file(pred_path, "test", pred_path.parent.name).sort_values("ID")
-    pred = frame["pred"].to_numpy(np.float64)
-    if not np.array_equal(frame["ID"].to_numpy(), np.arange(len(labels))):
-        raise common.UserError(f"{pred_path}: column 'ID': {len(frame)} rows that are not the "
-                               f"{len(labels)} test IDs of the oracle labels: other data?")
-    if not np.isfinite(pred).all():
-        raise common.UserError(f"{pred_path}: column 'pred': NaN or infinite predictions")
-    return common.roc_auc(labels, pred)
 
 
 def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
@@ -51,10 +33,11 @@ def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
     labels = common.read_test_labels(paths["raw"])
     # the runs' test predictions the blend used: their fold means, or their refits
     source = runs.REFIT if blend.get("test_from") == runs.REFIT else "."
-    rows = [(name, m["oof_auc"], m["valid_auc"], test_auc(runs.run_dir(cfg, name) / source / "test.parquet", labels))
+    rows = [(name, m["oof_auc"], m["valid_auc"],
+             runs.hidden_test_auc(runs.run_dir(cfg, name) / source / "test.parquet", labels))
             for name, m in blend["runs"].items()]
     rows.append((f"blend ({blend['chosen']})", blend["chosen_oof_auc"], blend["chosen_valid_auc"],
-                 test_auc(paths["work"] / "blend" / "test.parquet", labels)))
+                 runs.hidden_test_auc(paths["work"] / "blend" / "test.parquet", labels)))
     oracle_test = common.read_oracle_prob(paths["raw"], "test")
     rows.append(("oracle (true click prob.)", blend["oracle_oof_auc"], blend["oracle_valid_auc"],
                  None if labels is None or oracle_test is None else common.roc_auc(labels, oracle_test)))
@@ -75,6 +58,9 @@ def main() -> None:
     print(f"\nsubmission: {blend['submission']['zip']} ({blend['submission']['rows']:,} rows); "
           f"blend wins {blend['oof_auc_gain_vs_best_single']:+.4f} OOF AUC over {blend['best_single_run']}"
           + ("" if rows[-1][3] is not None else "; test AUC n/a: real data has no public test labels"))
+    log = experiments.log_path(cfg)
+    if log.is_file():
+        print(f"experiment log: {log} (every run and blend; python src/experiments.py {log} ranks them)")
 
 
 if __name__ == "__main__":

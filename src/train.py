@@ -13,6 +13,17 @@ With --refit it trains one more model instead, on every train row (refit/ in the
 early stopping on the valid split as released, or the folds' median best epoch
 (train.refit_epochs). The blend can use its test predictions (blend.test_from: refit).
 
+Several devices (README "Several GPUs"), two ways:
+
+    python src/train.py --config configs/qin.yaml --devices cuda:0,cuda:1     # folds in parallel
+    torchrun --nproc-per-node 2 src/train.py --config configs/qin.yaml --refit  # one fit, DDP
+
+--devices starts one worker process per device; each claims the next unclaimed fold (a claim file
+in the run folder) until none is left, and this process writes the aggregates once all are done.
+A fold's seed decides everything, so each fold's files are those of a sequential run. Under
+torchrun every process trains each fold together (src/models/fit.py: a slice of every batch per
+rank, NCCL on CUDA, gloo on the CPU); rank 0 alone writes files.
+
 Outputs: {work_dir}/runs/<run.name>/ exactly as docs/DESIGN.md ("Run directory"). A fold is
 complete once fold{k}/done.json reads back; a rerun skips complete folds and redoes the others from
 scratch with the same seed, so an interrupted run ends with the same predictions as an
@@ -23,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import multiprocessing
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -31,14 +44,16 @@ from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import common
+import experiments
 import model_config
 import preprocess
 import runs
 from common import UserError
-from fit import FEATURES, FitSettings, fit, predict
+from fit import FEATURES, FitSettings, fit, from_rank0, predict, rank_and_world
 from metrics import log_loss, roc_auc
 
 ITEM_TABLES = ("item_tags", "item_emb", "item_likes_level", "item_views_level")
@@ -103,11 +118,16 @@ def resolve_device(requested: str) -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError:
-        raise UserError(f"config: train.device must be auto, cpu or cuda, got {requested!r}") from None
+        raise UserError(f"device {requested!r}: must be auto, cpu, cuda or cuda:N (train.device, --device, "
+                        f"--devices)") from None
     if device.type not in ("cpu", "cuda"):
-        raise UserError(f"config: train.device must be auto, cpu or cuda, got {requested!r}")
+        raise UserError(f"device {requested!r}: must be auto, cpu, cuda or cuda:N (train.device, --device, "
+                        f"--devices)")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("config: train.device is cuda but torch sees no CUDA device")
+        raise UserError(f"device {requested}: torch sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {requested}: torch sees {torch.cuda.device_count()} CUDA devices "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -166,8 +186,10 @@ class Progress:
 
 
 def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row: np.ndarray,
-               test_ids: np.ndarray, device: torch.device, run_dir: Path, refit_epochs: int | None = None) -> dict:
-    """Train fold ``fold`` from scratch and write its files; returns its metrics (done.json).
+               test_ids: np.ndarray, device: torch.device, run_dir: Path,
+               refit_epochs: int | None = None) -> dict | None:
+    """Train fold ``fold`` from scratch and write its files; returns its metrics (done.json), or
+    None on the ranks > 0 of torchrun, which train with rank 0 and leave the files to it.
 
     fold runs.REFIT is the refit: every train row, seed train.seed + K (no fold's), early stopping on
     the valid split, or exactly ``refit_epochs`` epochs (the last one kept) when given.
@@ -198,8 +220,11 @@ def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row
         stopping = train_cfg.early_stopping
     name = "refit" if refit else f"fold {fold}"
     use_bf16 = train_cfg.bf16 and device.type == "cuda"
-    common.log(f"{name}: {train_rows.numel():,} train rows, {len(holdout_host):,} held out, "
-               f"{model_config.count_parameters(model):,} parameters, device {device}{', bf16' if use_bf16 else ''}")
+    rank, world = rank_and_world()
+    where = str(device) if world == 1 else f"{world} processes on {device.type} (DDP)"
+    if rank == 0:
+        common.log(f"{name}: {train_rows.numel():,} train rows, {len(holdout_host):,} held out, "
+                   f"{model_config.count_parameters(model):,} parameters, device {where}{', bf16' if use_bf16 else ''}")
 
     history = []
 
@@ -219,6 +244,8 @@ def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row
         raise UserError(f"{name}: {exc}") from None
     finally:
         progress.close()
+    if rank > 0:
+        return None
     predictions = dict(result.predictions)
     scores = dict(result.scores)
     if "valid" not in predictions:  # a refit of fixed epochs scores the valid split once, at its end
@@ -230,7 +257,7 @@ def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row
     metrics = {"fold": fold, "best_epoch": result.best_epoch, "epochs": len(result.history),
                "early_stopping": stopping, **scores,
                "train_rows": int(train_rows.numel()), "rows_per_s": result.rows_per_s,
-               "seconds": time.time() - fold_start, "device": str(device)}
+               "seconds": time.time() - fold_start, "device": where}
     preds = {} if refit else {"oof": (holdout_host, predictions["fold"])}
     preds.update(valid=(np.arange(n_valid), predictions["valid"]), test=(test_ids, test_probs))
     runs.write_fold(run_dir, fold, result.model.state_dict(), preds, metrics)
@@ -251,16 +278,89 @@ def refit_epochs_from_folds(run_dir: Path, n_folds: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# several devices: a worker process per device taking folds (--devices), or torchrun's DDP
+# ---------------------------------------------------------------------------------------------
+
+def train_claimed_folds(todo: list, cfg: dict, arrays: dict, manifest: dict, device: torch.device,
+                        run_dir: Path, refit_epochs: int | None) -> None:
+    """A worker's loop: train every fold of ``todo`` that it can claim (runs.claim_fold), in order.
+    Under torchrun the ranks are one worker: rank 0 claims for them all."""
+    data = load_to_device(arrays, device)
+    tables = item_tables(arrays, manifest, device)
+    fold_of_row = np.asarray(arrays["train_fold"])
+    test_ids = np.asarray(arrays["test_ID"], dtype=np.int64)
+    main = rank_and_world()[0] == 0
+    for k in todo:
+        [claimed] = from_rank0([main and runs.claim_fold(run_dir, k)])
+        if not claimed:
+            if main:
+                common.log(f"fold {k}: taken by another worker (being trained or done), skipped")
+            continue
+        try:
+            if main:
+                runs.clear_fold(run_dir, k)
+            train_fold(k, cfg, data, tables, fold_of_row, test_ids, device, run_dir, refit_epochs)
+        finally:
+            if main:
+                runs.release_claim(run_dir, k)  # done or failed: the fold is free again
+
+
+def fold_worker(cfg: dict, processed: Path, device: str, run_dir: Path, todo: list,
+                refit_epochs: int | None, threads: int) -> None:
+    """The body of a worker process (train_on_devices): its own copy of the data on ``device``."""
+    # the parent's thread count: a fold's CPU float results depend on it, not on how it was run
+    torch.set_num_threads(threads)
+    arrays, manifest = preprocess.load_processed(processed)
+    common.run_main(lambda: train_claimed_folds(todo, cfg, arrays, manifest, torch.device(device), run_dir,
+                                                refit_epochs))
+
+
+def train_on_devices(todo: list, cfg: dict, processed: Path, devices: list[torch.device], run_dir: Path,
+                     refit_epochs: int | None) -> None:
+    """Train the folds of ``todo`` with one worker process per device (at most one per fold), each
+    claiming the next unclaimed fold until none is left; returns once every worker has ended. A
+    worker that dies leaves its fold unfinished (its claim names a dead process): the next run
+    redoes it."""
+    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be initialised again in a forked child
+    workers = [spawn.Process(target=fold_worker, name=f"fold worker {i} ({device})",
+                             args=(cfg, processed, str(device), run_dir, todo, refit_epochs, torch.get_num_threads()))
+               for i, device in enumerate(devices[:len(todo)])]
+    common.log(f"training folds {todo} with {len(workers)} workers on {', '.join(map(str, devices[:len(todo)]))}")
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    failed = [f"{w.name} exited with {w.exitcode}" + (" (killed by a signal)" if w.exitcode < 0 else "")
+              for w in workers if w.exitcode != 0]
+    if failed:
+        unfinished = [k for k in todo if not runs.fold_done(run_dir, k)]
+        raise UserError(f"{'; '.join(failed)}: folds {unfinished} are not done; rerun the same command "
+                        f"to train them (finished folds are kept)")
+
+
+def start_torchrun_process(requested: str) -> str:
+    """Under torchrun: join the process group (NCCL on CUDA, gloo on the CPU) and return this
+    process's device (CUDA: the GPU of its local rank)."""
+    device = resolve_device(requested)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return str(device)
+
+
+# ---------------------------------------------------------------------------------------------
 # entry points
 # ---------------------------------------------------------------------------------------------
 
 def run_training(cfg: dict, folds: list[int] | None = None, device: str | None = None,
-                 refit: bool = False) -> Path:
+                 refit: bool = False, devices: list[str] | None = None) -> Path:
     """Train the given folds (default: all) that are not done yet, or with ``refit`` the refit (one
-    model on every train row) if it is not done yet; returns the run directory."""
+    model on every train row) if it is not done yet; returns the run directory. ``devices``: one
+    worker process per device trains the folds in parallel (instead of ``device``)."""
     run_start = time.time()
     cfg = checked_config(cfg, device)
-    _, arrays, manifest = preprocess.load_current(cfg)
+    processed, arrays, manifest = preprocess.load_current(cfg)
     n_folds = int(manifest["n_folds"])
     folds = list(range(n_folds)) if folds is None else sorted(set(folds))
     if any(not 0 <= k < n_folds for k in folds):
@@ -270,29 +370,31 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
 
     # every check that can fail comes before the run folder is touched: a typo in a --set must
     # not discard finished folds. The model is built on the meta device: no memory, no init.
-    torch_device = resolve_device(cfg["train"]["device"])
+    torch_devices = [resolve_device(d) for d in devices or [cfg["train"]["device"]]]
     with torch.device("meta"):
         model_config.build_model(cfg["model"], item_tables(arrays, manifest, torch.device("cpu")))
 
     run_dir = runs.run_dir(cfg)
-    runs.prepare(run_dir, fingerprint_of(cfg, manifest), cfg)
-    refit_epochs = None
-    if refit and cfg["train"]["refit_epochs"] == "folds":
-        refit_epochs = refit_epochs_from_folds(run_dir, n_folds)
-    todo = [k for k in folds if not runs.fold_done(run_dir, k)]
-    skipped = [k for k in folds if k not in todo]
-    if skipped:
-        common.log(f"{run_dir}: folds {skipped} already done, skipped")
-    if todo:
-        if not refit:
+    main = rank_and_world()[0] == 0  # under torchrun, rank 0 alone reads and writes the run folder
+    todo, refit_epochs = [], None
+    if main:
+        runs.prepare(run_dir, fingerprint_of(cfg, manifest), cfg)
+        runs.remove_stale_claims(run_dir)
+        if refit and cfg["train"]["refit_epochs"] == "folds":
+            refit_epochs = refit_epochs_from_folds(run_dir, n_folds)
+        todo = [k for k in folds if not runs.fold_done(run_dir, k)]
+        skipped = [k for k in folds if k not in todo]
+        if skipped:
+            common.log(f"{run_dir}: folds {skipped} already done, skipped")
+        if todo and not refit:
             runs.remove_aggregates(run_dir)  # they would describe folds about to change
-        data = load_to_device(arrays, torch_device)
-        tables = item_tables(arrays, manifest, torch_device)
-        fold_of_row = np.asarray(arrays["train_fold"])
-        test_ids = np.asarray(arrays["test_ID"], dtype=np.int64)
-        for k in todo:
-            runs.clear_fold(run_dir, k)
-            train_fold(k, cfg, data, tables, fold_of_row, test_ids, torch_device, run_dir, refit_epochs)
+    todo, refit_epochs = from_rank0([todo, refit_epochs])
+    if len(todo) > 1 and len(torch_devices) > 1:
+        train_on_devices(todo, cfg, processed, torch_devices, run_dir, refit_epochs)
+    elif todo:
+        train_claimed_folds(todo, cfg, arrays, manifest, torch_devices[0], run_dir, refit_epochs)
+    if not main:
+        return run_dir
 
     done = [k for k in range(n_folds) if runs.fold_done(run_dir, k)]
     missing = [k for k in range(n_folds) if k not in done]
@@ -338,6 +440,13 @@ def parse_folds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated fold numbers, got {text!r}") from None
 
 
+def parse_devices(text: str) -> list[str]:
+    devices = [part.strip() for part in text.split(",") if part.strip()]
+    if not devices:
+        raise argparse.ArgumentTypeError(f"expected comma-separated devices (cuda:0,cuda:1 or cpu,cpu), got {text!r}")
+    return devices
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -346,13 +455,31 @@ def main() -> None:
                         help="train only these folds (default: all); aggregates need every fold done")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="force the device (default: train.device, auto = CUDA when present)")
+    parser.add_argument("--devices", type=parse_devices, default=None, metavar="DEV,DEV,...",
+                        help="train folds in parallel, one worker process per device, e.g. cuda:0,cuda:1 "
+                             "(cpu,cpu: two CPU workers)")
     parser.add_argument("--refit", action="store_true",
                         help="train the refit instead of folds: one model on every train row "
                              "(train.refit_epochs says how long), written to the run's refit/ folder")
     args = parser.parse_args()
     if args.refit and args.folds is not None:
         parser.error("--refit trains on every train row: it takes no --folds")
-    run_training(common.config_from_args(args), args.folds, args.device, refit=args.refit)
+    if args.devices and args.device:
+        parser.error("give --device (one device) or --devices (folds in parallel), not both")
+    under_torchrun = "LOCAL_RANK" in os.environ
+    if under_torchrun and args.devices:
+        parser.error("under torchrun the processes train each fold together: give --device, not --devices")
+    cfg = common.config_from_args(args)
+    device = args.device
+    if under_torchrun:
+        device = start_torchrun_process(checked_config(cfg, device)["train"]["device"])
+    try:
+        run_training(cfg, args.folds, device, refit=args.refit, devices=args.devices)
+        if rank_and_world()[0] == 0:
+            experiments.record_run(cfg, args.config, args.overrides, refit=args.refit)  # once finished, one row
+    finally:
+        if under_torchrun:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 import common
+import experiments
 from validate_submission import validate_submission
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +41,13 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
     for name in ("qin_small", "dcnv2_tf_small", "din_tf_small", "blend (", "oracle"):
         assert name in summary, summary
 
+    # the pictures next to every report, and one experiment-log row per run and for the blend
+    work = tmp_path / "data" / "work" / "tiny"
+    for picture in ("runs/qin_small/curves.png", "runs/din_tf_small/calibration.png", "blend/candidates.png"):
+        assert (work / picture).read_bytes()[:4] == b"\x89PNG", picture
+    log = work / experiments.LOG_NAME
+    assert [row["kind"] for row in experiments.read_log(log)] == ["train"] * 3 + ["blend"]
+
     # a rerun reuses every finished stage: no fold is trained again, and the submission is the same
     second = run_sh(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -48,6 +56,7 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
     assert "fold 0 epoch" not in second.stdout
     with zipfile.ZipFile(zip_path) as zf, zf.open("prediction.csv") as f:
         np.testing.assert_array_equal(pd.read_csv(f)["Task2"], submission["Task2"])
+    assert len(experiments.read_log(log)) == 4  # nothing new: no new row
 
     # --refit adds one model per config on every train row and submits the blend of their test
     # predictions; the folds stay as they were
@@ -60,3 +69,4 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
         refit_submission = pd.read_csv(f)
     assert common.roc_auc(labels, refit_submission["Task2"].to_numpy()) > 0.5
     assert not np.array_equal(refit_submission["Task2"], submission["Task2"])
+    assert [row["kind"] for row in experiments.read_log(log)][4:] == ["refit"] * 3 + ["blend"]

@@ -12,12 +12,20 @@ reads (FEATURES: [N] ids and levels, item_seq [N, 64]) and, for splits that are 
 per-batch host work, and no host sync inside the step loop (except a progress report every
 ``log_every`` steps when asked for one), so a GPU is fed as fast as it computes.
 
-The schedule is QIN's released one (FuxiCTR's): Adam, L2 on the embedding tables only,
-gradient-norm clipping, and after every epoch the AUC of every eval set; an epoch that does not
+The schedule is QIN's released one (FuxiCTR's): Adam, L2 on the embedding module only (the tables
+and the multimodal map), gradient-norm clipping, and after every epoch the AUC of every eval set; an epoch that does not
 improve the monitored AUC multiplies the learning rate by ``lr_decay`` and counts toward early
 stopping (``patience``); the best epoch's weights are kept and loaded at the end. bfloat16
 autocast on CUDA and ``torch.compile`` are switches; on the CPU everything runs in float32 with
 deterministic kernels, so the same seed gives the same predictions bit for bit.
+
+Under torch.distributed (``torchrun``: one process per GPU, or gloo processes on a CPU) every rank
+calls fit with the same arguments and data and trains one model: each rank draws the same shuffle,
+takes its slice of every global batch (the batch size and learning rate stay those of one device),
+DistributedDataParallel sums the gradients into those of the global batch's mean loss, and
+BatchNorm layers normalise with the global batch's statistics. Rank 0 alone scores the eval sets,
+decides improvement and early stopping for all ranks, and reports; its FitResult alone holds
+scores and predictions.
 
 Imports torch, numpy and metrics.py only: paste it into a notebook beside the model files.
 """
@@ -30,7 +38,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from metrics import log_loss, roc_auc
 
@@ -126,8 +136,22 @@ def make_optimizer(model: nn.Module, settings: FitSettings) -> torch.optim.Adam:
 
 
 def make_step_parts(model: nn.Module, settings: FitSettings):
-    """(loss_fn, forward, optimizer, autocast): what fit runs, so a benchmark can time exactly that."""
-    loss_fn = torch.compile(model.loss) if settings.compile else model.loss
+    """(loss_fn, forward, optimizer, autocast): what fit runs, so a benchmark can time exactly that.
+
+    Under torch.distributed, the model's BatchNorm layers become synchronised ones (in place) and
+    loss_fn runs the loss through DistributedDataParallel."""
+    loss_fn, device = model.loss, device_of(model)
+    if rank_and_world()[1] > 1:
+        sync_batch_norm(model)
+        # the BatchNorm statistics are equal on every rank already, and the other buffers are the
+        # constant item tables: far too big to broadcast at every step
+        ddp = functools.partial(DistributedDataParallel, LossOf(model),
+                                device_ids=[device.index] if device.type == "cuda" else None)
+        try:  # newer torch (2.13 here) names it forward_sync_buffers and deprecates broadcast_buffers
+            loss_fn = ddp(forward_sync_buffers=False)
+        except TypeError:
+            loss_fn = ddp(broadcast_buffers=False)
+    loss_fn = torch.compile(loss_fn) if settings.compile else loss_fn
     forward = torch.compile(model) if settings.compile else model
     autocast = autocast_for(settings.bf16, device_of(model))
     return loss_fn, forward, make_optimizer(model, settings), autocast
@@ -142,27 +166,36 @@ def train_one_epoch(model, loss_fn, optimizer, columns, rows, generator, setting
     """
     start = time.time()
     model.train()
+    rank, world = rank_and_world()
     params = [p for p in model.parameters() if p.requires_grad]
     labels = columns["label"]
-    # the permutation is drawn on the CPU so that the shuffle is the same on every device
+    # the permutation is drawn on the CPU so that the shuffle is the same on every device and rank
     order = rows[torch.randperm(rows.numel(), generator=generator).to(rows.device)]
     # near-equal batches instead of full ones plus a remainder: no tiny last batch for BatchNorm
     batches = order.tensor_split(math.ceil(rows.numel() / settings.batch_size))
+    if batches[-1].numel() < world:
+        raise ValueError(f"batches of {batches[-1].numel()} rows cannot be split among {world} ranks")
     loss_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
-    seen = 0
+    seen = seen_here = 0  # rows of the global batches, rows of this rank's slices
     if progress is not None:
         progress(0, rows.numel(), float("nan"))  # the epoch starts: a rate is measured from here
     for step, batch_rows in enumerate(batches, 1):
+        rows_here = batch_rows.tensor_split(world)[rank]  # with one process, the whole batch
         with autocast():
-            loss, _ = loss_fn(gather(columns, batch_rows), labels[batch_rows])
+            loss, _ = loss_fn(gather(columns, rows_here), labels[rows_here])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # DDP averages the ranks' gradients: weighting each rank's mean loss by world x its share of
+        # the batch turns that average into the gradient of the global batch's mean loss, also when
+        # the batch does not split evenly (with one process the weight is exactly 1)
+        (loss * (world * rows_here.numel() / batch_rows.numel())).backward()
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip, foreach=True)
         optimizer.step()
-        loss_sum += loss.detach() * batch_rows.numel()
-        seen += batch_rows.numel()
+        loss_sum += loss.detach() * rows_here.numel()
+        seen, seen_here = seen + batch_rows.numel(), seen_here + rows_here.numel()
         if progress is not None and step % settings.log_every == 0:
-            progress(seen, rows.numel(), loss_sum.item() / seen)  # the loop's only host sync
+            progress(seen, rows.numel(), loss_sum.item() / seen_here)  # the loop's only host sync
+    if world > 1:
+        dist.all_reduce(loss_sum)  # the loss summed over every rank's rows
     mean_loss = loss_sum.item() / seen
     if progress is not None:
         progress(seen, rows.numel(), mean_loss)
@@ -190,6 +223,96 @@ def predict(model: nn.Module, columns: dict, rows: Optional[torch.Tensor] = None
 
 
 # ---------------------------------------------------------------------------------------------
+# several processes (torchrun): one model, each rank a slice of every batch
+# ---------------------------------------------------------------------------------------------
+
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes) under torch.distributed, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class LossOf(nn.Module):
+    """``model.loss`` as a module's forward: DistributedDataParallel synchronises the gradients of
+    what runs through the forward of the module it wraps, and a model's loss is another method."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, label):
+        return self.model.loss(batch, label)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce (sum) that autograd goes through: every rank's loss reads the sum, so the gradient
+    of each rank's addend is the sum of every rank's gradient of it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CPUSyncBatchNorm(nn.BatchNorm1d):
+    """nn.SyncBatchNorm for CPU tensors (gloo), which SyncBatchNorm refuses: in training, [N, C]
+    input is normalised with the mean and (biased) variance of every rank's rows together, and the
+    running statistics move as BatchNorm1d's would on the global batch."""
+
+    @classmethod
+    def like(cls, bn: nn.BatchNorm1d) -> "CPUSyncBatchNorm":
+        if bn.momentum is None or not bn.track_running_stats:
+            raise NotImplementedError("CPUSyncBatchNorm: only BatchNorm1d with a momentum and running statistics")
+        sync = cls(bn.num_features, bn.eps, bn.momentum, bn.affine).train(bn.training)
+        sync.load_state_dict(bn.state_dict())
+        return sync
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        if x.dim() != 2:
+            raise NotImplementedError(f"CPUSyncBatchNorm: [N, C] input only, got {list(x.shape)}")
+        count = x.new_tensor(float(x.shape[0]))
+        dist.all_reduce(count)
+        mean = _SumOverRanks.apply(x.sum(0)) / count
+        centred = x - mean
+        var = _SumOverRanks.apply((centred * centred).sum(0)) / count
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)  # unbiased, as BatchNorm's
+            self.num_batches_tracked += 1
+        out = centred * torch.rsqrt(var + self.eps)
+        return out * self.weight + self.bias if self.affine else out
+
+
+def sync_batch_norm(model: nn.Module) -> None:
+    """Every BatchNorm layer of ``model`` (replaced in place) normalises with the statistics of the
+    global batch: torch's SyncBatchNorm on GPUs, CPUSyncBatchNorm on the CPU."""
+    if device_of(model).type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces every BatchNorm below the top module
+        return
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.BatchNorm1d:
+                setattr(parent, name, CPUSyncBatchNorm.like(child))
+
+
+def from_rank0(values: list) -> list:
+    """Rank 0's ``values`` (picklable) on every rank: what rank 0 alone decided."""
+    if rank_and_world()[1] > 1:
+        dist.broadcast_object_list(values, src=0)
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
 # the loop
 # ---------------------------------------------------------------------------------------------
 
@@ -203,12 +326,18 @@ def fit(model: nn.Module, data: dict, train_rows: torch.Tensor, eval_sets: dict,
     names the set whose AUC decides improvement, learning-rate decay and early stopping (default:
     the first); with no eval set every epoch up to max_epochs runs and the last one is kept.
     on_epoch(record) gets each epoch's history record; progress(epoch, rows_done, rows_total,
-    mean_loss) reports inside an epoch. Non-finite predictions raise FloatingPointError.
+    mean_loss) reports inside an epoch (both on rank 0 only). Non-finite predictions raise
+    FloatingPointError.
     """
     device = device_of(model)
     configure_backend(device)
     generator = torch.Generator().manual_seed(settings.seed)
     loss_fn, forward, optimizer, autocast = make_step_parts(model, settings)
+    rank, _ = rank_and_world()
+    if rank > 0:
+        # dropout draws from the global RNG, which the caller seeded alike on every rank: without a
+        # seed of its own, each rank's slice of a batch would get rank 0's dropout masks
+        torch.manual_seed(settings.seed + rank)
     monitor = monitor or next(iter(eval_sets), None)
     if monitor is not None and monitor not in eval_sets:
         raise ValueError(f"monitor: {monitor!r} is not an eval set ({', '.join(eval_sets)})")
@@ -219,20 +348,22 @@ def fit(model: nn.Module, data: dict, train_rows: torch.Tensor, eval_sets: dict,
     result = FitResult(model=model, best_epoch=0)
     for epoch in range(1, settings.max_epochs + 1):
         epoch_start = time.time()
-        report = None if progress is None else functools.partial(progress, epoch)
+        report = None if progress is None or rank > 0 else functools.partial(progress, epoch)
         train_loss, seconds = train_one_epoch(model, loss_fn, optimizer, columns, train_rows, generator,
                                               settings, autocast, report)
         result.train_seconds += seconds
-        probs, scores = {}, {}
-        for name, (split, rows) in eval_sets.items():
-            probs[name] = predict(model, data[split], rows, settings.eval_batch_size, settings.bf16, forward)
-            if not np.isfinite(probs[name]).all():
-                raise FloatingPointError(f"epoch {epoch} {name}: non-finite predictions, training diverged "
-                                         f"(try a lower learning rate)")
-            scores[f"{name}_auc"] = roc_auc(eval_labels[name], probs[name])
-            scores[f"{name}_logloss"] = log_loss(eval_labels[name], probs[name])
-        monitored = scores[f"{monitor}_auc"] if monitor else None
-        improved = best is None or monitor is None or monitored > best["monitored"] + settings.min_delta
+        probs, scores, monitored, improved = {}, {}, None, None
+        if rank == 0:  # rank 0 alone scores the epoch (its error ends the run: torchrun stops the others)
+            for name, (split, rows) in eval_sets.items():
+                probs[name] = predict(model, data[split], rows, settings.eval_batch_size, settings.bf16, forward)
+                if not np.isfinite(probs[name]).all():
+                    raise FloatingPointError(f"epoch {epoch} {name}: non-finite predictions, training diverged "
+                                             f"(try a lower learning rate)")
+                scores[f"{name}_auc"] = roc_auc(eval_labels[name], probs[name])
+                scores[f"{name}_logloss"] = log_loss(eval_labels[name], probs[name])
+            monitored = scores[f"{monitor}_auc"] if monitor else None
+            improved = best is None or monitor is None or monitored > best["monitored"] + settings.min_delta
+        [improved] = from_rank0([improved])
         if improved:
             # the best epoch's predictions are kept rather than predicted again after training
             best = {"monitored": monitored, "epoch": epoch, "scores": scores, "probs": probs,
@@ -243,7 +374,7 @@ def fit(model: nn.Module, data: dict, train_rows: torch.Tensor, eval_sets: dict,
         record = {"epoch": epoch, "train_loss": train_loss, **scores, "lr": lr,
                   "seconds": time.time() - epoch_start, "improved": improved}
         result.history.append(record)
-        if on_epoch is not None:
+        if on_epoch is not None and rank == 0:
             on_epoch(record)
         if not improved:
             lr = max(lr * settings.lr_decay, settings.lr_min)

@@ -1,0 +1,155 @@
+"""Fold parallelism (train.py --devices): one worker process per device, each fold claimed exactly
+once, the same files as a sequential run, and a worker killed mid-fold costs only a rerun.
+
+On the CPU with two workers (--devices cpu,cpu), on the tiny data with 3 folds: what a GPU machine
+does with cuda:0,cuda:1, except the device.
+"""
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+import preprocess
+import runs
+import train
+from conftest import make_data_cfg
+
+FOLDS = 3
+# a window of a second or more between a fold's first epoch and its end, for the kill
+TRAIN = ["train.max_epochs=3", "train.patience=3", "train.batch_size=64", "train.eval_batch_size=2048"]
+PREDICTIONS = ["oof.parquet", "valid.parquet", "test.parquet"] + [
+    f"fold{k}/{split}.parquet" for k in range(FOLDS) for split in ("oof", "valid", "test")]
+# one thread per process, in this one and in the workers (they take the parent's count): the
+# models are tiny, and the reference and parallel runs must share the setting to compare bits
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def three_folds(tiny_raw, tmp_path_factory) -> dict:
+    """The tiny data preprocessed into 3 folds (a config's data section)."""
+    cfg = make_data_cfg(tiny_raw, tmp_path_factory.mktemp("three_folds"), n_folds=FOLDS)
+    preprocess.run_preprocess(cfg)
+    return cfg["data"]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread in this process too (its workers take its count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def model_cfg(data: dict, name: str) -> dict:
+    cfg = common.load_config(common.CONFIG_DIR / "qin_small.yaml", TRAIN)
+    cfg["data"] = dict(data)
+    cfg["run"]["name"] = name
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def sequential(three_folds):
+    """The reference: every fold one after another in this process."""
+    with one_thread():
+        return train.run_training(model_cfg(three_folds, "sequential"), device="cpu")
+
+
+def assert_same_bytes(run, reference) -> None:
+    for name in PREDICTIONS:
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_a_claim_is_taken_once_and_a_dead_processs_claim_is_removed(tmp_path):
+    assert runs.claim_fold(tmp_path, 0) and not runs.claim_fold(tmp_path, 0)
+    assert runs.claim_owner(runs.claim_path(tmp_path, 0)) == os.getpid()
+    runs.release_claim(tmp_path, 0)
+    assert runs.claim_fold(tmp_path, 0)
+    common.write_json(runs.fold_dir(tmp_path, 2) / "done.json", {"fold": 2})  # finished by another worker
+    assert not runs.claim_fold(tmp_path, 2) and not runs.claim_path(tmp_path, 2).exists()
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    runs.claim_path(tmp_path, 1).write_text(gone.stdout)       # a worker killed mid-fold
+    runs.claim_path(tmp_path, runs.REFIT).write_text("")      # killed before it wrote its pid
+    runs.remove_stale_claims(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.claim")) == ["fold0.claim"]  # ours: alive
+
+
+@pytest.mark.slow
+def test_two_workers_train_each_fold_once_into_the_sequential_runs_files(three_folds, sequential, capfd):
+    with one_thread():
+        run_dir = train.run_training(model_cfg(three_folds, "two_workers"), devices=["cpu", "cpu"])
+    log = capfd.readouterr().out
+    for k in range(FOLDS):
+        assert len(re.findall(rf"fold {k} done:", log)) == 1, log  # claimed and trained exactly once
+    assert "with 2 workers on cpu, cpu" in log
+    assert_same_bytes(run_dir, sequential)
+    assert not list(run_dir.glob("*.claim")), "every claim released"
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_fold_costs_a_rerun_of_its_fold_only(three_folds, sequential, tmp_path):
+    config = tmp_path / "qin.yaml"
+    common.write_yaml(config, model_cfg(three_folds, "killed"))
+    command = [sys.executable, str(common.REPO_ROOT / "src" / "train.py"), "--config", str(config),
+               "--devices", "cpu,cpu"]
+    run_dir = runs.run_dir(model_cfg(three_folds, "killed"))
+
+    killed = None
+    with open(tmp_path / "killed.log", "w") as log:
+        parent = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD)
+        try:
+            deadline = time.time() + 600
+            # a fold has finished an epoch but is not done: kill the worker that holds its claim
+            while parent.poll() is None and killed is None:
+                assert time.time() < deadline, "no fold ever started"
+                for k in range(FOLDS):
+                    owner = runs.claim_owner(runs.claim_path(run_dir, k))
+                    if owner and (run_dir / f"fold{k}" / "history.json").exists() and not runs.fold_done(run_dir, k):
+                        os.kill(owner, signal.SIGKILL)
+                        killed = k
+                        break
+                time.sleep(0.01)
+            parent.wait(timeout=600)
+        finally:
+            if parent.poll() is None:
+                parent.kill()
+                parent.wait()
+    output = (tmp_path / "killed.log").read_text()
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert parent.returncode == 2, output
+    assert not runs.fold_done(run_dir, killed), "killed too late: the fold had finished"
+    assert "exited with -9 (killed by a signal)" in output and f"folds [{killed}] are not done" in output
+    # the surviving worker trained every other fold, and nobody wrote the aggregates
+    assert [k for k in range(FOLDS) if not runs.fold_done(run_dir, k)] == [killed], output
+    assert runs.claim_path(run_dir, killed).exists() and not (run_dir / "oof.parquet").exists()
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert "is gone: the fold is free again" in rerun.stdout
+    assert len(re.findall(r"fold \d done:", rerun.stdout)) == 1, rerun.stdout  # only the killed fold
+    assert_same_bytes(run_dir, sequential)
+    assert not list(run_dir.glob("*.claim"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine run.sh --gpus would train")
+def test_run_sh_gpus_hands_one_cuda_device_per_gpu_to_train_py(tmp_path):
+    bad = subprocess.run(["bash", "run.sh", "--gpus", "0,x"], cwd=common.REPO_ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--gpus must be GPU numbers" in bad.stderr
+    result = subprocess.run(["bash", "run.sh", "--preset", "tiny", "--data-root", str(tmp_path / "data"),
+                             "--submissions", str(tmp_path / "sub"), "--gpus", "0,1"],
+                            cwd=common.REPO_ROOT, capture_output=True, text=True, timeout=600)
+    # this machine has no GPU: train.py names the first device run.sh made of --gpus, and stops
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "error: device cuda:0: torch sees no CUDA device"
