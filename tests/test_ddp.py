@@ -23,12 +23,16 @@ import preprocess
 import train
 from tables import item_tables, row_arrays, to_device
 
-# dropout off: each rank draws its own dropout masks, so only a dropout-free model can match one
-# process; every model keeps its BatchNorm (DIN with Dice, whose BatchNorm runs over B x L positions)
+# name: (config, overrides, the step: fuxictr = train.loss fuxictr and emb_l2_in_loss, the default;
+# logits = train.loss logits, the L2 by the optimizer). Dropout off: each rank draws its own dropout
+# masks, so only a dropout-free model can match one process; every model keeps its BatchNorm (DIN
+# with Dice, whose BatchNorm runs over B x L positions). QIN once with each step.
 STEP_MODELS = {
-    "qin_small": ["model.dropout=0"],
-    "dcnv2_tf_small": ["model.dropout=0"],
-    "din_tf_small": ["model.dropout=0", "model.attention_dropout=0", "model.attention_activation=dice"],
+    "qin_small": ("qin_small", ["model.dropout=0"], "fuxictr"),
+    "dcnv2_tf_small": ("dcnv2_tf_small", ["model.dropout=0"], "fuxictr"),
+    "din_tf_small": ("din_tf_small", ["model.dropout=0", "model.attention_dropout=0",
+                                      "model.attention_activation=dice"], "fuxictr"),
+    "qin_small, loss from logits": ("qin_small", ["model.dropout=0"], "logits"),
 }
 # one global batch of an odd number of rows: slices of 501 and 500 rows, weighted 1.001 and 0.999
 N_ROWS = 1001
@@ -38,7 +42,8 @@ def tiny_model_and_data(raw, name: str):
     frames = {split: pd.read_parquet(raw / f"{split}.parquet") for split in ("train", "valid", "test")}
     tables = item_tables(pd.read_parquet(raw / "item_info.parquet"), frames.values())
     data = {split: to_device(row_arrays(frame), "cpu") for split, frame in frames.items()}
-    cfg = common.load_config(common.CONFIG_DIR / f"{name}.yaml", STEP_MODELS[name])
+    config, overrides, _ = STEP_MODELS[name]
+    cfg = common.load_config(common.CONFIG_DIR / f"{config}.yaml", overrides)
     torch.manual_seed(0)
     return model_config.build_model(cfg["model"], tables), data
 
@@ -54,9 +59,12 @@ def one_step(raw, name: str) -> dict:
     (the bias of a Linear just before a BatchNorm) into a full step of either sign.
     """
     model, data = tiny_model_and_data(raw, name)
-    settings = fit.FitSettings(seed=5, batch_size=N_ROWS)
-    loss_fn, _, _, autocast = fit.make_step_parts(model, settings)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    step = STEP_MODELS[name][2]
+    settings = fit.FitSettings(seed=5, batch_size=N_ROWS, loss=step, emb_l2=0.5, emb_l2_in_loss=step == "fuxictr")
+    loss_fn, _, adam, autocast = fit.make_step_parts(model, settings)
+    # fit's parameter groups (the embedding module's is where emb_l2_in_loss adds the L2 gradient)
+    optimizer = torch.optim.SGD([{"params": g["params"], "embedding_l2": g.get("embedding_l2", False),
+                                  "weight_decay": g["weight_decay"]} for g in adam.param_groups], lr=0.5)
     loss, _ = fit.train_one_epoch(model, loss_fn, optimizer, data["train"], torch.arange(N_ROWS),
                                   torch.Generator().manual_seed(settings.seed), settings, autocast)
     return {"loss": loss, "state": model.state_dict(),
@@ -139,7 +147,7 @@ FOLD_FILES = ["best.pt", "done.json", "history.json", "oof.parquet", "test.parqu
 
 @pytest.mark.slow
 def test_a_fold_under_torchrun_writes_the_files_of_one_process(tiny_cfg, tiny_processed, tmp_path):
-    overrides = STEP_MODELS["qin_small"] + ["train.max_epochs=1", "train.batch_size=512", "train.eval_batch_size=2048"]
+    overrides = STEP_MODELS["qin_small"][1] + ["train.max_epochs=1", "train.batch_size=512", "train.eval_batch_size=2048"]
 
     def cfg_for(name: str) -> dict:
         cfg = common.load_config(common.CONFIG_DIR / "qin_small.yaml", overrides)

@@ -47,7 +47,10 @@ def test_importing_fit_loads_no_stage_module():
     assert out == ""
 
 
-REFERENCE = {  # fold 0 of each small config on the tiny data: summary() of oof/valid/test, train losses
+# fold 0 of each small config on the tiny data: summary() of oof/valid/test, and the train losses;
+# "fuxictr": the default step, "logits": train.loss=logits and train.emb_l2_in_loss=false
+STEPS = {"fuxictr": [], "logits": ["train.loss=logits", "train.emb_l2_in_loss=false"]}
+REFERENCE = {"logits": {
     "qin_small": {
         "oof": [0.445180739, 0.03958173, 0.0005811959, 0.337839574, 0.575259566, 0.494732559, 0.473709971, 0.453900695, 0.43405956],
         "valid": [0.445729209, 0.0411683671, 0.00184459371, 0.34549886, 0.562259018, 0.446942091, 0.378106624, 0.419678092, 0.382294536],
@@ -66,7 +69,26 @@ REFERENCE = {  # fold 0 of each small config on the tiny data: summary() of oof/
         "test": [0.478167717, 0.0552252382, -0.000778002385, 0.324342132, 0.707054675, 0.398504555, 0.38646242, 0.489446461, 0.486140728],
         "train_loss": [1.28665835571, 1.12212463379],
     },
-}
+}, "fuxictr": {
+    "qin_small": {
+        "oof": [0.445129830047, 0.0395579408546, 0.000578438874194, 0.337636083364, 0.575522124767, 0.494764775038, 0.473473310471, 0.45409527421, 0.433903634548],
+        "valid": [0.445678939323, 0.0411534253878, 0.0018457074133, 0.344846218824, 0.562380552292, 0.44713306427, 0.378011465073, 0.419346809387, 0.382292807102],
+        "test": [0.445114226143, 0.0403720218853, 0.00323327234988, 0.340176433325, 0.564116179943, 0.472566843033, 0.508527100086, 0.499404370785, 0.446980297565],
+        "train_loss": [0.749385223389, 0.508735015869],
+    },
+    "dcnv2_tf_small": {
+        "oof": [0.477507875115, 0.0239237947967, 0.000753260186546, 0.382952839136, 0.535386264324, 0.510455846786, 0.467744469643, 0.49647346139, 0.512031793594],
+        "valid": [0.47514832601, 0.0254834065635, 0.00186503849232, 0.38327357173, 0.529603242874, 0.517522394657, 0.46426898241, 0.499504506588, 0.508762955666],
+        "test": [0.478277477423, 0.0250360099477, 0.000267179890894, 0.383083164692, 0.536051154137, 0.475501537323, 0.49918332696, 0.475727260113, 0.487346857786],
+        "train_loss": [1.32724337769, 1.17849551392],
+    },
+    "din_tf_small": {
+        "oof": [0.475763758436, 0.0514022403991, -0.000474207506705, 0.283214151859, 0.702979207039, 0.457524836063, 0.408750802279, 0.503695428371, 0.521953523159],
+        "valid": [0.475508942455, 0.0501267736031, -0.000310724357663, 0.311778217554, 0.696733057499, 0.454659223557, 0.515968084335, 0.4443834126, 0.537660598755],
+        "test": [0.477897581557, 0.0552302007004, -0.000780235062325, 0.32426610589, 0.706691622734, 0.398701995611, 0.386060267687, 0.489072114229, 0.485872834921],
+        "train_loss": [1.28665835571, 1.12212194824],
+    },
+}}
 
 
 def summary(pred: np.ndarray) -> list[float]:
@@ -76,29 +98,32 @@ def summary(pred: np.ndarray) -> list[float]:
     return [p.mean(), p.std(), (p * np.sin(np.arange(p.size))).mean(), p.min(), p.max(), *p[:4]]
 
 
-@pytest.mark.parametrize("model", list(REFERENCE))
-def test_same_predictions_as_the_stored_reference(tiny_cfg, tiny_processed, model):
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("model", list(REFERENCE["logits"]))
+def test_same_predictions_as_the_stored_reference(tiny_cfg, tiny_processed, model, step):
     """REFERENCE holds fold 0 of each small config on the tiny data (seed 0, 2 folds, the TINY
     overrides), as src/train.py wrote it: a refactoring, a speed-up or a new way to run the same fit
-    must reproduce it. Only a deliberate change of a model or of the schedule may rewrite it:
-    UPDATE_REFERENCE=1 python3 -m pytest tests/test_fit.py -k stored_reference -s prints the new
-    entries to paste (last rewritten when the models took the released padding rows and the
-    embedding L2 on the multimodal map)."""
-    cfg = common.load_config(common.CONFIG_DIR / f"{model}.yaml", TINY)
+    must reproduce it, with either training step. Only a deliberate change of a model or of the
+    schedule may rewrite it: UPDATE_REFERENCE=1 python3 -m pytest tests/test_fit.py -k
+    stored_reference -s prints the new entries, each after its step, to paste (the logits entries
+    last rewritten when the models took the released padding rows and the embedding L2 on the
+    multimodal map; the switches train.loss and train.emb_l2_in_loss, when added, reproduced them
+    bit for bit)."""
+    cfg = common.load_config(common.CONFIG_DIR / f"{model}.yaml", TINY + STEPS[step])
     cfg["data"] = dict(tiny_cfg["data"])
-    cfg["run"]["name"] = f"reference_{model}"
+    cfg["run"]["name"] = f"reference_{model}_{step}"
     run_dir = train.run_training(cfg, folds=[0], device="cpu")
     got = {split: summary(pd.read_parquet(run_dir / "fold0" / f"{split}.parquet")["pred"].to_numpy())
            for split in ("oof", "valid", "test")}
     got["train_loss"] = [h["train_loss"] for h in common.read_json(run_dir / "fold0" / "history.json")]
     if os.environ.get("UPDATE_REFERENCE") == "1":
-        print(f'    "{model}": {{')
+        print(f'  ({step!r})  "{model}": {{')
         for key, values in got.items():
             print(f'        "{key}": [' + ", ".join(f"{x:.12g}" for x in values) + "],")
         pytest.skip(f"printed the reference of {model}")
     for split in ("oof", "valid", "test"):
-        np.testing.assert_allclose(got[split], REFERENCE[model][split], rtol=0, atol=2e-6, err_msg=split)
-    np.testing.assert_allclose(got["train_loss"], REFERENCE[model]["train_loss"], rtol=1e-6)
+        np.testing.assert_allclose(got[split], REFERENCE[step][model][split], rtol=0, atol=2e-6, err_msg=split)
+    np.testing.assert_allclose(got["train_loss"], REFERENCE[step][model]["train_loss"], rtol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import common
 import fit
 import model_config
 import preprocess
+import layers
 from layers import ASTA, DINAttention, ItemEncoder, masked_mean, masked_softmax
-from tf4ctr import tf_loss
+from tf4ctr import TF4CTR, tf_loss
 
 V, T, U, LEVELS, L = 60, 30, 40, 11, 64
 ITEM_TABLES = ("item_tags", "item_emb", "item_likes_level", "item_views_level")
@@ -194,14 +195,18 @@ def test_shipped_official_din_and_qin_plus_have_the_released_parameter_counts():
 def test_embedding_l2_covers_exactly_the_embedding_module(name):
     """FuxiCTR's embedding_regularizer: every table and the multimodal map decay, nothing else."""
     model = build(CONFIGS[name])
-    decayed, other = fit.make_optimizer(model, fit.FitSettings(emb_l2=1e-3)).param_groups
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed_names = {names[id(p)] for p in decayed["params"]}
     expected = {n for n, _ in model.named_parameters()
                 if n.endswith(("item_id.weight", "tag.weight", "mm.weight", "likes.weight", "views.weight",
                                "user.weight"))}
-    assert decayed_names == expected and any(n.endswith("mm.weight") for n in expected)
-    assert decayed["weight_decay"] == 1e-3 and other["weight_decay"] == 0.0
+    assert any(n.endswith("mm.weight") for n in expected)
+    # Adam decays the group after the clip, or the step adds the penalty's gradient before it
+    for in_loss, adam_decay in ((False, 1e-3), (True, 0.0)):
+        settings = fit.FitSettings(emb_l2=1e-3, emb_l2_in_loss=in_loss)
+        decayed, other = fit.make_optimizer(model, settings).param_groups
+        assert {names[id(p)] for p in decayed["params"]} == expected
+        assert decayed["embedding_l2"] and not other.get("embedding_l2")
+        assert decayed["weight_decay"] == adam_decay and other["weight_decay"] == 0.0
 
 
 def test_small_parameter_counts_by_hand():
@@ -343,13 +348,100 @@ def test_tf_loss_matches_its_formula_by_hand():
     assert tf_loss(y, y_s, y_c, label, gamma=0.0, alpha=1.0).item() == pytest.approx(plain.item(), rel=1e-6)
 
 
-def test_tf4ctr_loss_uses_the_tf_loss_of_its_twin_logits():
+@pytest.mark.parametrize("form", ["logits", "fuxictr"])
+def test_tf4ctr_loss_uses_the_tf_loss_of_its_twin_logits(form):
     model = build({**DCN, **tf("ser", "vf")}).eval()
     batch, label = make_batch(), make_label()
     y, y_s, y_c = model.twin_logits(batch)
-    loss, logits = model.loss(batch, label)
+    loss, logits = model.loss(batch, label, form)
     torch.testing.assert_close(logits, y)
-    torch.testing.assert_close(loss, tf_loss(y, y_s, y_c, label, 0.8, 2.0, 0.25))
+    torch.testing.assert_close(loss, tf_loss(y, y_s, y_c, label, 0.8, 2.0, 0.25, form))
+
+
+def literal_bce(p, t):
+    """torch's binary_cross_entropy written out: -(t log p + (1 - t) log(1 - p)), each log clamped at -100."""
+    return -(t * torch.log(p).clamp(min=-100) + (1 - t) * torch.log(1 - p).clamp(min=-100))
+
+
+def test_bce_forms_agree_except_where_float32_probabilities_saturate():
+    # rows 0-3 ordinary; row 4 a negative with logit 20 (float32 sigmoid is exactly 1.0); row 5 a
+    # positive with logit -120 (sigmoid underflows to exactly 0.0)
+    z = torch.tensor([0.3, -1.2, 2.5, -0.4, 20.0, -120.0], requires_grad=True)
+    t = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    losses = {}
+    for form in ("logits", "fuxictr"):
+        z.grad = None
+        losses[form] = layers.bce(z, t, form, reduction="none")
+        losses[form].sum().backward()
+        losses[form] = (losses[form].detach(), z.grad.clone())
+    (by_logits, g_logits), (by_probs, g_probs) = losses["logits"], losses["fuxictr"]
+    p = torch.sigmoid(z.detach())
+    # the ordinary rows: the same loss, and the gradient p - t in both forms
+    torch.testing.assert_close(by_probs[:4], by_logits[:4])
+    torch.testing.assert_close(by_logits[:4], literal_bce(p[:4].double(), t[:4].double()).float())
+    torch.testing.assert_close(g_logits[:4], p[:4] - t[:4])
+    torch.testing.assert_close(g_probs[:4], p[:4] - t[:4])
+    # the saturated rows: FuxiCTR's form counts the clamped log (100) and gives no gradient at all;
+    # the logits form counts the true loss (about 20 and 120) and the gradient p - t = +1, -1
+    assert p[4].item() == 1.0 and p[5].item() == 0.0
+    assert by_probs[4:].tolist() == [100.0, 100.0] and g_probs[4:].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(by_logits[4:], torch.tensor([20.0, 120.0]))
+    assert g_logits[4:].tolist() == [1.0, -1.0]
+    # the mean, which a model's loss takes
+    torch.testing.assert_close(layers.bce(z, t, "fuxictr"), by_probs.mean())
+    with pytest.raises(ValueError, match="loss"):
+        layers.bce(z, t, "focal")
+
+
+def test_bce_in_fuxictrs_form_turns_a_nan_logit_into_a_nan_loss_not_an_error():
+    # torch's binary_cross_entropy raises on a NaN probability (a device-side assert on CUDA); fit
+    # must see the NaN and report the divergence itself
+    z, t = torch.tensor([0.3, float("nan"), -1.0]), torch.tensor([1.0, 0.0, 0.0])
+    rows = layers.bce(z, t, "fuxictr", reduction="none")
+    assert rows[1].isnan() and rows[[0, 2]].isfinite().all()
+    torch.testing.assert_close(rows[[0, 2]], layers.bce(z[[0, 2]], t[[0, 2]], "fuxictr", reduction="none"))
+    assert layers.bce(z, t, "fuxictr").isnan()
+
+
+def test_bce_in_fuxictrs_form_runs_in_float32_under_autocast():
+    z, t = torch.randn(8, dtype=torch.bfloat16), (torch.rand(8) < 0.5).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = layers.bce(z, t, "fuxictr")
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, literal_bce(torch.sigmoid(z.float()), t).mean())
+
+
+def test_tf_loss_in_fuxictrs_form_is_tf4ctrv2s_probability_formula():
+    """TF4CTRv2.py: every BCE on sigmoid probabilities, p_t from the probabilities."""
+    y = torch.tensor([0.4, -20.0, 1.0, 25.0])
+    y_s = torch.tensor([18.0, -0.3, 0.2, 0.7])
+    y_c = torch.tensor([-0.6, 0.9, -30.0, 17.0])
+    t = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    c, gamma, alpha = 0.9, 2.0, 0.35
+    p, p_s, p_c = torch.sigmoid(y), torch.sigmoid(y_s), torch.sigmoid(y_c)
+    p_t_s = t * p_s + (1 - t) * (1 - p_s)
+    p_t_c = t * p_c + (1 - t) * (1 - p_c)
+    easy = (literal_bce(p_s, t) * (c + p_t_s) ** gamma).mean()
+    hard = (literal_bce(p_c, t) * ((2 - c) - p_t_c) ** gamma).mean()
+    expected = literal_bce(p, t).mean() + alpha * easy + (1 - alpha) * hard
+    torch.testing.assert_close(tf_loss(y, y_s, y_c, t, c, gamma, alpha, "fuxictr"), expected)
+    # rows 0 (y_s), 3 (y, y_c) saturate: the logits form differs there
+    assert abs(tf_loss(y, y_s, y_c, t, c, gamma, alpha).item() - expected.item()) > 1.0
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_model_loss_takes_the_loss_form(name):
+    model = build(CONFIGS[name]).eval()
+    batch, label = make_batch(), make_label()
+    loss, logits = model.loss(batch, label, "fuxictr")
+    if isinstance(model, TF4CTR):
+        y, y_s, y_c = model.twin_logits(batch)
+        expected = tf_loss(y, y_s, y_c, label, model.c, model.gamma, model.alpha, "fuxictr")
+    else:
+        expected = layers.bce(logits, label, "fuxictr")
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(model.loss(batch, label, "fuxictr")[0],
+                               fit.LossOf(model, "fuxictr")(batch, label)[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from torch import nn
 
 import common
 import fit
+import layers
 import model_config
 import preprocess
 import train
@@ -198,14 +199,14 @@ def test_the_fold_files_hold_the_best_epochs_predictions(tiny_cfg, processed):
 
 
 def test_embedding_l2_matches_an_explicit_penalty():
-    """Adam weight_decay on the embedding group == adding emb_l2/2 * ||W||^2 to the loss."""
+    """Adam weight_decay on the embedding group == adding emb_l2/2 * ||W||^2 to the loss (no clip)."""
     def make():
         torch.manual_seed(0)
         return nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 1))
 
     ids = torch.tensor([[1, 2], [3, 3]])
     decayed, penalised = make(), make()
-    opt_decayed = fit.make_optimizer(decayed, FitSettings(lr=1e-2, emb_l2=0.5))
+    opt_decayed = fit.make_optimizer(decayed, FitSettings(lr=1e-2, emb_l2=0.5, emb_l2_in_loss=False))
     assert [len(g["params"]) for g in opt_decayed.param_groups] == [1, 2]
     opt_penalised = torch.optim.Adam(penalised.parameters(), lr=1e-2)
     for _ in range(3):
@@ -217,6 +218,64 @@ def test_embedding_l2_matches_an_explicit_penalty():
         opt_penalised.step()
     for a, b in zip(decayed.parameters(), penalised.parameters()):
         torch.testing.assert_close(a, b)
+
+
+class TinyCTR(layers.CTRModel):
+    """An item embedding and the marked multimodal map (the embedding module) beside a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.item = nn.Embedding(20, 4, padding_idx=0)
+        self.mm = layers.MultimodalProjection(3, 4)
+        self.head = nn.Linear(8, 1)
+        self.register_buffer("mm_table", torch.randn(20, 3))
+
+    def forward(self, batch):
+        i = batch["item_id"]
+        return self.head(torch.cat([self.item(i), self.mm(self.mm_table[i])], -1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("emb_l2_in_loss", [False, True])
+def test_the_training_step_is_its_literal_form(emb_l2_in_loss):
+    """fit's step against the step written out, with a clip that acts at every step:
+    emb_l2_in_loss (FuxiCTR's): loss + emb_l2/2 ||W_emb||^2, backward, clip, plain Adam;
+    default: loss, backward, clip, then Adam adds emb_l2 * W_emb to the clipped gradient.
+    Each is checked against its own literal form and must differ from the other's."""
+    emb_l2, lr, clip, n = 0.5, 1e-2, 0.05, 64
+    torch.manual_seed(0)
+    columns = {"item_id": torch.randint(1, 20, (n,)), "label": (torch.rand(n) < 0.4).float()}
+    rows = torch.arange(n)
+    settings = FitSettings(batch_size=n, lr=lr, emb_l2=emb_l2, grad_clip=clip, loss="fuxictr",
+                           emb_l2_in_loss=emb_l2_in_loss)
+    torch.manual_seed(1)
+    net = TinyCTR()
+    literal = {form: TinyCTR() for form in ("in_loss", "after_clip")}
+    for copy in literal.values():
+        copy.load_state_dict(net.state_dict())
+    optimizers = {"in_loss": torch.optim.Adam(literal["in_loss"].parameters(), lr=lr),
+                  "after_clip": torch.optim.Adam([
+                      {"params": [literal["after_clip"].item.weight, literal["after_clip"].mm.weight],
+                       "weight_decay": emb_l2},
+                      {"params": list(literal["after_clip"].head.parameters())}], lr=lr)}
+    loss_fn, _, optimizer, autocast = fit.make_step_parts(net, settings)
+    shuffle, literal_shuffle = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    norms = []
+    for _ in range(3):
+        fit.train_one_epoch(net, loss_fn, optimizer, columns, rows, shuffle, settings, autocast)
+        order = rows[torch.randperm(n, generator=literal_shuffle)]  # train_one_epoch's shuffle
+        for form, copy in literal.items():
+            loss = layers.bce(copy({"item_id": columns["item_id"][order]}), columns["label"][order], "fuxictr")
+            if form == "in_loss":
+                loss = loss + emb_l2 / 2 * (copy.item.weight.square().sum() + copy.mm.weight.square().sum())
+            optimizers[form].zero_grad()
+            loss.backward()
+            norms.append(float(nn.utils.clip_grad_norm_(copy.parameters(), clip)))
+            optimizers[form].step()
+    assert min(norms) > 2 * clip  # the clip acts at every step, with and without the penalty
+    expected, other = ("in_loss", "after_clip") if emb_l2_in_loss else ("after_clip", "in_loss")
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(value, literal[expected].state_dict()[name], msg=name)
+    assert not torch.allclose(net.item.weight, literal[other].item.weight, atol=1e-4)
 
 
 def train_briefly_then_predict(processed, model: str, train_rows: torch.Tensor, eval_batch_size: int,

@@ -40,8 +40,10 @@ What it does, all under --work (default /tmp/reconcile):
    (train mode, dropout off), and 10 training steps from one fresh initialisation on the same
    batches (the released train_step against fit.py's step, plus diagnostic variants of the
    latter): forward_check.json and the last table;
-7. with --sides ...,project_fxbce, a diagnostic that is not the project: the project's refit with
-   the loss FuxiCTR computes (sigmoid, then BCE on probabilities) patched in at run time.
+7. --sides picks the columns: released, project (the configs as they are), and the project with
+   the two training-step keys pinned (PROJECT_SIDES): project_logits (train.loss=logits, the L2
+   by Adam after the clip), project_fxbce (FuxiCTR's BCE on probabilities only), project_fuxictr
+   (FuxiCTR's step: train.loss=fuxictr and train.emb_l2_in_loss=true).
 
 Both sides get the same settings from one place (SETTINGS below plus --emb-dim, --max-epochs and
 the seeds): batch size, learning rate, embedding L2, patience, lr decay factor, max epochs, seed,
@@ -63,6 +65,7 @@ docs/REPRODUCTION.md has the commands, settings and results.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -327,40 +330,32 @@ def set_value(value) -> str:
     return str(value)
 
 
-# --sides project_fxbce: a diagnostic, not the project: its train.py with the loss FuxiCTR computes
-# (sigmoid, then BCE on the probabilities, whose log torch clamps at -100) patched in for the run.
-# In float32 a logit above ~16.6 gives p = 1.0 exactly: a negative row then counts 100 in the loss
-# and has no gradient at all, where BCE on logits gives it the full gradient.
-FXBCE_WRAPPER = """
-import runpy, sys
-sys.path.insert(0, "src")
-import common  # puts the models kit on sys.path
-import layers, torch
-
-def loss(self, batch, label):
-    logits = self(batch)
-    return torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits.float()), label.float()), logits
-
-layers.CTRModel.loss = loss
-sys.argv = ["src/train.py"] + sys.argv[1:]
-runpy.run_path("src/train.py", run_name="__main__")
-"""
+# the project's sides: label, extra --set overrides, run-name suffix. "project" is the configs as
+# they are; the others pin the two training-step keys that FuxiCTR does differently (fit.py's
+# train.loss and train.emb_l2_in_loss, docs/REPRODUCTION.md), whatever the configs' defaults.
+PROJECT_SIDES = {
+    "project": ("project (configs as they are)", [], ""),
+    "project_logits": ("project, BCE on logits, L2 by Adam after the clip",
+                       ["train.loss=logits", "train.emb_l2_in_loss=false"], "logits"),
+    "project_fxbce": ("project, FuxiCTR's BCE on probabilities only",
+                      ["train.loss=fuxictr", "train.emb_l2_in_loss=false"], "fxbce"),
+    "project_fuxictr": ("project, FuxiCTR's step (BCE on probabilities, L2 in the loss before the clip)",
+                        ["train.loss=fuxictr", "train.emb_l2_in_loss=true"], "fuxictr"),
+}
 
 
-def run_project(model: str, seed: int, args, raw: Path, python: str, variant: str = "") -> dict:
+def run_project(model: str, seed: int, args, raw: Path, python: str, side: str = "project") -> dict:
+    _, side_overrides, variant = PROJECT_SIDES[side]
     name = f"reconcile_{model}{'_' + variant if variant else ''}_s{seed}"
     overrides = [f"data.raw_dir={raw}", f"data.work_dir={args.work / 'project'}", f"run.name={name}",
                  f"train.seed={seed}", f"train.max_epochs={args.max_epochs}", "train.device=cpu",
                  "train.refit_epochs=valid", "train.early_stopping=valid", f"model.emb_dim={args.emb_dim}",
                  "model.mm_dim=128"]
-    overrides += [f"{key}={set_value(value)}" for key, _, value in SETTINGS[model]]
+    overrides += [f"{key}={set_value(value)}" for key, _, value in SETTINGS[model]] + side_overrides
     run_dir = args.work / "project" / "runs" / name
     if args.force:
         shutil.rmtree(run_dir, ignore_errors=True)
-    if variant == "fxbce":
-        cmd = [python, "-c", FXBCE_WRAPPER, "--config", f"configs/{model}.yaml", "--refit"]
-    else:
-        cmd = [python, "src/train.py", "--config", f"configs/{model}.yaml", "--refit"]
+    cmd = [python, "src/train.py", "--config", f"configs/{model}.yaml", "--refit"]
     for o in overrides:
         cmd += ["--set", o]
     out = args.work / "project_logs" / f"{name}.log"
@@ -378,7 +373,7 @@ def run_project(model: str, seed: int, args, raw: Path, python: str, variant: st
         (args.work / "project_logs" / f"{name}.params").write_text(str(params))
     epochs = [{"epoch": r["epoch"], "valid_auc": r["valid_auc"], "valid_logloss": r.get("valid_logloss"),
                "train_loss": r.get("train_loss")} for r in history]
-    log(f"project{variant} {model} seed {seed}: {len(epochs)} epochs, {params} parameters, {time.time() - start:.0f}s")
+    log(f"{side} {model} seed {seed}: {len(epochs)} epochs, {params} parameters, {time.time() - start:.0f}s")
     return {"epochs": epochs, "params": params}
 
 
@@ -502,7 +497,7 @@ def forward_check_child(model: str, code_dir: Path, run_dir: Path, raw: Path, em
     loss_rel.backward()
     grads_rel = {name: p.grad.clone() for name, p in rel.named_parameters()}
     settings = pfit.FitSettings(emb_l2=float(params["embedding_regularizer"]))
-    decayed = [p for g in pfit.make_optimizer(proj, settings).param_groups if g["weight_decay"] > 0 for p in g["params"]]
+    decayed = [p for g in pfit.make_optimizer(proj, settings).param_groups if g.get("embedding_l2") for p in g["params"]]
     frame = frames["train"].iloc[:rows]
     label = torch.from_numpy(frame["label"].to_numpy()).float()
     proj_params = dict(proj.named_parameters())
@@ -514,11 +509,7 @@ def forward_check_child(model: str, code_dir: Path, run_dir: Path, raw: Path, em
         fuxictr_loss: BCE on sigmoid probabilities (FuxiCTR's loss) instead of on logits (fit.py's)."""
         proj.zero_grad()
         state = {k: v.clone() for k, v in proj.state_dict().items()}  # batch norm statistics move
-        logits = proj(project_batch(frame))
-        if fuxictr_loss:
-            loss = torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits), label)
-        else:
-            loss, _ = proj.loss(project_batch(frame), label)
+        loss, _ = proj.loss(project_batch(frame), label, "fuxictr" if fuxictr_loss else "logits")
         loss = loss + sum((p * p).sum() for p in decayed) * settings.emb_l2 / 2
         loss.backward()
         proj.load_state_dict(state)
@@ -555,7 +546,7 @@ def forward_check_child(model: str, code_dir: Path, run_dir: Path, raw: Path, em
         if variant == "fuxictr_bce_l2_in_loss":
             # FuxiCTR's order too: the penalty in the loss, so that clipping scales its gradient with
             # the rest (fit.py clips the data gradient, then Adam adds emb_l2 * W unscaled)
-            decayed_ = [p for g in pfit.make_optimizer(net, settings).param_groups if g["weight_decay"] > 0
+            decayed_ = [p for g in pfit.make_optimizer(net, settings).param_groups if g.get("embedding_l2")
                         for p in g["params"]]
             copies[variant] = (net, torch.optim.Adam(net.parameters(), lr=float(params["learning_rate"])), decayed_)
             continue
@@ -563,9 +554,19 @@ def forward_check_child(model: str, code_dir: Path, run_dir: Path, raw: Path, em
             with torch.no_grad():
                 for p in net.parameters():
                     p.mul_(1 + 1e-6 * torch.randn(p.shape, generator=noise))
+        # the L2 by Adam's weight decay after the clip (train.emb_l2_in_loss=false)
         copies[variant] = (net, pfit.make_optimizer(net, pfit.FitSettings(lr=float(params["learning_rate"]),
-                                                                          emb_l2=settings.emb_l2)), None)
-    for net in [rel] + [c[0] for c in copies.values()]:
+                                                                          emb_l2=settings.emb_l2,
+                                                                          emb_l2_in_loss=False)), None)
+    # and fit.py's own loop (train_one_epoch, one batch per call) with FuxiCTR's step switched on:
+    # train.loss=fuxictr, train.emb_l2_in_loss=true
+    fit_net = (QIN if model == "qin" else DIN)(tables, emb_dim=emb_dim, mm_dim=128, **kwargs)
+    fit_net.load_state_dict({mapping[n]: v for n, v in rel.state_dict().items() if n in mapping})
+    fit_settings = pfit.FitSettings(lr=float(params["learning_rate"]), emb_l2=settings.emb_l2, batch_size=rows,
+                                    grad_clip=10.0, loss="fuxictr", emb_l2_in_loss=True)
+    fit_loss_fn, _, fit_opt, fit_autocast = pfit.make_step_parts(fit_net, fit_settings)
+    fit_shuffle = torch.Generator().manual_seed(0)
+    for net in [rel, fit_net] + [c[0] for c in copies.values()]:
         net.train()
         for mod in net.modules():
             if isinstance(mod, torch.nn.Dropout):
@@ -600,6 +601,12 @@ def forward_check_child(model: str, code_dir: Path, run_dir: Path, raw: Path, em
             record[f"{variant}_grad_norm"] = float(norm)
             record[f"{variant}_saturated_negatives"] = int(((torch.sigmoid(logits.detach()) == 1.0)
                                                             & (columns["label"][idx] == 0)).sum())
+        with torch.no_grad():
+            penalty = sum(float((p * p).sum()) for g in fit_opt.param_groups if g.get("embedding_l2")
+                          for p in g["params"]) * settings.emb_l2 / 2
+        loss, _ = pfit.train_one_epoch(fit_net, fit_loss_fn, fit_opt, columns, idx, fit_shuffle, fit_settings,
+                                       fit_autocast)
+        record["fit_fuxictr"] = loss + penalty
         steps.append(record)
     out["steps"] = steps
     print("FORWARD_CHECK " + json.dumps(out))
@@ -629,13 +636,13 @@ def stats(values: list[float]) -> tuple[float, float, float]:
     return sum(values) / len(values), min(values), max(values)
 
 
-SIDE_NAMES = {"released": "released", "project": "project", "project_fxbce": "project + FuxiCTR BCE (diagnostic)"}
+SIDE_NAMES = {"released": "released", **{side: label for side, (label, _, _) in PROJECT_SIDES.items()}}
 
 
-def table(results: dict, seeds: list[int], models: list[str]) -> str:
+def table(results: dict, seeds: list[int], models: list[str], sides_asked: list[str]) -> str:
     lines = []
     for model in models:
-        sides = [side for side in SIDE_NAMES if results.get((side, model))]
+        sides = [side for side in sides_asked if results.get((side, model))]
         if not sides:
             continue
         lines.append(f"### {model}: valid AUC per epoch\n")
@@ -668,6 +675,26 @@ def table(results: dict, seeds: list[int], models: list[str]) -> str:
                 if side != "released" and "released" in sides:
                     row.append(f"{means[side] - means['released']:+.4f}" if side in means and "released" in means else "-")
             lines.append("| " + " | ".join(row) + " |")
+        # the same, compact: mean (min..max) per side and epoch, over the seeds that every side has
+        lines.append("\nCompact: mean (min..max) over the seeds.\n")
+        head = ["epoch"] + [side for side in sides] + [f"{side} - released" for side in sides
+                                                       if side != "released" and "released" in sides]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "|".join(["---:"] * len(head)) + "|")
+        for e in range(1, n_epochs + 1):
+            row, means = [str(e)], {}
+            for side in sides:
+                vals = [x["valid_auc"] for s in seeds for x in results[(side, model)].get(s, {"epochs": []})["epochs"]
+                        if x["epoch"] == e]
+                if len(vals) == len(seeds):
+                    mean, lo, hi = stats(vals)
+                    means[side] = mean
+                    row.append(f"{mean:.4f} ({lo:.4f}..{hi:.4f})")
+                else:
+                    row.append("-")
+            row += [f"{means[side] - means['released']:+.4f}" if side in means and "released" in means else "-"
+                    for side in sides if side != "released" and "released" in sides]
+            lines.append("| " + " | ".join(row) + " |")
         best = {}  # the epoch early stopping keeps: each run's best valid AUC
         for side in sides:
             vals = [max(x["valid_auc"] for x in results[(side, model)][s]["epochs"]) for s in seeds
@@ -681,6 +708,16 @@ def table(results: dict, seeds: list[int], models: list[str]) -> str:
                              f"; {SIDE_NAMES[side]} mean {m:.4f} ({lo:.4f}..{hi:.4f}), {m - rm:+.4f}, "
                              f"{'within' if rlo <= m <= rhi else 'OUTSIDE'} the released min..max"
                              for side, (m, lo, hi) in best.items() if side != "released") + ".")
+        # the project's sides share each seed's initial weights, dropout and shuffles: paired
+        project_sides = [side for side in sides if side in PROJECT_SIDES]
+        for a, b in itertools.combinations(project_sides, 2):
+            diffs = [max(x["valid_auc"] for x in results[(b, model)][s]["epochs"])
+                     - max(x["valid_auc"] for x in results[(a, model)][s]["epochs"])
+                     for s in seeds if results[(a, model)].get(s) and results[(b, model)].get(s)]
+            if diffs:
+                lines.append(f"\nBest epoch, {b} - {a} per seed (same initial weights and shuffles): "
+                             + ", ".join(f"{d:+.4f}" for d in diffs) + f"; mean {sum(diffs) / len(diffs):+.4f}, "
+                             f"positive for {sum(d > 0 for d in diffs)} of {len(diffs)} seeds.")
         lines.append("")
     return "\n".join(lines)
 
@@ -708,13 +745,15 @@ def check_table(checks: dict) -> str:
                   "Project: fit.py's step with its BCE on logits, and with FuxiCTR's BCE on sigmoid probabilities "
                   "(diagnostic). Rows p = 1.0, label 0: saturated negatives in the batch (project, logits run).\n",
                   "| step | released | project (logits) | grad norm | rows p = 1.0, label 0 | project (FuxiCTR BCE) | grad norm "
-                  "| project (FuxiCTR BCE, L2 in the loss before clipping) | project (logits), weights x (1 + 1e-6 N(0,1)) |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| project (FuxiCTR BCE, L2 in the loss before clipping) | project (logits), weights x (1 + 1e-6 N(0,1)) "
+                  "| fit.py, train.loss=fuxictr, train.emb_l2_in_loss=true |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in c["steps"]:
             lines.append(f"| {r['step']} | {r['released']:.4f} | {r['logits']:.4f} | {r['logits_grad_norm']:.2f} | "
                          f"{r['logits_saturated_negatives']} | {r['fuxictr_bce']:.4f} | {r['fuxictr_bce_grad_norm']:.2f} | "
                          + (f"{r['fuxictr_bce_l2_in_loss']:.4f} |" if "fuxictr_bce_l2_in_loss" in r else "- |")
-                         + (f" {r['logits_perturbed']:.4f} |" if "logits_perturbed" in r else " - |"))
+                         + (f" {r['logits_perturbed']:.4f} |" if "logits_perturbed" in r else " - |")
+                         + (f" {r['fit_fuxictr']:.4f} |" if "fit_fuxictr" in r else " - |"))
     return "\n".join(lines) + "\n"
 
 
@@ -761,6 +800,9 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     models = [m for m in args.models.split(",") if m]
     sides = [s for s in args.sides.split(",") if s]
+    for side in sides:
+        if side not in SIDE_NAMES:
+            raise SystemExit(f"--sides: unknown side {side!r} ({', '.join(SIDE_NAMES)})")
     python = sys.executable
     venv = Path(args.venv_python)
     if Path(sys.prefix).resolve() == venv.parent.parent.resolve() or "fuxictr" in sys.modules:
@@ -804,12 +846,8 @@ def main() -> None:
                     for side in sides:
                         if side == "released":
                             rec = run_released(model, seed, args, raw, vocab, code_dir)
-                        elif side == "project":
-                            rec = run_project(model, seed, args, raw, python)
-                        elif side == "project_fxbce":
-                            rec = run_project(model, seed, args, raw, python, variant="fxbce")
                         else:
-                            raise SystemExit(f"--sides: unknown side {side!r} (released, project, project_fxbce)")
+                            rec = run_project(model, seed, args, raw, python, side)
                         results.setdefault((side, model), {})[seed] = rec
                         save()
                 if args.check_forward and "released" in sides:
@@ -818,7 +856,7 @@ def main() -> None:
                     checks_file.write_text(json.dumps(checks, indent=1))
         finally:
             shutil.rmtree(code_root, ignore_errors=True)  # released code never outlives the run
-    text = table(results, seeds, models)
+    text = table(results, seeds, models, sides)
     if checks_file.is_file():
         text += "\n" + check_table(json.loads(checks_file.read_text()))
     (args.work / "table.md").write_text(text)

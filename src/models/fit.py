@@ -12,12 +12,15 @@ reads (FEATURES: [N] ids and levels, item_seq [N, 64]) and, for splits that are 
 per-batch host work, and no host sync inside the step loop (except a progress report every
 ``log_every`` steps when asked for one), so a GPU is fed as fast as it computes.
 
-The schedule is QIN's released one (FuxiCTR's): Adam, L2 on the embedding module only (the tables
-and the multimodal map), gradient-norm clipping, and after every epoch the AUC of every eval set; an epoch that does not
-improve the monitored AUC multiplies the learning rate by ``lr_decay`` and counts toward early
-stopping (``patience``); the best epoch's weights are kept and loaded at the end. bfloat16
-autocast on CUDA and ``torch.compile`` are switches; on the CPU everything runs in float32 with
-deterministic kernels, so the same seed gives the same predictions bit for bit.
+The schedule is QIN's released one (FuxiCTR's): Adam; BCE computed as FuxiCTR does, from the
+float32 probabilities; an L2 penalty on the embedding module only (the tables and the multimodal
+map) whose gradient joins the loss's before gradient-norm clipping; after every epoch the AUC of
+every eval set; an epoch that does not improve the monitored AUC multiplies the learning rate by
+``lr_decay`` and counts toward early stopping (``patience``); the best epoch's weights are kept and
+loaded at the end. ``loss="logits"`` and ``emb_l2_in_loss=False`` give the numerically sounder
+step (BCE from the logits, the L2 added by Adam after the clip); docs/REPRODUCTION.md measures
+both. bfloat16 autocast on CUDA and ``torch.compile`` are switches; on the CPU everything runs in
+float32 with deterministic kernels, so the same seed gives the same predictions bit for bit.
 
 Under torch.distributed (``torchrun``: one process per GPU, or gloo processes on a CPU) every rank
 calls fit with the same arguments and data and trains one model: each rank draws the same shuffle,
@@ -34,7 +37,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -67,6 +70,13 @@ class FitSettings:
     max_epochs: int = field(default=100, metadata=AT_LEAST_1)  # hard cap on epochs
     emb_l2: float = 2.0e-4                                   # L2 emb_l2/2 * ||W||^2 on the embedding module
     grad_clip: float = field(default=10.0, metadata=POSITIVE)  # global gradient-norm clip before each step
+    # FuxiCTR's training step, which the released models train with (docs/REPRODUCTION.md): BCE
+    # from the float32 probabilities (layers.bce; "logits": from the logits, where a negative with a
+    # logit above ~16.6 still gets its gradient), and the L2's gradient added before the clip, as
+    # for a penalty in the loss (False: Adam adds it after the clip). The reported train loss never
+    # includes the L2.
+    loss: Literal["logits", "fuxictr"] = "fuxictr"
+    emb_l2_in_loss: bool = True
     bf16: bool = True                                        # bfloat16 autocast on CUDA (the CPU: float32)
     compile: bool = False                                    # torch.compile the model's loss and forward
     log_every: int = field(default=50, metadata=AT_LEAST_1)  # steps between progress reports (a host sync each)
@@ -128,11 +138,24 @@ def make_optimizer(model: nn.Module, settings: FitSettings) -> torch.optim.Adam:
     other = [p for p in model.parameters() if p.requires_grad and id(p) not in embedding_weights]
     # Adam's weight_decay is the classic coupled L2: it adds emb_l2 * W to the gradient, exactly
     # the gradient of a penalty emb_l2/2 * ||W||^2 in the loss (FuxiCTR's embedding_regularizer),
-    # and a param group confines it to the embedding module.
-    groups = [{"params": list(embedding_weights.values()), "weight_decay": settings.emb_l2},
+    # and a param group confines it to the embedding module. With emb_l2_in_loss the step adds that
+    # gradient itself, before the clip (add_embedding_l2_gradient), and Adam adds nothing.
+    groups = [{"params": list(embedding_weights.values()), "embedding_l2": True,
+               "weight_decay": 0.0 if settings.emb_l2_in_loss else settings.emb_l2},
               {"params": other, "weight_decay": 0.0}]
     return torch.optim.Adam([g for g in groups if g["params"]], lr=settings.lr,
                             fused=device_of(model).type == "cuda")
+
+
+def add_embedding_l2_gradient(optimizer: torch.optim.Optimizer, emb_l2: float) -> None:
+    """grad += emb_l2 * W on the embedding group: the gradient of the penalty emb_l2/2 * ||W||^2,
+    as if it were part of the loss (then the clip scales it with the data gradient, as FuxiCTR's)."""
+    for group in optimizer.param_groups:
+        if group.get("embedding_l2"):
+            for p in group["params"]:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.add_(p.detach(), alpha=emb_l2)
 
 
 def make_step_parts(model: nn.Module, settings: FitSettings):
@@ -140,12 +163,12 @@ def make_step_parts(model: nn.Module, settings: FitSettings):
 
     Under torch.distributed, the model's BatchNorm layers become synchronised ones (in place) and
     loss_fn runs the loss through DistributedDataParallel."""
-    loss_fn, device = model.loss, device_of(model)
+    loss_fn, device = functools.partial(model.loss, form=settings.loss), device_of(model)
     if rank_and_world()[1] > 1:
         sync_batch_norm(model)
         # the BatchNorm statistics are equal on every rank already, and the other buffers are the
         # constant item tables: far too big to broadcast at every step
-        ddp = functools.partial(DistributedDataParallel, LossOf(model),
+        ddp = functools.partial(DistributedDataParallel, LossOf(model, settings.loss),
                                 device_ids=[device.index] if device.type == "cuda" else None)
         try:  # newer torch (2.13 here) names it forward_sync_buffers and deprecates broadcast_buffers
             loss_fn = ddp(forward_sync_buffers=False)
@@ -188,6 +211,8 @@ def train_one_epoch(model, loss_fn, optimizer, columns, rows, generator, setting
         # the batch turns that average into the gradient of the global batch's mean loss, also when
         # the batch does not split evenly (with one process the weight is exactly 1)
         (loss * (world * rows_here.numel() / batch_rows.numel())).backward()
+        if settings.emb_l2_in_loss:
+            add_embedding_l2_gradient(optimizer, settings.emb_l2)
         torch.nn.utils.clip_grad_norm_(params, settings.grad_clip, foreach=True)
         optimizer.step()
         loss_sum += loss.detach() * rows_here.numel()
@@ -237,12 +262,12 @@ class LossOf(nn.Module):
     """``model.loss`` as a module's forward: DistributedDataParallel synchronises the gradients of
     what runs through the forward of the module it wraps, and a model's loss is another method."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, form: str = "logits"):
         super().__init__()
-        self.model = model
+        self.model, self.form = model, form
 
     def forward(self, batch, label):
-        return self.model.loss(batch, label)
+        return self.model.loss(batch, label, self.form)
 
 
 class _SumOverRanks(torch.autograd.Function):

@@ -53,12 +53,41 @@ def masked_softmax(s, mask):
     return torch.softmax(s, -1) * mask
 
 
-class CTRModel(nn.Module):
-    """A model mapping a batch to click logits [B], trained with binary cross-entropy."""
+LOSS_FORMS = ("logits", "fuxictr")
 
-    def loss(self, batch, label):
+
+def bce(logits, label, form="logits", reduction="mean"):
+    """Binary cross-entropy of click logits [B] against 0/1 labels [B], computed in float32.
+
+    logits: torch's stable form from the logits. fuxictr: BCE of the float32 probability
+    sigmoid(logit), as every released model computes it (they output probabilities and FuxiCTR
+    takes F.binary_cross_entropy of them). Equal up to rounding, except for a row whose probability
+    rounds to exactly 1.0 (a logit above about 16.6) or 0.0 (below about -88) against its label:
+    its log is clamped at -100 and its gradient is exactly zero, where the logits form gives it
+    p - y (docs/REPRODUCTION.md).
+    """
+    check_choice("loss", form, LOSS_FORMS)
+    logits, label = logits.float(), label.float()
+    if form == "logits":
+        return F.binary_cross_entropy_with_logits(logits, label, reduction=reduction)
+    # autocast refuses binary_cross_entropy on CUDA; the probabilities are float32 already
+    with torch.autocast(logits.device.type, enabled=False):
+        p = torch.sigmoid(logits)
+        # binary_cross_entropy refuses a NaN probability (on CUDA, a device-side assert that kills
+        # the process): a diverged model's NaN rows go in as 0.5 and their NaN is added back to the
+        # loss's value (elsewhere an exact +0, and no gradient), so that fit reports the divergence
+        p_number = p.nan_to_num(0.5)
+        nan_back = (p - p_number).detach()
+        loss = F.binary_cross_entropy(p_number, label, reduction=reduction)
+        return loss + (nan_back if reduction == "none" else nan_back.sum())
+
+
+class CTRModel(nn.Module):
+    """A model mapping a batch to click logits [B], trained with binary cross-entropy (``bce``)."""
+
+    def loss(self, batch, label, form="logits"):
         logits = self(batch)
-        return F.binary_cross_entropy_with_logits(logits.float(), label.float()), logits
+        return bce(logits, label, form), logits
 
 
 class Float32Linear(nn.Linear):

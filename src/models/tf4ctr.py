@@ -14,14 +14,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import MLP, Float32Linear, check_choice, init_weights
+from layers import MLP, Float32Linear, bce, check_choice, init_weights
 
 
-def tf_loss(y, y_s, y_c, label, c=0.8, gamma=2.0, alpha=0.25):
+def tf_loss(y, y_s, y_c, label, c=0.8, gamma=2.0, alpha=0.25, form="logits"):
     """BCE(y) + alpha * L_easy(y_s) + (1 - alpha) * L_hard(y_c), all from logits [B] and 0/1 labels [B].
 
     L_easy = mean(BCE(p_s) (c + p_t(s))^gamma), L_hard = mean(BCE(p_c) ((2 - c) - p_t(c))^gamma),
-    with p_t = t p + (1 - t)(1 - p) the probability given to the true label.
+    with p_t = t p + (1 - t)(1 - p) the probability given to the true label; every BCE in ``form``
+    (layers.bce: from logits, or FuxiCTR's from float32 probabilities, as TF4CTRv2.py computes it).
     """
     t = label.float()
     y, y_s, y_c = y.float(), y_s.float(), y_c.float()
@@ -30,9 +31,9 @@ def tf_loss(y, y_s, y_c, label, c=0.8, gamma=2.0, alpha=0.25):
         p = torch.sigmoid(z)
         return t * p + (1 - t) * (1 - p)
 
-    easy = F.binary_cross_entropy_with_logits(y_s, t, reduction="none") * (c + p_true(y_s)) ** gamma
-    hard = F.binary_cross_entropy_with_logits(y_c, t, reduction="none") * ((2 - c) - p_true(y_c)) ** gamma
-    return F.binary_cross_entropy_with_logits(y, t) + alpha * easy.mean() + (1 - alpha) * hard.mean()
+    easy = bce(y_s, t, form, reduction="none") * (c + p_true(y_s)) ** gamma
+    hard = bce(y_c, t, form, reduction="none") * ((2 - c) - p_true(y_c)) ** gamma
+    return bce(y, t, form) + alpha * easy.mean() + (1 - alpha) * hard.mean()
 
 
 class SSEM(nn.Module):
@@ -156,6 +157,6 @@ class TF4CTR(nn.Module):
     def forward(self, batch):  # -> logits [B]
         return self.twin_logits(batch)[0]
 
-    def loss(self, batch, label):
+    def loss(self, batch, label, form="logits"):
         y, y_s, y_c = self.twin_logits(batch)
-        return tf_loss(y, y_s, y_c, label, self.c, self.gamma, self.alpha), y
+        return tf_loss(y, y_s, y_c, label, self.c, self.gamma, self.alpha, form), y
