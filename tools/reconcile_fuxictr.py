@@ -497,7 +497,7 @@ def forward_check_child(model: str, code_dir: Path, run_dir: Path, raw: Path, em
     loss_rel.backward()
     grads_rel = {name: p.grad.clone() for name, p in rel.named_parameters()}
     settings = pfit.FitSettings(emb_l2=float(params["embedding_regularizer"]))
-    decayed = [p for g in pfit.make_optimizer(proj, settings).param_groups if g.get("embedding_l2") for p in g["params"]]
+    decayed = pfit.embedding_parameters(proj)
     frame = frames["train"].iloc[:rows]
     label = torch.from_numpy(frame["label"].to_numpy()).float()
     proj_params = dict(proj.named_parameters())
@@ -546,8 +546,7 @@ def forward_check_child(model: str, code_dir: Path, run_dir: Path, raw: Path, em
         if variant == "fuxictr_bce_l2_in_loss":
             # FuxiCTR's order too: the penalty in the loss, so that clipping scales its gradient with
             # the rest (fit.py clips the data gradient, then Adam adds emb_l2 * W unscaled)
-            decayed_ = [p for g in pfit.make_optimizer(net, settings).param_groups if g.get("embedding_l2")
-                        for p in g["params"]]
+            decayed_ = pfit.embedding_parameters(net)
             copies[variant] = (net, torch.optim.Adam(net.parameters(), lr=float(params["learning_rate"])), decayed_)
             continue
         if variant == "logits_perturbed":  # how far float noise alone carries a run: weights x (1 + 1e-6 N(0, 1))
@@ -602,8 +601,7 @@ def forward_check_child(model: str, code_dir: Path, run_dir: Path, raw: Path, em
             record[f"{variant}_saturated_negatives"] = int(((torch.sigmoid(logits.detach()) == 1.0)
                                                             & (columns["label"][idx] == 0)).sum())
         with torch.no_grad():
-            penalty = sum(float((p * p).sum()) for g in fit_opt.param_groups if g.get("embedding_l2")
-                          for p in g["params"]) * settings.emb_l2 / 2
+            penalty = sum(float((p * p).sum()) for p in pfit.embedding_parameters(fit_net)) * settings.emb_l2 / 2
         loss, _ = pfit.train_one_epoch(fit_net, fit_loss_fn, fit_opt, columns, idx, fit_shuffle, fit_settings,
                                        fit_autocast)
         record["fit_fuxictr"] = loss + penalty

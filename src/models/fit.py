@@ -129,18 +129,24 @@ def autocast_for(bf16: bool, device: torch.device):
     return contextlib.nullcontext
 
 
+def embedding_parameters(model: nn.Module) -> list:
+    """The embedding module, as FuxiCTR's embedding_regularizer sees it: the trainable weights of
+    every embedding table and of every module marked embedding_l2 (the multimodal projection)."""
+    weights = {id(p): p for m in model.modules()
+               if isinstance(m, nn.Embedding) or getattr(m, "embedding_l2", False)
+               for p in m.parameters(recurse=False) if p.requires_grad}
+    return list(weights.values())
+
+
 def make_optimizer(model: nn.Module, settings: FitSettings) -> torch.optim.Adam:
-    # the embedding module, as FuxiCTR's embedding_regularizer sees it: every embedding table and
-    # every module marked embedding_l2 (the multimodal projection)
-    embedding_weights = {id(p): p for m in model.modules()
-                         if isinstance(m, nn.Embedding) or getattr(m, "embedding_l2", False)
-                         for p in m.parameters(recurse=False) if p.requires_grad}
-    other = [p for p in model.parameters() if p.requires_grad and id(p) not in embedding_weights]
+    embedding_weights = embedding_parameters(model)
+    embedding_ids = {id(p) for p in embedding_weights}
+    other = [p for p in model.parameters() if p.requires_grad and id(p) not in embedding_ids]
     # Adam's weight_decay is the classic coupled L2: it adds emb_l2 * W to the gradient, exactly
     # the gradient of a penalty emb_l2/2 * ||W||^2 in the loss (FuxiCTR's embedding_regularizer),
     # and a param group confines it to the embedding module. With emb_l2_in_loss the step adds that
     # gradient itself, before the clip (add_embedding_l2_gradient), and Adam adds nothing.
-    groups = [{"params": list(embedding_weights.values()), "embedding_l2": True,
+    groups = [{"params": embedding_weights, "embedding_l2": True,
                "weight_decay": 0.0 if settings.emb_l2_in_loss else settings.emb_l2},
               {"params": other, "weight_decay": 0.0}]
     return torch.optim.Adam([g for g in groups if g["params"]], lr=settings.lr,
