@@ -31,12 +31,15 @@ import argparse
 import re
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Literal, get_args
 
-import lightgbm
+try:  # optional (requirements.txt): without it the lightgbm candidate is skipped
+    import lightgbm
+except ImportError:
+    lightgbm = None
 import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
@@ -296,7 +299,7 @@ def logistic(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]
                    "intercept": float(final.intercept_[0])}
 
 
-def click_prob(model: lightgbm.LGBMClassifier, features: np.ndarray, names: list[str]) -> np.ndarray:
+def click_prob(model, features: np.ndarray, names: list[str]) -> np.ndarray:
     return model.predict_proba(pd.DataFrame(features, columns=names))[:, 1]
 
 
@@ -527,10 +530,22 @@ def print_summary(metrics: dict, rows: list[tuple]) -> None:
           f"blend outputs in {metrics['blend_dir']}; {metrics['seconds']:.0f}s")
 
 
+def available_methods(settings: BlendConfig) -> BlendConfig:
+    """The settings without the lightgbm candidate when lightgbm is not installed (one line says
+    so); an error when it was the one asked for by blend.select."""
+    if lightgbm is not None or "lightgbm" not in settings.methods:
+        return settings
+    if settings.select == "lightgbm":
+        raise UserError("config: blend.select=lightgbm, but lightgbm is not installed "
+                        "(pip install 'lightgbm>=4.5,<5', or choose another blend.select)")
+    common.log("blend: lightgbm is not installed: the lightgbm candidate is skipped")
+    return replace(settings, methods=[m for m in settings.methods if m != "lightgbm"])
+
+
 def run_blend(cfg: dict) -> dict:
     """Blend the configured runs, write {work_dir}/blend/ and the submission; return the metrics."""
     started = time.time()
-    settings = checked_settings(cfg)
+    settings = available_methods(checked_settings(cfg))
     data = load_blend_data(cfg, settings.runs, with_row_features="lightgbm" in settings.methods,
                            test_from=settings.test_from)
     common.log(f"blend: {len(data.runs)} runs, {len(data.oof_label):,} OOF rows, "

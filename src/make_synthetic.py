@@ -14,14 +14,19 @@ process (documented with its formula in data/README.md) rewards what the real ta
   hidden per-item bias that only an item-id embedding of a frequent item can learn.
 
 Everything is drawn from numpy Generators seeded from ``--seed``: the same seed gives the same
-parquet bytes. Train rows are generated and written in chunks so the full preset fits in 8 GB.
+parquet bytes. Rows are generated and written in chunks of 200,000, each with its own generator,
+so the full preset fits in 8 GB and ``--workers`` processes can draw the chunks side by side.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
+import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -332,31 +337,63 @@ def item_table(items: Items) -> pa.Table:
     }, schema=ITEM_SCHEMA)
 
 
-def write_split(items: Items, users: Users, split: str, n_rows: int, intercept: float, path: Path,
-                seed: int, split_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Generate and write one split chunk by chunk; return its true probabilities and labels."""
-    schema = TEST_SCHEMA if split == "test" else TRAIN_SCHEMA
-    probs, labels = np.empty(n_rows), np.empty(n_rows, np.int64)
-    starts = range(0, n_rows, CHUNK_ROWS)
-    with pq.ParquetWriter(path, schema) as writer:
-        for chunk, start in enumerate(tqdm(starts, desc=split, unit="chunk", leave=False,
-                                           disable=len(starts) < 3)):
-            n = min(CHUNK_ROWS, n_rows - start)
-            # One generator per chunk: the output depends on the seed only, not on the chunking run.
-            rng = np.random.default_rng([seed, split_index, chunk])
-            rows = sample_rows(items, users, n, rng)
-            prob = _sigmoid(intercept + rows["logit_no_intercept"])
-            label = (rng.random(n) < prob).astype(np.int64)
-            probs[start:start + n], labels[start:start + n] = prob, label
-            if split == "test":
-                writer.write_table(rows_table(rows, schema, first_id=start, label=None))
-            else:
-                writer.write_table(rows_table(rows, schema, first_id=None, label=label))
-    return probs, labels
+# The world a chunk is drawn from: set before the process pool forks, so workers inherit it
+# (copy-on-write) instead of receiving hundreds of MB of user timelines per task.
+_WORLD: dict = {}
 
 
-def generate(preset: str, out: Path, seed: int) -> dict:
-    """Write one synthetic dataset into ``out``; return a summary (rows, positive rate, oracle AUC)."""
+def make_chunk(job: tuple) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """One chunk of one split: (its parquet rows, true probabilities, labels). Each chunk has its
+    own generator, seeded by (seed, split, chunk): the output depends on the seed alone, not on
+    which process drew the chunk or in which order."""
+    split, split_index, chunk, start, n = job
+    items, users, intercept, seed = (_WORLD[k] for k in ("items", "users", "intercept", "seed"))
+    rng = np.random.default_rng([seed, split_index, chunk])
+    rows = sample_rows(items, users, n, rng)
+    prob = _sigmoid(intercept + rows["logit_no_intercept"])
+    label = (rng.random(n) < prob).astype(np.int64)
+    if split == "test":
+        return rows_table(rows, TEST_SCHEMA, first_id=start, label=None), prob, label
+    return rows_table(rows, TRAIN_SCHEMA, first_id=None, label=label), prob, label
+
+
+@contextlib.contextmanager
+def chunk_map(workers: int, n_jobs: int):
+    """map(make_chunk, jobs) in order: in a pool of forked processes when more than one worker
+    is asked for and there is more than one chunk (where fork exists), else in this process."""
+    workers = min(workers, n_jobs)
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        yield lambda jobs: map(make_chunk, jobs)
+        return
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield lambda jobs: pool.map(make_chunk, jobs)
+
+
+def write_splits(splits: list[tuple[str, int]], staging: Path, workers: int) -> dict:
+    """Generate and write every split chunk by chunk (row group by row group, in order); returns
+    split -> (true probabilities, labels)."""
+    jobs = [(split, split_index, chunk, start, min(CHUNK_ROWS, n_rows - start))
+            for split_index, (split, n_rows) in enumerate(splits, start=3)
+            for chunk, start in enumerate(range(0, n_rows, CHUNK_ROWS))]
+    out = {}
+    with chunk_map(workers, len(jobs)) as map_chunks:
+        results = iter(tqdm(map_chunks(jobs), total=len(jobs), desc="rows", unit="chunk", leave=False,
+                            disable=len(jobs) < 6))
+        for split, n_rows in splits:
+            schema = TEST_SCHEMA if split == "test" else TRAIN_SCHEMA
+            probs, labels = np.empty(n_rows), np.empty(n_rows, np.int64)
+            with pq.ParquetWriter(staging / f"{split}.parquet", schema) as writer:
+                for _, _, _, start, n in (job for job in jobs if job[0] == split):
+                    table, probs[start:start + n], labels[start:start + n] = next(results)
+                    writer.write_table(table)
+            out[split] = probs, labels
+    return out
+
+
+def generate(preset: str, out: Path, seed: int, workers: int = 1) -> dict:
+    """Write one synthetic dataset into ``out``; return a summary (rows, positive rate, oracle AUC).
+
+    ``workers`` processes draw the row chunks (identical files for any number)."""
     if preset not in PRESETS:
         raise common.UserError(f"--preset {preset!r}: unknown preset (known: {', '.join(PRESETS)})")
     if seed < 0:
@@ -382,10 +419,14 @@ def generate(preset: str, out: Path, seed: int) -> dict:
     try:
         pq.write_table(item_table(items), staging / "item_info.parquet")
         oracle_probs, test_labels = [], None
-        for split_index, (split, n_rows) in enumerate(
-                [("train", p.n_train), ("valid", p.n_valid), ("test", p.n_test)], start=3):
-            probs, labels = write_split(items, users, split, n_rows, intercept,
-                                        staging / f"{split}.parquet", seed, split_index)
+        _WORLD.update(items=items, users=users, intercept=intercept, seed=seed)
+        try:
+            written = write_splits([("train", p.n_train), ("valid", p.n_valid), ("test", p.n_test)],
+                                   staging, workers)
+        finally:
+            _WORLD.clear()
+        for split, (probs, labels) in written.items():
+            n_rows = len(probs)
             oracle_probs.append(pa.table({"split": pa.repeat(pa.scalar(split, pa.string()), n_rows),
                                           "row_id": pa.array(np.arange(n_rows, dtype=np.int64)),
                                           "prob": pa.array(probs)}, schema=ORACLE_PROB_SCHEMA))
@@ -415,8 +456,13 @@ def main() -> None:
                         help="dataset size: tiny (tests), demo (run.sh default), full (real sizes)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes drawing the row chunks (default: one per core; the files are "
+                             "the same for any number)")
     args = parser.parse_args()
-    summary = generate(args.preset, Path(args.out), args.seed)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    summary = generate(args.preset, Path(args.out), args.seed, args.workers)
     common.log(f"wrote {args.preset} preset to {summary['out']} in {summary['seconds']} s "
                f"(seed {args.seed})")
     for split, info in summary["splits"].items():

@@ -80,6 +80,29 @@ def test_predict_rows_limits_the_predicted_test_rows(tiny_cfg, tiny_processed):
     assert [(line["measure"], line["rows"]) for line in lines] == [("train", 128), ("predict", 250)]
 
 
+def test_several_configs_in_turn_on_data_uploaded_once(tiny_cfg, tiny_processed, monkeypatch):
+    uploads = []
+    real_upload = bench.train.load_to_device
+    monkeypatch.setattr(bench.train, "load_to_device", lambda *a: uploads.append(1) or real_upload(*a))
+    lines = bench_records("--config", "configs/qin_small.yaml@epoch", "--config", "configs/din_tf_small.yaml",
+                          *tiny_data_args(tiny_cfg), "--device", "cpu", "--set", "train.batch_size=1024",
+                          "--steps", "1", "--warmup", "0")
+    assert [(line["measure"], line["config"]) for line in lines] == [
+        ("train", "configs/qin_small.yaml"), ("predict", "configs/qin_small.yaml"),
+        ("train", "configs/din_tf_small.yaml"), ("predict", "configs/din_tf_small.yaml")]
+    # epoch: ceil(the 4,000 train rows / 1,024) = 4 steps
+    assert (lines[0]["steps"], lines[0]["rows"]) == (4, 4 * 1024)
+    assert (lines[2]["steps"], lines[2]["rows"]) == (1, 1024)
+    assert len(uploads) == 1
+
+
+@pytest.mark.parametrize("bad", ["--config=configs/qin_small.yaml@many", "--steps=-1", "--steps=eon"])
+def test_bad_step_counts_are_refused(bad, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args([bad])
+    assert "steps" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_preprocess_only_on_a_generated_preset(tmp_path):
     lines = run_bench_cli("--config", "configs/data.yaml", "--preset", "tiny", "--data-root", str(tmp_path),

@@ -236,6 +236,19 @@ def test_select_can_name_a_method(workspace):
     assert blend.run_blend(cfg)["chosen"] == "rank_mean"
 
 
+def test_without_lightgbm_the_blend_skips_that_candidate_and_still_submits(workspace, monkeypatch, capsys):
+    """lightgbm is optional (a GPU image may lack it): one line, the other candidates, a submission."""
+    cfg, _ = workspace
+    monkeypatch.setattr(blend, "lightgbm", None)
+    metrics = blend.run_blend(cfg)
+    assert set(metrics["methods"]) == set(cfg["blend"]["methods"]) - {"lightgbm"}
+    assert Path(metrics["submission"]["zip"]).is_file()
+    assert capsys.readouterr().out.count("lightgbm is not installed") == 1
+    cfg["blend"]["select"] = "lightgbm"
+    with pytest.raises(UserError, match="blend.select=lightgbm, but lightgbm is not installed"):
+        blend.run_blend(cfg)
+
+
 def drop_last_oof_row(run_dir: Path) -> None:
     frame = pd.read_parquet(run_dir / "oof.parquet")
     frame.iloc[:-1].to_parquet(run_dir / "oof.parquet")

@@ -68,13 +68,16 @@ def test_constraints_keep_what_is_in_range_and_lock_what_pip_adds(requirements):
 class FakePip:
     """subprocess.run for pip: records the call and the constraints, then 'installs' the locked versions."""
 
-    def __init__(self, installed: dict, returncode: int = 0):
+    def __init__(self, installed: dict, returncode: int = 0, unavailable: tuple = ()):
         self.installed, self.returncode, self.calls = installed, returncode, []
+        self.unavailable = unavailable  # names pip finds no distribution for (no network)
 
     def __call__(self, cmd, **kwargs):
         constraints = Path(cmd[cmd.index("-c") + 1]).read_text().split()
         specs = cmd[cmd.index("-c") + 2:]
         self.calls.append((specs, constraints))
+        if self.unavailable and any(spec.startswith(self.unavailable) for spec in specs):
+            return subprocess.CompletedProcess(cmd, 1)
         if self.returncode == 0:
             for spec in specs:
                 name = spec.split(">")[0].split("=")[0].split("<")[0]
@@ -113,6 +116,25 @@ def test_a_failed_pip_is_an_error(requirements, monkeypatch, capsys):
     monkeypatch.setattr(cr.subprocess, "run", FakePip(installed, returncode=1))
     assert cr.install(cr.decide(requirements, installed.get), LOCK, installed.get) == 1
     assert "error: pip could not install matplotlib>=3.8,<4" in capsys.readouterr().err
+
+
+def test_an_optional_package_pip_cannot_install_is_one_line_not_an_error(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "requirements.txt"
+    path.write_text(REQUIREMENTS + "lightgbm>=4.5,<5   # optional: the blend's stacker\n")
+    requirements = cr.read_requirements(path)
+    assert [r.optional for r in requirements] == [False] * 4 + [True]
+    installed = {"torch": "2.13.0", "numpy": "2.4.6", "PyYAML": "6.0"}  # no matplotlib, no lightgbm
+    pip = FakePip(installed, unavailable=("lightgbm",))
+    monkeypatch.setattr(cr.subprocess, "run", pip)
+    lock = {**LOCK, "lightgbm": "4.7.0"}
+    assert cr.install(cr.decide(requirements, installed.get), lock, installed.get) == 0
+    assert [specs for specs, _ in pip.calls] == [["matplotlib>=3.8,<4"], ["lightgbm>=4.5,<5"]]
+    assert installed["matplotlib"] == "3.11.2" and "lightgbm" not in installed
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == ("requirements: optional lightgbm>=4.5,<5 could not be installed (pip's message is "
+                       "above); everything else runs without it")
+    decisions = cr.decide(requirements, installed.get)
+    assert str(decisions[-1]) == "lightgbm: missing (>=4.5,<5, optional)"
 
 
 def test_the_repos_lock_pins_every_requirement_inside_its_range():

@@ -1,6 +1,7 @@
-"""tools/gpu_check.sh: its CPU mode (tiny preset, *_small configs, a few steps) end to end, so the
-GPU check cannot rot between the rare GPU slots; plus the projection's arithmetic and the rule that
-the check imports nothing from the repository (the GPU image has no lightgbm).
+"""tools/gpu_check.sh: its CPU rehearsal (tiny and demo presets, *_small configs, compile on, one
+step killed at its limit) end to end, so the GPU check cannot rot between the rare GPU slots; plus
+the projection's arithmetic, the GPU-only report parts, and the rule that the check imports nothing
+from the repository (the GPU image has no lightgbm).
 
 No figure is judged here: the CPU mode's speeds are not the GPU targets; only that every section
 holds finite numbers, every step ran, and the markdown carries bench.py's lines as printed.
@@ -9,6 +10,8 @@ import ast
 import json
 import math
 import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -23,98 +26,125 @@ def is_finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+KILLED = "train_gpucheck_qin_rerun"  # the rehearsal kills this step at a 1 s limit
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_check")
     out = tmp / "out"
     result = subprocess.run(["bash", "tools/gpu_check.sh", "--cpu", "--out", str(out),
-                             "--data-root", str(tmp / "data")],
+                             "--data-root", str(tmp / "data"), "--step-limit", f"{KILLED}=1"],
                             cwd=REPO, capture_output=True, text=True, timeout=900)
     return result, out
 
 
+def report_of(cpu_run) -> dict:
+    return json.loads((cpu_run[1] / "gpu_check.json").read_text())
+
+
 @pytest.mark.slow
-def test_cpu_mode_runs_every_step(cpu_run):
+def test_rehearsal_runs_every_step_in_order_and_names_the_killed_one(cpu_run):
     result, out = cpu_run
-    assert result.returncode == 0, result.stderr[-4000:]
-    report = json.loads((out / "gpu_check.json").read_text())
-    for section in ("environment", "correctness", "data", "bench", "qin_full_epoch", "projection",
-                    "targets", "steps", "raw_bench_lines"):
-        assert section in report, section
-    assert report["mode"] == "cpu" and report["all_steps_ok"] and report["correctness_ok"]
-    assert {s["status"] for s in report["steps"]} == {"ok"}
+    assert result.returncode == 1, result.stderr[-4000:]  # one step killed: not all steps ok
+    report = report_of(cpu_run)
+    assert report["mode"] == "cpu" and report["complete"] and not report["all_steps_ok"]
+    status = {s["name"]: s["status"] for s in report["steps"]}
+    assert status.pop(KILLED) == "timeout" and set(status.values()) == {"ok"}, status
+    names = [s["name"] for s in report["steps"]]
+    # the figures first: both benches before the correctness variants
+    assert names.index("bench_eager") < names.index("bench_compiled") < names.index("train_gpucheck_qin_compile")
+    assert {"bench_data_generate", "bench_data_preprocess", "check_data_generate", "check_data_preprocess",
+            "environment"} <= set(names)
     assert all(is_finite(s["seconds"]) for s in report["steps"])
     assert report["environment"]["torch"] and is_finite(report["wall_seconds"])
 
 
 @pytest.mark.slow
-def test_cpu_mode_correctness_section(cpu_run):
-    report = json.loads((cpu_run[1] / "gpu_check.json").read_text())
-    runs = report["correctness"]["runs"]
-    assert sorted(r["model"] for r in runs if r["variant"] == "default") == sorted(MODELS)
-    for run in runs:
+def test_rehearsal_writes_at_most_eight_files_and_ends_on_the_summary_line(cpu_run):
+    result, out = cpu_run
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["bench_lines.jsonl", "gpu_check.json", "gpu_check.md", "logs.tgz"]
+    assert len(files) <= gpu_check.MAX_OUT_FILES
+    with tarfile.open(out / "logs.tgz") as tar:
+        logged = {Path(name).name for name in tar.getnames()}
+    for step in report_of(cpu_run)["steps"]:
+        assert f"{step['name']}.err" in logged and f"{step['name']}.out" in logged, step["name"]
+    last = result.stdout.rstrip("\n").splitlines()[-1]
+    assert last.startswith(gpu_check.SUMMARY_PREFIX)
+    line = json.loads(last[len(gpu_check.SUMMARY_PREFIX):])
+    assert set(line["qin_epoch_s"]) == set(line["qin_test_predict_s"]) == {"eager", "compiled"}
+    assert all(is_finite(v) for v in [*line["qin_epoch_s"].values(), line["run_sh_full_projected_s"]])
+    assert set(line["bench"]) == {f"{c}/eager" for c in gpu_check.MODES["cpu"]["models"].values()} | {
+        "qin_small/compiled"}
+    assert line["steps_not_ok"] == [f"{KILLED}: timeout (killed at its 1 s limit)"]
+    assert len(last) < 4000  # short enough for the end of a reply
+
+
+@pytest.mark.slow
+def test_rehearsal_correctness_section(cpu_run):
+    report = report_of(cpu_run)
+    runs = {(r["model"], r["variant"]): r for r in report["correctness"]["runs"]}
+    assert sorted(m for m, v in runs if v == "default") == sorted(MODELS)
+    assert set(runs) == {(m, "default") for m in MODELS} | {("qin", v) for v in ("fp32", "compile", "rerun")}
+    killed = runs.pop(("qin", "rerun"))
+    assert not killed["passed"] and killed["problem"].startswith("train.py timeout")
+    for run in runs.values():
         assert run["passed"], run
         assert run["train_loss"] and all(is_finite(x) for x in run["train_loss"])
         assert all(is_finite(run[k]) for k in ("fold_auc", "valid_auc", "train_rows_per_s", "test_pred_mean"))
-        assert run["fold_auc"] > gpu_check.AUC_ABOVE_CHANCE and run["valid_auc"] > gpu_check.AUC_ABOVE_CHANCE
-    pairs = report["correctness"]["agreement"]
-    assert pairs, "no agreement pair"
-    for pair in pairs:
-        assert pair["passed"], pair
-        for key in ("fold_auc_diff", "valid_auc_diff", "mean_pred_diff", "mean_abs_pred_diff",
-                    "max_abs_pred_diff", "logit_corr"):
-            assert is_finite(pair[key]), key
-    # on a CPU float32 is the default: the variant trains the very same model
-    fp32 = next(p for p in pairs if p["variant"] == "fp32")
-    assert fp32["max_abs_pred_diff"] == 0.0 and fp32["logit_corr"] == pytest.approx(1.0)
+    pairs = {p["variant"]: p for p in report["correctness"]["agreement"]}
+    assert pairs["fp32"]["passed"] and pairs["compile"]["passed"], pairs
+    assert pairs["rerun"]["problem"] == "a run is missing"
+    # on a CPU float32 is the default anyway: the variant trains the very same model
+    assert pairs["fp32"]["max_abs_pred_diff"] == 0.0 and pairs["fp32"]["logit_corr"] == pytest.approx(1.0)
 
 
 @pytest.mark.slow
-def test_cpu_mode_bench_epoch_and_projection(cpu_run):
-    report = json.loads((cpu_run[1] / "gpu_check.json").read_text())
+def test_rehearsal_bench_epoch_and_projection(cpu_run):
+    result, out = cpu_run
+    report = report_of(cpu_run)
     data = report["data"]
-    assert data["rows"] == {"train": 4000, "valid": 600, "test": 600}
+    assert data["rows"] == {"train": 150_000, "valid": 10_000, "test": 20_000}  # the demo preset
     assert is_finite(data["generate_seconds"]) and is_finite(data["preprocess_seconds"])
     assert [b["model"] for b in report["bench"]] == MODELS
     for bench in report["bench"]:
-        assert bench["status"] == "ok"
-        for measure in ("train", "predict"):
-            figures = bench["eager"][measure]
-            for key in ("rows", "seconds", "rows_per_s", "flops_per_row", "achieved_tflops",
-                        "fraction_of_peak", "peak_memory_bytes"):  # --peak-tflops matmul on a CPU
-                assert is_finite(figures[key]), (bench["model"], measure, key)
+        measured = ["eager", "compiled"] if bench["model"] == "qin" else ["eager"]
+        assert bench["status"] == {which: "ok" for which in measured}
+        for which in measured:
+            for measure in ("train", "predict"):
+                figures = bench[which][measure]
+                for key in ("rows", "seconds", "rows_per_s", "flops_per_row", "achieved_tflops",
+                            "fraction_of_peak", "peak_memory_bytes"):  # --peak-tflops matmul on a CPU
+                    assert is_finite(figures[key]), (bench["model"], which, measure, key)
     epoch = report["qin_full_epoch"]
-    assert epoch["steps"] == math.ceil(4000 / 1024)  # qin_small's batch: one whole epoch
-    eager = epoch["variants"]["eager"]
-    assert eager["test_predict_rows"] == 600 and eager["train_rows_timed"] >= 4000
-    for key in ("train_rows_per_s", "epoch_seconds", "test_predict_seconds", "epoch_plus_predict_seconds"):
-        assert is_finite(eager[key]), key
+    assert epoch["steps"] == math.ceil(150_000 / 1024)  # qin_small's batch: one whole epoch
+    for which in ("eager", "compiled"):
+        v = epoch["variants"][which]
+        assert v["test_predict_rows"] == 20_000 and v["train_rows_timed"] >= 150_000
+        for key in ("train_rows_per_s", "epoch_seconds", "test_predict_seconds", "epoch_plus_predict_seconds"):
+            assert is_finite(v[key]), key
     projection = report["projection"]
     assert is_finite(projection["total_seconds"]) and projection["total_seconds"] > 0
     assert [m["model"] for m in projection["models"]] == MODELS
-    for model in projection["models"]:
-        assert 1 <= model["epochs"] <= model["max_epochs"] and model["epochs_source"]
-        assert is_finite(model["epoch_seconds"]) and is_finite(model["model_seconds"])
     assert all(t["pass"] in (True, False, None) for t in report["targets"])
 
-
-@pytest.mark.slow
-def test_cpu_mode_keeps_bench_lines_as_printed(cpu_run):
-    out = cpu_run[1]
-    report = json.loads((out / "gpu_check.json").read_text())
     lines = (out / "bench_lines.jsonl").read_text().splitlines()
     assert lines == report["raw_bench_lines"]
-    assert len(lines) == 2 * len(MODELS)  # train + predict per config, no compile in CPU mode
-    assert [json.loads(line)["measure"] for line in lines] == ["train", "predict"] * len(MODELS)
-    assert (out / "logs" / "bench_qin.out").read_text().splitlines() == lines[:2]  # each command's log
+    records = [json.loads(line) for line in lines]
+    # one eager process for the four configs (data loaded once), then QIN compiled
+    assert [(r["measure"], r["config"], r["compile"]) for r in records] == [
+        (m, f"configs/{c}.yaml", False) for c in gpu_check.MODES["cpu"]["models"].values()
+        for m in ("train", "predict")] + [("train", "configs/qin_small.yaml", True),
+                                          ("predict", "configs/qin_small.yaml", True)]
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("### GPU check")
-    for heading in ("#### Targets", "#### 1. Correctness", "#### 2. The tiny preset", "#### 3. One QIN epoch",
-                    "#### 4. Projected"):
+    for heading in ("#### Targets", "#### 1. The demo preset", "#### 2. One QIN epoch", "#### 3. Projected",
+                    "#### 4. Correctness"):
         assert heading in md, heading
     fenced = md.split("```\n", 1)[1].split("\n```", 1)[0].splitlines()
     assert fenced == lines
-    assert "PASS" in md
+    assert "| qin_small compiled / eager |" in md
 
 
 def test_projection_arithmetic():
@@ -144,50 +174,56 @@ def test_imports_nothing_from_the_repository():
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
-    allowed = {"__future__", "argparse", "datetime", "json", "math", "os", "platform", "re", "shlex", "shutil",
-               "signal", "subprocess", "sys", "threading", "time", "traceback", "pathlib",
+    allowed = {"__future__", "argparse", "datetime", "io", "json", "math", "os", "platform", "re", "shlex",
+               "shutil", "signal", "subprocess", "sys", "tarfile", "threading", "time", "traceback", "pathlib",
                "yaml", "numpy", "pandas"}
     assert imported <= allowed, imported - allowed
     assert "pip" not in (REPO / "tools" / "gpu_check.sh").read_text().replace("pipefail", "")
 
 
-def fake_bench_line(measure: str, variant: str, rows: int, seconds: float) -> dict:
-    return {"measure": measure, "variant": variant, "device_name": "NVIDIA H100 80GB HBM3",
-            "dtype": "bfloat16", "rows": rows, "seconds": seconds, "rows_per_s": rows / seconds,
-            "flops_per_row": 1.0e8, "achieved_tflops": 1.0e8 * rows / seconds / 1e12, "peak_tflops": 989.0,
-            "fraction_of_peak": 0.1, "peak_memory_bytes": 2**33, "batch_size": 8192, "params": 1}
+def fake_bench_line(measure: str, compiled: bool, rows: int, seconds: float, config: str) -> dict:
+    return {"measure": measure, "variant": "baseline", "config": f"configs/{config}.yaml", "compile": compiled,
+            "device_name": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "rows": rows, "seconds": seconds,
+            "rows_per_s": rows / seconds, "flops_per_row": 1.0e8, "achieved_tflops": 1.0e8 * rows / seconds / 1e12,
+            "peak_tflops": 989.0, "fraction_of_peak": 0.1, "peak_memory_bytes": 2**33, "batch_size": 8192,
+            "steps": 440, "params": 1}
 
 
-def test_gpu_shaped_report_compiled_rows_and_verdicts():
-    """The parts only a GPU run reaches (compiled variants, compare lines), from bench-shaped records."""
+def test_gpu_shaped_report_compiled_rows_and_verdicts(tmp_path):
+    """The parts only a GPU run reaches (compiled QIN, the compile ratio), from bench-shaped lines
+    filed the way step_bench files them."""
     mode = gpu_check.MODES["gpu"]
     rows = {"train": 3_600_000, "valid": 10_000, "test": 379_142}
+    eager = [fake_bench_line(m, False, *sizes, config) for config in mode["models"].values()
+             for m, sizes in (("train", (3_604_480, 4.0)), ("predict", (379_142, 0.5)))]  # 0.9M rows/s: slow
+    compiled = [fake_bench_line("train", True, 3_604_480, 2.0, "qin"),
+                fake_bench_line("predict", True, 379_142, 0.25, "qin")]
+    runner = gpu_check.Runner(tmp_path / "logs", 100.0, {})
     benches = {}
-    for model, config in mode["models"].items():
-        records = [fake_bench_line("train", "baseline", 3_604_480, 4.0),       # 0.9M rows/s: too slow
-                   fake_bench_line("predict", "baseline", 379_142, 0.5)]
-        if model in gpu_check.PUBLISHED:
-            records += [fake_bench_line("train", "train.compile=true", 3_604_480, 2.0),
-                        fake_bench_line("predict", "train.compile=true", 379_142, 0.25),
-                        {"measure": "compare", "variant": "train.compile=true", "train_ratio": 2.0,
-                         "predict_ratio": 2.0}]
-        benches[model] = {"model": model, "config": config, "status": "ok", "steps": 440, "warmup": 10,
-                          "compile_compared": model in gpu_check.PUBLISHED, **gpu_check.bench_figures(records)}
+    for name, lines, models, which in (("bench_eager", eager, list(mode["models"]), "eager"),
+                                       ("bench_compiled", compiled, ["qin"], "compiled")):
+        text = "".join(json.dumps(line) + "\n" for line in lines)
+        argv = [sys.executable, "-c", f"import sys; sys.stdout.write({text!r})"]
+        raw = gpu_check.step_bench(runner, name, argv, 60, benches, mode, models, which)
+        assert [json.loads(line) for line in raw] == lines
+    assert benches["qin"]["status"] == {"eager": "ok", "compiled": "ok"}
+    assert benches["din_tf"]["status"] == {"eager": "ok"}
+    assert gpu_check.compile_ratio(benches["qin"]) == pytest.approx({"train": 2.0, "predict": 2.0})
     epoch = gpu_check.qin_full_epoch(benches["qin"], rows)
     assert epoch["variants"]["eager"]["pass"] == {"train_rows_per_s": False, "epoch_seconds": True,
                                                   "test_predict_seconds": True}
     assert epoch["variants"]["compiled"]["epoch_seconds"] == pytest.approx(3_600_000 / (3_604_480 / 2.0))
     data = {"preset": "full", "rows": rows, "generate_seconds": 90.0, "preprocess_seconds": 8.0,
-            "status": "ok", "background": True}
-    compiled = gpu_check.projection(benches, mode, data, 300.0, "compiled")
-    assert [m["rows_per_s"] for m in compiled["models"]] == ["compiled"] * 3 + ["eager"]
+            "generate_workers": 16, "status": "ok"}
+    projected = gpu_check.projection(benches, mode, data, 300.0, "compiled")
+    assert [m["rows_per_s"] for m in projected["models"]] == ["compiled"] + ["eager"] * 3
     report = {"mode": "gpu", "command": "bash tools/gpu_check.sh", "started_utc": "2026-11-28T00:00:00+00:00",
-              "wall_seconds": 400.0, "budget_seconds": 460, "bench_preset": "full",
+              "wall_seconds": 400.0, "budget_seconds": 470, "bench_preset": "full", "models": mode["models"],
               "environment": {"device_name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},
               "correctness": {"device": "cuda", "preset": "demo", "overrides": [], "runs": [], "agreement": [],
                               "skipped": []},
               "data": data, "bench": list(benches.values()), "qin_full_epoch": epoch,
-              "projection": gpu_check.projection(benches, mode, data, 300.0), "projection_compiled": compiled,
+              "projection": gpu_check.projection(benches, mode, data, 300.0), "projection_compiled": projected,
               "steps": [{"name": "x", "status": "failed", "seconds": 1.0, "error": "exit code 1: a | b\nmore"}],
               "raw_bench_lines": ['{"measure": "train"}']}
     report["targets"] = gpu_check.targets(report)
@@ -196,7 +232,26 @@ def test_gpu_shaped_report_compiled_rows_and_verdicts():
     assert verdicts["QIN (compiled) train rows/s >= 1,000,000"] is True
     md = gpu_check.markdown(report)
     assert "### GPU check 2026-11-28: NVIDIA H100 80GB HBM3" in md
-    assert "| qin compiled / eager | | | x2 |" in md
+    assert "| qin compiled / eager | | | | x2 |" in md
     assert "exit code 1: a \\| b |" in md  # a pipe in a message cannot break the table
     assert md.count("**FAIL**") >= 1 and md.count("**PASS**") >= 3
     assert md.rstrip().endswith('{"measure": "train"}\n```'.rstrip())
+    line = gpu_check.summary(report)
+    assert line["qin_epoch_s"] == {"eager": round(3_600_000 / (3_604_480 / 4.0), 3),
+                                   "compiled": round(3_600_000 / (3_604_480 / 2.0), 3)}
+    assert line["bench"]["qin/compiled"]["train_rows_s"] == pytest.approx(3_604_480 / 2.0)
+
+
+def test_gpu_plan_fits_the_device_call():
+    """The GPU mode's budget leaves a device call (600 s) room for the machine's own overheads, and
+    every step limit fits inside it."""
+    mode = gpu_check.MODES["gpu"]
+    assert mode["budget"] <= 480
+    assert all(limit <= mode["budget"] for limit in mode["limits"].values())
+
+
+def test_step_limit_argument():
+    assert gpu_check.parse_args(["--step-limit", "bench_eager=30"]).step_limit == [("bench_eager", 30.0)]
+    for bad in ("bench_eager", "=3", "x=0", "x=y"):
+        with pytest.raises(SystemExit):
+            gpu_check.parse_args(["--step-limit", bad])

@@ -287,6 +287,29 @@ def test_table_mode_equals_gather_mode():
             torch.testing.assert_close(g_gather, g_table, msg=n)
 
 
+def test_items_come_out_in_bfloat16_under_autocast_once_cast_and_close_to_float32():
+    """Under bfloat16 autocast the item table (or the gathered items) is cast once, before the
+    gather: both modes give bfloat16 items equal to each other and to the float32 items rounded."""
+    tables = make_tables()
+    torch.manual_seed(0)
+    encoders = {mode: ItemEncoder(tables, 8, mode) for mode in ("gather", "table")}
+    encoders["table"].load_state_dict(encoders["gather"].state_dict())
+    with torch.no_grad():  # weights of the size training reaches, not N(0, 1e-4)
+        for p in encoders["gather"].parameters():
+            p.normal_()
+    encoders["table"].load_state_dict(encoders["gather"].state_dict())
+    batch = make_batch()
+    exact = encoders["gather"](batch["item_id"], batch["item_seq"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = {mode: enc(batch["item_id"], batch["item_seq"]) for mode, enc in encoders.items()}
+    for mode, (x_t, x_b) in cast.items():
+        assert x_t.dtype == x_b.dtype == torch.bfloat16, mode
+        for low, high in zip((x_t, x_b), exact):  # bfloat16 matmul rounding, relative to the scale
+            assert (low.float() - high).abs().max() <= 2e-2 * high.abs().max(), mode
+    for a, b in zip(cast["gather"], cast["table"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_item_encoder_layout():
     tables = make_tables()
     enc = ItemEncoder(tables, 8)

@@ -147,13 +147,27 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tiny_raw, tmp_
     assert not read(tmp_path / "other", "train").equals(read(tiny_raw, "train"))
 
 
+def test_any_number_of_workers_writes_the_same_bytes(tiny_raw, tmp_path, monkeypatch):
+    """Chunks of 1,000 rows: 4 train chunks, 1 valid and 1 test, drawn by a pool of 3 processes,
+    give the files one process writes with the same chunking (row groups included)."""
+    monkeypatch.setattr(make_synthetic, "CHUNK_ROWS", 1_000)
+    for workers in (1, 3):
+        make_synthetic.generate("tiny", tmp_path / f"w{workers}", seed=0, workers=workers)
+    for name in MAIN_FILES + ORACLE_FILES:
+        path = f"{name}.parquet"
+        assert (tmp_path / "w3" / path).read_bytes() == (tmp_path / "w1" / path).read_bytes(), name
+    assert pq.ParquetFile(tmp_path / "w3" / "train.parquet").num_row_groups == 4
+    # a chunk's rows depend on the seed and the chunk alone: the 1,000-row chunks are new draws
+    assert not read(tmp_path / "w3", "train").equals(read(tiny_raw, "train"))
+
+
 def test_no_staging_folder_is_left_and_a_failure_writes_nothing(tiny_raw, tmp_path, monkeypatch):
     assert sorted(p.name for p in tiny_raw.iterdir()) == sorted(
         [f"{name}.parquet" for name in MAIN_FILES] + ["oracle"])
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed mid-way")
-    monkeypatch.setattr(make_synthetic, "write_split", crash)
+    monkeypatch.setattr(make_synthetic, "write_splits", crash)
     with pytest.raises(RuntimeError):
         make_synthetic.generate("tiny", tmp_path / "broken", seed=0)
     assert list((tmp_path / "broken").iterdir()) == []

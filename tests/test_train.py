@@ -422,3 +422,17 @@ def test_refit_of_the_folds_median_best_epoch(tiny_cfg):
     done = common.read_json(run_dir / "refit" / "done.json")
     assert done["epochs"] == done["best_epoch"] == int(np.floor(np.mean(best) + 0.5))
     assert "valid_auc" in done and "median best epoch" in done["early_stopping"]
+
+
+def test_compiled_step_and_prediction_compile_once_for_every_batch_size(processed, monkeypatch):
+    """train.compile marks the rows dimension dynamic: the two training batch sizes that
+    tensor_split makes and the partial last prediction batch reuse the first graph of each
+    callable instead of compiling again (torch's own fallback compiles a second, dynamic graph)."""
+    from torch._dynamo.testing import CompileCounter
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    torch._dynamo.reset()
+    # 3999 rows: batches of 500 and a last of 499; then 600 valid rows in batches of 256, 256, 88
+    train_briefly_then_predict(processed, "qin_small", torch.arange(3999), 256, compile=True)
+    torch._dynamo.reset()
+    assert counter.frame_count == 2  # one graph for the loss, one for the forward

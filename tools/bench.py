@@ -1,10 +1,15 @@
 """Benchmark a model config: training and prediction rows/s, FLOPs per row, fraction of peak, memory.
 
     python tools/bench.py --config configs/qin.yaml --preset demo --steps 50 --warmup 10
-        [--set KEY=VALUE ...] [--device cpu|cuda] [--compare KEY=VALUE ...] [--repeats N]
-        [--preprocess] [--peak-tflops TFLOPS|matmul] [--predict-rows N]
+        [--config OTHER.yaml[@STEPS] ...] [--set KEY=VALUE ...] [--device cpu|cuda]
+        [--compare KEY=VALUE ...] [--repeats N] [--preprocess] [--peak-tflops TFLOPS|matmul]
+        [--predict-rows N]
 
-Prints one JSON line per measurement on stdout (everything else goes to stderr, so `| jq` works):
+Prints one JSON line per measurement on stdout (everything else goes to stderr, so `| jq` works),
+each as soon as it is measured. Several --config run one after the other in one process on data
+loaded once (configs with the same data section share the upload); ``CONFIG@STEPS`` gives that
+config its own step count, and a step count of ``epoch`` means one pass over the train split
+(ceil(train rows / batch size) steps).
 
 - train: --warmup steps, synchronise, --steps timed steps, synchronise. The steps are fit.py's
   own (fit.train_one_epoch over steps x batch_size shuffled train rows: gather on the device,
@@ -37,6 +42,7 @@ import contextlib
 import copy
 import gc
 import json
+import math
 import os
 import re
 import statistics
@@ -157,6 +163,18 @@ class PeakTflops:
         return self.measured[key]
 
 
+EPOCH = "epoch"
+
+
+def parse_steps(text: str) -> int | str:
+    if text == EPOCH:
+        return text
+    with contextlib.suppress(ValueError):
+        if int(text) >= 0:
+            return int(text)
+    raise argparse.ArgumentTypeError(f"expected a number of steps >= 0 or 'epoch', got {text!r}")
+
+
 def parse_peak(text: str) -> float | str:
     if text == "matmul":
         return text
@@ -188,9 +206,10 @@ def counted_flops(run) -> int:
     return counter.get_total_flops()
 
 
-def measure_model(cfg: dict, data: dict, tables: dict, device: torch.device, steps: int, warmup: int,
+def measure_model(cfg: dict, data: dict, tables: dict, device: torch.device, steps: int | str, warmup: int,
                   peak_tflops: PeakTflops, predict_rows: int | None = None) -> tuple[dict, dict]:
-    """(train record, predict record) of the config's model on ``data``."""
+    """(train record, predict record) of the config's model on ``data``; steps "epoch": one pass
+    over the train split."""
     train_cfg = cfg["train"]
     settings = common.typed_section(train.TrainConfig, train_cfg, "train").fit_settings(train_cfg["seed"])
     common.seed_everything(train_cfg["seed"])
@@ -210,6 +229,8 @@ def measure_model(cfg: dict, data: dict, tables: dict, device: torch.device, ste
     labels = columns["label"]
     batch_size = train_cfg["batch_size"]
     n_train = labels.numel()
+    if steps == EPOCH:
+        steps = math.ceil(n_train / batch_size)
     generator = torch.Generator().manual_seed(train_cfg["seed"])
 
     def train_rows(n_steps: int) -> torch.Tensor:
@@ -319,24 +340,37 @@ def preset_paths(preset: str, data_root: Path) -> tuple[Path, Path]:
     return data_root / preset, data_root / "work" / preset  # run.sh's layout
 
 
-def run_benchmark(args: argparse.Namespace, emit) -> None:
-    base_cfg = common.load_config(args.config)
+def config_of(args: argparse.Namespace, path: str) -> dict:
+    cfg = common.load_config(path)
     if args.preset:
         raw_dir, work_dir = preset_paths(args.preset, Path(args.data_root))
-        base_cfg["data"].update(raw_dir=str(raw_dir), work_dir=str(work_dir))
+        cfg["data"].update(raw_dir=str(raw_dir), work_dir=str(work_dir))
     for assignment in args.overrides:  # after the preset: an explicit --set wins
-        common.apply_override(base_cfg, assignment)
+        common.apply_override(cfg, assignment)
+    return cfg
+
+
+def run_benchmark(args: argparse.Namespace, emit) -> None:
+    configs = [(path, config_of(args, path), steps) for path, steps in args.configs]
+    base_cfg = configs[0][1]
     raw_dir = Path(base_cfg["data"]["raw_dir"])
     if args.preset and not (raw_dir / "item_info.parquet").is_file():  # written last: the set is complete
         common.log(f"bench: generating the {args.preset} preset into {raw_dir}")
-        make_synthetic.generate(args.preset, raw_dir, PRESET_SEED)
-    context = {"config": args.config, "preset": args.preset, "overrides": args.overrides}
+        make_synthetic.generate(args.preset, raw_dir, PRESET_SEED, workers=os.cpu_count() or 1)
 
     if args.preprocess:
+        context = {"config": configs[0][0], "preset": args.preset, "overrides": args.overrides}
         emit({"measure": "preprocess", **context, **measure_preprocess(base_cfg)})
-    if args.steps == 0:
-        return
+    loaded = {}  # (data section, device) -> (data, tables): configs and variants share the upload
+    for path, cfg, steps in configs:
+        if steps != 0:
+            bench_config(args, path, cfg, steps, loaded, emit)
 
+
+def bench_config(args: argparse.Namespace, path: str, base_cfg: dict, steps: int | str, loaded: dict,
+                 emit) -> None:
+    """The train and predict records of one config and of its --compare variants."""
+    context = {"config": path, "preset": args.preset, "overrides": args.overrides}
     variants = {"baseline": base_cfg}
     for assignment in args.compare:
         variants[assignment] = copy.deepcopy(base_cfg)
@@ -346,8 +380,7 @@ def run_benchmark(args: argparse.Namespace, emit) -> None:
             raise common.UserError(str(exc).replace("--set", "--compare", 1)) from None
     variants = {label: train.checked_config(cfg, args.device) for label, cfg in variants.items()}
 
-    peak_tflops = PeakTflops(args.peak_tflops)
-    loaded = {}  # (data section, device) -> (data, tables): variants share the upload
+    peak_tflops = args.peak
     train_rates = {label: [] for label in variants}
     predict_rates = {label: [] for label in variants}
     for _ in range(args.repeats):
@@ -360,7 +393,7 @@ def run_benchmark(args: argparse.Namespace, emit) -> None:
                     preprocess.run_preprocess(cfg)  # a preset bench makes its data; it never rebuilds it
                 _, arrays, manifest = preprocess.load_current(cfg)
                 loaded[key] = (train.load_to_device(arrays, device), train.item_tables(arrays, manifest, device))
-            train_record, predict_record = measure_model(cfg, *loaded[key], device, args.steps,
+            train_record, predict_record = measure_model(cfg, *loaded[key], device, steps,
                                                          args.warmup, peak_tflops, args.predict_rows)
             for record in (train_record, predict_record):
                 emit({"measure": record["measure"], "variant": label, **context, **record})
@@ -370,19 +403,24 @@ def run_benchmark(args: argparse.Namespace, emit) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     for label in args.compare:
-        emit(compare_record(label, train_rates, predict_rates))
+        emit({**compare_record(label, train_rates, predict_rates), "config": path})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_config_args(parser, "qin.yaml")
+    parser.add_argument("--config", dest="configs", action="append", default=[], metavar="CONFIG[@STEPS]",
+                        help="YAML config to measure (default: configs/qin.yaml); repeatable: the configs "
+                             "run in turn on data loaded once; @STEPS: this config's timed steps")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key of every config, e.g. --set train.batch_size=1024")
     parser.add_argument("--preset", choices=sorted(make_synthetic.PRESETS), default=None,
                         help="use the synthetic preset under --data-root (generated if missing) "
                              "instead of the config's data.raw_dir / data.work_dir")
     parser.add_argument("--data-root", default="data", help="folder of the presets (default: data)")
-    parser.add_argument("--steps", type=int, default=50,
-                        help="timed training steps (default 50); 0 measures no model")
+    parser.add_argument("--steps", type=parse_steps, default=50,
+                        help="timed training steps (default 50), or 'epoch': one pass over the train "
+                             "split; 0 measures no model")
     parser.add_argument("--warmup", type=int, default=10, help="untimed training steps first (default 10)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="force the device (default: train.device, auto = CUDA when present)")
@@ -400,9 +438,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the hardware peak for fraction_of_peak (default: datasheet table for "
                              "known GPUs, null on CPU; matmul: measure a large matmul)")
     args = parser.parse_args(argv)
-    for name in ("steps", "warmup"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    configs = []
+    for text in args.configs or [str(common.CONFIG_DIR / "qin.yaml")]:
+        path, at, steps = text.partition("@")
+        try:
+            configs.append((path, parse_steps(steps) if at else args.steps))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"--config {text}: {exc}")
+    args.configs = configs
+    args.peak = PeakTflops(args.peak_tflops)  # one per run: a measured peak is measured once
     if args.predict_rows is not None and args.predict_rows < 1:
         parser.error("--predict-rows must be at least 1")
     if args.repeats < 1:

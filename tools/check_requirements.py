@@ -1,6 +1,7 @@
 """What run.sh and .ci/run install: the packages of requirements.txt that are missing or outside their range.
 
-    python3 tools/check_requirements.py            # one line per package; exit 1 if any needs installing
+    python3 tools/check_requirements.py            # one line per package; exit 1 if a required one
+                                                   # needs installing
     python3 tools/check_requirements.py --install  # pip-install only those, and say so in one line
 
 requirements.txt gives each package a range of versions the code is tested with (``>=``, ``<`` and
@@ -8,7 +9,9 @@ requirements.txt gives each package a range of versions the code is tested with 
 its range is left alone whatever its build (torch 2.5.1+cu121 from a Kaggle image counts as 2.5.1):
 it is not handed to pip, and the constraints pip gets pin it to the installed version, so that
 installing another package cannot upgrade or replace it. A missing or out-of-range package is
-installed at its locked version, and so is any dependency pip has to add.
+installed at its locked version, and so is any dependency pip has to add. A requirement whose line
+ends in ``# optional: ...`` (lightgbm: the blend's stacker) is tried on its own, and when pip cannot
+install it (an image without network) that is one line, not an error.
 
 Standard library only: it runs before anything is installed.
 """
@@ -64,6 +67,7 @@ class Requirement:
     name: str
     clauses: list[tuple[str, tuple[int, ...]]]  # (operator, release numbers)
     text: str                                   # the line as written, e.g. torch>=2.4,<3
+    optional: bool = False                      # "# optional: ..." on its line: the code runs without it
 
     @property
     def spec(self) -> str:
@@ -90,7 +94,7 @@ class Requirement:
 def read_requirements(path: Path = REQUIREMENTS) -> list[Requirement]:
     requirements = []
     for number, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+        line, _, comment = (part.strip() for part in raw.partition("#"))
         if not line:
             continue
         match = re.fullmatch(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)", line)
@@ -100,7 +104,8 @@ def read_requirements(path: Path = REQUIREMENTS) -> list[Requirement]:
             raise RequirementsError(f"{path}:{number}: expected NAME and clauses >=X, <Y or ==Z separated "
                                     f"by commas, got {line!r}")
         requirements.append(Requirement(match.group(1), [(c.group(1), tuple(map(int, c.group(2).split("."))))
-                                                         for c in clauses], line))
+                                                         for c in clauses], line,
+                                        optional=comment.lower().startswith("optional")))
     return requirements
 
 
@@ -138,7 +143,8 @@ class Decision:
 
     def __str__(self) -> str:
         found = "" if self.installed is None else f" {self.installed}"
-        return f"{self.requirement.name}{found}: {self.status} ({self.requirement.spec})"
+        optional = ", optional" if self.requirement.optional else ""
+        return f"{self.requirement.name}{found}: {self.status} ({self.requirement.spec}{optional})"
 
 
 def decide(requirements: list[Requirement], installed: Callable[[str], str | None] = installed_version) -> list[Decision]:
@@ -162,7 +168,9 @@ def constraints(decisions: list[Decision], lock: dict[str, str],
 
 def install(decisions: list[Decision], lock: dict[str, str],
             installed: Callable[[str], str | None] = installed_version) -> int:
-    """pip-install what is missing or out of range; one line says what (or that nothing is). Exit code."""
+    """pip-install what is missing or out of range; one line says what (or that nothing is). Exit
+    code: 1 when a required package cannot be installed; an optional one that cannot (no network,
+    no wheel) is one line, and the code runs without it."""
     todo = [d for d in decisions if d.status != "in range"]
     if not todo:
         print(f"requirements: nothing to install ({len(decisions)} packages in range)")
@@ -170,16 +178,16 @@ def install(decisions: list[Decision], lock: dict[str, str],
     print("requirements: installing " + ", ".join(
         f"{d.requirement.text} ({d.status}{'' if d.installed is None else ', found ' + d.installed})" for d in todo),
         flush=True)
-    with tempfile.NamedTemporaryFile("w", prefix="constraints.", suffix=".txt") as file:
-        file.write("\n".join(constraints(decisions, lock, installed)) + "\n")
-        file.flush()
-        pip = subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                              "-c", file.name, *(d.requirement.text for d in todo)],
-                             env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"})  # root in containers and CI
-    if pip.returncode != 0:
-        print(f"error: pip could not install {', '.join(d.requirement.text for d in todo)} (its message is "
-              f"above)", file=sys.stderr)
+    required = [d for d in todo if not d.requirement.optional]
+    if required and pip_install(required, decisions, lock, installed) != 0:
+        print(f"error: pip could not install {', '.join(d.requirement.text for d in required)} (its message "
+              f"is above)", file=sys.stderr)
         return 1
+    for optional in (d for d in todo if d.requirement.optional):  # one by one: each may fail alone
+        if pip_install([optional], decisions, lock, installed) != 0:
+            print(f"requirements: optional {optional.requirement.text} could not be installed (pip's message "
+                  f"is above); everything else runs without it", flush=True)
+            todo.remove(optional)
     importlib.invalidate_caches()  # a fresh look at site-packages, not the one before pip ran
     still = [d for d in decide([d.requirement for d in todo], installed) if d.status != "in range"]
     if still:
@@ -187,6 +195,16 @@ def install(decisions: list[Decision], lock: dict[str, str],
               f"environment than {sys.executable}?)", file=sys.stderr)
         return 1
     return 0
+
+
+def pip_install(todo: list[Decision], decisions: list[Decision], lock: dict[str, str],
+                installed: Callable[[str], str | None]) -> int:
+    with tempfile.NamedTemporaryFile("w", prefix="constraints.", suffix=".txt") as file:
+        file.write("\n".join(constraints(decisions, lock, installed)) + "\n")
+        file.flush()
+        return subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                               "-c", file.name, *(d.requirement.text for d in todo)],
+                              env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"}).returncode  # root in CI
 
 
 def main() -> int:
@@ -203,7 +221,7 @@ def main() -> int:
         return install(decisions, lock)
     for decision in decisions:
         print(decision)
-    return 0 if all(d.status == "in range" for d in decisions) else 1
+    return 0 if all(d.status == "in range" for d in decisions if not d.requirement.optional) else 1
 
 
 if __name__ == "__main__":

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check: one command, under 8 minutes on one H100, on the packages the GPU image has
-# (never installs anything, never imports lightgbm). It proves every model on CUDA (finite loss,
-# AUC above chance; bf16 and torch.compile agree with the default run), generates and preprocesses
-# the full preset, benchmarks the published configs with and without compile, times one QIN epoch
-# of the 3.6M train rows and the 379,142-row test prediction, and projects run.sh --preset full.
+# The GPU check: one command, about 8 minutes on one H100/H200, on the packages the GPU image has
+# (never installs anything, never imports lightgbm). In the order of what the figures are worth:
+# the eager bench of the four configs of run.sh --preset full on the full preset (one QIN epoch of
+# the 3.6M train rows and the 379,142-row test prediction among them), QIN compiled, and every
+# model trained on CUDA (finite loss, AUC above chance; bf16, compiled and rerun agree with the
+# default run), then the projected run.sh --preset full.
 #
-#   bash tools/gpu_check.sh                 # GPU: full preset, published configs, device cuda
-#   bash tools/gpu_check.sh --cpu           # CPU mode (the test): tiny preset, *_small configs
+#   bash tools/gpu_check.sh                 # GPU: full + demo presets, published configs, device cuda
+#   bash tools/gpu_check.sh --cpu           # the CPU rehearsal of every GPU-mode path (tests run it)
 #
 # Options: --out DIR (default $OUT when set, else gpu_check_out), --data-root DIR (default
-# ${TMPDIR:-/tmp}/gpu_check_data), --budget SECONDS (default 460; 420 with --cpu), --jobs N,
-# --compile | --no-compile, --blend-seconds S. Details: tools/gpu_check.py --help.
+# ${TMPDIR:-/tmp}/gpu_check_data), --budget SECONDS (default 470; 600 with --cpu), --jobs N,
+# --no-compile, --blend-seconds S, --step-limit NAME=SECONDS. Details: tools/gpu_check.py --help.
 #
-# Writes OUT/gpu_check.json, OUT/gpu_check.md (a section for docs/BENCHMARKS.md),
-# OUT/bench_lines.jsonl (tools/bench.py's lines as printed) and OUT/logs/.
+# Writes 4 files to OUT, rewritten after every step: gpu_check.json, gpu_check.md (a section for
+# docs/BENCHMARKS.md), bench_lines.jsonl (tools/bench.py's lines as printed) and logs.tgz; the last
+# line on stdout is a one-line JSON summary of every target figure (GPU_CHECK_SUMMARY {...}).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 exec "${PYTHON:-python3}" tools/gpu_check.py "$@"

@@ -164,6 +164,20 @@ def add_embedding_l2_gradient(optimizer: torch.optim.Optimizer, emb_l2: float) -
                 p.grad.add_(p.detach(), alpha=emb_l2)
 
 
+def compiled_for_batches(fn: Callable) -> Callable:
+    """torch.compile(fn) for fn(batch, *tensors), every argument's first dimension (the rows)
+    dynamic from the first call. Training batches come in two sizes (tensor_split: n and n + 1
+    rows) and the last prediction batch is partial: with static shapes each new size is another
+    compile (minutes on a GPU image) before torch falls back to dynamic shapes by itself."""
+    compiled = torch.compile(fn)
+
+    def call(batch: dict, *tensors):
+        for t in (*batch.values(), *tensors):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return compiled(batch, *tensors)
+    return call
+
+
 def make_step_parts(model: nn.Module, settings: FitSettings):
     """(loss_fn, forward, optimizer, autocast): what fit runs, so a benchmark can time exactly that.
 
@@ -180,8 +194,8 @@ def make_step_parts(model: nn.Module, settings: FitSettings):
             loss_fn = ddp(forward_sync_buffers=False)
         except TypeError:
             loss_fn = ddp(broadcast_buffers=False)
-    loss_fn = torch.compile(loss_fn) if settings.compile else loss_fn
-    forward = torch.compile(model) if settings.compile else model
+    loss_fn = compiled_for_batches(loss_fn) if settings.compile else loss_fn
+    forward = compiled_for_batches(model) if settings.compile else model
     autocast = autocast_for(settings.bf16, device_of(model))
     return loss_fn, forward, make_optimizer(model, settings), autocast
 

@@ -109,6 +109,17 @@ class MultimodalProjection(nn.Linear):
         super().__init__(in_dim, out_dim, bias=False)
 
 
+def to_autocast_dtype(x):
+    """x in autocast's dtype where autocast is on (else x itself, as on every CPU run). The layers
+    that multiply the items (einsums, Linear) cast them to that dtype anyway: casting the [V, I]
+    table once replaces a cast of the gathered [B, 1 + L, I] history at each of them, and the
+    elementwise readers (the masked mean) then also run in bfloat16, within its rounding."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
 class ItemEncoder(nn.Module):
     """An item as [item_id embedding, mean tag embedding, W_mm * multimodal vector]: width I = 2E + M.
 
@@ -148,11 +159,11 @@ class ItemEncoder(nn.Module):
             mode = "table" if ids.numel() > self.item_tags.shape[0] else "gather"
         if mode == "table":
             table = self.encode(self.item_id.weight, self.item_tags, self.item_emb)  # [V, I]
-            x = F.embedding(ids, table)
+            x = F.embedding(ids, to_autocast_dtype(table))
         else:
             flat = ids.reshape(-1)
             x = self.encode(self.item_id(flat), self.item_tags[flat], self.item_emb[flat])
-            x = x.view(*ids.shape, -1)
+            x = to_autocast_dtype(x).view(*ids.shape, -1)
         # split, not x[:, 0] and x[:, 1:]: its backward concatenates the two gradients, where
         # indexing would zero-fill a [B, 1 + L, I] gradient for each part and add them
         x_t, x_b = x.split([1, item_seq.shape[1]], dim=1)
