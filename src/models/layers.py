@@ -67,7 +67,8 @@ def bce(logits, label, form="logits", reduction="mean"):
     p - y (docs/REPRODUCTION.md).
     """
     check_choice("loss", form, LOSS_FORMS)
-    logits, label = logits.float(), label.float()
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for a float64 model
+    logits, label = logits.to(dtype), label.to(dtype)
     if form == "logits":
         return F.binary_cross_entropy_with_logits(logits, label, reduction=reduction)
     # autocast refuses binary_cross_entropy on CUDA; the probabilities are float32 already
@@ -96,7 +97,7 @@ class Float32Linear(nn.Linear):
 
     def forward(self, x):
         with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+            return super().forward(x.to(self.weight.dtype))  # float32 (float64 in a float64 model)
 
 
 class MultimodalProjection(nn.Linear):

@@ -24,8 +24,9 @@ def tf_loss(y, y_s, y_c, label, c=0.8, gamma=2.0, alpha=0.25, form="logits"):
     with p_t = t p + (1 - t)(1 - p) the probability given to the true label; every BCE in ``form``
     (layers.bce: from logits, or FuxiCTR's from float32 probabilities, as TF4CTRv2.py computes it).
     """
-    t = label.float()
-    y, y_s, y_c = y.float(), y_s.float(), y_c.float()
+    dtype = torch.promote_types(y.dtype, torch.float32)  # float32, or float64 for a float64 model
+    t = label.to(dtype)
+    y, y_s, y_c = y.to(dtype), y_s.to(dtype), y_c.to(dtype)
 
     def p_true(z):
         p = torch.sigmoid(z)
