@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The whole job, end to end: install what is missing, generate the synthetic data if no data is
-# present, preprocess, train every model with k folds, blend, write + validate the submission,
-# score it locally, and print a summary table. Every stage reuses what an earlier, interrupted run
-# finished, so rerunning this script after a crash or Ctrl-C picks up where it stopped.
+# present, preprocess, train every model with k folds, refit the best single network on every
+# train row, and write + validate + score two submissions:
+#   submissions/NAME-blend.zip         the blend of every model's folds: a leaderboard probe
+#   submissions/NAME-single-RUN.zip    one network's refit alone: what Task 2's prizes accept
+#                                      (no ensemble for training or testing)
+# then print a summary table. Every stage reuses what an earlier, interrupted run finished, so
+# rerunning this script after a crash or Ctrl-C picks up where it stopped.
 #
 #   bash run.sh                                  # synthetic demo data, small models, CPU friendly
 #   bash run.sh --preset full                    # real sizes, published models (GPU)
@@ -17,12 +21,15 @@
 #   --device DEV       cpu or cuda (default: cuda when present)
 #   --gpus 0,1,...     train the folds of each model in parallel, one worker process per listed GPU
 #                      (train.py --devices cuda:0,cuda:1,...); README "Several GPUs"
-#   --name NAME        submission name: submissions/NAME.zip (default: submission)
+#   --name NAME        submission names: submissions/NAME-blend.zip, NAME-single-RUN.zip (default:
+#                      submission)
+#   --single RUN       the single network of the prize-eligible submission (default: the model with
+#                      the best OOF AUC)
 #   --data-root DIR    where presets are generated and derived data goes (default: data)
 #   --submissions DIR  folder for the submission files (default: submissions)
 #   --train-set K=V    extra override for every training run (repeatable), e.g. train.max_epochs=2
-#   --refit            also train each model once on every train row, and submit the blend of the
-#                      refits' test predictions (weights still fitted on the folds' OOF predictions)
+#   --refit            also train each model once on every train row, and blend the refits' test
+#                      predictions (weights still fitted on the folds' OOF predictions)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -38,9 +45,10 @@ SUBMISSIONS=submissions
 TRAIN_SETS=()
 REFIT=""
 TEST_FROM=folds
+SINGLE=auto
 while [ $# -gt 0 ]; do
   case "$1" in
-    --preset|--data|--models|--folds|--device|--gpus|--name|--data-root|--submissions|--train-set)
+    --preset|--data|--models|--folds|--device|--gpus|--name|--data-root|--submissions|--train-set|--single)
       if [ $# -lt 2 ] || [[ "$2" == --* ]]; then
         echo "run.sh: option $1 needs a value (see bash run.sh --help)" >&2; exit 2
       fi ;;
@@ -56,6 +64,7 @@ while [ $# -gt 0 ]; do
     --data-root) DATA_ROOT="$2"; shift 2 ;;
     --submissions) SUBMISSIONS="$2"; shift 2 ;;
     --train-set) TRAIN_SETS+=(--set "$2"); shift 2 ;;
+    --single) SINGLE="$2"; shift 2 ;;
     --refit) REFIT=1; TEST_FROM=refit; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown option '$1' (see bash run.sh --help)" >&2; exit 2 ;;
@@ -127,13 +136,28 @@ done
 RUN_LIST=$(IFS=','; echo "${RUNS[*]}")
 
 BLEND_SETS=("${DATA_SETS[@]}" --set "blend.runs=[${RUN_LIST}]" --set "blend.submission.name=$NAME"
-            --set "blend.submission.dir=$SUBMISSIONS" --set "blend.test_from=$TEST_FROM")
-stage "blend ${RUN_LIST}"
-"$PY" src/blend.py --config configs/blend.yaml "${BLEND_SETS[@]}"
+            --set "blend.submission.dir=$SUBMISSIONS" --set "blend.test_from=$TEST_FROM"
+            --set "single.run=$SINGLE")
 
-stage "score $SUBMISSIONS/$NAME.zip"
-"$PY" src/score.py "$SUBMISSIONS/$NAME.zip" --config configs/blend.yaml "${BLEND_SETS[@]}"
+# the prize-eligible submission is one network: the refit of the chosen run (with --refit every
+# model's refit is trained already)
+BEST=$("$PY" src/single.py --config configs/blend.yaml "${BLEND_SETS[@]}" --choose)
+if [ -z "$REFIT" ]; then
+  stage "refit $BEST: the single network of the prize-eligible submission"
+  "$PY" src/train.py --config "configs/$BEST.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" \
+    "${DEVICE_ARGS[@]}" --refit
+fi
+
+stage "blend ${RUN_LIST}: the leaderboard probe"
+"$PY" src/blend.py --config configs/blend.yaml "${BLEND_SETS[@]}"
+stage "score $SUBMISSIONS/$NAME-blend.zip"
+"$PY" src/score.py "$SUBMISSIONS/$NAME-blend.zip" --config configs/blend.yaml "${BLEND_SETS[@]}"
+
+stage "single network $BEST: the prize-eligible submission"
+"$PY" src/single.py --config configs/blend.yaml "${BLEND_SETS[@]}"
+stage "score $SUBMISSIONS/$NAME-single-$BEST.zip"
+"$PY" src/score.py "$SUBMISSIONS/$NAME-single-$BEST.zip" --config configs/blend.yaml "${BLEND_SETS[@]}"
 
 stage "summary"
 "$PY" src/summary.py --config configs/blend.yaml "${BLEND_SETS[@]}"
-echo "done in $(( $(date +%s) - start )) s: $SUBMISSIONS/$NAME.zip"
+echo "done in $(( $(date +%s) - start )) s: $SUBMISSIONS/$NAME-blend.zip (leaderboard probe), $SUBMISSIONS/$NAME-single-$BEST.zip (prize-eligible)"

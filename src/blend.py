@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import re
 import time
-import zipfile
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -53,7 +52,7 @@ import plots
 import preprocess
 from common import UserError, first_line
 from runs import PROCESSED_SPLIT, SPLITS, auc_text, markdown_table, picture_lines, read_predictions
-from validate_submission import ID_COLUMN, ZIP_MEMBER, validate_submission
+from submission import ID_COLUMN, write_submission
 
 ROW_FEATURES = ("history_len", "likes_level", "views_level")
 PROB_EPS = 1e-7           # probabilities are clipped to [eps, 1-eps] before the logit: float32
@@ -434,29 +433,6 @@ def draw_pictures(blend_dir: Path, runs: list[Candidate], methods: list[Candidat
     return pictures
 
 
-def write_submission(test_ids: np.ndarray, preds: np.ndarray, submission: dict) -> tuple[Path, Path]:
-    """<dir>/<name>.csv and .zip (prediction.csv at its root), each validated before the rename;
-    ``submission``: the keys of SubmissionConfig."""
-    column = submission["column"]
-    # 12 significant digits: far finer than the float32 predictions the runs make, so rounding adds
-    # practically no ties
-    text = pd.DataFrame({ID_COLUMN: test_ids, column: preds}).to_csv(index=False, float_format="%.12g")
-    folder = Path(submission["dir"])
-    csv_path, zip_path = folder / f"{submission['name']}.csv", folder / f"{submission['name']}.zip"
-    with common.atomic_path(csv_path) as tmp:
-        tmp.write_text(text)
-        validate_submission(tmp, test_ids, column)
-    with common.atomic_path(zip_path) as tmp:
-        # a fixed timestamp: the same predictions give the same zip bytes
-        member = zipfile.ZipInfo(ZIP_MEMBER, date_time=(2025, 1, 1, 0, 0, 0))
-        member.compress_type = zipfile.ZIP_DEFLATED
-        member.external_attr = 0o644 << 16
-        with zipfile.ZipFile(tmp, "w") as archive:
-            archive.writestr(member, text)
-        validate_submission(tmp, test_ids, column)
-    return csv_path, zip_path
-
-
 def detail_text(value) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{key} {detail_text(v)}" for key, v in value.items())
@@ -569,7 +545,8 @@ def run_blend(cfg: dict) -> dict:
     common.write_parquet(blend_dir / "valid.parquet", pd.DataFrame(
         {"row_id": np.arange(len(data.valid_label)), "pred": chosen.preds["valid"]}))
     common.write_parquet(blend_dir / "test.parquet", pd.DataFrame({"ID": data.test_ids, "pred": chosen.preds["test"]}))
-    csv_path, zip_path = write_submission(data.test_ids, chosen.preds["test"], asdict(settings.submission))
+    csv_path, zip_path = write_submission(data.test_ids, chosen.preds["test"], settings.submission.dir,
+                                          f"{settings.submission.name}-blend", settings.submission.column)
 
     oracle = oracle_probs(cfg, data)
     chosen_name = f"{BEST_SINGLE} ({best_single.name})" if chosen is best_single else chosen.name

@@ -2,7 +2,8 @@
 
     python src/make_synthetic.py --preset demo --out data/demo --seed 0
 
-Writes ``train/valid/test/item_info.parquet`` (the real schema, see docs/spec/competition.md) and,
+Writes ``train/valid/test/item_info.parquet`` (the real schema, see docs/spec/competition.md), the
+per-item levels of ``item_feature.parquet`` (the real file's level columns) and,
 in ``oracle/``, the true click probability of every row and the hidden test labels. The click
 process (documented with its formula in data/README.md) rewards what the real task rewards:
 
@@ -94,6 +95,9 @@ ITEM_SCHEMA = pa.schema([
     ("item_tags", pa.list_(pa.int64(), TAG_SLOTS)),
     ("item_emb_d128", pa.list_(pa.float64(), EMB_DIM)),
 ])
+# item_feature.parquet of the real download holds more columns (BERT and CLIP vectors); the per-item
+# levels are what a model can use (QIN's stronger variant), one row per real item
+ITEM_FEATURE_SCHEMA = pa.schema([("item_id", pa.int64()), ("likes_level", pa.int64()), ("views_level", pa.int64())])
 ORACLE_PROB_SCHEMA = pa.schema([("split", pa.string()), ("row_id", pa.int64()), ("prob", pa.float64())])
 TEST_LABEL_SCHEMA = pa.schema([("ID", pa.int64()), ("label", pa.int64())])
 
@@ -329,6 +333,13 @@ def rows_table(rows: dict, schema: pa.Schema, first_id: int | None,
     return pa.Table.from_pydict(columns, schema=schema)
 
 
+def item_feature_table(items: Items) -> pa.Table:
+    """The items' own likes/views levels, the ones every row's target levels jitter around."""
+    ids = np.arange(1, len(items.likes), dtype=np.int64)
+    return pa.Table.from_pydict({"item_id": pa.array(ids), "likes_level": pa.array(items.likes[1:]),
+                                 "views_level": pa.array(items.views[1:])}, schema=ITEM_FEATURE_SCHEMA)
+
+
 def item_table(items: Items) -> pa.Table:
     return pa.Table.from_pydict({
         "item_id": pa.array(np.arange(len(items.tags), dtype=np.int64)),
@@ -418,6 +429,7 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1) -> dict:
     summary = {"preset": preset, "seed": seed, "out": str(out), "intercept": intercept, "splits": {}}
     try:
         pq.write_table(item_table(items), staging / "item_info.parquet")
+        pq.write_table(item_feature_table(items), staging / "item_feature.parquet")
         oracle_probs, test_labels = [], None
         _WORLD.update(items=items, users=users, intercept=intercept, seed=seed)
         try:
@@ -440,8 +452,8 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1) -> dict:
                                 schema=TEST_LABEL_SCHEMA), staging / "oracle" / "test_labels.parquet")
 
         (out / "oracle").mkdir(exist_ok=True)
-        for name in ["oracle/click_prob.parquet", "oracle/test_labels.parquet", "train.parquet",
-                     "valid.parquet", "test.parquet", "item_info.parquet"]:
+        for name in ["oracle/click_prob.parquet", "oracle/test_labels.parquet", "item_feature.parquet",
+                     "train.parquet", "valid.parquet", "test.parquet", "item_info.parquet"]:
             (staging / name).replace(out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

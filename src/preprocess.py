@@ -1,8 +1,9 @@
-"""Validate the four competition parquet files and turn them into memory-mappable numpy arrays.
+"""Validate the competition parquet files and turn them into memory-mappable numpy arrays.
 
     python src/preprocess.py --config configs/data.yaml [--set data.raw_dir=...] [--force]
 
-Reads ``data.raw_dir`` (real or synthetic data, same format) and writes ``{work_dir}/processed/``
+Reads ``data.raw_dir`` (real or synthetic data, same format: train/valid/test/item_info.parquet,
+and item_feature.parquet when it is there) and writes ``{work_dir}/processed/``
 as described in docs/DESIGN.md: int32 ids and levels, float32 labels, the item tables, stratified
 train folds and a manifest. Parquet is read in record batches straight into preallocated .npy
 files, so the full 3.6M-row train set needs well under 8 GB. The folder is built under a temporary
@@ -53,6 +54,12 @@ SPLIT_COLUMNS = {
     "test": {"ID": "int", **ROW_COLUMNS},
 }
 ITEM_COLUMNS = {"item_id": "int", "item_tags": "int_list", "item_emb_d128": "float_list"}
+# Optional, from the same download: per-item likes/views levels (the real file also holds BERT and
+# CLIP vectors, never read). Without it every item gets the rounded mean level of its rows.
+ITEM_FEATURE_FILE = "item_feature.parquet"
+ITEM_FEATURE_COLUMNS = {"item_id": "int", "likes_level": "int", "views_level": "int"}
+LEVEL_SOURCES = {"item_feature": f"{ITEM_FEATURE_FILE} (the item's own levels)",
+                 "rows": "the rounded mean level of the item's train/valid/test rows"}
 # The per-row arrays of each split in the processed folder ({split}_{name}.npy)
 ROW_ARRAYS = {split: ("user_id", "item_id", "item_seq", "likes_level", "views_level")
               + (("label",) if split != "test" else ("ID",)) + (("fold",) if split == "train" else ())
@@ -170,12 +177,17 @@ def check_range(values: np.ndarray, low: int, high: int, path: Path, column: str
 # ---------------------------------------------------------------------------------------------
 
 def input_files(raw_dir: Path) -> dict[str, Path]:
+    """The four required files, and item_feature.parquet when it is there."""
     files = {split: raw_dir / f"{split}.parquet" for split in SPLITS}
-    return {**files, "item_info": raw_dir / ITEM_FILE}
+    files["item_info"] = raw_dir / ITEM_FILE
+    if (raw_dir / ITEM_FEATURE_FILE).exists():
+        files["item_feature"] = raw_dir / ITEM_FEATURE_FILE
+    return files
 
 
 def fingerprint(cfg: dict) -> str:
-    """Hash of every input's size and mtime plus the settings that change the output."""
+    """Hash of every input's size and mtime plus the settings that change the output (adding or
+    removing the optional item_feature.parquet changes it too)."""
     data = cfg["data"]
     files = {}
     for name, path in input_files(Path(data["raw_dir"])).items():
@@ -360,6 +372,46 @@ def write_split(split: str, path: Path, out: Path, n_items: int, level_sums: np.
     return n_rows, max_user, (n_positive / n_rows if "label" in columns else None)
 
 
+def levels_from_rows(level_sums: np.ndarray, level_counts: np.ndarray) -> np.ndarray:
+    """[2, V] likes/views level per item: the rounded mean of the levels its rows carry; items no
+    row shows (and the padding item) get 0."""
+    mean_levels = np.floor(level_sums / np.maximum(level_counts, 1) + 0.5)
+    mean_levels[:, level_counts == 0] = 0
+    return mean_levels.astype(np.int32)
+
+
+def levels_from_item_feature(path: Path, n_items: int) -> np.ndarray:
+    """[2, V] likes/views level per item from item_feature.parquet, as the QIN authors join it onto
+    item_info (salmon1802/QIN data/combine_item.py): by item_id, items the file lacks get 0."""
+    parquet = open_parquet(path, ITEM_FEATURE_COLUMNS)
+    levels = np.zeros((2, n_items), np.int32)
+    seen = np.zeros(n_items, bool)
+    for start, batch in iter_batches(parquet, path, list(ITEM_FEATURE_COLUMNS), "item_feature"):
+        item = scalar_column(batch, "item_id", path, start)
+        check_range(item, 0, n_items - 1, path, "item_id", start, "item id",
+                    f"0..{n_items - 1} (the items of {ITEM_FILE})")
+        repeated = np.flatnonzero(seen[item] | _repeats(item))
+        if len(repeated):
+            _fail(path, "item_id", f"row {start + repeated[0]} repeats item_id {item[repeated[0]]} "
+                                   f"(one row per item)")
+        seen[item] = True
+        for k, name in enumerate(("likes_level", "views_level")):
+            value = scalar_column(batch, name, path, start)
+            check_range(value, 0, N_LEVELS - 1, path, name, start, "level")
+            levels[k, item] = value
+    if levels[:, 0].any():
+        _fail(path, "likes_level" if levels[0, 0] else "views_level",
+              "item 0 (the padding item) must have level 0")
+    return levels
+
+
+def _repeats(values: np.ndarray) -> np.ndarray:
+    """True where a value already appeared earlier in the same array."""
+    first = np.zeros(len(values), bool)
+    first[np.unique(values, return_index=True)[1]] = True
+    return ~first
+
+
 def stratified_folds(label: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """Each class is shuffled and dealt round-robin, so every fold gets the same positive rate."""
     rng = np.random.default_rng(seed)
@@ -398,11 +450,12 @@ def build(cfg: dict, out: Path, fingerprint_value: str) -> dict:
                                    f"{n_negative} negative rows cannot give {where} both classes "
                                    f"(AUC needs both)")
 
-    # Per-item levels let a model attach likes/views to history items; unseen items get 0.
-    mean_levels = np.floor(level_sums / np.maximum(level_counts, 1) + 0.5)
-    mean_levels[:, level_counts == 0] = 0
-    np.save(out / "item_likes_level.npy", mean_levels[0].astype(np.int32))
-    np.save(out / "item_views_level.npy", mean_levels[1].astype(np.int32))
+    # Per-item levels let a model attach likes/views to history items (qin_plus)
+    level_source = "item_feature" if "item_feature" in files else "rows"
+    item_levels = (levels_from_item_feature(files["item_feature"], n_items) if level_source == "item_feature"
+                   else levels_from_rows(level_sums, level_counts))
+    np.save(out / "item_likes_level.npy", item_levels[0])
+    np.save(out / "item_views_level.npy", item_levels[1])
     train_label = np.load(out / "train_label.npy", mmap_mode="r")
     np.save(out / "train_fold.npy", stratified_folds(train_label, data["n_folds"], data["fold_seed"]))
 
@@ -419,6 +472,7 @@ def build(cfg: dict, out: Path, fingerprint_value: str) -> dict:
         "emb_dtype": data["emb_dtype"],
         "n_folds": data["n_folds"],
         "fold_seed": data["fold_seed"],
+        "item_levels": {"source": level_source, "from": LEVEL_SOURCES[level_source]},
     }
     common.write_json(out / "manifest.json", manifest)
     return manifest

@@ -15,7 +15,7 @@ import os
 
 import common
 from common import UserError
-from validate_submission import checked_predictions, configured_column, expected_test_ids, read_submission
+from submission import checked_predictions, configured_column, expected_test_ids, read_submission
 
 
 def score_submission(path: str | os.PathLike, cfg: dict, column: str) -> dict:

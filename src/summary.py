@@ -1,7 +1,9 @@
-"""The closing table of run.sh: every run's and the blend's OOF, holdout and test AUC beside the oracle.
+"""The closing table of run.sh: every run's, the blend's and the single network's OOF, holdout and
+test AUC beside the oracle, and the two submissions, each named for what it is.
 
-Reads what the stages already wrote ({work_dir}/runs/<run>/, {work_dir}/blend/metrics.json and
-test.parquet); the test AUC needs the hidden labels that only synthetic data has.
+Reads what the stages already wrote ({work_dir}/runs/<run>/, {work_dir}/blend/ and
+{work_dir}/single/ when src/single.py ran); the test AUC needs the hidden labels that only
+synthetic data has.
 
     python src/summary.py --config configs/blend.yaml [--set data.work_dir=...]
 """
@@ -38,10 +40,25 @@ def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
             for name, m in blend["runs"].items()]
     rows.append((f"blend ({blend['chosen']})", blend["chosen_oof_auc"], blend["chosen_valid_auc"],
                  runs.hidden_test_auc(paths["work"] / "blend" / "test.parquet", labels)))
+    single = single_metrics(paths["work"] / "single")
+    if single is not None:  # a refit has no held-out train rows: no OOF AUC of its own
+        rows.append((f"single: {single['run']} refit", None, single["refit_valid_auc"],
+                     runs.hidden_test_auc(paths["work"] / "single" / "test.parquet", labels)))
     oracle_test = common.read_oracle_prob(paths["raw"], "test")
     rows.append(("oracle (true click prob.)", blend["oracle_oof_auc"], blend["oracle_valid_auc"],
                  None if labels is None or oracle_test is None else common.roc_auc(labels, oracle_test)))
     return rows, blend
+
+
+def single_metrics(folder) -> dict | None:
+    """src/single.py's metrics, or None when it did not run."""
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = common.read_json(path)
+    if not isinstance(metrics, dict) or not {"run", "refit_valid_auc", "submission"} <= set(metrics):
+        raise common.UserError(f"{path}: not the metrics.json of src/single.py (rerun it)")
+    return metrics
 
 
 def main() -> None:
@@ -55,9 +72,15 @@ def main() -> None:
     print()
     for r in table:
         print(f"{r[0]:<{width}}  " + "  ".join(f"{c:>11}" for c in r[1:]))
-    print(f"\nsubmission: {blend['submission']['zip']} ({blend['submission']['rows']:,} rows); "
-          f"blend wins {blend['oof_auc_gain_vs_best_single']:+.4f} OOF AUC over {blend['best_single_run']}"
-          + ("" if rows[-1][3] is not None else "; test AUC n/a: real data has no public test labels"))
+    print(f"\nleaderboard probe: {blend['submission']['zip']} ({blend['submission']['rows']:,} rows): the "
+          f"blend, {blend['oof_auc_gain_vs_best_single']:+.4f} OOF AUC over {blend['best_single_run']}; an "
+          f"ensemble, so not eligible for a prize")
+    single = single_metrics(common.data_paths(cfg)["work"] / "single")
+    if single is not None:
+        print(f"prize-eligible:    {single['submission']['zip']} ({single['submission']['rows']:,} rows): one "
+              f"network, {single['run']} refit on every train row")
+    if rows[-1][3] is None:
+        print("test AUC n/a: real data has no public test labels")
     log = experiments.log_path(cfg)
     if log.is_file():
         print(f"experiment log: {log} (every run and blend; python src/experiments.py {log} ranks them)")

@@ -373,6 +373,9 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
     torch_devices = [resolve_device(d) for d in devices or [cfg["train"]["device"]]]
     with torch.device("meta"):
         model_config.build_model(cfg["model"], item_tables(arrays, manifest, torch.device("cpu")))
+    if cfg["model"].get("history_levels"):
+        levels = (manifest.get("item_levels") or {}).get("from", "the rounded mean level of the item's rows")
+        common.log(f"history items carry per-item likes/views levels from {levels}")
 
     run_dir = runs.run_dir(cfg)
     main = rank_and_world()[0] == 0  # under torchrun, rank 0 alone reads and writes the run folder

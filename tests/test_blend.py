@@ -17,6 +17,7 @@ from scipy.special import expit, logit
 from sklearn.metrics import roc_auc_score
 
 import blend
+import single
 import common
 from fake_runs import write_run
 import preprocess
@@ -365,3 +366,48 @@ def test_test_from_refit_applies_the_oof_fitted_blend_to_the_refits(workspace, t
     np.testing.assert_allclose(oof["pred"], expit((logit(np.clip(runs["good"]["oof"], 1e-7, 1 - 1e-7))
                                                    + logit(np.clip(runs["fair"]["oof"], 1e-7, 1 - 1e-7))) / 2),
                                rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the single network (src/single.py): the prize-eligible submission
+# ---------------------------------------------------------------------------------------------
+
+def test_single_submits_the_best_runs_refit_alone(workspace, tiny_processed):
+    cfg, runs = workspace
+    arrays, manifest = preprocess.load_processed(tiny_processed)
+    work = Path(cfg["data"]["work_dir"])
+    assert single.fold_oof_aucs(cfg, ["good", "fair", "noise"]).keys() == {"good", "fair", "noise"}
+    with pytest.raises(UserError, match=r"run 'good' has no finished refit .*--config configs/good.yaml --refit"):
+        single.run_single(cfg)
+    refit = {split: np.clip(runs["good"][split] + 0.01, 0, 1) for split in ("valid", "test")}
+    write_run(work / "runs" / "good", runs["good"], arrays, manifest, refit=refit)
+
+    metrics = single.run_single(cfg)
+    assert metrics["run"] == "good" and metrics["chosen_by"] == "the best OOF AUC of blend.runs"
+    assert metrics["folds_oof_auc"] == max(metrics["candidates_oof_auc"].values())
+    submission = pd.read_csv(metrics["submission"]["zip"])
+    assert Path(metrics["submission"]["zip"]).name == "submission-single-good.zip"
+    np.testing.assert_allclose(submission["Task2"], refit["test"], rtol=1e-6)  # the refit (float32), nothing else
+    assert metrics["refit_valid_auc"] == pytest.approx(common.roc_auc(np.asarray(arrays["valid_label"]), refit["valid"]))
+    assert 0.5 < metrics["test_auc"] < 1
+    assert common.read_json(work / "single" / "metrics.json")["run"] == "good"
+
+
+def test_single_takes_the_named_run_and_refuses_one_outside_the_blend(workspace):
+    cfg, _ = workspace
+    cfg["single"] = {"run": "fair"}
+    with pytest.raises(UserError, match="run 'fair' has no finished refit"):
+        single.run_single(cfg)
+    cfg["single"] = {"run": "other"}
+    with pytest.raises(UserError, match=r"single.run must be auto or one of blend.runs \(good, fair, noise\)"):
+        single.run_single(cfg)
+
+
+def test_single_choose_prints_the_run_alone(workspace, tmp_path):
+    cfg, _ = workspace
+    path = tmp_path / "cfg.yaml"
+    common.write_yaml(path, cfg)
+    result = subprocess.run([sys.executable, str(SRC / "single.py"), "--config", str(path), "--choose"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "good\n"

@@ -105,3 +105,16 @@ def test_model_numbers_are_coerced():
 
 def test_the_tf4ctr_keys_are_tf4ctrs_keywords():
     assert model_config.TF4CTR_KEYS == ["ssem", "dfm", "c", "gamma", "alpha"]
+
+
+@pytest.mark.parametrize("name, expected", [
+    # docs/spec/transformer_dcn.md: the experiment config momo's run.sh and README run
+    ("transformer_dcn", {"batch_size": 128, "lr": 5.0e-4, "emb_l2": 0.0, "patience": 5}),
+    # docs/spec/tf4ctr.md and reczoo/WWW2025_MMCTR_Challenge's tuner config
+    ("din", {"batch_size": 8192, "lr": 1.0e-3, "emb_l2": 1.0e-6, "patience": 3}),
+    # docs/spec/qin.md
+    ("qin", {"batch_size": 8192, "lr": 2.0e-3, "emb_l2": 2.0e-4, "patience": 8}),
+])
+def test_released_schedules(name, expected):
+    train_cfg = common.load_config(common.CONFIG_DIR / f"{name}.yaml")["train"]
+    assert {key: train_cfg[key] for key in expected} == expected

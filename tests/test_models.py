@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 import torch.nn.functional as F
 
 import common
@@ -131,6 +132,15 @@ def test_padding_does_not_change_the_output(name, table_mode):
         perturb_padding(model)
         after = model(batch)
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_embedding_table_has_a_zero_padding_row(name):
+    """FuxiCTR builds every categorical feature with padding index 0: items, tags, levels, users."""
+    tables = [m for m in build(CONFIGS[name]).modules() if isinstance(m, nn.Embedding)]
+    assert len(tables) >= 4 + (name == "qin_plus")
+    for table in tables:
+        assert table.padding_idx == 0 and not table.weight[0].any()
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -79,10 +79,22 @@ def test_arrays_equal_the_parquet_contents(loaded, tiny_raw):
     assert all(isinstance(array, np.memmap) for array in arrays.values())
 
 
-def test_per_item_levels_are_rounded_means_over_all_splits(loaded, tiny_raw):
+def test_per_item_levels_come_from_item_feature_when_it_is_there(loaded, tiny_raw):
     arrays, manifest = loaded
-    rows = pd.concat([pd.read_parquet(tiny_raw / f"{split}.parquet",
-                                      columns=["item_id", "likes_level", "views_level"])
+    feature = pd.read_parquet(tiny_raw / "item_feature.parquet")
+    for level in ("likes_level", "views_level"):
+        expected = np.zeros(manifest["vocab"]["item"], np.int32)
+        expected[feature["item_id"]] = feature[level]
+        assert arrays[f"item_{level}"].dtype == np.int32
+        assert np.array_equal(arrays[f"item_{level}"], expected)
+    assert manifest["item_levels"]["source"] == "item_feature"
+
+
+def test_per_item_levels_fall_back_to_rounded_means_over_all_splits(copy_raw, tmp_path):
+    raw = copy_raw()
+    (raw / "item_feature.parquet").unlink()
+    arrays, manifest = preprocess.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
+    rows = pd.concat([pd.read_parquet(raw / f"{split}.parquet", columns=["item_id", "likes_level", "views_level"])
                       for split in SPLITS])
     means = rows.groupby("item_id").mean()
     for level in ("likes_level", "views_level"):
@@ -92,6 +104,19 @@ def test_per_item_levels_are_rounded_means_over_all_splits(loaded, tiny_raw):
         assert np.array_equal(arrays[f"item_{level}"], expected)
     unseen = np.setdiff1d(np.arange(manifest["vocab"]["item"]), means.index)
     assert 0 in unseen and not arrays["item_likes_level"][unseen].any()
+    assert manifest["item_levels"]["source"] == "rows"
+
+
+def test_items_item_feature_lacks_get_level_zero_and_other_columns_are_ignored(copy_raw, tmp_path):
+    """The authors' left join: items without a row get 0; the real file's embedding columns are
+    never read."""
+    raw = copy_raw()
+    feature = pq.read_table(raw / "item_feature.parquet").slice(0, 50)  # items 1..50 only
+    feature = feature.append_column("bert_emb", pa.array([[0.5] * 3] * 50, pa.list_(pa.float32())))
+    pq.write_table(feature, raw / "item_feature.parquet")
+    arrays, _ = preprocess.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
+    likes = arrays["item_likes_level"]
+    assert np.array_equal(likes[1:51], feature["likes_level"].to_numpy()) and not likes[51:].any()
 
 
 def test_folds_are_stratified_and_cover_every_train_row(loaded, tiny_cfg):
@@ -176,6 +201,11 @@ def test_cache_is_reused_until_inputs_or_settings_change(copy_raw, tmp_path, cap
     arrays, manifest = preprocess.load_processed(processed)
     assert manifest["n_folds"] == 3 and set(np.unique(arrays["train_fold"])) == {0, 1, 2}
 
+    (raw / "item_feature.parquet").unlink()  # the optional input gone: another source of levels
+    preprocess.run_preprocess(cfg)
+    assert "rebuilding" in capsys.readouterr().out
+    assert preprocess.load_processed(processed)[1]["item_levels"]["source"] == "rows"
+
     preprocess.run_preprocess(cfg, force=True)
     assert "wrote" in capsys.readouterr().out
     assert sorted(p.name for p in processed.parent.iterdir()) == ["processed"], "no temp folders left"
@@ -250,9 +280,11 @@ def null_level(path: Path) -> None:
     replace_column(path, "views_level", pa.array(values, pa.int64()))
 
 
-def float_ids(path: Path) -> None:
-    values = pq.read_table(path, columns=["user_id"])["user_id"].to_numpy()
-    replace_column(path, "user_id", pa.array(values.astype(np.float64)))
+def float_ids_of(column: str):
+    def corrupt(path: Path) -> None:
+        values = pq.read_table(path, columns=[column])[column].to_numpy().astype(np.float64)
+        replace_column(path, column, pa.array(values))
+    return corrupt
 
 
 def int_embeddings(path: Path) -> None:
@@ -288,7 +320,7 @@ BAD_INPUTS = {
                        ["valid.parquet", "column 'likes_level'", "missing"]),
     "missing_label": ("train.parquet", lambda p: replace_column(p, "label", None),
                       ["train.parquet", "column 'label'", "missing"]),
-    "non_integer_ids": ("train.parquet", float_ids,
+    "non_integer_ids": ("train.parquet", float_ids_of("user_id"),
                         ["train.parquet", "column 'user_id'", "expected integer ids"]),
     "non_float_embeddings": ("item_info.parquet", int_embeddings,
                              ["item_info.parquet", "column 'item_emb_d128'", "expected a list of floats"]),
@@ -330,6 +362,22 @@ BAD_INPUTS = {
                          ["train.parquet", "column 'label'", "row 6 has label 2, expected 0 or 1"]),
     "negative_valid_label": ("valid.parquet", lambda p: edit_ints(p, "label", 1, -1),
                              ["valid.parquet", "column 'label'", "row 1 has label -1"]),
+    # the optional item_feature.parquet, validated like the others when it is there
+    "item_feature_corrupt": ("item_feature.parquet", lambda p: p.write_bytes(b"not parquet" * 50),
+                             ["item_feature.parquet", "not a readable parquet file"]),
+    "item_feature_missing_column": ("item_feature.parquet", lambda p: replace_column(p, "views_level", None),
+                                    ["item_feature.parquet", "column 'views_level'", "missing"]),
+    "item_feature_float_ids": ("item_feature.parquet", float_ids_of("item_id"),
+                               ["item_feature.parquet", "column 'item_id'", "expected integer ids"]),
+    "item_feature_unknown_item": ("item_feature.parquet", lambda p: edit_ints(p, "item_id", 7, N_ITEMS),
+                                  ["item_feature.parquet", "column 'item_id'", f"row 7 has item id {N_ITEMS}"]),
+    "item_feature_repeated_item": ("item_feature.parquet", lambda p: edit_ints(p, "item_id", 9, 3),
+                                   ["item_feature.parquet", "column 'item_id'", "row 9 repeats item_id 3"]),
+    "item_feature_level_out_of_range": ("item_feature.parquet", lambda p: edit_ints(p, "likes_level", 2, 12),
+                                        ["item_feature.parquet", "column 'likes_level'",
+                                         "row 2 has level 12, expected 0..10"]),
+    "item_feature_null_level": ("item_feature.parquet", null_level,
+                                ["item_feature.parquet", "column 'views_level'", "row 8", "null"]),
 }
 
 

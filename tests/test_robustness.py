@@ -49,7 +49,7 @@ import runs
 import score
 import summary
 import train
-import validate_submission
+import submission
 from common import UserError
 
 SRC = common.REPO_ROOT / "src"
@@ -306,7 +306,7 @@ def test_a_damaged_processed_folder_is_one_line_for_every_reader(pipeline, case)
             assert_user_error(lambda: train.run_training(p.model_cfg, device="cpu"), *fragments)
         if name == "test_ID.npy":  # validate reads it when the raw test file is not there
             without_raw = common.load_config(p.blend_yaml, ["data.raw_dir=/nonexistent/raw"])
-            assert_user_error(lambda: validate_submission.expected_test_ids(without_raw), *fragments)
+            assert_user_error(lambda: submission.expected_test_ids(without_raw), *fragments)
         assert snapshot(*outputs(p)) == before
 
 
@@ -466,21 +466,21 @@ def test_summary_refuses_raw_data_newer_than_its_runs(pipeline):
 def test_validate_reads_the_raw_test_ids_only_when_they_are_sound(pipeline, tmp_path):
     p = pipeline
     cfg = common.load_config(p.blend_yaml, [f"data.work_dir={tmp_path / 'nothing'}"])  # no processed
-    np.testing.assert_array_equal(validate_submission.expected_test_ids(cfg), np.arange(600))
+    np.testing.assert_array_equal(submission.expected_test_ids(cfg), np.arange(600))
     with restored(p.raw):  # the raw file changed after preprocessing: its IDs count, not the stale ones
         table = pq.read_table(p.raw / "test.parquet")
         pq.write_table(table.set_column(table.schema.get_field_index("ID"), "ID",
                                         pa.array(np.arange(600) + 1000, pa.int64())), p.raw / "test.parquet")
-        np.testing.assert_array_equal(validate_submission.expected_test_ids(p.blend_cfg), np.arange(600) + 1000)
+        np.testing.assert_array_equal(submission.expected_test_ids(p.blend_cfg), np.arange(600) + 1000)
         without_raw = common.load_config(p.blend_yaml, ["data.raw_dir=/nonexistent/raw"])
-        np.testing.assert_array_equal(validate_submission.expected_test_ids(without_raw), np.arange(600))
+        np.testing.assert_array_equal(submission.expected_test_ids(without_raw), np.arange(600))
     with restored(p.raw):
         replace_column(p.raw / "test.parquet", "ID", None)
-        assert_user_error(lambda: validate_submission.expected_test_ids(cfg), "test.parquet", "'ID'")
+        assert_user_error(lambda: submission.expected_test_ids(cfg), "test.parquet", "'ID'")
     with restored(p.raw):
         ids = pq.read_table(p.raw / "test.parquet")["ID"].to_pylist()
         replace_column(p.raw / "test.parquet", "ID", pa.array([None] + ids[1:], pa.int64()))
-        assert_user_error(lambda: validate_submission.expected_test_ids(cfg), "test.parquet", "1 nulls")
+        assert_user_error(lambda: submission.expected_test_ids(cfg), "test.parquet", "1 nulls")
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -884,7 +884,7 @@ def test_malformed_submissions_are_rejected(tmp_path, case):
     name, data, expected = BAD_SUBMISSIONS[case]
     path = tmp_path / name
     path.write_bytes(data)
-    message = assert_user_error(lambda: validate_submission.validate_submission(path, IDS, "Task2"), expected)
+    message = assert_user_error(lambda: submission.validate_submission(path, IDS, "Task2"), expected)
     assert message.startswith(str(path))
 
 
@@ -898,7 +898,7 @@ def test_malformed_submissions_are_rejected(tmp_path, case):
 def test_well_formed_variants_are_accepted(tmp_path, text):
     path = tmp_path / "prediction.csv"
     path.write_bytes(text)
-    validate_submission.validate_submission(path, IDS, "Task2")
+    submission.validate_submission(path, IDS, "Task2")
     archive = tmp_path / "submission.zip"
     archive.write_bytes(zip_of({"prediction.csv": text}))
-    validate_submission.validate_submission(archive, IDS, "Task2")
+    submission.validate_submission(archive, IDS, "Task2")

@@ -1,4 +1,5 @@
-"""Smoke test of the whole pipeline: `bash run.sh` on the tiny preset ends in a valid, scored zip."""
+"""Smoke test of the whole pipeline: `bash run.sh` on the tiny preset ends in two valid, scored zips:
+the blend (a leaderboard probe) and one network's refit (the prize-eligible submission)."""
 import subprocess
 import zipfile
 from pathlib import Path
@@ -9,9 +10,10 @@ import pytest
 
 import common
 import experiments
-from validate_submission import validate_submission
+from submission import validate_submission
 
 REPO = Path(__file__).resolve().parent.parent
+MODELS = ("qin_small", "dcnv2_tf_small", "din_tf_small")
 
 
 def run_sh(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -25,28 +27,39 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
     first = run_sh(tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
-    zip_path = tmp_path / "sub" / "submission.zip"
-    with zipfile.ZipFile(zip_path) as zf:
-        assert zf.namelist() == ["prediction.csv"]
     raw = tmp_path / "data" / "tiny"
+    work = tmp_path / "data" / "work" / "tiny"
     test_ids = pd.read_parquet(raw / "test.parquet", columns=["ID"])["ID"].to_numpy()
-    validate_submission(zip_path, test_ids, "Task2")  # raises on any defect
-
-    with zipfile.ZipFile(zip_path) as zf, zf.open("prediction.csv") as f:
-        submission = pd.read_csv(f)
     labels = common.read_test_labels(raw)
-    assert common.roc_auc(labels, submission["Task2"].to_numpy()) > 0.5
+    zip_path = tmp_path / "sub" / "submission-blend.zip"
+    [single_zip] = (tmp_path / "sub").glob("submission-single-*.zip")
+    best = single_zip.stem.removeprefix("submission-single-")
+    oof_aucs = {m: common.read_json(work / "runs" / m / "metrics.json")["oof_auc"] for m in MODELS}
+    assert best == max(oof_aucs, key=oof_aucs.get)  # the best single network by OOF AUC
+    predictions = {}
+    for path in (zip_path, single_zip):
+        with zipfile.ZipFile(path) as zf:
+            assert zf.namelist() == ["prediction.csv"]
+        validate_submission(path, test_ids, "Task2")  # raises on any defect
+        with zipfile.ZipFile(path) as zf, zf.open("prediction.csv") as f:
+            predictions[path] = pd.read_csv(f)["Task2"].to_numpy()
+        assert common.roc_auc(labels, predictions[path]) > 0.5
+    submission = predictions[zip_path]
+    # the prize-eligible one is that run's refit alone: no fold mean, no blend
+    refit = pd.read_parquet(work / "runs" / best / "refit" / "test.parquet").sort_values("ID")
+    np.testing.assert_allclose(predictions[single_zip], refit["pred"], rtol=1e-9)
+    assert not np.allclose(predictions[single_zip], submission)
 
     summary = first.stdout[first.stdout.index("=== summary"):]
-    for name in ("qin_small", "dcnv2_tf_small", "din_tf_small", "blend (", "oracle"):
+    for name in (*MODELS, "blend (", f"single: {best} refit", "oracle", "leaderboard probe: ",
+                 "prize-eligible: "):
         assert name in summary, summary
 
-    # the pictures next to every report, and one experiment-log row per run and for the blend
-    work = tmp_path / "data" / "work" / "tiny"
+    # the pictures next to every report, and one experiment-log row per run, the refit and the blend
     for picture in ("runs/qin_small/curves.png", "runs/din_tf_small/calibration.png", "blend/candidates.png"):
         assert (work / picture).read_bytes()[:4] == b"\x89PNG", picture
     log = work / experiments.LOG_NAME
-    assert [row["kind"] for row in experiments.read_log(log)] == ["train"] * 3 + ["blend"]
+    assert [row["kind"] for row in experiments.read_log(log)] == ["train"] * 3 + ["refit", "blend"]
 
     # a rerun reuses every finished stage: no fold is trained again, and the submission is the same
     second = run_sh(tmp_path)
@@ -54,19 +67,22 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
     for model in ("qin_small", "dcnv2_tf_small", "din_tf_small"):
         assert f"runs/{model}: folds [0, 1, 2] already done, skipped" in second.stdout, second.stdout
     assert "fold 0 epoch" not in second.stdout
-    with zipfile.ZipFile(zip_path) as zf, zf.open("prediction.csv") as f:
-        np.testing.assert_array_equal(pd.read_csv(f)["Task2"], submission["Task2"])
-    assert len(experiments.read_log(log)) == 4  # nothing new: no new row
+    assert "refit epoch" not in second.stdout
+    for path in (zip_path, single_zip):
+        with zipfile.ZipFile(path) as zf, zf.open("prediction.csv") as f:
+            np.testing.assert_array_equal(pd.read_csv(f)["Task2"], predictions[path])
+    assert len(experiments.read_log(log)) == 5  # nothing new: no new row
 
-    # --refit adds one model per config on every train row and submits the blend of their test
-    # predictions; the folds stay as they were
+    # --refit adds one model per config on every train row (the best one has its refit already)
+    # and blends their test predictions; the folds stay as they were
     refit = run_sh(tmp_path, "--refit", "--name", "refit")
     assert refit.returncode == 0, refit.stdout[-3000:] + refit.stderr[-3000:]
-    assert "fold 0 epoch" not in refit.stdout and refit.stdout.count("refit epoch   1") == 3
-    runs = tmp_path / "data" / "work" / "tiny" / "runs"
-    assert all((runs / model / "refit" / "done.json").is_file() for model in ("qin_small", "din_tf_small"))
-    with zipfile.ZipFile(tmp_path / "sub" / "refit.zip") as zf, zf.open("prediction.csv") as f:
+    assert "fold 0 epoch" not in refit.stdout and refit.stdout.count("refit epoch   1") == 2
+    runs = work / "runs"
+    assert all((runs / model / "refit" / "done.json").is_file() for model in MODELS)
+    with zipfile.ZipFile(tmp_path / "sub" / "refit-blend.zip") as zf, zf.open("prediction.csv") as f:
         refit_submission = pd.read_csv(f)
     assert common.roc_auc(labels, refit_submission["Task2"].to_numpy()) > 0.5
-    assert not np.array_equal(refit_submission["Task2"], submission["Task2"])
-    assert [row["kind"] for row in experiments.read_log(log)][4:] == ["refit"] * 3 + ["blend"]
+    assert not np.array_equal(refit_submission["Task2"], submission)
+    assert (tmp_path / "sub" / f"refit-single-{best}.zip").read_bytes() == single_zip.read_bytes()
+    assert [row["kind"] for row in experiments.read_log(log)][5:] == ["refit"] * 2 + ["blend"]

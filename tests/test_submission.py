@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import blend
 import common
 import score
+import submission
 from common import UserError
-from validate_submission import validate_submission
+from submission import validate_submission
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 IDS = np.arange(20)
@@ -56,6 +56,9 @@ BAD_CSVS = {
     "wrong prediction column": (csv_text(header="ID,pred"), "missing column 'Task2' (found: ID, pred"),
     "extra column": (csv_text([row + ("1",) for row in GOOD_ROWS], header="ID,Task2,extra"),
                      "unexpected column(s) extra"),
+    # a leaderboard that reads by position would take the IDs for the predictions
+    "swapped columns": (csv_text([(p, i) for i, p in GOOD_ROWS], header="Task2,ID"),
+                        "columns in the order Task2,ID, expected ID,Task2"),
     "duplicated ID": (csv_text(with_row(5, ("4", "0.5"))), "1 duplicated IDs (first: ID 4 again at line 7)"),
     "missing row": (csv_text(GOOD_ROWS[:-1]),
                     "19 rows, expected 20 (one per test row); 1 test IDs missing (first: ID 19)"),
@@ -115,10 +118,10 @@ def test_unreadable_files_are_one_line_errors(tmp_path):
         validate_submission(tmp_path / "absent.zip", IDS, "Task2")
 
 
-def test_blend_writes_a_zip_with_exactly_prediction_csv_at_its_root(tmp_path):
+def test_write_submission_makes_a_zip_with_exactly_prediction_csv_at_its_root(tmp_path):
     preds = np.random.default_rng(0).random(len(IDS))
-    settings = {"dir": str(tmp_path / "out"), "name": "mine", "column": "Task2"}
-    csv_path, zip_path = blend.write_submission(IDS, preds, settings)
+    settings = (tmp_path / "out", "mine", "Task2")
+    csv_path, zip_path = submission.write_submission(IDS, preds, *settings)
     assert (csv_path, zip_path) == (tmp_path / "out" / "mine.csv", tmp_path / "out" / "mine.zip")
     with zipfile.ZipFile(zip_path) as archive:
         assert archive.namelist() == ["prediction.csv"]
@@ -128,15 +131,14 @@ def test_blend_writes_a_zip_with_exactly_prediction_csv_at_its_root(tmp_path):
     np.testing.assert_array_equal(frame["ID"], IDS)
     np.testing.assert_allclose(frame["Task2"], preds, rtol=1e-11)
     first_bytes = zip_path.read_bytes()
-    blend.write_submission(IDS, preds, settings)
+    submission.write_submission(IDS, preds, *settings)
     assert zip_path.read_bytes() == first_bytes  # same predictions, same bytes
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.csv", "mine.zip"]  # no temporaries left
 
 
-def test_blend_refuses_to_write_an_invalid_submission(tmp_path):
-    settings = {"dir": str(tmp_path), "name": "bad", "column": "Task2"}
+def test_write_submission_refuses_an_invalid_submission(tmp_path):
     with pytest.raises(UserError, match="outside"):
-        blend.write_submission(IDS, np.full(len(IDS), 1.5), settings)
+        submission.write_submission(IDS, np.full(len(IDS), 1.5), tmp_path, "bad", "Task2")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -156,8 +158,7 @@ def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProces
 
 
 def submission_of(tmp_path: Path, preds: np.ndarray, name: str) -> Path:
-    return blend.write_submission(np.arange(len(preds)), preds, {"dir": str(tmp_path), "name": name,
-                                                                 "column": "Task2"})[1]
+    return submission.write_submission(np.arange(len(preds)), preds, tmp_path, name, "Task2")[1]
 
 
 def test_score_of_a_perfect_and_a_random_submission(tiny_raw, tmp_path):

@@ -13,7 +13,7 @@ import common
 import make_synthetic
 
 TINY = make_synthetic.PRESETS["tiny"]
-MAIN_FILES = ["train", "valid", "test", "item_info"]
+MAIN_FILES = ["train", "valid", "test", "item_info", "item_feature"]
 ORACLE_FILES = ["oracle/click_prob", "oracle/test_labels"]
 
 # Written out here, from docs/spec/competition.md, rather than taken from the generator.
@@ -25,6 +25,8 @@ EXPECTED_FIELDS = {
     "test": [("ID", pa.int64())] + ROW_FIELDS,
     "item_info": [("item_id", pa.int64()), ("item_tags", pa.list_(pa.int64(), 5)),
                   ("item_emb_d128", pa.list_(pa.float64(), 128))],
+    # the level columns of the real item_feature.parquet (which also holds BERT and CLIP vectors)
+    "item_feature": [("item_id", pa.int64()), ("likes_level", pa.int64()), ("views_level", pa.int64())],
     "oracle/click_prob": [("split", pa.string()), ("row_id", pa.int64()), ("prob", pa.float64())],
     "oracle/test_labels": [("ID", pa.int64()), ("label", pa.int64())],
 }
@@ -102,6 +104,24 @@ def test_rows_padding_and_vocabularies(tables, split):
         assert "label" not in table.column_names
     else:
         assert set(np.unique(table["label"].to_numpy())) == {0, 1}
+
+
+def test_item_feature_levels_are_what_the_rows_levels_jitter_around(tables):
+    """One row per real item; a row's target levels are the item's own +-1 (the click process
+    jitters 10% of them), so the file is consistent with the rows."""
+    feature = tables["item_feature"]
+    item = feature["item_id"].to_numpy()
+    assert np.array_equal(item, np.arange(1, TINY.n_items))
+    levels = {name: np.zeros(TINY.n_items, np.int64) for name in ("likes_level", "views_level")}
+    for name in levels:
+        levels[name][item] = feature[name].to_numpy()
+        assert levels[name].min() >= 0 and levels[name].max() <= 10
+    for split in ("train", "valid", "test"):
+        rows = tables[split]
+        target = rows["item_id"].to_numpy()
+        for name, per_item in levels.items():
+            diff = rows[name].to_numpy() - per_item[target]
+            assert np.abs(diff).max() <= 1 and 0.8 < (diff == 0).mean() < 0.99, (split, name)
 
 
 def test_positive_rate_is_about_a_quarter(tables):

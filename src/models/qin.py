@@ -41,7 +41,8 @@ class QIN(CTRModel):
             self.register_buffer("item_likes_level", tables["item_likes_level"], persistent=False)  # [V]
             self.register_buffer("item_views_level", tables["item_views_level"], persistent=False)  # [V]
             item_dim += 2 * emb_dim
-        self.user = nn.Embedding(tables["n_users"], emb_dim) if use_user_id else None
+        # user 0 is FuxiCTR's padding index, as for every categorical feature (real ids start at 1)
+        self.user = nn.Embedding(tables["n_users"], emb_dim, padding_idx=0) if use_user_id else None
         if attention == "mean":  # ablation: mean pooling instead of ASTA
             self.asta = MeanPooling()
         else:
