@@ -49,18 +49,34 @@ TARGET_POSITIVE_RATE = 0.25
 CHUNK_ROWS = 200_000  # rows generated, and written as one parquet row group, at a time
 PILOT_ROWS = 50_000   # rows drawn (then discarded) to solve the intercept for a 25% positive rate
 
-# The click logit (see data/README.md for the formula and why each term is there).
-ATTN_TAU = 0.75           # cosine threshold: only near-duplicates of the target count
-ATTN_SCALE = 0.05         # relevance units per log step
-ATTN_RECENCY = 48.0       # history slots over which an item's weight decays by e
-ATTN_WEIGHT = 0.9         # alpha: attention match
-ATTN_X_LIKES_WEIGHT = 0.6  # beta: match x centred likes level (second order)
-TASTE_WEIGHT = 0.6        # gamma: bilinear user taste x target semantics (second order)
-QUALITY_WEIGHT = 0.5      # hidden quality, partly visible through likes_level
-ITEM_BIAS_STD = 0.5       # hidden per-item bias: learnable only through an item-id embedding
-USER_BIAS_STD = 0.3       # hidden per-user bias: learnable only through a user-id embedding
 P_TARGET_FROM_INTERESTS = 0.6  # otherwise a popular item from anywhere
 P_HISTORY_FROM_INTERESTS = 0.85
+
+
+@dataclass(frozen=True)
+class ClickProcess:
+    """The click logit's weights (data/README.md has the formula and why each term is there)."""
+    attn_tau: float = 0.75          # cosine threshold: only near-duplicates of the target count
+    attn_scale: float = 0.05        # relevance units per log step
+    attn_recency: float = 48.0      # history slots over which an item's weight decays by e
+    attn_weight: float = 0.9        # alpha: attention match
+    attn_x_likes_weight: float = 0.6  # beta: match x centred likes level (second order)
+    taste_weight: float = 0.6       # gamma: bilinear user taste x target semantics (second order)
+    quality_weight: float = 0.5     # hidden quality, partly visible through likes_level
+    item_bias_std: float = 0.5      # hidden per-item bias: learnable only through an item-id embedding
+    user_bias_std: float = 0.3      # hidden per-user bias: learnable only through a user-id embedding
+
+
+# --process: "default" is the demo's; "broad" moves the weight to other signals, so that a model
+# tuned to one process can be checked on another: a broad, recency-heavy match (items of the same
+# topic, the last few clicks) with no likes interaction, a stronger taste term, and users who
+# differ more than items.
+PROCESSES = {
+    "default": ClickProcess(),
+    "broad": ClickProcess(attn_tau=0.35, attn_scale=0.2, attn_recency=8.0, attn_weight=0.7,
+                          attn_x_likes_weight=0.0, taste_weight=1.0, quality_weight=0.7,
+                          item_bias_std=0.3, user_bias_std=0.6),
+}
 
 
 @dataclass(frozen=True)
@@ -157,7 +173,7 @@ def sample_user_topics(users: Users, user: np.ndarray, rng) -> np.ndarray:
     return users.interests[user, np.minimum(slot, users.interests.shape[1] - 1)]
 
 
-def make_items(p: Preset, rng: np.random.Generator) -> Items:
+def make_items(p: Preset, rng: np.random.Generator, process: ClickProcess = PROCESSES["default"]) -> Items:
     n_items, n_topics = p.n_items, p.n_topics
     topic = np.zeros(n_items, np.int64)
     topic[1:] = rng.integers(0, n_topics, n_items - 1)
@@ -199,7 +215,7 @@ def make_items(p: Preset, rng: np.random.Generator) -> Items:
     pop_z = np.concatenate([[0.0], (log_pop - log_pop.mean()) / log_pop.std()])
 
     quality = np.concatenate([[0.0], rng.standard_normal(n_items - 1)])
-    bias = np.concatenate([[0.0], ITEM_BIAS_STD * rng.standard_normal(n_items - 1)])
+    bias = np.concatenate([[0.0], process.item_bias_std * rng.standard_normal(n_items - 1)])
     likes = np.rint(5 + 1.6 * quality + 0.8 * pop_z + 0.7 * rng.standard_normal(n_items))
     views = np.rint(4 + 2.0 * pop_z + 0.4 * quality + 0.7 * rng.standard_normal(n_items))
     likes = np.clip(likes, 0, LEVELS - 1).astype(np.int64)
@@ -217,7 +233,8 @@ def make_items(p: Preset, rng: np.random.Generator) -> Items:
                  by_topic, popularity_cdf, topic_cdf_range)
 
 
-def make_users(p: Preset, items: Items, rng: np.random.Generator) -> Users:
+def make_users(p: Preset, items: Items, rng: np.random.Generator,
+               process: ClickProcess = PROCESSES["default"]) -> Users:
     n_rows = p.n_users + 1  # row 0 is never sampled: user ids start at 1
     interests = rng.integers(0, p.n_topics, (n_rows, 3))
     n_interests = rng.choice([1, 2, 3], n_rows, p=[0.4, 0.4, 0.2])
@@ -225,7 +242,7 @@ def make_users(p: Preset, items: Items, rng: np.random.Generator) -> Users:
     interest_cdf = np.cumsum(weights / weights.sum(axis=1, keepdims=True), axis=1)
     users = Users(interests, interest_cdf, timeline=np.zeros((n_rows, TIMELINE_LEN), np.int32),
                   timeline_len=np.empty(n_rows, np.int64), taste=np.empty(0, np.float32),
-                  bias=USER_BIAS_STD * rng.standard_normal(n_rows))
+                  bias=process.user_bias_std * rng.standard_normal(n_rows))
 
     # A quarter of the users are newcomers with short timelines (so their rows are left-padded).
     short = rng.random(n_rows) < 0.25
@@ -257,20 +274,19 @@ def make_users(p: Preset, items: Items, rng: np.random.Generator) -> Users:
 # rows: one (user, history, target) impression each, with its true click logit
 # ---------------------------------------------------------------------------------------------
 
-RECENCY_WEIGHT = np.exp(-(SEQ_LEN - 1 - np.arange(SEQ_LEN)) / ATTN_RECENCY).astype(np.float32)
-
-
-def attention_match(items: Items, target: np.ndarray, seq: np.ndarray) -> np.ndarray:
+def attention_match(items: Items, target: np.ndarray, seq: np.ndarray, process: ClickProcess) -> np.ndarray:
     """log1p of the recency-weighted mass of history items whose cosine to the target exceeds tau."""
+    recency = np.exp(-(SEQ_LEN - 1 - np.arange(SEQ_LEN)) / process.attn_recency).astype(np.float32)
     relevance = np.zeros(len(target), np.float32)
     target_vec = items.semantic[target]
     for slot in range(SEQ_LEN):  # a loop over the 64 slots keeps memory at O(rows x d)
         cos = np.einsum("nd,nd->n", items.semantic[seq[:, slot]], target_vec)
-        relevance += RECENCY_WEIGHT[slot] * np.maximum(cos - ATTN_TAU, 0.0)
-    return np.log1p(relevance / ATTN_SCALE)
+        relevance += recency[slot] * np.maximum(cos - process.attn_tau, 0.0)
+    return np.log1p(relevance / process.attn_scale)
 
 
-def sample_rows(items: Items, users: Users, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def sample_rows(items: Items, users: Users, n: int, rng: np.random.Generator,
+                process: ClickProcess = PROCESSES["default"]) -> dict[str, np.ndarray]:
     user = rng.integers(1, len(users.timeline_len), n)
     # The row's moment in the user's timeline: the history is the last <= 64 clicks before it
     # (a long timeline always fills the 64 slots, a short one is shown whole, left-padded).
@@ -288,12 +304,12 @@ def sample_rows(items: Items, users: Users, n: int, rng: np.random.Generator) ->
     likes = np.clip(items.likes[target] + jitter[0], 0, LEVELS - 1)
     views = np.clip(items.views[target] + jitter[1], 0, LEVELS - 1)
 
-    match = attention_match(items, target, seq).astype(np.float64)
+    match = attention_match(items, target, seq, process).astype(np.float64)
     taste = np.einsum("nd,nd->n", users.taste[user], items.semantic[target]).astype(np.float64)
-    logit = (ATTN_WEIGHT * match
-             + ATTN_X_LIKES_WEIGHT * match * (likes - 5) / 5
-             + TASTE_WEIGHT * taste
-             + QUALITY_WEIGHT * items.quality[target]
+    logit = (process.attn_weight * match
+             + process.attn_x_likes_weight * match * (likes - 5) / 5
+             + process.taste_weight * taste
+             + process.quality_weight * items.quality[target]
              + items.bias[target] + users.bias[user])
     return {"user_id": user, "item_seq": seq, "item_id": target, "likes_level": likes,
             "views_level": views, "logit_no_intercept": logit}
@@ -358,9 +374,9 @@ def make_chunk(job: tuple) -> tuple[pa.Table, np.ndarray, np.ndarray]:
     own generator, seeded by (seed, split, chunk): the output depends on the seed alone, not on
     which process drew the chunk or in which order."""
     split, split_index, chunk, start, n = job
-    items, users, intercept, seed = (_WORLD[k] for k in ("items", "users", "intercept", "seed"))
+    items, users, intercept, seed, process = (_WORLD[k] for k in ("items", "users", "intercept", "seed", "process"))
     rng = np.random.default_rng([seed, split_index, chunk])
-    rows = sample_rows(items, users, n, rng)
+    rows = sample_rows(items, users, n, rng, process)
     prob = _sigmoid(intercept + rows["logit_no_intercept"])
     label = (rng.random(n) < prob).astype(np.int64)
     if split == "test":
@@ -401,12 +417,16 @@ def write_splits(splits: list[tuple[str, int]], staging: Path, workers: int) -> 
     return out
 
 
-def generate(preset: str, out: Path, seed: int, workers: int = 1) -> dict:
+def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str = "default") -> dict:
     """Write one synthetic dataset into ``out``; return a summary (rows, positive rate, oracle AUC).
 
-    ``workers`` processes draw the row chunks (identical files for any number)."""
+    ``workers`` processes draw the row chunks (identical files for any number); ``process`` names
+    the click process (PROCESSES)."""
     if preset not in PRESETS:
         raise common.UserError(f"--preset {preset!r}: unknown preset (known: {', '.join(PRESETS)})")
+    if process not in PROCESSES:
+        raise common.UserError(f"--process {process!r}: unknown click process (known: {', '.join(PROCESSES)})")
+    click = PROCESSES[process]
     if seed < 0:
         raise common.UserError(f"--seed {seed}: must be >= 0")
     p = PRESETS[preset]
@@ -416,9 +436,9 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1) -> dict:
     except OSError as exc:
         raise common.UserError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
     started = time.time()
-    items = make_items(p, np.random.default_rng([seed, 0]))
-    users = make_users(p, items, np.random.default_rng([seed, 1]))
-    pilot = sample_rows(items, users, PILOT_ROWS, np.random.default_rng([seed, 2]))
+    items = make_items(p, np.random.default_rng([seed, 0]), click)
+    users = make_users(p, items, np.random.default_rng([seed, 1]), click)
+    pilot = sample_rows(items, users, PILOT_ROWS, np.random.default_rng([seed, 2]), click)
     intercept = solve_intercept(pilot["logit_no_intercept"], TARGET_POSITIVE_RATE)
 
     # Everything is written into a staging folder first, then moved into place file by file, so
@@ -426,12 +446,13 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1) -> dict:
     # its presence means the set is complete (run.sh tests exactly that).
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".make_synthetic-"))
-    summary = {"preset": preset, "seed": seed, "out": str(out), "intercept": intercept, "splits": {}}
+    summary = {"preset": preset, "seed": seed, "process": process, "out": str(out), "intercept": intercept,
+               "splits": {}}
     try:
         pq.write_table(item_table(items), staging / "item_info.parquet")
         pq.write_table(item_feature_table(items), staging / "item_feature.parquet")
         oracle_probs, test_labels = [], None
-        _WORLD.update(items=items, users=users, intercept=intercept, seed=seed)
+        _WORLD.update(items=items, users=users, intercept=intercept, seed=seed, process=click)
         try:
             written = write_splits([("train", p.n_train), ("valid", p.n_valid), ("test", p.n_test)],
                                    staging, workers)
@@ -468,15 +489,18 @@ def main() -> None:
                         help="dataset size: tiny (tests), demo (run.sh default), full (real sizes)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    parser.add_argument("--process", choices=sorted(PROCESSES), default="default",
+                        help="the click process: default (the demo's) or broad (other signals matter; "
+                             "data/README.md)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes drawing the row chunks (default: one per core; the files are "
                              "the same for any number)")
     args = parser.parse_args()
     if args.workers < 1:
         parser.error("--workers must be at least 1")
-    summary = generate(args.preset, Path(args.out), args.seed, args.workers)
+    summary = generate(args.preset, Path(args.out), args.seed, args.workers, args.process)
     common.log(f"wrote {args.preset} preset to {summary['out']} in {summary['seconds']} s "
-               f"(seed {args.seed})")
+               f"(seed {args.seed}, click process {args.process})")
     for split, info in summary["splits"].items():
         print(f"  {split:5s} {info['rows']:>9,d} rows  positive rate {info['positive_rate']:.3f}  "
               f"oracle AUC {info['oracle_auc']:.4f}")

@@ -1,6 +1,6 @@
 """Config -> model: build_model and count_parameters. The only model file that imports common.
 
-model_cfg = {name: qin | dcnv2 | din, <the model's keyword arguments>, tf4ctr: {enabled, ssem,
+model_cfg = {name: qin | dcnv2 | din | transformer_dcn | simqin, <the model's keyword arguments>, tf4ctr: {enabled, ssem,
 dfm, c, gamma, alpha}}. The keys a model takes, their types (Literal choices in the signatures,
 otherwise the default's type) and their defaults are its builder's keyword arguments (QIN, DCNv2,
 DIN, and dcnv2_tf4ctr / din_tf4ctr when tf4ctr.enabled), and the tf4ctr keys are TF4CTR's, so the
@@ -17,10 +17,11 @@ import common
 from dcnv2 import DCNv2, dcnv2_tf4ctr
 from din import DIN, din_tf4ctr
 from qin import QIN
+from simqin import SimQIN
 from tf4ctr import TF4CTR
 from transformer_dcn import TransformerDCN
 
-PLAIN = {"qin": QIN, "dcnv2": DCNv2, "din": DIN, "transformer_dcn": TransformerDCN}
+PLAIN = {"qin": QIN, "dcnv2": DCNv2, "din": DIN, "transformer_dcn": TransformerDCN, "simqin": SimQIN}
 WITH_TF4CTR = {"dcnv2": dcnv2_tf4ctr, "din": din_tf4ctr}
 
 

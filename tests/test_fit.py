@@ -19,6 +19,7 @@ import torch
 import common
 import fit
 import model_config
+from conftest import make_data_cfg
 import preprocess
 import train
 from fit import FitSettings, predict
@@ -159,7 +160,7 @@ def trained_summary(tiny_cfg, model: str, step: str, name: str):
 # rounding, so a tight tolerance catches any change of a model or of the step
 # ---------------------------------------------------------------------------------------------
 
-FUNCTION_CONFIGS = ("qin_small", "dcnv2_tf_small", "din_tf_small", "transformer_dcn_small")
+FUNCTION_CONFIGS = ("qin_small", "dcnv2_tf_small", "din_tf_small", "transformer_dcn_small", "simqin_small")
 FUNCTION_RTOL, FUNCTION_ATOL = 1e-7, 1e-9  # 300x the largest difference measured
 
 
@@ -259,13 +260,23 @@ FUNCTION_REFERENCE = {
         "after_fuxictr_step": [-0.591144493614571, 0.486618567587087, -0.00786067881501448, -2.06706496591449, 0.43543662396278, -0.7744586036204, -0.685987493440899, -0.314818748430845, -0.974546262783492],
         "after_logits_step": [-0.591144493614571, 0.486618567587087, -0.00786067881501445, -2.06706496591449, 0.43543662396278, -0.7744586036204, -0.685987493440898, -0.314818748430845, -0.974546262783493],
     },
+    "simqin_small": {
+        "fuxictr_loss": [0.717701258377367],
+        "fuxictr_grad_norm": [308.173653823663],
+        "logits_loss": [0.717701258377367],
+        "logits_grad_norm": [308.173653823663],
+        "train_logits": [-0.190647138440569, 1.39807715487327, 0.0344315196442356, -4.15504012870467, 6.1051271708387, -0.770128197731367, -0.998431669344184, -1.07165050617463, 0.172668965757189],
+        "after_fuxictr_step": [0.569467188540251, 0.98562238925246, 0.00319084757802966, -1.07370078574935, 3.66349906007423, -0.217853376341568, -0.989878609302989, 0.779360585137225, 1.66007910574454],
+        "after_logits_step": [0.569494235372225, 0.985667279257445, 0.00318489142093787, -1.07321518526808, 3.66681376253328, -0.218494634781753, -0.989922476605925, 0.779548845873794, 1.65899181585679],
+    },
 }
 
 
 @pytest.fixture(scope="module")
 def memory_data(tiny_raw):
     frames = {split: pd.read_parquet(tiny_raw / f"{split}.parquet") for split in ("train", "valid", "test")}
-    tables = item_tables(pd.read_parquet(tiny_raw / "item_info.parquet"), frames.values())
+    tables = item_tables(pd.read_parquet(tiny_raw / "item_info.parquet"), frames.values(),
+                         item_feature=pd.read_parquet(tiny_raw / "item_feature.parquet"))
     data = {split: to_device(row_arrays(frame), "cpu") for split, frame in frames.items()}
     return frames, tables, data
 
@@ -281,6 +292,16 @@ def test_tables_helper_builds_what_preprocess_writes(memory_data, tiny_processed
     for split in ("train", "valid", "test"):
         for name, column in data[split].items():
             np.testing.assert_array_equal(column.numpy(), arrays[f"{split}_{name}"], err_msg=f"{split} {name}")
+
+
+def test_tables_helper_without_item_feature_builds_preprocess_fallback_levels(memory_data, copy_raw, tmp_path):
+    frames, _, _ = memory_data
+    raw = copy_raw()
+    (raw / "item_feature.parquet").unlink()
+    arrays, _ = preprocess.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
+    tables = item_tables(pd.read_parquet(raw / "item_info.parquet"), frames.values())
+    for name in ("item_likes_level", "item_views_level"):
+        np.testing.assert_array_equal(tables[name].numpy(), arrays[name], err_msg=name)
 
 
 def test_fit_returns_the_best_epoch_model_and_its_predictions(memory_data):

@@ -17,6 +17,7 @@ import model_config
 import preprocess
 import layers
 from layers import ASTA, DINAttention, ItemEncoder, masked_mean, masked_softmax
+from simqin import SimilarityCounts
 from tf4ctr import TF4CTR, tf_loss
 
 V, T, U, LEVELS, L = 60, 30, 40, 11, 64
@@ -83,6 +84,9 @@ CONFIGS = {
     "din_tf_ser_wsf": {**DIN_TF, **tf("ser", "wsf")},
     "din_tf_gm_sum": {**DIN_TF, **tf("gm", "sum")},
     "din_tf_moe_vf": {**DIN_TF, **tf("moe", "vf")},
+    "simqin": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4),
+    "simqin_counts_only": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4,
+                               use_user_id=False, mean_pool=False),
 }
 
 
@@ -120,6 +124,8 @@ def perturb_padding(model):
         for name, buffer in model.named_buffers():
             if name.endswith(("item_likes_level", "item_views_level")):
                 buffer[0] = LEVELS - 1
+            if name.endswith("counts.unit"):  # SimQIN's unit multimodal vectors
+                buffer[0].normal_()
 
 
 @pytest.mark.parametrize("table_mode", ["gather", "table"])
@@ -138,7 +144,7 @@ def test_padding_does_not_change_the_output(name, table_mode):
 def test_every_embedding_table_has_a_zero_padding_row(name):
     """FuxiCTR builds every categorical feature with padding index 0: items, tags, levels, users."""
     tables = [m for m in build(CONFIGS[name]).modules() if isinstance(m, nn.Embedding)]
-    assert len(tables) >= 4 + (name == "qin_plus")
+    assert len(tables) >= 4 + (name in ("qin_plus", "simqin"))
     for table in tables:
         assert table.padding_idx == 0 and not table.weight[0].any()
 
@@ -251,6 +257,48 @@ def test_small_parameter_counts_by_hand():
     moe_gate = (D * (D // 4) + D // 4 + 2 * (D // 4)) + (D // 4 * 2 + 2)
     assert model_config.count_parameters(build({**DCN, **tf("moe", "wsf")})) == (
         embed(E) + 2 * expert + 2 * moe_gate + cross_on(D) + mlp + (16 + 1) + 2)
+
+
+def test_simqin_is_qin_plus_its_parts_in_parameters():
+    """SimQIN with every part off is QIN's parameters exactly; each part adds what it says: the
+    counts 2K (a threshold and a decay each), the user table U x E, and the QNN's wider input (and
+    the output layer's, the QNN keeping its input width)."""
+    E, I, K = 8, 2 * 8 + M, 4
+    count = model_config.count_parameters
+    base = CONFIGS["simqin"]
+    none = build({**base, "similarity": False, "mean_pool": False, "use_user_id": False})
+    assert count(none) == count(build(QIN))
+    qnn = lambda d: count(layers.QNN(d, 2, 2))  # noqa: E731
+    D = 2 * E + 2 * I
+    assert count(build(base)) == count(build(QIN)) - qnn(D) + qnn(D + E + I + K) + (E + I + K) + U * E + 2 * K
+    assert count(build(CONFIGS["simqin_counts_only"])) == count(build(QIN)) - qnn(D) + qnn(D + K) + K + 2 * K
+
+
+def test_similarity_counts_equal_their_literal_sums():
+    """c_k = log1p(sum_j exp(-(L-1-j) / rho_k) ReLU(cos(e_t, e_j) - tau_k) / 0.05) over real history
+    items, with the cosines of the frozen multimodal vectors, written out slot by slot; a threshold
+    below 0 must not count the padding slots (cosine 0)."""
+    tables = make_tables()
+    torch.manual_seed(0)
+    counts = SimilarityCounts(tables["item_emb"], n_counts=3).double()
+    with torch.no_grad():
+        counts.tau.copy_(torch.tensor([0.1, 0.0, -0.2]))
+        counts.log_rho.copy_(torch.tensor([2.0, 4.0, 3.0]))
+    batch = make_batch()
+    got = counts(batch["item_id"], batch["item_seq"])
+    # the model holds the unit vectors normalised in float32: the same ones here
+    unit = F.normalize(tables["item_emb"].float(), dim=1).double()
+    for b in range(len(batch["item_id"])):
+        target = unit[batch["item_id"][b]]
+        for k in range(3):
+            mass = 0.0
+            for j, item in enumerate(batch["item_seq"][b].tolist()):
+                if item == 0:
+                    continue
+                cos = torch.dot(unit[item], target)
+                weight = math.exp(-(L - 1 - j) / math.exp(counts.log_rho[k].item()))
+                mass += weight * max(0.0, cos.item() - counts.tau[k].item())
+            assert got[b, k].item() == pytest.approx(math.log1p(mass / 0.05), rel=1e-12, abs=1e-14)
 
 
 # ---------------------------------------------------------------------------------------------

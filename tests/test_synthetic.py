@@ -244,3 +244,17 @@ def test_cli_help_runs():
     script = Path(make_synthetic.__file__)
     result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--preset" in result.stdout
+
+
+def test_the_broad_click_process_is_another_dataset_of_the_same_format(tiny_raw, tmp_path):
+    summary = make_synthetic.generate("tiny", tmp_path / "broad", seed=0, process="broad")
+    assert summary["process"] == "broad"
+    for name in MAIN_FILES:
+        assert read(tmp_path / "broad", name).schema == read(tiny_raw, name).schema, name
+    # same items and users (the process changes the click logit only, and the biases' scale)
+    assert read(tmp_path / "broad", "item_info").equals(read(tiny_raw, "item_info"))
+    assert not read(tmp_path / "broad", "train")["label"].equals(read(tiny_raw, "train")["label"])
+    for split, info in summary["splits"].items():
+        assert 0.18 < info["positive_rate"] < 0.32 and 0.75 < info["oracle_auc"] < 0.97, (split, info)
+    with pytest.raises(common.UserError, match="--process 'sharp': unknown click process"):
+        make_synthetic.generate("tiny", tmp_path / "x", seed=0, process="sharp")

@@ -1,7 +1,8 @@
 """From the competition's parquet files (read with pandas) to what the models and fit.py take.
 
     frames = {split: pd.read_parquet(f"{split}.parquet") for split in ("train", "valid", "test")}
-    tables = item_tables(pd.read_parquet("item_info.parquet"), frames.values())
+    tables = item_tables(pd.read_parquet("item_info.parquet"), frames.values(),
+                         item_feature=pd.read_parquet("item_feature.parquet"))  # optional
     data = {split: to_device(row_arrays(frame), device) for split, frame in frames.items()}
     tables = to_device(tables, device)
 
@@ -33,11 +34,18 @@ def row_arrays(frame):
     return arrays
 
 
-def item_levels(n_items, frames):
-    """Per-item likes/views levels: the rounded mean of the item's rows over every split (0 if unseen).
-
-    Rows carry their target item's levels; these tables let a model attach levels to history items.
+def item_levels(n_items, frames, item_feature=None):
+    """Per-item likes/views levels [2, V]: item_feature.parquet's (item_id, likes_level, views_level;
+    items it lacks get 0) when given, else the rounded mean of the item's rows over every split (0 if
+    unseen). Rows carry their target item's levels; these tables let a model attach levels to
+    history items.
     """
+    if item_feature is not None:
+        levels = np.zeros((2, n_items), np.int32)
+        item = np.asarray(item_feature["item_id"], dtype=np.int64)
+        for k, name in enumerate(("likes_level", "views_level")):
+            levels[k, item] = np.asarray(item_feature[name])
+        return levels
     sums, counts = np.zeros((2, n_items)), np.zeros(n_items)
     for frame in frames:
         item = np.asarray(frame["item_id"], dtype=np.int64)
@@ -49,18 +57,19 @@ def item_levels(n_items, frames):
     return levels.astype(np.int32)
 
 
-def item_tables(item_info, frames, emb_dtype=np.float32):
+def item_tables(item_info, frames, emb_dtype=np.float32, item_feature=None):
     """The ``tables`` dict every model takes: item tables as tensors [V, ...] and vocabulary sizes.
 
     item_info: item_id (= row number), item_tags (5 ids, 0 = padding), item_emb_d128 (128 floats);
-    frames: every split (their user ids size the user vocabulary, their levels the level tables).
+    frames: every split (their user ids size the user vocabulary, their levels the level tables
+    unless item_feature, the optional item_feature.parquet, gives them).
     """
     frames = list(frames)
     item_id = np.asarray(item_info["item_id"])
     if not np.array_equal(item_id, np.arange(len(item_id))):
         raise ValueError("item_info: item_id must equal the row number")
     tags = list_column(item_info["item_tags"], TAG_SLOTS).astype(np.int32)
-    likes, views = item_levels(len(item_id), frames)
+    likes, views = item_levels(len(item_id), frames, item_feature)
     return {
         "item_tags": torch.from_numpy(tags),
         "item_emb": torch.from_numpy(list_column(item_info["item_emb_d128"], EMB_DIM).astype(emb_dtype)),

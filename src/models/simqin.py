@@ -1,0 +1,93 @@
+"""SimQIN: the repo's own model. QIN (ASTA + QNN, the 2nd place) with the inputs the winners found
+after the deadline or left as future work:
+
+- semantic similarity counts (the 1st-place team's future work): K soft counts of the recent history
+  items whose frozen multimodal vector is close to the target's,
+      c_k = log1p(sum_j r_k(j) ReLU(s_j - tau_k) / 0.05),
+  s_j the cosine of the target's and history item j's 128-d vectors, r_k(j) = exp(-(L - 1 - j) / rho_k)
+  a recency decay, with a threshold tau_k and a decay rho_k learned per count. A target attention
+  over learned embeddings finds such items only as far as its embeddings keep the semantics; the
+  counts hand it the similarity itself;
+- the plain mean of the history items: the user's taste as a whole, which a target attention reads
+  only through the items it attends to;
+- the user_id embedding of QIN's stronger variant (its authors' 0.9838 valid AUC run after the
+  deadline).
+
+X_0 = [user (E), likes/views (2E), target x_t (I), ASTA output o (I), history mean m (I), counts (K)]
+goes through QIN's QNN. Every part has a switch (similarity, mean_pool, use_user_id) for the
+ablation in docs/OWN_MODEL.md.
+"""
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from layers import (ASTA, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, init_weights,
+                    masked_mean)
+
+
+class SimilarityCounts(nn.Module):
+    """K learned soft counts of history items close to the target in the frozen multimodal space.
+
+    Thresholds start spread over [0, 0.9] (the strictest first), decays alternate between the whole
+    history and its last 8 items, so the counts begin as different questions."""
+
+    def __init__(self, item_emb, n_counts=8, seq_len=64):
+        super().__init__()
+        # in the default dtype (float32; a float64 build is exact to its last bit on any CPU); the
+        # padding row stays zero: cosine 0
+        unit = F.normalize(item_emb.to(torch.get_default_dtype()), dim=1)
+        self.register_buffer("unit", unit, persistent=False)  # [V, 128], rebuilt from the tables
+        self.tau = nn.Parameter(torch.linspace(0.9, 0.0, n_counts))  # [K]
+        self.log_rho = nn.Parameter(torch.tensor([math.log(seq_len if k % 2 == 0 else 8.0)
+                                                  for k in range(n_counts)]))  # [K]
+        self.register_buffer("age", torch.arange(seq_len - 1, -1, -1, dtype=torch.float32),
+                             persistent=False)  # [L]: slot L-1 is the most recent click
+        self.out_dim = n_counts
+
+    def forward(self, item_id, item_seq):  # [B], [B, L] -> [B, K]
+        with torch.autocast(item_id.device.type, enabled=False):  # cosines near tau need float32
+            s = torch.einsum("bld,bd->bl", self.unit[item_seq], self.unit[item_id])  # [B, L]
+            above = torch.relu(s.unsqueeze(1) - self.tau.view(1, -1, 1))  # [B, K, L]
+            # the mask after the ReLU: a threshold learned below 0 must not count the padding
+            above = above * (item_seq > 0).unsqueeze(1)
+            recency = torch.exp(-self.age[-item_seq.shape[1]:] / self.log_rho.exp().unsqueeze(1))  # [K, L]
+            return torch.log1p(torch.einsum("bkl,kl->bk", above, recency) / 0.05)
+
+
+class SimQIN(CTRModel):
+    def __init__(self, tables, emb_dim=128, mm_dim=128, qnn_layers=4, qnn_m=4,
+                 qnn_activation: Literal["prelu", "relu"] = "prelu", dropout=0.1, batch_norm=True,
+                 similarity=True, n_counts=8, mean_pool=True, use_user_id=True, asta_bias=False,
+                 table_mode: Literal["auto", "gather", "table"] = "auto"):
+        super().__init__()
+        self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim)
+        self.levels = LevelEmbedding(tables["n_levels"], emb_dim)
+        item_dim = self.items.out_dim
+        self.asta = ASTA(item_dim, out_bias=asta_bias)
+        self.mean_pool = mean_pool
+        self.counts = SimilarityCounts(tables["item_emb"], n_counts) if similarity else None
+        # user 0 is the padding index, as FuxiCTR builds every categorical feature
+        self.user = nn.Embedding(tables["n_users"], emb_dim, padding_idx=0) if use_user_id else None
+        dim = (2 * emb_dim + (3 if mean_pool else 2) * item_dim + (emb_dim if use_user_id else 0)
+               + (n_counts if similarity else 0))
+        self.interaction = QNN(dim, qnn_layers, qnn_m, dropout, batch_norm, qnn_activation)
+        self.out = Float32Linear(self.interaction.out_dim, 1)
+        init_weights(self)
+
+    def forward(self, batch):  # -> logits [B]
+        seq = batch["item_seq"]  # [B, L]
+        mask = seq > 0
+        x_t, x_b = self.items(batch["item_id"], seq)  # [B, I], [B, L, I]
+        features = [self.levels(batch["likes_level"], batch["views_level"]), x_t,  # [B, 2E], [B, I]
+                    self.asta(x_t, x_b, mask)]  # [B, I]
+        if self.mean_pool:
+            features.append(masked_mean(x_b, mask))  # [B, I]
+        if self.counts is not None:
+            features.append(self.counts(batch["item_id"], seq).to(x_t.dtype))  # [B, K]
+        if self.user is not None:
+            features.insert(0, self.user(batch["user_id"]))  # [B, E]
+        x = torch.cat(features, -1)  # [B, D]
+        return self.out(self.interaction(x)).squeeze(-1)

@@ -1,0 +1,144 @@
+"""The single-network study behind docs/OWN_MODEL.md: refits of model variants, several seeds, on one
+or more synthetic datasets, scored on the hidden test labels.
+
+    python tools/ablation.py --data-root /tmp/ablation --datasets demo:default,demo:broad \
+        --variant qin_small=qin_small --variant "simqin_small -counts=simqin_small,model.similarity=false" \
+        --seeds 1,2,3 [--device cpu] [--set KEY=VALUE ...]
+
+Each dataset PRESET:PROCESS is generated once (make_synthetic.py --seed 20242025) into
+{data-root}/{preset}_{process} and preprocessed with configs/data.yaml. Each variant LABEL=CONFIG[,KEY=VALUE...]
+is trained by `src/train.py --config configs/CONFIG.yaml --refit` (one model on every train row, early
+stopping on the valid split, as the prize-eligible submission is made) once per seed (train.seed),
+as run LABEL-slug_sSEED. One JSON line per run goes to {data-root}/ablation.jsonl as it finishes; a
+rerun skips the runs already there, so an interrupted study resumes. At the end a markdown table
+per dataset: test AUC mean, min..max over the seeds, valid AUC mean, epochs, train seconds per epoch
+(train rows / the refit's train rows/s), parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+import common  # noqa: E402
+import runs  # noqa: E402
+
+SEED = 20242025  # the presets' seed, as run.sh
+
+
+def parse_variant(text: str) -> tuple[str, str, list[str]]:
+    label, sep, spec = text.partition("=")
+    config, *sets = spec.split(",")
+    if not sep or not label or not config or not (REPO / "configs" / f"{config}.yaml").is_file():
+        raise argparse.ArgumentTypeError(f"expected LABEL=CONFIG[,KEY=VALUE...] with configs/CONFIG.yaml, got {text!r}")
+    return label, config, sets
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
+
+
+def dataset_paths(root: Path, dataset: str) -> tuple[Path, Path]:
+    name = dataset.replace(":", "_")
+    return root / name, root / "work" / name
+
+
+def prepare(root: Path, dataset: str, py: str) -> list[str]:
+    """Generate and preprocess the dataset if needed; its --set arguments for train.py."""
+    preset, process = dataset.split(":")
+    raw, work = dataset_paths(root, dataset)
+    if not (raw / "item_info.parquet").is_file():
+        subprocess.run([py, "src/make_synthetic.py", "--preset", preset, "--process", process, "--out", str(raw),
+                        "--seed", str(SEED)], cwd=REPO, check=True)
+    sets = ["--set", f"data.raw_dir={raw}", "--set", f"data.work_dir={work}"]
+    subprocess.run([py, "src/preprocess.py", "--config", "configs/data.yaml", *sets], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL)
+    return sets
+
+
+def run_one(root: Path, dataset: str, label: str, config: str, sets: list[str], seed: int, data_sets: list[str],
+            extra: list[str], device: str, py: str) -> dict:
+    raw, work = dataset_paths(root, dataset)
+    name = f"{slug(label)}_s{seed}"
+    overrides = [*sets, *extra, f"train.seed={seed}", f"run.name={name}"]
+    argv = [py, "src/train.py", "--config", f"configs/{config}.yaml", *data_sets,
+            *[a for s in overrides for a in ("--set", s)], "--refit", "--device", device]
+    subprocess.run(argv, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    refit = work / "runs" / name / runs.REFIT
+    done = common.read_json(refit / "done.json")
+    labels = common.read_test_labels(raw)
+    return {"dataset": dataset, "variant": label, "config": config, "overrides": [*sets, *extra], "seed": seed,
+            "test_auc": runs.hidden_test_auc(refit / "test.parquet", labels), "valid_auc": done["valid_auc"],
+            "epochs": done["epochs"], "best_epoch": done["best_epoch"], "train_rows": done["train_rows"],
+            "rows_per_s": done["rows_per_s"], "seconds_per_epoch": done["train_rows"] / done["rows_per_s"],
+            "params": parameters(refit), "seconds": done["seconds"]}
+
+
+def parameters(refit: Path) -> int | None:
+    import torch
+    state = torch.load(refit / "best.pt", map_location="cpu", weights_only=True) if (refit / "best.pt").is_file() else None
+    return None if state is None else sum(v.numel() for k, v in state.items() if v.is_floating_point()
+                                           and "running_" not in k)
+
+
+def table(results: list[dict], dataset: str, labels: list[str]) -> list[str]:
+    rows = [r for r in results if r["dataset"] == dataset]
+    lines = [f"#### {dataset}", "",
+             "| variant | test AUC, mean | min..max | valid AUC | epochs | s / epoch | seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label in labels:
+        mine = [r for r in rows if r["variant"] == label]
+        if not mine:
+            continue
+        test = [r["test_auc"] for r in mine]
+        lines.append(f"| {label} | {statistics.mean(test):.4f} | {min(test):.4f}..{max(test):.4f} | "
+                     f"{statistics.mean(r['valid_auc'] for r in mine):.4f} | "
+                     f"{statistics.mean(r['epochs'] for r in mine):.1f} | "
+                     f"{statistics.median(r['seconds_per_epoch'] for r in mine):.1f} | {len(mine)} |")
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-root", required=True, type=Path)
+    parser.add_argument("--datasets", default="demo:default", help="PRESET:PROCESS,... (make_synthetic.py)")
+    parser.add_argument("--variant", action="append", type=parse_variant, required=True,
+                        metavar="LABEL=CONFIG[,KEY=VALUE...]")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override for every run")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    py = sys.executable
+    root = args.data_root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / "ablation.jsonl"
+    results = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+    seeds = [int(s) for s in args.seeds.split(",")]
+    datasets = args.datasets.split(",")
+    for dataset in datasets:
+        data_sets = prepare(root, dataset, py)
+        for seed in seeds:  # seed by seed: a partial study already compares every variant
+            for label, config, sets in args.variant:
+                key = (dataset, label, seed)
+                if any((r["dataset"], r["variant"], r["seed"]) == key for r in results):
+                    continue
+                result = run_one(root, dataset, label, config, sets, seed, data_sets, args.extra, args.device, py)
+                results.append(result)
+                with log.open("a") as f:
+                    f.write(json.dumps(result) + "\n")
+                print(f"{dataset} {label} seed {seed}: test AUC {result['test_auc']:.4f}, valid "
+                      f"{result['valid_auc']:.4f}, {result['epochs']} epochs, "
+                      f"{result['seconds_per_epoch']:.1f} s/epoch", flush=True)
+    labels = [label for label, _, _ in args.variant]
+    print("\n".join(line for dataset in datasets for line in table(results, dataset, labels)))
+
+
+if __name__ == "__main__":
+    main()
