@@ -15,8 +15,9 @@
 # Options:
 #   --preset NAME      synthetic preset to use/generate: tiny, demo (default) or full
 #   --data DIR         a folder with train/valid/test/item_info.parquet (overrides --preset)
-#   --models A,B,...   model configs from configs/ (default: qin_small,dcnv2_tf_small,din_tf_small
-#                      on tiny/demo; qin,qin_plus,dcnv2_tf,din_tf,transformer_dcn_gpu on full or --data)
+#   --models A,B,...   model configs from configs/ (default: qin_small,dcnv2_tf_small,din_tf_small,
+#                      simqin_small on tiny/demo; qin,qin_plus,dcnv2_tf,din_tf,transformer_dcn_gpu,simqin
+#                      on full or --data)
 #   --folds K          number of folds (default: 3 on the tiny/demo presets, 5 on full or --data)
 #   --device DEV       cpu or cuda (default: cuda when present)
 #   --gpus 0,1,...     train the folds of each model in parallel, one worker process per listed GPU
@@ -31,6 +32,7 @@
 #   --refit            also train each model once on every train row, and blend the refits' test
 #                      predictions (weights still fitted on the folds' OOF predictions)
 set -euo pipefail
+CALLER_DIR=$PWD  # paths given on the command line are relative to where run.sh was called from
 cd "$(dirname "$0")"
 
 PRESET=demo
@@ -46,6 +48,7 @@ TRAIN_SETS=()
 REFIT=""
 TEST_FROM=folds
 SINGLE=auto
+from_caller() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER_DIR/$1" ;; esac; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset|--data|--models|--folds|--device|--gpus|--name|--data-root|--submissions|--train-set|--single)
@@ -55,14 +58,14 @@ while [ $# -gt 0 ]; do
   esac
   case "$1" in
     --preset) PRESET="$2"; shift 2 ;;
-    --data) DATA="$2"; shift 2 ;;
+    --data) DATA=$(from_caller "$2"); shift 2 ;;
     --models) MODELS="$2"; shift 2 ;;
     --folds) FOLDS="$2"; shift 2 ;;
     --device) DEVICE="$2"; shift 2 ;;
     --gpus) GPUS="$2"; shift 2 ;;
     --name) NAME="$2"; shift 2 ;;
-    --data-root) DATA_ROOT="$2"; shift 2 ;;
-    --submissions) SUBMISSIONS="$2"; shift 2 ;;
+    --data-root) DATA_ROOT=$(from_caller "$2"); shift 2 ;;
+    --submissions) SUBMISSIONS=$(from_caller "$2"); shift 2 ;;
     --train-set) TRAIN_SETS+=(--set "$2"); shift 2 ;;
     --single) SINGLE="$2"; shift 2 ;;
     --refit) REFIT=1; TEST_FROM=refit; shift ;;
@@ -89,6 +92,29 @@ if [ -n "$GPUS" ]; then
   DEVICE_ARGS=(--devices "cuda:${GPUS//,/,cuda:}")
 fi
 
+if [ -z "$MODELS" ]; then
+  case "$DATA:$PRESET" in
+    :tiny|:demo) MODELS="qin_small,dcnv2_tf_small,din_tf_small,simqin_small" ;;
+    *) MODELS="qin,qin_plus,dcnv2_tf,din_tf,transformer_dcn_gpu,simqin" ;;
+  esac
+fi
+# everything the stages would refuse late, refused before the first one starts
+IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
+for model in "${MODEL_LIST[@]}"; do
+  if ! [[ "$model" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || [ ! -f "configs/$model.yaml" ]; then
+    echo "run.sh: --models: no model config configs/$model.yaml" >&2; exit 2
+  fi
+done
+if ! [[ "$NAME" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]]; then
+  echo "run.sh: --name must be a plain file stem (letters, digits, _ . -), got '$NAME'" >&2; exit 2
+fi
+if [ "$SINGLE" != auto ] && [[ ",$MODELS," != *",$SINGLE,"* ]]; then
+  echo "run.sh: --single must be auto or one of the models ($MODELS), got '$SINGLE'" >&2; exit 2
+fi
+if [ -n "$DATA" ] && [ ! -d "$DATA" ]; then
+  echo "run.sh: --data $DATA: no such folder" >&2; exit 2
+fi
+
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
@@ -109,19 +135,12 @@ fi
 if [ -z "$FOLDS" ]; then
   case "$DATA:$PRESET" in :tiny|:demo) FOLDS=3 ;; *) FOLDS=5 ;; esac
 fi
-if [ -z "$MODELS" ]; then
-  case "$DATA:$PRESET" in
-    :tiny|:demo) MODELS="qin_small,dcnv2_tf_small,din_tf_small" ;;
-    *) MODELS="qin,qin_plus,dcnv2_tf,din_tf,transformer_dcn_gpu" ;;
-  esac
-fi
 DATA_SETS=(--set "data.raw_dir=$RAW" --set "data.work_dir=$WORK" --set "data.n_folds=$FOLDS")
 
 stage "preprocess $RAW"
 "$PY" src/preprocess.py --config configs/data.yaml "${DATA_SETS[@]}"
 
 RUNS=()
-IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
 for model in "${MODEL_LIST[@]}"; do
   stage "train $model"
   "$PY" src/train.py --config "configs/$model.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" \

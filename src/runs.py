@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,16 +107,30 @@ def read_fingerprint(run: Path) -> dict | None:
     return stamped if isinstance(stamped, dict) else None
 
 
+def move_aside(run: Path) -> Path:
+    """Move the run's outputs (everything but claims) into a new folder <run>.old-<time> beside it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = run.parent / f"{run.name}.old-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run.parent / f"{run.name}.old-{stamp}-{n}"
+    aside.mkdir()
+    for path in sorted(run.iterdir()):
+        if not path.name.endswith(".claim"):
+            path.replace(aside / path.name)
+    return aside
+
+
 def prepare(run: Path, fingerprint: dict, cfg: dict) -> None:
-    """Discard outputs made under another fingerprint, then record this fingerprint and config."""
+    """Move outputs made under another fingerprint aside (never delete them), then record this
+    fingerprint and config."""
     previous = read_fingerprint(run)
     has_outputs = bool(fold_dirs(run)) or any((run / name).exists() for name in AGGREGATE_FILES)
     if previous != fingerprint and has_outputs:
-        common.log(f"{run}: outputs were made with another config or other data "
-                   f"(fingerprint {previous} != {fingerprint}): discarding them")
-        for path in fold_dirs(run):
-            shutil.rmtree(path)
-        remove_aggregates(run)
+        aside = move_aside(run)
+        common.log(f"{run}: its outputs were made with another config or other data (fingerprint "
+                   f"{previous} != {fingerprint}): moved to {aside}, delete that when no longer needed")
     if previous != fingerprint:  # an unchanged stamp stays untouched, mtime included
         common.write_json(run / "fingerprint.json", fingerprint)
     config_path = run / "config.yaml"

@@ -27,7 +27,8 @@ rank, NCCL on CUDA, gloo on the CPU); rank 0 alone writes files.
 Outputs: {work_dir}/runs/<run.name>/ exactly as docs/DESIGN.md ("Run directory"). A fold is
 complete once fold{k}/done.json reads back; a rerun skips complete folds and redoes the others from
 scratch with the same seed, so an interrupted run ends with the same predictions as an
-uninterrupted one. Outputs made under another config or other data are discarded, never reused.
+uninterrupted one. Outputs made under another config or other data are moved aside to
+runs/<run.name>.old-<time>/, never reused and never deleted.
 The processed data must exist and match the config's data section (src/preprocess.py builds it).
 """
 from __future__ import annotations
@@ -101,6 +102,9 @@ def checked_config(cfg: dict, device: str | None) -> dict:
     if device is not None:
         cfg["train"]["device"] = device
     cfg["train"] = asdict(common.typed_section(TrainConfig, cfg["train"], "train"))
+    if cfg["train"]["lr_min"] > cfg["train"]["lr"]:  # the floor would raise the lr at the first decay
+        raise UserError(f"config: train.lr_min ({cfg['train']['lr_min']:g}) must not exceed train.lr "
+                        f"({cfg['train']['lr']:g})")
     return cfg
 
 

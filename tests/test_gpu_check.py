@@ -19,7 +19,7 @@ import pytest
 import gpu_check
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = ["qin", "dcnv2_tf", "din_tf", "transformer_dcn"]
+MODELS = ["qin", "dcnv2_tf", "din_tf", "transformer_dcn", "simqin"]
 
 
 def is_finite(value) -> bool:
@@ -216,7 +216,7 @@ def test_gpu_shaped_report_compiled_rows_and_verdicts(tmp_path):
     data = {"preset": "full", "rows": rows, "generate_seconds": 90.0, "preprocess_seconds": 8.0,
             "generate_workers": 16, "status": "ok"}
     projected = gpu_check.projection(benches, mode, data, 300.0, "compiled")
-    assert [m["rows_per_s"] for m in projected["models"]] == ["compiled"] + ["eager"] * 3
+    assert [m["rows_per_s"] for m in projected["models"]] == ["compiled"] + ["eager"] * 4
     report = {"mode": "gpu", "command": "bash tools/gpu_check.sh", "started_utc": "2026-11-28T00:00:00+00:00",
               "wall_seconds": 400.0, "budget_seconds": 470, "bench_preset": "full", "models": mode["models"],
               "environment": {"device_name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},

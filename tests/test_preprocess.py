@@ -1,6 +1,7 @@
 """preprocess.py: round trip, folds, cache, and one clear one-line error per kind of bad input."""
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -188,8 +189,15 @@ def test_cache_is_reused_until_inputs_or_settings_change(copy_raw, tmp_path, cap
     assert "reusing" in capsys.readouterr().out
     assert (processed / "manifest.json").stat().st_mtime_ns == built
 
+    # a new mtime alone (a copy, a touch) is the same data: reused
     stat = (raw / "valid.parquet").stat()
     os.utime(raw / "valid.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert preprocess.run_preprocess(cfg) == processed and "reusing" in capsys.readouterr().out
+    # new content of the same size, the mtime put back: seen, rebuilt
+    stat = (raw / "valid.parquet").stat()
+    edit_ints(raw / "valid.parquet", "label", 0, 1 - pq.read_table(raw / "valid.parquet")["label"][0].as_py())
+    os.utime(raw / "valid.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (raw / "valid.parquet").stat().st_size == stat.st_size
     (processed / "stale_marker").write_text("from the old build")
     preprocess.run_preprocess(cfg)
     assert "rebuilding" in capsys.readouterr().out
@@ -209,6 +217,24 @@ def test_cache_is_reused_until_inputs_or_settings_change(copy_raw, tmp_path, cap
     preprocess.run_preprocess(cfg, force=True)
     assert "wrote" in capsys.readouterr().out
     assert sorted(p.name for p in processed.parent.iterdir()) == ["processed"], "no temp folders left"
+
+
+def test_a_moved_or_copied_data_and_work_folder_keeps_its_fingerprint(copy_raw, tmp_path):
+    """No path in the fingerprint: a work folder moved with its raw files (a copied checkout, a
+    Kaggle dataset attached elsewhere) is still current, so its runs stay valid."""
+    raw = copy_raw()
+    cfg = make_data_cfg(raw, tmp_path / "work")
+    processed = preprocess.run_preprocess(cfg)
+    built = preprocess.load_processed(processed)[1]["fingerprint"]
+    shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-moved")  # new mtimes too
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    moved_cfg = make_data_cfg(moved / "raw", moved / "work")
+    _, _, manifest = preprocess.load_current(moved_cfg)
+    assert manifest["fingerprint"] == built == preprocess.fingerprint(moved_cfg)
+    # other files at the configured place are refused, even at the same path
+    edit_ints(moved / "raw" / "test.parquet", "item_id", 0, 5)
+    with pytest.raises(common.UserError, match="are not those it was built from"):
+        preprocess.load_current(moved_cfg)
 
 
 def test_scratch_folders_of_killed_runs_are_removed_and_a_live_runs_kept(copy_raw, tmp_path):

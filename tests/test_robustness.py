@@ -335,6 +335,10 @@ TRAIN_CASES = {
                                      ["unknown key train.learning_rate"]),
     "unknown key on the command line": (None, ["train.learnig_rate=1e-3"], ["unknown config key 'learnig_rate'"]),
     "NaN learning rate": (None, ["train.lr=.nan"], ["train.lr must be positive, got nan"]),
+    "negative embedding L2": (None, ["train.emb_l2=-1"], ["train.emb_l2 must be at least 0, got -1"]),
+    "lr decay above 1": (None, ["train.lr_decay=1.5"], ["train.lr_decay must be at most 1, got 1.5"]),
+    "negative min_delta": (None, ["train.min_delta=-1"], ["train.min_delta must be at least 0, got -1"]),
+    "lr floor above the lr": (None, ["train.lr_min=5"], ["train.lr_min (5) must not exceed train.lr (0.001)"]),
     "text where a number belongs": (None, ["train.batch_size=big"], ["train.batch_size must be an integer"]),
     "a list where a number belongs": (None, ["train.max_epochs=[1,2]"], ["train.max_epochs must be an integer"]),
     "run name with a path": (None, ["run.name=../elsewhere"], ["run.name must be a plain folder name"]),
@@ -458,8 +462,7 @@ def test_summary_refuses_raw_data_newer_than_its_runs(pipeline):
     """Regenerated raw files (new labels) would be scored against the old runs' predictions."""
     p = pipeline
     with restored(p.raw, *outputs(p)):
-        stat = (p.raw / "test.parquet").stat()
-        os.utime(p.raw / "test.parquet", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        edit_value(p.raw / "test.parquet", "item_id", 0, 7)
         assert_user_error(lambda: summary.summary_rows(p.blend_cfg), "changed since", "retrain")
 
 

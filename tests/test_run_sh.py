@@ -17,9 +17,24 @@ MODELS = ("qin_small", "dcnv2_tf_small", "din_tf_small")
 
 
 def run_sh(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = ["bash", "run.sh", "--preset", "tiny", "--data-root", str(tmp_path / "data"),
-           "--submissions", str(tmp_path / "sub"), "--train-set", "train.max_epochs=2", *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    # called from tmp_path with relative paths: they are the caller's, not the repository's
+    cmd = ["bash", str(REPO / "run.sh"), "--preset", "tiny", "--data-root", "data", "--submissions", "sub",
+           "--train-set", "train.max_epochs=2", "--models", ",".join(MODELS), *extra]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models", "qin_small,nonexistent"], "--models: no model config configs/nonexistent.yaml"),
+    (["--name", "../evil"], "--name must be a plain file stem"),
+    (["--single", "dcnv2"], "--single must be auto or one of the models"),
+    (["--data", "no/such/folder"], "no such folder"),
+    (["--preset", "huge"], "--preset must be tiny, demo or full"),
+])
+def test_bad_options_stop_before_the_first_stage(tmp_path, args, message):
+    result = subprocess.run(["bash", str(REPO / "run.sh"), *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "=== setup" not in result.stdout and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -130,7 +130,7 @@ def test_resume_skips_done_folds_and_redoes_the_rest_identically(tiny_cfg, monke
     assert_same_predictions(reference, run_dir)
 
 
-def test_changed_config_discards_stale_outputs(tiny_cfg):
+def test_changed_config_moves_stale_outputs_aside(tiny_cfg):
     one_epoch = "train.max_epochs=1"
     run_dir = train.run_training(make_cfg(tiny_cfg, FASTEST, "stale", one_epoch), folds=[0], device="cpu")
     done = run_dir / "fold0" / "done.json"
@@ -147,6 +147,10 @@ def test_changed_config_discards_stale_outputs(tiny_cfg):
     assert not (run_dir / "fold0").exists() and (run_dir / "fold1" / "done.json").is_file()
     assert common.read_json(run_dir / "fingerprint.json")["config_hash"] != old_hash
     assert common.load_config(run_dir / "config.yaml")["train"]["lr"] == 5e-4
+    # nothing finished is deleted: the old outputs wait beside the run, as they were
+    [aside] = run_dir.parent.glob("stale.old-*")
+    assert (aside / "fold0" / "done.json").stat().st_mtime_ns == stamp
+    assert common.read_json(aside / "fingerprint.json")["config_hash"] == old_hash
 
 
 @pytest.mark.parametrize("monitor, auc_key", [("valid", "valid_auc"), ("holdout", "fold_auc")])
@@ -408,7 +412,8 @@ def test_refit_trains_one_model_on_every_row_beside_the_folds(tiny_cfg, processe
     train.run_training(cfg, device="cpu", refit=True)  # done: skipped
     assert (refit / "done.json").stat().st_mtime_ns == stamp
     train.run_training(make_cfg(tiny_cfg, FASTEST, "refit", "train.lr=5e-4"), folds=[0], device="cpu")
-    assert not refit.exists(), "another config: the refit is discarded with the folds"
+    assert not refit.exists(), "another config: the refit is moved aside with the folds"
+    assert [(p / "refit" / "done.json").is_file() for p in run_dir.parent.glob("refit.old-*")] == [True]
 
 
 def test_refit_of_the_folds_median_best_epoch(tiny_cfg):

@@ -20,8 +20,8 @@ Steps, in the order of what the figures are worth (GPU mode; --cpu rehearses the
    AUC_ABOVE_CHANCE, test predictions probabilities. (The GPU is idle while the full preset is
    generated, so these cost the bench nothing.)
 4. bench, eager: ONE tools/bench.py process, data uploaded once: qin for one whole epoch of the
-   3.6M train rows and the whole 379,142-row test split (the targets), then dcnv2_tf, din_tf and
-   transformer_dcn_gpu for a few steps (the projection).
+   3.6M train rows and the whole 379,142-row test split (the targets), then dcnv2_tf, din_tf,
+   transformer_dcn_gpu and simqin for a few steps (the projection).
 5. bench, compiled QIN: the same epoch with train.compile=true (compiled / eager ratio).
 6. correctness variants while time remains: the published configs with train.bf16=false and
    train.compile=true, QIN rerun (CUDA's run-to-run noise); a variant agrees with the default run
@@ -84,6 +84,7 @@ EPOCH_ASSUMPTIONS = {
     "dcnv2_tf": (5, "no documented count: assumed best epoch 2 + patience 3"),
     "din_tf": (5, "no documented count: assumed best epoch 2 + patience 3"),
     "transformer_dcn": (7, "no documented count: assumed best epoch 2 + patience 5"),
+    "simqin": (41, "QIN's schedule: assumed as QIN's released run"),
 }
 PROCESS_OVERHEAD_S = 30.0  # assumed per train.py process: imports, CUDA context, data upload
 FOLD_OVERHEAD_S = 2.0      # assumed per fold: model build, checkpoint and prediction files
@@ -93,12 +94,12 @@ MODES = {
         "device": "cuda", "check_preset": "demo", "bench_preset": "full", "folds": 5,
         # run.sh --preset full's model list; the first three are the published configs
         "models": {"qin": "qin", "dcnv2_tf": "dcnv2_tf", "din_tf": "din_tf",
-                   "transformer_dcn": "transformer_dcn_gpu"},
+                   "transformer_dcn": "transformer_dcn_gpu", "simqin": "simqin"},
         "check_sets": ["train.batch_size=1024", "train.max_epochs=3"], "model_sets": {},
         "variants": {"qin": ("fp32", "compile", "rerun"), "dcnv2_tf": ("fp32", "compile"),
                      "din_tf": ("fp32", "compile")},
         # bench steps per config: QIN one whole epoch (the targets), the others enough for a rate
-        "bench_steps": {"qin": "epoch", "dcnv2_tf": 60, "din_tf": 60, "transformer_dcn": 40},
+        "bench_steps": {"qin": "epoch", "dcnv2_tf": 60, "din_tf": 60, "transformer_dcn": 40, "simqin": 60},
         "warmup": 10, "budget": 470, "jobs": 6, "compile": True, "peak": [],
         "limits": {"environment": 60, "check_data": 120, "bench_data": 300, "correctness_run": 150,
                    "bench_eager": 180, "bench_compiled": 180},
@@ -106,14 +107,14 @@ MODES = {
     "cpu": {  # the rehearsal: every GPU-mode path on small data (tests/test_gpu_check.py)
         "device": "cpu", "check_preset": "tiny", "bench_preset": "demo", "folds": 3,
         "models": {"qin": "qin_small", "dcnv2_tf": "dcnv2_tf_small", "din_tf": "din_tf_small",
-                   "transformer_dcn": "transformer_dcn_small"},
+                   "transformer_dcn": "transformer_dcn_small", "simqin": "simqin_small"},
         "check_sets": ["train.batch_size=128", "train.max_epochs=2"],
         # compiled code draws its own dropout masks: on the tiny preset's 2,000 held-out rows that
         # noise alone moves the fold AUC by 0.05; without dropout the compiled step is the eager
         # one (tests/test_train.py), so the rehearsal's agreement can be judged
         "model_sets": {"qin": ["model.dropout=0.0"]},
         "variants": {"qin": ("fp32", "compile", "rerun")},
-        "bench_steps": {"qin": "epoch", "dcnv2_tf": 2, "din_tf": 2, "transformer_dcn": 2},
+        "bench_steps": {"qin": "epoch", "dcnv2_tf": 2, "din_tf": 2, "transformer_dcn": 2, "simqin": 2},
         "warmup": 1, "budget": 600, "jobs": 2, "compile": True, "peak": ["--peak-tflops", "matmul"],
         "limits": {"environment": 60, "check_data": 90, "bench_data": 120, "correctness_run": 300,
                    "bench_eager": 240, "bench_compiled": 300},

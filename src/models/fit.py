@@ -52,7 +52,7 @@ FEATURES = ("user_id", "item_id", "item_seq", "likes_level", "views_level")
 
 
 # bounds on a setting, for config loaders (common.typed_section checks them)
-AT_LEAST_1, POSITIVE = {"min": 1}, {"positive": True}
+AT_LEAST_1, POSITIVE, NON_NEGATIVE, FACTOR = {"min": 1}, {"positive": True}, {"min": 0}, {"positive": True, "max": 1}
 
 
 @dataclass
@@ -64,11 +64,11 @@ class FitSettings:
     eval_batch_size: int = field(default=65536, metadata=AT_LEAST_1)
     lr: float = field(default=2.0e-3, metadata=POSITIVE)     # Adam's initial learning rate
     lr_min: float = field(default=1.0e-6, metadata=POSITIVE)  # the learning rate is never decayed below this
-    lr_decay: float = field(default=0.5, metadata=POSITIVE)  # lr factor after an epoch that did not improve
-    min_delta: float = 1.0e-6                                # improving means beating the best AUC by more
+    lr_decay: float = field(default=0.5, metadata=FACTOR)    # lr factor after an epoch that did not improve
+    min_delta: float = field(default=1.0e-6, metadata=NON_NEGATIVE)  # improving: beating the best AUC by more
     patience: int = field(default=8, metadata=AT_LEAST_1)    # stop after this many epochs in a row without
     max_epochs: int = field(default=100, metadata=AT_LEAST_1)  # hard cap on epochs
-    emb_l2: float = 2.0e-4                                   # L2 emb_l2/2 * ||W||^2 on the embedding module
+    emb_l2: float = field(default=2.0e-4, metadata=NON_NEGATIVE)  # L2 emb_l2/2 * ||W||^2 on the embedding module
     grad_clip: float = field(default=10.0, metadata=POSITIVE)  # global gradient-norm clip before each step
     # FuxiCTR's training step, which the released models train with (docs/REPRODUCTION.md): BCE
     # from the float32 probabilities (layers.bce; "logits": from the logits, where a negative with a

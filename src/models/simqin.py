@@ -49,7 +49,8 @@ class SimilarityCounts(nn.Module):
 
     def forward(self, item_id, item_seq):  # [B], [B, L] -> [B, K]
         with torch.autocast(item_id.device.type, enabled=False):  # cosines near tau need float32
-            s = torch.einsum("bld,bd->bl", self.unit[item_seq], self.unit[item_id])  # [B, L]
+            q = F.embedding(item_id, self.unit).unsqueeze(2)  # [B, 128, 1]
+            s = torch.bmm(F.embedding(item_seq, self.unit), q).squeeze(2)  # [B, L]
             above = torch.relu(s.unsqueeze(1) - self.tau.view(1, -1, 1))  # [B, K, L]
             # the mask after the ReLU: a threshold learned below 0 must not count the padding
             above = above * (item_seq > 0).unsqueeze(1)
