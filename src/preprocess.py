@@ -187,7 +187,7 @@ def input_files(raw_dir: Path) -> dict[str, Path]:
 
 
 def content_hash(path: Path) -> str:
-    """BLAKE2b of the file's bytes (about 1 GB/s: 2 s for the full preset's 1.7 GB)."""
+    """BLAKE2b of the file's bytes (0.73 s for the full preset's 591 MB of raw files, page-cached)."""
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 23):
