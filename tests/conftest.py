@@ -2,11 +2,20 @@
 
 Tests that modify data copy it first (see `copy_raw`), so the session fixtures stay pristine.
 """
+import getpass
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# torch.compile's kernel cache does not key on ATEN_CPU_CAPABILITY: a suite run as another CPU
+# (README, "Tests") on a machine that compiled before would load kernels built for the first
+# capability and fail. One cache per capability, for this process and the commands it starts.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"

@@ -17,7 +17,7 @@ import model_config
 import preprocess
 import layers
 from layers import ASTA, DINAttention, ItemEncoder, masked_mean, masked_softmax
-from simqin import SimilarityCounts
+from simqin import SemanticCodes, SimilarityCounts
 from tf4ctr import TF4CTR, tf_loss
 
 V, T, U, LEVELS, L = 60, 30, 40, 11, 64
@@ -87,6 +87,8 @@ CONFIGS = {
     "simqin": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4),
     "simqin_counts_only": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4,
                                use_user_id=False, mean_pool=False),
+    "simqin_codes": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4,
+                         semantic_codes=True, n_codes=6, code_levels=2),
 }
 
 
@@ -272,6 +274,26 @@ def test_simqin_is_qin_plus_its_parts_in_parameters():
     D = 2 * E + 2 * I
     assert count(build(base)) == count(build(QIN)) - qnn(D) + qnn(D + E + I + K) + (E + I + K) + U * E + 2 * K
     assert count(build(CONFIGS["simqin_counts_only"])) == count(build(QIN)) - qnn(D) + qnn(D + K) + K + 2 * K
+
+
+def test_semantic_codes_are_residual_kmeans_codes_of_the_multimodal_vectors():
+    tables = make_tables()
+    codes = SemanticCodes(tables["item_emb"], 8, n_codes=6, levels=2).codes
+    assert codes.shape == (V, 2) and not codes[0].any() and codes[1:].min() >= 1 and codes.max() <= 6
+    assert torch.equal(codes, SemanticCodes(tables["item_emb"], 8, n_codes=6, levels=2).codes)  # deterministic
+    # level 1 is the nearest of its centroids: each unit vector is closer to its own cluster's mean
+    unit = F.normalize(tables["item_emb"][1:], dim=1)
+    first = codes[1:, 0].contiguous()
+    means = torch.stack([unit[first == c].mean(0) for c in first.unique()])
+    assert (torch.cdist(unit, means).argmin(1) == torch.searchsorted(first.unique(), first)).float().mean() > 0.9
+    # the model: codes add (K + 1) E per level, and E to every item (ASTA, QNN and output widen)
+    count, E, I = model_config.count_parameters, 8, 2 * 8 + M
+    qnn = lambda d: count(layers.QNN(d, 2, 2))  # noqa: E731
+    asta = lambda d: count(layers.ASTA(d))  # noqa: E731
+    base = build(CONFIGS["simqin"])
+    D = 2 * E + 3 * I + E + 4  # levels, x_t, ASTA, mean, user, counts
+    assert count(build(CONFIGS["simqin_codes"])) == (count(base) + 2 * 7 * E + asta(I + E) - asta(I)
+                                                     + qnn(D + 3 * E) - qnn(D) + 3 * E)
 
 
 def test_similarity_counts_equal_their_literal_sums():

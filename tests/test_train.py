@@ -338,13 +338,17 @@ def test_compiled_training_and_prediction_equal_eager(processed):
     sum into a whole +-lr step, and a compiled backward rounds differently, so with the L2 on, the
     two runs part by a full step (2e-3) on a few such coordinates within eight steps."""
     # 3999 rows in batches of 500 and a last of 499, then the 600 valid rows in batches of 256,
-    # 256 and 88: the compiled code meets a second shape in both (a recompile)
+    # 256 and 88: two batch sizes in both, one graph each (the rows dimension is dynamic)
     (_, loss_eager, probs_eager, _), (_, loss_compiled, probs_compiled, _) = (
         train_briefly_then_predict(processed, "qin_small", torch.arange(3999), 256,
                                    overrides=["model.dropout=0.0", "train.emb_l2=0.0"], compile=compiled)
         for compiled in (False, True))
-    assert loss_compiled == pytest.approx(loss_eager, rel=1e-5)
-    np.testing.assert_allclose(probs_compiled, probs_eager, atol=1e-4)
+    # Eight Adam steps amplify the compiled code's other rounding of the same sums: measured at most
+    # 1.8e-5 relative in the loss and 7e-4 in a prediction with ATEN_CPU_CAPABILITY=default, where
+    # inductor writes scalar code (below 1e-4 with AVX-512)
+    assert loss_compiled == pytest.approx(loss_eager, rel=1e-4)
+    np.testing.assert_allclose(probs_compiled, probs_eager, atol=2e-3)
+    assert np.abs(probs_compiled - probs_eager).mean() < 2e-4
 
 
 def test_on_cpu_the_device_data_is_the_mapped_files_not_a_copy(processed):

@@ -169,6 +169,11 @@ def compiled_for_batches(fn: Callable) -> Callable:
     dynamic from the first call. Training batches come in two sizes (tensor_split: n and n + 1
     rows) and the last prediction batch is partial: with static shapes each new size is another
     compile (minutes on a GPU image) before torch falls back to dynamic shapes by itself."""
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        # ATen's CPU kernels without SIMD (a CPU without AVX2, or ATEN_CPU_CAPABILITY=default):
+        # inductor would still emit ATen's vector types in its C++ code, which then fails to compile
+        from torch._inductor import config as inductor_config
+        inductor_config.cpp.simdlen = 1
     compiled = torch.compile(fn)
 
     def call(batch: dict, *tensors):

@@ -15,7 +15,8 @@ after the deadline or left as future work:
 
 X_0 = [user (E), likes/views (2E), target x_t (I), ASTA output o (I), history mean m (I), counts (K)]
 goes through QIN's QNN. Every part has a switch (similarity, mean_pool, use_user_id) for the
-ablation in docs/OWN_MODEL.md.
+ablation in docs/OWN_MODEL.md; semantic_codes (off) adds the 1st-place team's other future-work
+idea, learned embeddings of residual k-means codes of the multimodal vectors, measured there too.
 """
 import math
 from typing import Literal
@@ -58,15 +59,56 @@ class SimilarityCounts(nn.Module):
             return torch.log1p(torch.einsum("bkl,kl->bk", above, recency) / 0.05)
 
 
+def residual_codes(vectors, n_codes, levels, iterations=10, seed=0):
+    """Residual k-means codes of the rows of ``vectors`` [V, d] (row 0, the padding item, excluded):
+    level 1 clusters the unit vectors, each next level the residuals the previous one left.
+    Returns int64 codes [V, levels] in 1..n_codes (0 for the padding row). Deterministic: the
+    initial centroids are rows drawn by a generator of its own."""
+    x = F.normalize(vectors[1:].to(torch.get_default_dtype()), dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.zeros(vectors.shape[0], levels, dtype=torch.int64)
+    for level in range(levels):
+        k = min(n_codes, x.shape[0])
+        centroids = x[torch.randperm(x.shape[0], generator=generator)[:k]].clone()
+        for _ in range(iterations):
+            assign = torch.cdist(x, centroids).argmin(1)  # [V-1]
+            sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+            counts = torch.bincount(assign, minlength=k).unsqueeze(1)
+            centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # empty: kept
+        assign = torch.cdist(x, centroids).argmin(1)
+        codes[1:, level] = assign + 1
+        x = x - centroids[assign]
+    return codes
+
+
+class SemanticCodes(nn.Module):
+    """A learned embedding per residual k-means code of the frozen multimodal vectors, summed over
+    the levels (the 1st-place team's other future work, their Transformer_DCN_Quant): items with
+    close vectors share rows, so a rare item borrows what its semantic neighbours learned."""
+
+    def __init__(self, item_emb, emb_dim, n_codes=256, levels=2):
+        super().__init__()
+        self.register_buffer("codes", residual_codes(item_emb, n_codes, levels), persistent=False)  # [V, levels]
+        self.tables = nn.ModuleList(nn.Embedding(n_codes + 1, emb_dim, padding_idx=0) for _ in range(levels))
+        self.out_dim = emb_dim
+
+    def forward(self, ids):  # [...] -> [..., E]
+        codes = self.codes[ids]  # [..., levels]
+        return sum(table(codes[..., level]) for level, table in enumerate(self.tables))
+
+
 class SimQIN(CTRModel):
     def __init__(self, tables, emb_dim=128, mm_dim=128, qnn_layers=4, qnn_m=4,
                  qnn_activation: Literal["prelu", "relu"] = "prelu", dropout=0.1, batch_norm=True,
-                 similarity=True, n_counts=8, mean_pool=True, use_user_id=True, asta_bias=False,
+                 similarity=True, n_counts=8, mean_pool=True, use_user_id=True, semantic_codes=False,
+                 n_codes=256, code_levels=2, asta_bias=False,
                  table_mode: Literal["auto", "gather", "table"] = "auto"):
         super().__init__()
         self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim)
         self.levels = LevelEmbedding(tables["n_levels"], emb_dim)
-        item_dim = self.items.out_dim
+        # semantic codes widen every item by E: [id, tags, multimodal, codes]
+        self.codes = SemanticCodes(tables["item_emb"], emb_dim, n_codes, code_levels) if semantic_codes else None
+        item_dim = self.items.out_dim + (emb_dim if semantic_codes else 0)
         self.asta = ASTA(item_dim, out_bias=asta_bias)
         self.mean_pool = mean_pool
         self.counts = SimilarityCounts(tables["item_emb"], n_counts) if similarity else None
@@ -82,6 +124,9 @@ class SimQIN(CTRModel):
         seq = batch["item_seq"]  # [B, L]
         mask = seq > 0
         x_t, x_b = self.items(batch["item_id"], seq)  # [B, I], [B, L, I]
+        if self.codes is not None:  # items I + E wide
+            x_t = torch.cat([x_t, self.codes(batch["item_id"]).to(x_t.dtype)], -1)
+            x_b = torch.cat([x_b, self.codes(seq).to(x_b.dtype)], -1)
         features = [self.levels(batch["likes_level"], batch["views_level"]), x_t,  # [B, 2E], [B, I]
                     self.asta(x_t, x_b, mask)]  # [B, I]
         if self.mean_pool:
