@@ -114,6 +114,18 @@ fi
 if [ -n "$DATA" ] && [ ! -d "$DATA" ]; then
   echo "run.sh: --data $DATA: no such folder" >&2; exit 2
 fi
+writable() {  # $1 folder, $2 the option that names it: created if needed, and a file must fit in it
+  local probe
+  if [ -e "$1" ] && [ ! -d "$1" ]; then
+    echo "run.sh: $2 $1: a file, not a folder" >&2; exit 2
+  fi
+  if ! mkdir -p "$1" 2>/dev/null || ! probe=$(mktemp "$1/.run-sh-probe.XXXXXX" 2>/dev/null); then
+    echo "run.sh: $2 $1: cannot write there (read-only, no permission or full)" >&2; exit 2
+  fi
+  rm -f "$probe"
+}
+writable "$DATA_ROOT" --data-root
+writable "$SUBMISSIONS" --submissions
 
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1

@@ -52,7 +52,7 @@ import plots
 import preprocess
 from common import UserError, first_line
 from runs import PROCESSED_SPLIT, SPLITS, auc_text, markdown_table, picture_lines, read_predictions
-from submission import ID_COLUMN, write_submission
+from submission import ID_COLUMN, submission_paths, write_submission
 
 ROW_FEATURES = ("history_len", "likes_level", "views_level")
 PROB_EPS = 1e-7           # probabilities are clipped to [eps, 1-eps] before the logit: float32
@@ -537,19 +537,11 @@ def run_blend(cfg: dict) -> dict:
                    f"best single run {best_single.name} ({best_single.oof_auc:.6f}); select: auto would not")
 
     blend_dir = common.data_paths(cfg)["work"] / "blend"
-    # metrics.json is written last and marks the folder complete, like a fold's done.json
-    for name in ("metrics.json", CANDIDATES_PNG, CALIBRATION_PNG):  # no picture of an earlier blend stays
-        (blend_dir / name).unlink(missing_ok=True)
-    common.write_parquet(blend_dir / "oof.parquet", pd.DataFrame(
-        {"row_id": np.arange(len(data.oof_label)), "fold": data.fold.astype(np.int8), "pred": chosen.preds["oof"]}))
-    common.write_parquet(blend_dir / "valid.parquet", pd.DataFrame(
-        {"row_id": np.arange(len(data.valid_label)), "pred": chosen.preds["valid"]}))
-    common.write_parquet(blend_dir / "test.parquet", pd.DataFrame({"ID": data.test_ids, "pred": chosen.preds["test"]}))
-    csv_path, zip_path = write_submission(data.test_ids, chosen.preds["test"], settings.submission.dir,
-                                          f"{settings.submission.name}-blend", settings.submission.column)
-
+    sub = settings.submission
+    common.require_writable_folder(sub.dir, "blend.submission.dir")
     oracle = oracle_probs(cfg, data)
     chosen_name = f"{BEST_SINGLE} ({best_single.name})" if chosen is best_single else chosen.name
+    csv_path, zip_path = submission_paths(sub.dir, f"{sub.name}-blend")
     metrics = {
         "runs": {c.name: {"oof_auc": c.oof_auc, "valid_auc": c.valid_auc} for c in runs},
         "methods": {c.name: {"oof_auc": c.oof_auc, "valid_auc": c.valid_auc, "seconds": c.seconds, **c.details}
@@ -569,16 +561,25 @@ def run_blend(cfg: dict) -> dict:
         "oracle_valid_auc": oracle_auc(data.valid_label, oracle["valid"]),
         "blend_dir": str(blend_dir),
         "submission": {"csv": str(csv_path), "zip": str(zip_path), "rows": len(data.test_ids),
-                       "column": settings.submission.column},
+                       "column": sub.column},
         "gap_warnings": gap_warnings(runs + methods),
-        "seconds": time.time() - started,
     }
     for warning in metrics["gap_warnings"]:
         common.log(f"warning: {warning}: OOF much better than the holdout, a leak? (see report.md)")
     rows = table_rows(runs, methods, best_single, chosen)
-    pictures = draw_pictures(blend_dir, runs, methods, chosen, data, oracle)
-    common.write_text(blend_dir / "report.md", report_markdown(metrics, rows, methods, pictures))
-    common.write_json(blend_dir / "metrics.json", metrics)
+    # every output goes into a staged folder that replaces blend/ whole once the submission is
+    # written: a failure anywhere leaves the previous blend complete, never a mix
+    with common.staged_folder(blend_dir) as staged:
+        common.write_parquet(staged / "oof.parquet", pd.DataFrame(
+            {"row_id": np.arange(len(data.oof_label)), "fold": data.fold.astype(np.int8), "pred": chosen.preds["oof"]}))
+        common.write_parquet(staged / "valid.parquet", pd.DataFrame(
+            {"row_id": np.arange(len(data.valid_label)), "pred": chosen.preds["valid"]}))
+        common.write_parquet(staged / "test.parquet", pd.DataFrame({"ID": data.test_ids, "pred": chosen.preds["test"]}))
+        pictures = draw_pictures(staged, runs, methods, chosen, data, oracle)
+        metrics["seconds"] = time.time() - started
+        common.write_text(staged / "report.md", report_markdown(metrics, rows, methods, pictures))
+        common.write_json(staged / "metrics.json", metrics)
+        write_submission(data.test_ids, chosen.preds["test"], sub.dir, f"{sub.name}-blend", sub.column)
     print_summary(metrics, rows)
     return metrics
 

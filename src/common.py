@@ -10,11 +10,13 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -328,15 +330,44 @@ UMASK = _read_umask()
 FILE_MODE, DIR_MODE = 0o666 & ~UMASK, 0o777 & ~UMASK
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        pass
+    return True
+
+
+def _writer_gone(name: str, pattern: re.Pattern) -> bool:
+    """Whether the scratch file or folder ``name`` (its writer's pid in group 1) was left by a dead process."""
+    match = pattern.fullmatch(name)
+    return bool(match) and not process_alive(int(match.group(1)))
+
+
+def _remove_left_over(path: Path) -> None:
+    log(f"removing {path}, left by an interrupted process")
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
 
-    A crash or kill inside the block leaves at most a ``.tmp`` file, never a half-written ``path``.
+    A crash or kill inside the block leaves at most a ``.<name>.<pid>.*.tmp`` file, never a
+    half-written ``path``; the next write of ``path`` removes such files of dead processes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    left_over = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\..*\.tmp")
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        if _writer_gone(stale.name, left_over):
+            _remove_left_over(stale)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
     tmp_path.chmod(FILE_MODE)
@@ -346,6 +377,61 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+@contextlib.contextmanager
+def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new empty folder beside ``final``; on success it replaces ``final`` whole.
+
+    A stage writes every output into it, so a failure (full disk, kill, error) leaves the previous
+    complete ``final`` and no mix. Scratch folders of dead processes (``.<name>-tmp-<pid>-*``,
+    ``.<name>-old-<pid>-*``) are removed first: a killed full-size build leaves gigabytes.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    left_over = re.compile(rf"\.{re.escape(final.name)}-(?:tmp|old)-(\d+)-.*")
+    for path in final.parent.glob(f".{glob_escape(final.name)}-*"):
+        if _writer_gone(path.name, left_over):
+            _remove_left_over(path)
+    staging = _scratch_folder(final, "tmp")
+    try:
+        yield staging
+        old = None
+        if final.exists():
+            old = _scratch_folder(final, "old")
+            final.replace(old / final.name)
+        staging.replace(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _scratch_folder(final: Path, kind: str) -> Path:
+    """A new folder beside ``final`` whose name records this process, e.g. .processed-tmp-4242-x1y2."""
+    path = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-{kind}-{os.getpid()}-"))
+    path.chmod(DIR_MODE)  # mkdtemp's 0700 would make a published folder private
+    return path
+
+
+def require_writable_folder(path: str | os.PathLike, what: str) -> Path:
+    """Create ``path`` if needed and check that a file can be written in it: a stage checks its
+    output folders before its work starts, not after hours of training."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path}: {what} must be a folder, and this is a file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise UserError(f"{exc.filename or path}: {what} cannot be written ({exc.strerror})") from None
+    return path
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -434,6 +520,26 @@ def run_main(main: Callable[[], Any]) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+    except OSError as exc:
+        if exc.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {disk_error_text(exc)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# what the machine's disks can refuse: the user can act on each (free space, permissions, a path)
+DISK_ERRORS = {errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EEXIST,
+               errno.ENOTDIR, errno.EISDIR, errno.EFBIG}
+
+
+def disk_error_text(exc: OSError) -> str:
+    where = exc.filename or "an output file"
+    hint = {errno.ENOSPC: "free space there or point the outputs elsewhere",
+            errno.EDQUOT: "free space there or point the outputs elsewhere",
+            errno.EROFS: "point the outputs at a writable folder",
+            errno.EACCES: "point the outputs at a folder you can write",
+            errno.EPERM: "point the outputs at a folder you can write"}.get(exc.errno, "check the path")
+    return f"{where}: {exc.strerror} ({hint}); finished outputs are kept, rerun the same command after"
 
 
 # ---------------------------------------------------------------------------------------------

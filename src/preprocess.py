@@ -16,11 +16,10 @@ Every problem with the input is reported as one line naming the file and column,
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
-import re
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -300,7 +299,17 @@ def checked_data(cfg: dict) -> dict:
 
 
 def _new_array(folder: Path, name: str, dtype, shape) -> np.ndarray:
-    return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+    path = folder / f"{name}.npy"
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    # the map's file is sparse: on a full disk a write into it would kill the process with SIGBUS.
+    # Reserving its blocks now turns that into an ENOSPC error naming the file, before any work.
+    with open(path, "r+b") as file:
+        try:
+            os.posix_fallocate(file.fileno(), 0, path.stat().st_size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
+    return array
 
 
 def write_items(path: Path, out: Path, emb_dtype) -> tuple[int, int]:
@@ -375,6 +384,12 @@ def write_split(split: str, path: Path, out: Path, n_items: int, level_sums: np.
                     f"1..{n_items - 1} {vocab}")
         seq = list_column(batch, "item_seq", SEQ_LEN, path, start)
         check_range(seq, 0, n_items - 1, path, "item_seq", start, "item id", f"0..{n_items - 1} {vocab}")
+        # left-padded: once an item appears, no padding follows (a right-padded history would put
+        # the padding where the models look for the most recent items)
+        gap = np.flatnonzero(((seq[:, 1:] == 0) & (np.maximum.accumulate(seq, axis=1)[:, :-1] > 0)).any(axis=1))
+        if len(gap):
+            _fail(path, "item_seq", f"row {start + gap[0]} has padding 0 after an item id: the history "
+                                    f"must be left-padded (0s first, the most recent item last)")
         levels = []
         for name in ("likes_level", "views_level"):
             levels.append(scalar_column(batch, name, path, start))
@@ -507,43 +522,19 @@ def build(cfg: dict, out: Path, fingerprint_value: str, records: dict[str, dict]
     return manifest
 
 
-def _scratch_dir(final: Path, kind: str) -> Path:
-    """A new folder beside ``final`` whose name records this process, e.g. .processed-tmp-4242-x1y2."""
-    path = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-{kind}-{os.getpid()}-"))
-    path.chmod(common.DIR_MODE)  # mkdtemp's 0700 would make the processed folder private
-    return path
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process: it exists
-        pass
-    return True
-
-
-def remove_abandoned_scratch(final: Path) -> None:
-    """Delete the scratch folders of preprocess runs that were killed (their process is gone): a
-    killed full-size build would otherwise leave a gigabyte behind on every attempt."""
-    pattern = re.compile(rf"\.{re.escape(final.name)}-(?:tmp|old)-(\d+)-.*")
-    for path in final.parent.glob(f".{final.name}-*"):
-        match = pattern.fullmatch(path.name)
-        if match and path.is_dir() and not _process_alive(int(match.group(1))):
-            common.log(f"preprocess: removing {path}, left by an interrupted run")
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _swap_into_place(new: Path, final: Path) -> None:
-    """Rename ``new`` onto ``final``; an old ``final`` is moved aside first and deleted after."""
-    old = None
-    if final.exists():
-        old = _scratch_dir(final, "old")
-        final.replace(old / final.name)
-    new.replace(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def require_room(folder: Path, raw_dir: Path, emb_dtype) -> None:
+    """Refuse to start a build that cannot fit on ``folder``'s disk (the arrays' sizes follow from
+    the inputs' row counts): better one line now than ENOSPC half-way."""
+    files = input_files(raw_dir)
+    n_items = open_parquet(files["item_info"], ITEM_COLUMNS).metadata.num_rows
+    n_rows = sum(open_parquet(files[split], SPLIT_COLUMNS[split]).metadata.num_rows for split in SPLITS)
+    item_bytes = EMB_DIM * np.dtype(emb_dtype).itemsize + TAG_SLOTS * 4 + 2 * 8
+    row_bytes = SEQ_LEN * 4 + 5 * 4 + 8  # item_seq, four int32 columns, label or ID
+    needed = n_items * item_bytes + n_rows * (row_bytes + 1)  # + the train rows' fold number
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise common.UserError(f"{folder}: the processed data needs about {needed / 2**30:.2f} GiB and the "
+                               f"disk has {free / 2**30:.2f} GiB free; free space or set data.work_dir elsewhere")
 
 
 def run_preprocess(cfg: dict, force: bool = False) -> Path:
@@ -566,15 +557,10 @@ def run_preprocess(cfg: dict, force: bool = False) -> Path:
         common.log(f"preprocess: inputs or settings changed since {processed} was built, rebuilding")
 
     started = time.time()
-    processed.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_scratch(processed)
-    staging = _scratch_dir(processed, "tmp")
-    try:
+    common.require_writable_folder(processed.parent, "the processed data's folder (data.work_dir)")
+    require_room(processed.parent, Path(cfg["data"]["raw_dir"]), EMB_DTYPES[cfg["data"]["emb_dtype"]])
+    with common.staged_folder(processed) as staging:  # a failed build leaves the previous one whole
         manifest = build(cfg, staging, fingerprint_value, records)
-        _swap_into_place(staging, processed)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
     rows = ", ".join(f"{split} {n:,d}" for split, n in manifest["n_rows"].items())
     vocab = ", ".join(f"{name} {n:,d}" for name, n in manifest["vocab"].items())

@@ -12,11 +12,14 @@ so that reading them back is a join on the ids, checked here against the ids the
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -117,7 +120,7 @@ def move_aside(run: Path) -> Path:
         aside = run.parent / f"{run.name}.old-{stamp}-{n}"
     aside.mkdir()
     for path in sorted(run.iterdir()):
-        if not path.name.endswith(".claim"):
+        if not path.name.endswith(".claim") and not path.name.startswith(LOCK_FILE):
             path.replace(aside / path.name)
     return aside
 
@@ -149,6 +152,57 @@ def remove_aggregates(run: Path) -> None:
 
 def clear_fold(run: Path, fold: int | str) -> None:
     shutil.rmtree(fold_dir(run, fold), ignore_errors=True)  # leftovers of an interrupted attempt
+
+
+# The run lock: a run folder holds the folds of one fingerprint only. Every process that trains
+# into it holds a shared flock on run.lock for its whole run and records the fingerprint there;
+# processes with the same fingerprint share the folder (claims split the folds), one with another
+# fingerprint is refused while any holder lives. The kernel drops a dead process's flock: no stale
+# lock survives a kill.
+
+LOCK_FILE = "run.lock"
+
+
+@contextlib.contextmanager
+def hold(run: Path, fingerprint: dict) -> Iterator[None]:
+    """Hold ``run`` for a process training with ``fingerprint``; UserError when processes with
+    another fingerprint hold it."""
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK_FILE
+    with open(path, "a+") as lock:
+        with _mutex(run):  # one process at a time looks at run.lock and joins
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                holders = {"fingerprint": fingerprint, "pids": []}  # nobody holds it: ours now
+            except BlockingIOError:
+                holders = _read_holders(path)
+                if holders.get("fingerprint") != fingerprint:
+                    pids = [pid for pid in holders.get("pids", []) if common.process_alive(pid)]
+                    raise UserError(
+                        f"{run}: in use by process {', '.join(map(str, pids)) or '(unknown)'}, which trains "
+                        f"it with another config or other data (fingerprint {holders.get('fingerprint')}); "
+                        f"wait for it to end, or name this run differently (--set run.name=...)") from None
+            pids = [pid for pid in holders.get("pids", []) if common.process_alive(pid) and pid != os.getpid()]
+            joined = {"fingerprint": fingerprint, "pids": pids + [os.getpid()]}
+            if joined != _read_holders(path):  # for the message above; an unchanged record stays untouched
+                common.write_json(path.with_name(LOCK_FILE + ".json"), joined)
+            fcntl.flock(lock, fcntl.LOCK_SH)  # ours is shared: processes with this fingerprint may join
+        yield
+
+
+def _read_holders(path: Path) -> dict:
+    try:
+        holders = common.read_json(path.with_name(LOCK_FILE + ".json"))
+    except UserError:
+        holders = None
+    return holders if isinstance(holders, dict) else {}
+
+
+@contextlib.contextmanager
+def _mutex(run: Path) -> Iterator[None]:
+    with open(run / (LOCK_FILE + ".mutex"), "a") as mutex:
+        fcntl.flock(mutex, fcntl.LOCK_EX)  # held for milliseconds; released by close or death
+        yield
 
 
 # Claims: which process trains which fold, so that workers training the folds of one run at once
@@ -186,22 +240,12 @@ def claim_owner(path: Path) -> int | None:
         return None
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        pass
-    return True
-
-
 def remove_stale_claims(run: Path) -> None:
     """Remove the claims of processes that are gone (a killed worker's), so that their folds are
     trained again; a live process's claim stays."""
     for path in run.glob("*.claim"):
         pid = claim_owner(path)
-        if pid is None or not process_alive(pid):
+        if pid is None or not common.process_alive(pid):
             common.log(f"{path}: its process {pid} is gone: the fold is free again")
             path.unlink(missing_ok=True)
 

@@ -26,7 +26,7 @@ import common
 import preprocess
 import runs
 from common import UserError
-from submission import write_submission
+from submission import submission_paths, write_submission
 
 AUTO = "auto"
 RULE = ("one neural network trained end to end on the train rows, predicting the test split alone "
@@ -86,11 +86,10 @@ def run_single(cfg: dict) -> dict:
     preds = refit_predictions(cfg, name, arrays)
     test_ids = np.asarray(arrays["test_ID"], np.int64)
     sub = blend_settings.submission
-    csv_path, zip_path = write_submission(test_ids, preds["test"], sub.dir, f"{sub.name}-single-{name}", sub.column)
+    common.require_writable_folder(sub.dir, "blend.submission.dir")
+    csv_path, zip_path = submission_paths(sub.dir, f"{sub.name}-single-{name}")
 
     out = common.data_paths(cfg)["work"] / "single"
-    (out / "metrics.json").unlink(missing_ok=True)  # written last: the folder is complete again
-    common.write_parquet(out / "test.parquet", pd.DataFrame({"ID": test_ids, "pred": preds["test"]}))
     refit = runs.fold_metrics(runs.run_dir(cfg, name), runs.REFIT)
     valid_label = np.asarray(arrays["valid_label"], np.float64)
     labels = common.read_test_labels(common.data_paths(cfg)["raw"])
@@ -102,11 +101,14 @@ def run_single(cfg: dict) -> dict:
         "folds_oof_auc": oof_aucs[name],
         "refit_valid_auc": common.roc_auc(valid_label, preds["valid"]),
         "refit": {key: refit.get(key) for key in ("epochs", "best_epoch", "early_stopping", "seconds")},
-        "test_auc": None if labels is None else runs.hidden_test_auc(out / "test.parquet", labels),
         "submission": {"csv": str(csv_path), "zip": str(zip_path), "rows": len(test_ids), "column": sub.column},
-        "seconds": time.time() - started,
     }
-    common.write_json(out / "metrics.json", metrics)
+    with common.staged_folder(out) as staged:  # a failure leaves the previous single/ whole
+        common.write_parquet(staged / "test.parquet", pd.DataFrame({"ID": test_ids, "pred": preds["test"]}))
+        metrics["test_auc"] = None if labels is None else runs.hidden_test_auc(staged / "test.parquet", labels)
+        metrics["seconds"] = time.time() - started
+        common.write_json(staged / "metrics.json", metrics)
+        write_submission(test_ids, preds["test"], sub.dir, f"{sub.name}-single-{name}", sub.column)
     test = "" if metrics["test_auc"] is None else f", test AUC {metrics['test_auc']:.6f}"
     print(f"single network: {name}'s refit (chosen by {metrics['chosen_by']}: folds OOF AUC "
           f"{oof_aucs[name]:.6f}), valid AUC {metrics['refit_valid_auc']:.6f}{test}\n"

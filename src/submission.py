@@ -208,23 +208,27 @@ def validate_submission(submission: str | os.PathLike | pd.DataFrame, expected_i
 # writing
 # ---------------------------------------------------------------------------------------------
 
+def submission_paths(folder: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    return Path(folder) / f"{name}.csv", Path(folder) / f"{name}.zip"
+
+
 def write_submission(test_ids: np.ndarray, preds: np.ndarray, folder: str | os.PathLike, name: str,
                      column: str = DEFAULT_COLUMN) -> tuple[Path, Path]:
-    """<folder>/<name>.csv and .zip (prediction.csv at its root), each validated before the rename."""
+    """<folder>/<name>.csv and .zip (prediction.csv at its root): both written and validated first,
+    then renamed into place one after the other, so the pair never mixes two writes' predictions
+    (short of a kill in the microseconds between the two renames)."""
     # 12 significant digits: far finer than the float32 predictions the runs make, so rounding adds
     # practically no ties
     text = pd.DataFrame({ID_COLUMN: test_ids, column: preds}).to_csv(index=False, float_format="%.12g")
-    folder = Path(folder)
-    csv_path, zip_path = folder / f"{name}.csv", folder / f"{name}.zip"
-    with common.atomic_path(csv_path) as tmp:
-        tmp.write_text(text)
-        validate_submission(tmp, test_ids, column)
-    with common.atomic_path(zip_path) as tmp:
+    csv_path, zip_path = submission_paths(folder, name)
+    with common.atomic_path(csv_path) as csv_tmp, common.atomic_path(zip_path) as zip_tmp:
+        csv_tmp.write_text(text)
+        validate_submission(csv_tmp, test_ids, column)
         # a fixed timestamp: the same predictions give the same zip bytes
         member = zipfile.ZipInfo(ZIP_MEMBER, date_time=(2025, 1, 1, 0, 0, 0))
         member.compress_type = zipfile.ZIP_DEFLATED
         member.external_attr = 0o644 << 16
-        with zipfile.ZipFile(tmp, "w") as archive:
+        with zipfile.ZipFile(zip_tmp, "w") as archive:
             archive.writestr(member, text)
-        validate_submission(tmp, test_ids, column)
+        validate_submission(zip_tmp, test_ids, column)
     return csv_path, zip_path

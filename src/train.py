@@ -34,6 +34,7 @@ The processed data must exist and match the config's data section (src/preproces
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import multiprocessing
 import os
@@ -261,7 +262,7 @@ def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row
     metrics = {"fold": fold, "best_epoch": result.best_epoch, "epochs": len(result.history),
                "early_stopping": stopping, **scores,
                "train_rows": int(train_rows.numel()), "rows_per_s": result.rows_per_s,
-               "seconds": time.time() - fold_start, "device": where}
+               "seconds": time.time() - fold_start, "device": where, "numerics": numerics(device)}
     preds = {} if refit else {"oof": (holdout_host, predictions["fold"])}
     preds.update(valid=(np.arange(n_valid), predictions["valid"]), test=(test_ids, test_probs))
     runs.write_fold(run_dir, fold, result.model.state_dict(), preds, metrics)
@@ -269,6 +270,28 @@ def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row
                + "".join(f"{key[:-4]} AUC {metrics[key]:.6f}, " for key in ("fold_auc", "valid_auc") if key in metrics)
                + f"{metrics['rows_per_s']:,.0f} rows/s, {metrics['seconds']:.0f}s")
     return metrics
+
+
+def numerics(device: torch.device) -> dict:
+    """What decides a fold's last bits besides config, data and seed (docs/REPRODUCTION.md): the
+    same values give the same files; other values move predictions by up to ~1e-3."""
+    if device.type != "cpu":
+        return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device)}
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkldnn": torch.backends.mkldnn.enabled}
+
+
+def warn_of_other_numerics(run_dir: Path, done: list, device: torch.device) -> None:
+    """A resumed run whose finished folds were trained under other numerics (thread count, CPU
+    kernels, torch) is valid but not the bits one uninterrupted run would give: say so."""
+    ours = numerics(device)
+    for k in done:
+        theirs = runs.fold_metrics(run_dir, k).get("numerics")
+        if theirs is not None and theirs != ours:
+            different = ", ".join(f"{key} {theirs.get(key)} (now {value})" for key, value in ours.items()
+                                  if theirs.get(key) != value)
+            common.log(f"note: fold {k} was trained with {different}: its predictions may differ from an "
+                       f"uninterrupted run's in the last bits (docs/REPRODUCTION.md)")
 
 
 def refit_epochs_from_folds(run_dir: Path, n_folds: int) -> int:
@@ -383,9 +406,21 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
 
     run_dir = runs.run_dir(cfg)
     main = rank_and_world()[0] == 0  # under torchrun, rank 0 alone reads and writes the run folder
+    fingerprint = fingerprint_of(cfg, manifest)
+    with runs.hold(run_dir, fingerprint) if main else contextlib.nullcontext():
+        return train_in_run_folder(cfg, arrays, manifest, processed, folds, refit, torch_devices,
+                                   run_dir, fingerprint, run_start)
+
+
+def train_in_run_folder(cfg: dict, arrays: dict, manifest: dict, processed: Path, folds: list, refit: bool,
+                        torch_devices: list[torch.device], run_dir: Path, fingerprint: dict,
+                        run_start: float) -> Path:
+    """run_training's part inside the run folder, which this process holds (runs.hold)."""
+    n_folds = int(manifest["n_folds"])
+    main = rank_and_world()[0] == 0
     todo, refit_epochs = [], None
     if main:
-        runs.prepare(run_dir, fingerprint_of(cfg, manifest), cfg)
+        runs.prepare(run_dir, fingerprint, cfg)
         runs.remove_stale_claims(run_dir)
         if refit and cfg["train"]["refit_epochs"] == "folds":
             refit_epochs = refit_epochs_from_folds(run_dir, n_folds)
@@ -393,6 +428,9 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
         skipped = [k for k in folds if k not in todo]
         if skipped:
             common.log(f"{run_dir}: folds {skipped} already done, skipped")
+        if todo:
+            warn_of_other_numerics(run_dir, [k for k in range(n_folds) if runs.fold_done(run_dir, k)],
+                                   torch_devices[0])
         if todo and not refit:
             runs.remove_aggregates(run_dir)  # they would describe folds about to change
     todo, refit_epochs = from_rank0([todo, refit_epochs])

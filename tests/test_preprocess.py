@@ -290,6 +290,12 @@ def corrupt_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def right_padded_history(path: Path) -> None:
+    seq = as_matrix(pq.read_table(path, columns=["item_seq"])["item_seq"]).tolist()
+    seq[20] = [5] * 10 + [0] * (len(seq[20]) - 10)
+    replace_column(path, "item_seq", pa.array(seq, pa.list_(pa.int64())))
+
+
 def empty(path: Path) -> None:
     pq.write_table(pq.read_table(path).slice(0, 0), path)
 
@@ -353,6 +359,9 @@ BAD_INPUTS = {
     "wrong_list_length": ("train.parquet", short_history,
                           ["train.parquet", "column 'item_seq'", "row 17 has 63 items, expected 64"]),
     "null_value": ("valid.parquet", null_level, ["valid.parquet", "column 'views_level'", "row 8", "null"]),
+    "right_padded_history": ("train.parquet", right_padded_history,
+                             ["train.parquet", "column 'item_seq'", "row 20 has padding 0 after an item id",
+                              "left-padded"]),
     "history_item_out_of_vocab": ("valid.parquet", lambda p: edit_list(p, "item_seq", 5, 63, N_ITEMS),
                                   ["valid.parquet", "column 'item_seq'", f"row 5 has item id {N_ITEMS}"]),
     "negative_history_item": ("train.parquet", lambda p: edit_list(p, "item_seq", 6, 60, -2),

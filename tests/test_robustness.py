@@ -19,6 +19,8 @@ Everything runs on the tiny synthetic data on the CPU.
 from __future__ import annotations
 
 import contextlib
+import copy
+import errno
 import io
 import os
 import shutil
@@ -92,7 +94,8 @@ def snapshot(*roots: Path) -> dict[str, tuple[bytes, int]]:
     """Bytes and mtime of every file under ``roots``: what 'untouched' means."""
     files = {}
     for root in roots:
-        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+                                                     and not p.name.startswith(runs.LOCK_FILE))  # bookkeeping
         for path in paths:
             files[str(path)] = (path.read_bytes(), path.stat().st_mtime_ns)
     return files
@@ -905,3 +908,197 @@ def test_well_formed_variants_are_accepted(tmp_path, text):
     archive = tmp_path / "submission.zip"
     archive.write_bytes(zip_of({"prediction.csv": text}))
     submission.validate_submission(archive, IDS, "Task2")
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. finished work is never mixed or lost: concurrent runs, full or read-only disks, leftovers
+# ---------------------------------------------------------------------------------------------
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, {src!r})
+import runs
+from pathlib import Path
+with runs.hold(Path({run!r}), {fingerprint!r}):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_run_folder_is_held_by_one_fingerprint_and_a_dead_holder_frees_it(tmp_path):
+    run = tmp_path / "runs" / "qin"
+    mine, other = {"config_hash": "a", "data_fingerprint": "d"}, {"config_hash": "b", "data_fingerprint": "d"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(src=str(SRC), run=str(run), fingerprint=mine)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert_user_error(lambda: runs.hold(run, other).__enter__(), str(run), "in use by process",
+                          str(holder.pid), "another config", "run.name")
+        with runs.hold(run, mine):  # the same config shares the folder: claims split its folds
+            assert common.read_json(run / "run.lock.json")["pids"] == [holder.pid, os.getpid()]
+        holder.send_signal(signal.SIGKILL)  # a kill skips every cleanup: the kernel drops its flock
+        holder.wait()
+        with runs.hold(run, other):
+            assert common.read_json(run / "run.lock.json") == {"fingerprint": other, "pids": [os.getpid()]}
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+WAITING_TRAIN = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {src!r})
+import common, train
+real = train.train_in_run_folder
+
+def after_go(*args, **kwargs):  # holds the run folder, then waits for the test's go
+    Path({held!r}).touch()
+    while not Path({go!r}).exists():
+        time.sleep(0.02)
+    return real(*args, **kwargs)
+
+train.train_in_run_folder = after_go
+sys.argv = ["train.py", *{args!r}]
+common.run_main(train.main)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_run_with_other_settings_is_refused_while_the_first_trains(tiny_raw, tmp_path):
+    """Two train.py processes on one run folder, 2 and 1 epochs: the second stops with one line and
+    the folder holds the first's folds only (before the lock they interleaved)."""
+    data = {"raw_dir": str(tiny_raw), "work_dir": str(tmp_path / "work"), "n_folds": 2}
+    config = write_config(tmp_path / "m.yaml", "dcnv2_tf_small.yaml",
+                          {"data": data, "run": {"name": RUN}, "train": {**TINY_TRAIN, "patience": 5}})
+    preprocess.run_preprocess(common.load_config(config))
+    held, go = tmp_path / "held", tmp_path / "go"
+    args = ["--config", str(config), "--device", "cpu", "--set", "train.max_epochs=2"]
+    first = subprocess.Popen([sys.executable, "-c", WAITING_TRAIN.format(src=str(SRC), held=str(held), go=str(go),
+                                                                         args=args)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+    try:
+        deadline = time.time() + 300
+        while not held.exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.02)
+        second = run_script("train", "--config", config, "--device", "cpu", "--set", "train.max_epochs=1",
+                            cwd=tmp_path)
+        assert_one_line_error(second, "in use by process", str(first.pid), "another config")
+        go.touch()
+        out, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err[-2000:]
+    finally:
+        first.kill()
+        first.wait()
+    run_dir = tmp_path / "work" / "runs" / RUN
+    assert [runs.fold_metrics(run_dir, k)["epochs"] for k in range(2)] == [2, 2]
+    assert common.parse_yaml((run_dir / "config.yaml").read_text())["train"]["max_epochs"] == 2
+    assert not list(run_dir.parent.glob(f"{RUN}.old-*")), "nothing was moved aside"
+
+
+def test_leftover_temporaries_of_dead_writers_are_swept_by_the_next_write(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale_file = tmp_path / f".metrics.json.{dead}.x1y2.tmp"
+    live_file = tmp_path / f".metrics.json.{os.getpid()}.a1b2.tmp"  # a writer still at work
+    stale_folder = tmp_path / f".blend-tmp-{dead}-z9"
+    for path in (stale_file, live_file):
+        path.write_text("half")
+    (stale_folder / "sub").mkdir(parents=True)
+    common.write_json(tmp_path / "metrics.json", {"a": 1})
+    assert not stale_file.exists() and live_file.exists()
+    with common.staged_folder(tmp_path / "blend") as staged:
+        (staged / "report.md").write_text("new")
+    assert not stale_folder.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_file.name, "metrics.json", "blend"])
+
+
+def test_a_failed_submission_write_keeps_the_previous_pair(tmp_path, monkeypatch):
+    import submission
+    ids = np.arange(20)
+    csv_path, zip_path = submission.write_submission(ids, np.full(20, 0.25), tmp_path, "run")
+    before = snapshot(csv_path, zip_path)
+
+    def zip_refused(path, *args, **kwargs):
+        if Path(path).name.endswith(".tmp") and ".zip." in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(submission, "validate_submission", zip_refused)
+    with pytest.raises(OSError):
+        submission.write_submission(ids, np.full(20, 0.75), tmp_path, "run")
+    assert snapshot(csv_path, zip_path) == before, "neither file of the pair changed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "run.zip"]
+
+
+def test_a_blend_that_fails_at_its_submission_leaves_the_previous_blend_whole(pipeline, monkeypatch):
+    p = pipeline
+    with restored(*outputs(p)):
+        before = snapshot(p.blend_dir, p.subs)
+
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(p.subs / "x.csv"))
+        monkeypatch.setattr(blend, "write_submission", disk_full)
+        with pytest.raises(OSError):
+            blend.run_blend(p.blend_cfg)
+        assert snapshot(p.blend_dir, p.subs) == before
+        assert not list(p.work.glob(".blend-*")), "no staging folder left"
+
+
+def test_outputs_in_a_file_or_an_unwritable_place_are_one_line_before_any_work(pipeline, tmp_path):
+    p = pipeline
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    cfg = copy.deepcopy(p.blend_cfg)
+    cfg["blend"]["submission"]["dir"] = str(a_file)
+    assert_user_error(lambda: blend.run_blend(cfg), str(a_file), "blend.submission.dir", "must be a folder")
+    cfg["blend"]["submission"]["dir"] = str(a_file / "below")
+    assert_user_error(lambda: blend.run_blend(cfg), "blend.submission.dir", "cannot be written")
+
+
+def in_small_mount(script: str, size: str, options: str = "") -> subprocess.CompletedProcess:
+    """Run ``script`` (bash) where /mnt/small is a fresh tmpfs of ``size``, in a private mount
+    namespace (unshare -rm: no root needed, nothing outside sees it); skip where that is refused."""
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("this machine refuses a private tmpfs mount (unshare -rm), needed for a small disk")
+    mount = f"mount -t tmpfs -o size={size}{',' + options if options else ''} tmpfs /mnt"
+    return subprocess.run(["unshare", "-rm", "bash", "-c", f"{mount} && {script}"], capture_output=True,
+                          text=True, timeout=300, env=ONE_THREAD, cwd=common.REPO_ROOT)
+
+
+def test_preprocess_on_a_full_or_read_only_disk_is_one_line_and_leaves_no_scratch(tiny_raw):
+    command = (f"{sys.executable} src/preprocess.py --set data.raw_dir={tiny_raw} --set data.work_dir=/mnt/work"
+               f"; echo rc=$?; ls -A /mnt/work 2>/dev/null | tr '\\n' ' '")
+    full = in_small_mount(command, "256k")
+    assert "rc=2" in full.stdout and "Traceback" not in full.stderr, full.stderr
+    assert_one_line_error(SimpleNamespace(returncode=2, stderr=full.stderr), "/mnt/work", "needs about",
+                          "GiB free")
+    assert full.stdout.strip().endswith("rc=2"), "nothing left in the work folder"
+    read_only = in_small_mount(command, "1m", "ro")
+    assert "rc=2" in read_only.stdout, read_only.stderr
+    assert_one_line_error(SimpleNamespace(returncode=2, stderr=read_only.stderr), "/mnt/work", "cannot be written",
+                          "Read-only file system")
+
+
+def test_an_array_that_does_not_fit_is_enospc_naming_it_not_sigbus(tmp_path):
+    """The memory-mapped arrays are sparse files: without a reservation a full disk kills the
+    process with SIGBUS at the first write, with no message."""
+    script = (f"{sys.executable} -c \"import sys; sys.path.insert(0, {str(SRC)!r}); import common, preprocess, "
+              f"numpy as np, pathlib; common.run_main(lambda: preprocess._new_array(pathlib.Path('/mnt'), "
+              f"'item_emb', np.float32, (100_000, 128))[:] .fill(1))\"; echo rc=$?")
+    result = in_small_mount(script, "1m")
+    assert result.stdout.strip().endswith("rc=2"), (result.stdout, result.stderr)
+    assert_one_line_error(SimpleNamespace(returncode=2, stderr=result.stderr), "/mnt/item_emb.npy",
+                          "No space left on device", "free space")
+
+
+def test_run_sh_refuses_unwritable_outputs_before_setup(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for option, value, fragment in [("--submissions", a_file, "a file, not a folder"),
+                                    ("--data-root", a_file / "below", "cannot write there")]:
+        result = subprocess.run(["bash", "run.sh", "--preset", "tiny", option, str(value)], capture_output=True,
+                                text=True, timeout=60, cwd=common.REPO_ROOT)
+        assert result.returncode == 2 and "=== setup" not in result.stdout, (result.stdout, result.stderr)
+        assert result.stderr.strip() == f"run.sh: {option} {value}: {fragment}" or fragment in result.stderr

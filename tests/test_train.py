@@ -19,6 +19,7 @@ import fit
 import layers
 import model_config
 import preprocess
+import runs
 import train
 from fit import FitSettings
 
@@ -128,6 +129,26 @@ def test_resume_skips_done_folds_and_redoes_the_rest_identically(tiny_cfg, monke
     assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "fold0").iterdir()} == fold0_mtimes
     assert (run_dir / "fold1" / "done.json").is_file()
     assert_same_predictions(reference, run_dir)
+
+
+def test_a_resume_under_another_thread_count_says_so(tiny_cfg, capsys):
+    """Finished folds keep the numerics they were trained under (done.json); a resume under other
+    ones is valid but not bit-identical to one uninterrupted run, and says so in one line."""
+    cfg = make_cfg(tiny_cfg, FASTEST, "numerics")
+    threads = torch.get_num_threads()
+    train.run_training(cfg, folds=[0], device="cpu")
+    run_dir = common.data_paths(cfg)["runs"] / "numerics"
+    recorded = runs.fold_metrics(run_dir, 0)["numerics"]
+    assert recorded == {"torch": torch.__version__, "threads": threads, "mkldnn": torch.backends.mkldnn.enabled,
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    capsys.readouterr()
+    torch.set_num_threads(threads + 1)
+    try:
+        train.run_training(cfg, folds=[1], device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    said = capsys.readouterr()
+    assert f"note: fold 0 was trained with threads {threads} (now {threads + 1})" in said.out + said.err
 
 
 def test_changed_config_moves_stale_outputs_aside(tiny_cfg):
