@@ -3,7 +3,8 @@ and its leaderboard:
 
     python src/experiments.py [data/work/demo/experiments.csv]   # default: {data.work_dir} of --config/--set
 
-src/train.py and src/blend.py append a row when they finish: when it ran, what (kind, name, the
+src/train.py, src/blend.py and src/tune.py (kind folds: a trial's folds) append a row when they
+finish: when it ran, what (kind, name, the
 config hash, the --set overrides whose value differs from the config file, the git commit), how
 (folds, epochs per fold, seconds, device) and how well (OOF, valid-holdout and, on synthetic data,
 test AUC). A row's result_id names the result it describes: the hash of a run's metrics.json, of a
@@ -26,6 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 import common
@@ -92,8 +94,9 @@ def auc_cell(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
 
-def run_row(cfg: dict, config_file, overrides: list[str], refit: bool) -> dict | None:
-    """The row of the run named by ``cfg`` (its refit with ``refit``), or None if it is not finished."""
+def run_row(cfg: dict, config_file, overrides: list[str], refit: bool, folds: list[int] | None = None) -> dict | None:
+    """The row of the run named by ``cfg`` (its refit with ``refit``; with ``folds``, those folds
+    alone, e.g. a tuning trial's fold 0), or None if it is not finished."""
     run = runs.run_dir(cfg)
     fingerprint = runs.read_fingerprint(run) or {}
     labels = common.read_test_labels(common.data_paths(cfg)["raw"])
@@ -106,6 +109,19 @@ def run_row(cfg: dict, config_file, overrides: list[str], refit: bool) -> dict |
                    holdout_auc=auc_cell(done["valid_auc"]),
                    test_auc=auc_cell(hidden_test_auc(done_path.parent / "test.parquet", labels)),
                    seconds=f"{done['seconds']:.1f}", device=done.get("device", ""), result_id=file_hash(done_path))
+    elif folds is not None:  # some folds only: their holdout and test means, no OOF
+        if not folds or not all(runs.fold_done(run, k) for k in folds):
+            return None
+        done = [runs.fold_metrics(run, k) for k in folds]
+        done_paths = [runs.fold_dir(run, k) / "done.json" for k in folds]
+        valid = float(np.mean([d["valid_auc"] for d in done]))
+        tests = [hidden_test_auc(p.parent / "test.parquet", labels) for p in done_paths]
+        row = dict(kind="folds", folds=",".join(map(str, folds)), epochs="/".join(str(d["epochs"]) for d in done),
+                   oof_auc="", holdout_auc=auc_cell(valid),
+                   test_auc=auc_cell(None if None in tests else float(np.mean(tests))),
+                   seconds=f"{sum(d['seconds'] for d in done):.1f}",
+                   device=",".join(sorted({d.get("device", "") for d in done})),
+                   result_id=common.config_hash([file_hash(p) for p in done_paths]))
     else:
         metrics_path = run / "metrics.json"
         if not metrics_path.is_file():  # some folds still to train (--folds): no result yet
@@ -199,8 +215,9 @@ def record(cfg: dict, make_row, *args) -> None:
         common.log(f"warning: {path}: experiment row not written ({type(exc).__name__}: {common.first_line(exc)})")
 
 
-def record_run(cfg: dict, config_file, overrides: list[str], refit: bool = False) -> None:
-    record(cfg, run_row, cfg, config_file, overrides, refit)
+def record_run(cfg: dict, config_file, overrides: list[str], refit: bool = False,
+               folds: list[int] | None = None) -> None:
+    record(cfg, run_row, cfg, config_file, overrides, refit, folds)
 
 
 def record_blend(cfg: dict, metrics: dict, config_file, overrides: list[str]) -> None:

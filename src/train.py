@@ -42,7 +42,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -89,6 +89,9 @@ class RunConfig:
 # ---------------------------------------------------------------------------------------------
 # configuration and device
 # ---------------------------------------------------------------------------------------------
+
+EpochHook = Callable[["int | str", dict], None]  # (fold, the epoch's history record)
+
 
 def checked_config(cfg: dict, device: str | None) -> dict:
     """A copy of ``cfg`` with its train section type-checked and completed, and ``device`` applied."""
@@ -192,7 +195,7 @@ class Progress:
 
 def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row: np.ndarray,
                test_ids: np.ndarray, device: torch.device, run_dir: Path,
-               refit_epochs: int | None = None) -> dict | None:
+               refit_epochs: int | None = None, epoch_hook: EpochHook | None = None) -> dict | None:
     """Train fold ``fold`` from scratch and write its files; returns its metrics (done.json), or
     None on the ranks > 0 of torchrun, which train with rank 0 and leave the files to it.
 
@@ -240,6 +243,8 @@ def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row
         common.log(f"{name} epoch {record['epoch']:3d}  train loss {record['train_loss']:.5f}  {scores} "
                    f"({stopping} decides)  lr {record['lr']:.2e}  "
                    f"{time.time() - fold_start:.0f}s" + ("  *best" if record["improved"] and monitor else ""))
+        if epoch_hook is not None:  # e.g. tune.py's pruner: it may stop the fold by raising
+            epoch_hook(fold, record)
 
     progress = Progress(name)
     try:
@@ -309,7 +314,7 @@ def refit_epochs_from_folds(run_dir: Path, n_folds: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def train_claimed_folds(todo: list, cfg: dict, arrays: dict, manifest: dict, device: torch.device,
-                        run_dir: Path, refit_epochs: int | None) -> None:
+                        run_dir: Path, refit_epochs: int | None, epoch_hook: EpochHook | None = None) -> None:
     """A worker's loop: train every fold of ``todo`` that it can claim (runs.claim_fold), in order.
     Under torchrun the ranks are one worker: rank 0 claims for them all."""
     data = load_to_device(arrays, device)
@@ -326,7 +331,7 @@ def train_claimed_folds(todo: list, cfg: dict, arrays: dict, manifest: dict, dev
         try:
             if main:
                 runs.clear_fold(run_dir, k)
-            train_fold(k, cfg, data, tables, fold_of_row, test_ids, device, run_dir, refit_epochs)
+            train_fold(k, cfg, data, tables, fold_of_row, test_ids, device, run_dir, refit_epochs, epoch_hook)
         finally:
             if main:
                 runs.release_claim(run_dir, k)  # done or failed: the fold is free again
@@ -381,10 +386,12 @@ def start_torchrun_process(requested: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def run_training(cfg: dict, folds: list[int] | None = None, device: str | None = None,
-                 refit: bool = False, devices: list[str] | None = None) -> Path:
+                 refit: bool = False, devices: list[str] | None = None,
+                 epoch_hook: EpochHook | None = None) -> Path:
     """Train the given folds (default: all) that are not done yet, or with ``refit`` the refit (one
     model on every train row) if it is not done yet; returns the run directory. ``devices``: one
-    worker process per device trains the folds in parallel (instead of ``device``)."""
+    worker process per device trains the folds in parallel (instead of ``device``). ``epoch_hook``
+    (fold, epoch record) is called after every epoch of a fold trained in this process."""
     run_start = time.time()
     cfg = checked_config(cfg, device)
     processed, arrays, manifest = preprocess.load_current(cfg)
@@ -409,12 +416,12 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
     fingerprint = fingerprint_of(cfg, manifest)
     with runs.hold(run_dir, fingerprint) if main else contextlib.nullcontext():
         return train_in_run_folder(cfg, arrays, manifest, processed, folds, refit, torch_devices,
-                                   run_dir, fingerprint, run_start)
+                                   run_dir, fingerprint, run_start, epoch_hook)
 
 
 def train_in_run_folder(cfg: dict, arrays: dict, manifest: dict, processed: Path, folds: list, refit: bool,
                         torch_devices: list[torch.device], run_dir: Path, fingerprint: dict,
-                        run_start: float) -> Path:
+                        run_start: float, epoch_hook: EpochHook | None = None) -> Path:
     """run_training's part inside the run folder, which this process holds (runs.hold)."""
     n_folds = int(manifest["n_folds"])
     main = rank_and_world()[0] == 0
@@ -435,9 +442,11 @@ def train_in_run_folder(cfg: dict, arrays: dict, manifest: dict, processed: Path
             runs.remove_aggregates(run_dir)  # they would describe folds about to change
     todo, refit_epochs = from_rank0([todo, refit_epochs])
     if len(todo) > 1 and len(torch_devices) > 1:
+        if epoch_hook is not None:
+            raise UserError("an epoch hook needs the folds trained in this process: give one device")
         train_on_devices(todo, cfg, processed, torch_devices, run_dir, refit_epochs)
     elif todo:
-        train_claimed_folds(todo, cfg, arrays, manifest, torch_devices[0], run_dir, refit_epochs)
+        train_claimed_folds(todo, cfg, arrays, manifest, torch_devices[0], run_dir, refit_epochs, epoch_hook)
     if not main:
         return run_dir
 

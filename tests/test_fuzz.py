@@ -43,7 +43,8 @@ def valid_tables(seed: int) -> dict[str, pa.Table]:
                                      "item_tags": fixed(tags, pa.int64()),
                                      "item_emb_d128": fixed(emb, pa.float32())})}
     for split, n in ROWS.items():
-        seq = rng.integers(0, N_ITEMS, (n, SEQ_LEN))
+        seq = rng.integers(1, N_ITEMS, (n, SEQ_LEN))
+        seq[np.arange(SEQ_LEN) < rng.integers(0, SEQ_LEN + 1, (n, 1))] = 0  # left-padded histories
         columns = {"user_id": pa.array(rng.integers(0, 50, n)), "item_seq": fixed(seq, pa.int64()),
                    "item_id": pa.array(rng.integers(1, N_ITEMS, n)),
                    "likes_level": pa.array(rng.integers(0, 11, n)),

@@ -1,0 +1,290 @@
+"""src/tune.py: the search space checked before any trial, a study on the tiny preset, the same
+trials from the same seed, pruning, a SIGKILL mid-trial resumed without a lost or doubled trial,
+two workers on one SQLite study, and the best trial as a config train.py takes."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import yaml
+
+import common
+import experiments
+import preprocess
+import runs
+import train
+import tune
+from common import UserError
+
+SRC = common.REPO_ROOT / "src"
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+SPACE = {"train.lr": {"type": "float", "low": 1.0e-3, "high": 5.0e-3, "log": True},
+         "model.emb_dim": {"type": "int", "low": 8, "high": 16, "step": 8},
+         "train.batch_size": {"type": "categorical", "choices": [512, 1024]}}
+
+
+@pytest.fixture(scope="module")
+def work(tiny_raw, tmp_path_factory):
+    """The tiny data, processed once for every study here."""
+    folder = tmp_path_factory.mktemp("tune_work")
+    preprocess.run_preprocess({"data": {"raw_dir": str(tiny_raw), "work_dir": str(folder)}})
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def one_thread():  # the trials of tiny models: one thread is faster than two busy ones
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tune_file(tmp_path: Path, tiny_raw: Path, work: Path, **tune_keys) -> Path:
+    settings = {"study": "s", "n_trials": 3, "seed": 7, "startup_trials": 2, "pruner": "none",
+                "space": SPACE, **tune_keys}
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": str(common.CONFIG_DIR / "qin_small.yaml"),
+        "data": {"raw_dir": str(tiny_raw), "work_dir": str(work)},
+        "train": {"max_epochs": 2, "eval_batch_size": 2048},
+        "tune": settings}))
+    return path
+
+
+def run_tune(path: Path, *args: str, wait: bool = True):
+    command = [sys.executable, str(SRC / "tune.py"), "--config", str(path), "--device", "cpu", *map(str, args)]
+    if not wait:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+
+
+def study_of(work: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{work / 'tune' / f'{name}.db'}")
+
+
+def params_of(study: optuna.Study) -> list[dict]:
+    return [t.params for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+
+
+# ---------------------------------------------------------------------------------------------
+# the space file
+# ---------------------------------------------------------------------------------------------
+
+BAD_SPACES = {
+    "unknown tune key": ({"n_trial": 3}, "tune.n_trial", "unknown key"),
+    "key the config lacks": ({"space": {"model.emb_dims": {"type": "int", "low": 8, "high": 16}}},
+                             "tune.space.model.emb_dims", "unknown config key 'emb_dims'"),
+    "unknown entry key": ({"space": {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "logg": True}}},
+                          "tune.space.train.lr.logg", "unknown key"),
+    "low above high": ({"space": {"train.lr": {"type": "float", "low": 1e-2, "high": 1e-3}}},
+                       "tune.space.train.lr", "low (0.01) must not exceed high (0.001)"),
+    "log from zero": ({"space": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.3, "log": True}}},
+                      "tune.space.model.dropout", "log: true needs low > 0"),
+    "categorical without choices": ({"space": {"train.batch_size": {"type": "categorical"}}},
+                                    "tune.space.train.batch_size", "needs choices"),
+    "a list as a choice": ({"space": {"model.mlp_hidden": {"type": "categorical", "choices": [[64, 32]]}}},
+                           "tune.space.model.mlp_hidden", "a list as a YAML string"),
+    "fractional int": ({"space": {"model.emb_dim": {"type": "int", "low": 8, "high": 16.5}}},
+                       "tune.space.model.emb_dim", "whole low, high and step"),
+    "out of the config's bounds": ({"space": {"model.dropout": {"type": "float", "low": 0.0, "high": 1.5}}},
+                                   "tune.space.model.dropout = 1.5", "model.dropout"),
+    "wrong type for the key": ({"space": {"train.batch_size": {"type": "categorical", "choices": ["big"]}}},
+                               "tune.space.train.batch_size = 'big'", "train.batch_size"),
+    "empty space": ({"space": {}}, "tune.space must map config keys"),
+    "bad objective": ({"objective": "test"}, "tune.objective", "fold0 or oof"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPACES))
+def test_a_bad_space_file_is_one_line_before_any_trial(case, tiny_raw, work, tmp_path):
+    keys, *fragments = BAD_SPACES[case]
+    result = run_tune(tune_file(tmp_path, tiny_raw, work, study=f"bad{abs(hash(case))}", **keys))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "tune: trial" not in result.stdout + result.stderr, "no trial ran"
+
+
+@pytest.mark.parametrize("path", sorted((common.CONFIG_DIR / "tune").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_space_passes_its_checks(path, tiny_raw, work):
+    settings, space, model_cfg = tune.split_config(common.load_config(
+        path, [f"data.raw_dir={tiny_raw}", f"data.work_dir={work}"]))
+    _, arrays, manifest = preprocess.load_current(model_cfg)
+    tune.check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")))
+    assert settings.study == path.stem and space
+
+
+def test_a_study_of_three_trials_gives_runs_rows_and_a_config_train_takes(tiny_raw, work, tmp_path):
+    out = tmp_path / "s_tuned.yaml"
+    result = run_tune(tune_file(tmp_path, tiny_raw, work, study="three"), "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = study_of(work, "three")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    for t in trials:  # each trial is a run folder whose fold 0 gives the trial's value
+        run = work / "runs" / f"three-t{t.number:03d}"
+        assert t.user_attrs["run"] == run.name and runs.fold_metrics(run, 0)["valid_auc"] == t.value
+        assert 1.0e-3 <= t.params["train.lr"] <= 5.0e-3 and t.params["model.emb_dim"] in (8, 16)
+    rows = [r for r in experiments.read_log(work / "experiments.csv") if r["name"].startswith("three-t")]
+    assert sorted(r["name"] for r in rows) == [f"three-t{k:03d}" for k in range(3)]
+    assert all(r["kind"] == "folds" and r["folds"] == "0" and r["holdout_auc"] for r in rows)
+
+    # the best trial as a config: train.py trains it and gets the best trial's fold 0
+    assert out.read_text().startswith(tune.TUNED_MARK)
+    cfg = common.load_config(out, [f"data.raw_dir={tiny_raw}", f"data.work_dir={work}"])
+    best = study.best_trial
+    assert cfg["run"]["name"] == "s_tuned" and cfg["train"]["max_epochs"] == 2
+    assert {key: cfg[key.split(".")[0]][key.split(".")[1]] for key in best.params} == best.params
+    run = train.run_training(cfg, folds=[0], device="cpu")
+    assert runs.fold_metrics(run, 0)["valid_auc"] == best.value, "same machine: the same fold 0"
+    assert "optuna-dashboard sqlite:///" in result.stdout
+
+    # the same command again: the study has its trials, nothing more runs
+    again = run_tune(tune_file(tmp_path, tiny_raw, work, study="three"), "--out", out)
+    assert again.returncode == 0 and "tune: trial" not in again.stdout + again.stderr
+    assert len(study_of(work, "three").get_trials()) == 3
+
+
+def test_the_same_seed_gives_the_same_trials_and_another_seed_others(tiny_raw, work, tmp_path):
+    settings, space, model_cfg = tune.split_config(common.load_config(
+        tune_file(tmp_path, tiny_raw, work, study="x", seed=11, n_trials=4, startup_trials=2)))
+
+    def draws(storage: str, seed: int) -> list[dict]:
+        settings.seed = seed
+        study = tune.open_study(settings, storage)
+        for _ in range(4):  # ask and tell a fixed value: the sampler alone decides the parameters
+            trial = study.ask()
+            params = {key: tune.suggest(trial, key, spec) for key, spec in space.items()}
+            study.tell(trial, params["train.lr"] * 100)
+        return params_of(study)
+
+    first = draws(f"sqlite:///{tmp_path / 'a.db'}", 11)
+    assert draws(f"sqlite:///{tmp_path / 'b.db'}", 11) == first
+    assert draws(f"sqlite:///{tmp_path / 'c.db'}", 12) != first
+    # one study is searched one way: another seed on the same storage is refused
+    with pytest.raises(UserError, match="another objective, space or seed"):
+        tune.open_study(settings, f"sqlite:///{tmp_path / 'a.db'}")
+
+
+def test_a_trial_worse_than_the_median_is_pruned_after_its_first_epoch(tiny_raw, work, tmp_path):
+    """Two finished trials with a valid AUC of 0.99 at every epoch (out of the tiny data's reach):
+    the median pruner stops each real trial after its first epoch's report, its fold is left
+    unfinished, and the search goes on to n_trials."""
+    config = tune_file(tmp_path, tiny_raw, work, study="pruned", n_trials=4, pruner="median",
+                       prune_startup_trials=2, prune_warmup_epochs=0)
+    settings, space, model_cfg = tune.split_config(common.load_config(config))
+    storage = f"sqlite:///{tmp_path / 'pruned.db'}"
+    study = tune.open_study(settings, storage)
+    distributions = {key: optuna.distributions.FloatDistribution(1e-3, 5e-3, log=True) if key == "train.lr" else
+                     optuna.distributions.IntDistribution(8, 16, step=8) if key == "model.emb_dim" else
+                     optuna.distributions.CategoricalDistribution([512, 1024]) for key in space}
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(
+            params={"train.lr": 2e-3, "model.emb_dim": 8, "train.batch_size": 512}, distributions=distributions,
+            value=0.99, intermediate_values={1: 0.99, 2: 0.99}))
+    tune.optimize(settings, space, model_cfg, storage, "cpu", str(config), [], None)
+    trials = optuna.load_study(study_name="pruned", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
+    for t in trials[2:]:
+        assert list(t.intermediate_values) == [1] and t.intermediate_values[1] < 0.9, "stopped at its first epoch"
+        run = work / "runs" / t.user_attrs["run"]
+        assert (run / "fold0" / "history.json").is_file() and not runs.fold_done(run, 0)
+
+
+@pytest.mark.slow
+def test_a_search_killed_mid_trial_resumes_without_a_lost_or_doubled_trial(tiny_raw, work, tmp_path):
+    reference = run_tune(tune_file(tmp_path, tiny_raw, work, study="reference", seed=3), "--out", tmp_path / "r.yaml")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    config = tune_file(tmp_path, tiny_raw, work, study="killed", seed=3)
+    process = run_tune(config, "--out", tmp_path / "k.yaml", wait=False)
+    history = work / "runs" / "killed-t001" / "fold0" / "history.json"
+    try:
+        deadline = time.time() + 300
+        while not history.exists():  # trial 1 has finished an epoch, not its fold
+            assert process.poll() is None and time.time() < deadline, process.stdout.read()
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not runs.fold_done(work / "runs" / "killed-t001", 0), "killed too late: trial 1 had finished"
+
+    resumed = run_tune(config, "--out", tmp_path / "k.yaml")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "trial 1 was left unfinished" in resumed.stdout + resumed.stderr
+    study = study_of(work, "killed")
+    states = [t.state.name for t in study.get_trials()]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1 and "RUNNING" not in states, states
+    # the same three trials as the uninterrupted search: the retry has trial 1's parameters, and
+    # the trial after it draws what the uninterrupted trial 2 drew
+    assert params_of(study) == params_of(study_of(work, "reference"))
+    assert [t.value for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))] == \
+        [t.value for t in study_of(work, "reference").get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_sqlite_study(tiny_raw, work, tmp_path):
+    config = tune_file(tmp_path, tiny_raw, work, study="pair", n_trials=4)
+    result = subprocess.run([sys.executable, str(SRC / "tune.py"), "--config", str(config), "--devices", "cpu,cpu",
+                             "--out", str(tmp_path / "p.yaml")], capture_output=True, text=True, timeout=600,
+                            env=ONE_THREAD)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = study_of(work, "pair").get_trials()
+    finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert 4 <= len(finished) <= 5, [t.state for t in trials]  # two last trials may start at once
+    assert len({t.user_attrs["worker"]["pid"] for t in finished}) == 2, "both workers ran trials"
+    names = [t.user_attrs["run"] for t in finished]
+    assert len(set(names)) == len(names) and all(runs.fold_done(work / "runs" / n, 0) for n in names)
+
+
+@pytest.mark.slow
+def test_the_dashboard_serves_the_study_and_its_trials(tiny_raw, work, tmp_path):
+    """optuna-dashboard on a study tune.py made: its API (what the web page draws from) lists the
+    study and every trial with its value and parameters."""
+    settings, space, _ = tune.split_config(common.load_config(tune_file(tmp_path, tiny_raw, work, study="shown")))
+    storage = f"sqlite:///{tmp_path / 'shown.db'}"
+    study = tune.open_study(settings, storage)
+    for value in (0.61, 0.63):
+        trial = study.ask()
+        for key, spec in space.items():
+            tune.suggest(trial, key, spec)
+        study.tell(trial, value)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", f"from optuna_dashboard import run_server; "
+                               f"run_server({storage!r}, host='127.0.0.1', port={port})"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                    studies = json.load(response)["study_summaries"]
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "the dashboard did not start"
+                time.sleep(0.2)
+        [summary] = [s for s in studies if s["study_name"] == "shown"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=5) as response:
+            trials = json.load(response)["trials"]
+        assert [t["values"] for t in trials] == [[0.61], [0.63]]
+        assert {p["name"] for p in trials[0]["params"]} == set(space)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=5) as response:
+            assert b"Optuna Dashboard" in response.read()
+    finally:
+        server.kill()
+        server.wait()
