@@ -2,10 +2,9 @@
 # # One QIN fold, in memory, from the four competition files
 #
 # Opens as a notebook in Jupyter (jupytext), VS Code and Kaggle ("# %%" cells); also runs as a
-# script. It needs torch, numpy and pandas (with pyarrow) and these files of the repo's
-# src/models/ folder, pasted beside this notebook (or on sys.path):
-#
-# PASTE: layers.py qin.py fit.py metrics.py tables.py
+# script. It needs torch, numpy and pandas (with pyarrow) and the repo's kit, the folder
+# src/mmctr/models/ (torch and numpy only), copied beside this notebook as models/ (on Kaggle:
+# attached as a dataset, its parent folder on sys.path below).
 #
 # It reads train/valid/test/item_info.parquet from DATA, builds the item tables, trains QIN on
 # 90 % of the train rows (the other 10 % held out) with QIN's released schedule, and writes
@@ -21,14 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-for kit in (".", "src/models", "../src/models"):  # pasted beside the notebook, or run from the repo
-    if os.path.isfile(os.path.join(kit, "fit.py")):
-        sys.path.insert(0, kit)
+for parent in (".", "src/mmctr", "../src/mmctr"):  # models/ beside the notebook, or the repo's kit
+    if os.path.isfile(os.path.join(parent, "models", "fit.py")):
+        sys.path.insert(0, parent)  # the notebook's one path line: where the kit folder is
         break
 
-from fit import FitSettings, fit, predict  # noqa: E402
-from qin import QIN  # noqa: E402
-from tables import item_tables, row_arrays, to_device  # noqa: E402
+from models.fit import FitSettings, fit, predict  # noqa: E402
+from models.qin import QIN  # noqa: E402
+from models.tables import item_tables, row_arrays, to_device  # noqa: E402
 
 DATA = os.environ.get("DATA", "data/demo")         # the folder with the four parquet files
 OUT = os.environ.get("OUT", ".")                   # where submission.zip goes

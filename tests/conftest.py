@@ -5,7 +5,6 @@ Tests that modify data copy it first (see `copy_raw`), so the session fixtures s
 import getpass
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,14 +18,16 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
-sys.path[:0] = [str(SRC), str(REPO / "tools")]  # the stages and the tools; common adds src/models
+# pytest puts src/ and tools/ on this process's path (pyproject.toml); the commands tests start
+# (python -c, tools/*.py) find the package the way an installed checkout would
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
 
-import common  # noqa: E402
+from mmctr import common  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_raw(tmp_path_factory) -> Path:
-    import make_synthetic
+    from mmctr import make_synthetic
     out = tmp_path_factory.mktemp("tiny_raw")
     make_synthetic.generate("tiny", out, seed=0)
     return out
@@ -45,7 +46,7 @@ def tiny_cfg(tiny_raw, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_processed(tiny_cfg) -> Path:
-    import preprocess
+    from mmctr import preprocess
     return preprocess.run_preprocess(tiny_cfg)
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
-import runs
+from mmctr import runs
 
 
 def write_run(run_dir: Path, preds: dict[str, np.ndarray], arrays: dict, manifest: dict,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import bench
-import common
+from mmctr import common
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_FIELDS = {

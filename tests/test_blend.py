@@ -16,12 +16,13 @@ import pytest
 from scipy.special import expit, logit
 from sklearn.metrics import roc_auc_score
 
-import blend
-import single
-import common
+from mmctr import blend
+from mmctr import single
+from mmctr import common
 from fake_runs import write_run
-import preprocess
-from common import UserError
+from mmctr import preprocess
+from mmctr.common import UserError
+from mmctr.models.metrics import roc_auc
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 FAST_LIGHTGBM = ["blend.lightgbm.n_estimators=60"]
@@ -77,7 +78,7 @@ def test_roc_auc_is_exact_with_ties():
     rng = np.random.default_rng(1)
     labels = (rng.random(5000) < 0.3).astype(np.float64)
     scores = np.round(rng.random(5000) + 0.3 * labels, 1)  # few distinct values: many ties
-    assert common.roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert roc_auc(labels, scores) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
 
 
 def test_normalised_rank_places_values_on_the_reference_scale():
@@ -105,7 +106,7 @@ def test_auc_weights_put_the_weight_on_the_informative_run():
     preds, details = blend.auc_weights(data, blend_settings())
     assert details["weights"]["run1"] > 0.95
     assert sum(details["weights"].values()) == pytest.approx(1.0)
-    assert common.roc_auc(data.oof_label, preds["oof"]) >= common.roc_auc(data.oof_label, data.probs["oof"][:, 1])
+    assert roc_auc(data.oof_label, preds["oof"]) >= roc_auc(data.oof_label, data.probs["oof"][:, 1])
 
 
 @pytest.mark.parametrize("method", list(blend.METHODS))
@@ -113,8 +114,8 @@ def test_blend_of_complementary_runs_beats_both(method):
     data = make_blend_data(sees_s1, sees_s2)
     preds, _ = blend.METHODS[method](data, blend_settings())
     for split, labels in (("oof", data.oof_label), ("valid", data.valid_label)):
-        best_single = max(common.roc_auc(labels, data.probs[split][:, r]) for r in range(2))
-        assert common.roc_auc(labels, preds[split]) > best_single + 0.03, split
+        best_single = max(roc_auc(labels, data.probs[split][:, r]) for r in range(2))
+        assert roc_auc(labels, preds[split]) > best_single + 0.03, split
 
 
 @pytest.mark.parametrize("method", list(blend.METHODS))
@@ -140,18 +141,18 @@ def test_stacker_predicts_each_fold_with_a_model_that_never_saw_it(method):
         data.probs[split] = np.column_stack([data.probs[split], np.full(len(data.probs[split]), 0.5)])
     data.runs.append("planted")
     preds, _ = blend.METHODS[method](data, blend_settings())
-    assert common.roc_auc(data.oof_label[fold0], preds["oof"][fold0]) < 0.2
+    assert roc_auc(data.oof_label[fold0], preds["oof"][fold0]) < 0.2
 
 
 def test_lightgbm_oof_on_pure_noise_stays_at_chance():
     data = make_blend_data(noise, noise, noise)
     preds, _ = blend.lightgbm_stacker(data, blend_settings())
-    assert abs(common.roc_auc(data.oof_label, preds["oof"]) - 0.5) < 0.04
+    assert abs(roc_auc(data.oof_label, preds["oof"]) - 0.5) < 0.04
     # the same stacker scored on the rows it was fitted on looks far better: the check has teeth
     features = np.column_stack([data.logits["oof"], data.row_features["oof"]])
     import lightgbm
     model = lightgbm.LGBMClassifier(**asdict(blend_settings().lightgbm), verbose=-1).fit(features, data.oof_label)
-    assert common.roc_auc(data.oof_label, model.predict_proba(features)[:, 1]) > 0.6
+    assert roc_auc(data.oof_label, model.predict_proba(features)[:, 1]) > 0.6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def test_run_blend_writes_the_blend_folder_and_the_submission(workspace):
     blend_dir = Path(cfg["data"]["work_dir"]) / "blend"
     oof = pd.read_parquet(blend_dir / "oof.parquet")
     assert list(oof.columns) == ["row_id", "fold", "pred"]
-    assert common.roc_auc(np.asarray(preprocess.load_processed(Path(cfg["data"]["work_dir"]) / "processed")[0]
+    assert roc_auc(np.asarray(preprocess.load_processed(Path(cfg["data"]["work_dir"]) / "processed")[0]
                                     ["train_label"], np.float64), oof["pred"].to_numpy()) == pytest.approx(
         metrics["chosen_oof_auc"])
     test = pd.read_parquet(blend_dir / "test.parquet")
@@ -359,7 +360,7 @@ def test_test_from_refit_applies_the_oof_fitted_blend_to_the_refits(workspace, t
                 for split in ("valid", "test")}
     test = pd.read_parquet(work / "blend" / "test.parquet")
     np.testing.assert_allclose(test["pred"], expected["test"], rtol=1e-5)
-    assert metrics["chosen_valid_auc"] == pytest.approx(common.roc_auc(np.asarray(arrays["valid_label"]),
+    assert metrics["chosen_valid_auc"] == pytest.approx(roc_auc(np.asarray(arrays["valid_label"]),
                                                                        expected["valid"]))
     # the OOF side is the folds' either way
     oof = pd.read_parquet(work / "blend" / "oof.parquet")
@@ -388,7 +389,7 @@ def test_single_submits_the_best_runs_refit_alone(workspace, tiny_processed):
     submission = pd.read_csv(metrics["submission"]["zip"])
     assert Path(metrics["submission"]["zip"]).name == "submission-single-good.zip"
     np.testing.assert_allclose(submission["Task2"], refit["test"], rtol=1e-6)  # the refit (float32), nothing else
-    assert metrics["refit_valid_auc"] == pytest.approx(common.roc_auc(np.asarray(arrays["valid_label"]), refit["valid"]))
+    assert metrics["refit_valid_auc"] == pytest.approx(roc_auc(np.asarray(arrays["valid_label"]), refit["valid"]))
     assert 0.5 < metrics["test_auc"] < 1
     assert common.read_json(work / "single" / "metrics.json")["run"] == "good"
 

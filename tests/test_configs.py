@@ -4,13 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import common
-import fit
-import model_config
-import preprocess
-import train
-from dcnv2 import DCNv2
-from din import DIN
+from mmctr import common
+from mmctr.models import fit
+from mmctr import model_config
+from mmctr import preprocess
+from mmctr import train
+from mmctr.models.dcnv2 import DCNv2
+from mmctr.models.din import DIN
 from test_models import DCN, QIN, make_batch, make_tables
 
 CONFIGS = sorted(common.CONFIG_DIR.glob("*.yaml"))

@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import common
-import fit
-import model_config
-import preprocess
-import train
-from tables import item_tables, row_arrays, to_device
+from mmctr import common
+from mmctr.models import fit
+from mmctr import model_config
+from mmctr import preprocess
+from mmctr import train
+from mmctr.models.tables import item_tables, row_arrays, to_device
 
 # name: (config, overrides, the step: fuxictr = train.loss fuxictr and emb_l2_in_loss, the default;
 # logits = train.loss logits, the L2 by the optimizer). Dropout off: each rank draws its own dropout

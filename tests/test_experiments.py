@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-import blend
-import common
-import experiments
-import train
-from common import UserError
+from mmctr import blend
+from mmctr import common
+from mmctr import experiments
+from mmctr import train
+from mmctr.common import UserError
 from test_blend import FAST_LIGHTGBM, workspace  # noqa: F401  (the fixture: three hand-made runs)
 from test_train import FASTEST, TINY
 

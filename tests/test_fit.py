@@ -5,7 +5,6 @@ import copy
 import dataclasses
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -16,41 +15,42 @@ import pandas as pd
 import pytest
 import torch
 
-import common
-import fit
-import model_config
+from mmctr import common
+from mmctr.models import fit
+from mmctr import model_config
 from conftest import make_data_cfg
-import preprocess
-import train
-from fit import FitSettings, predict
-from qin import QIN
-from tables import item_tables, row_arrays, to_device
+from mmctr import preprocess
+from mmctr import train
+from mmctr.models.fit import FitSettings, predict
+from mmctr.models.qin import QIN
+from mmctr.models.tables import item_tables, row_arrays, to_device
 
-KIT = common.KIT_DIR
+KIT = common.REPO_ROOT / "src" / "mmctr" / "models"
 NOTEBOOK = common.REPO_ROOT / "notebooks" / "one_fold.py"
 TINY = ["train.max_epochs=2", "train.batch_size=512", "train.eval_batch_size=2048", "train.log_every=2"]
 
 
 def test_kit_imports_only_torch_numpy_and_itself():
-    """Every file in src/models/ can be pasted into a notebook: no repo stage, no YAML, no pandas."""
+    """The folder src/mmctr/models/ works copied beside a notebook: its files import one another
+    relatively and nothing of the repo's stages, no YAML, no pandas."""
     kit_modules = {path.stem for path in KIT.glob("*.py")}
     allowed = {"torch", "numpy", "math", "functools", "contextlib", "time", "dataclasses", "typing"}
     for path in KIT.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:  # from .layers import ... / from . import fit
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                assert node.level == 1 and all(name.split(".")[0] in kit_modules for name in names), path.name
+                continue
             names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
                      else [node.module] if isinstance(node, ast.ImportFrom) else [])
             for name in names:
-                top = name.split(".")[0]
-                assert top in allowed | kit_modules, f"{path.name} imports {name}"
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
 
 
 def test_importing_fit_loads_no_stage_module():
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import fit; "
-            "print(','.join(sorted(m for m in sys.modules if m in sys.argv[2].split(','))))")
-    stages = {p.stem for p in (common.REPO_ROOT / "src").glob("*.py")}
-    out = subprocess.run([sys.executable, "-c", code, str(KIT), ",".join(stages)], capture_output=True,
-                         text=True, check=True).stdout.strip()
-    assert out == ""
+    code = "import sys, mmctr.models.fit; print(','.join(sorted(m for m in sys.modules if m.startswith('mmctr.'))))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert set(out.split(",")) == {"mmctr.models", "mmctr.models.fit", "mmctr.models.metrics"}, out
 
 
 # fold 0 of each small config on the tiny data: summary() of oof/valid/test, and the train losses;
@@ -344,15 +344,13 @@ def test_fit_rejects_an_unknown_monitor_and_reports_divergence(memory_data):
 
 
 @pytest.mark.slow
-def test_notebook_runs_from_an_empty_folder_with_only_the_pasted_files(tiny_raw, tmp_path):
-    text = NOTEBOOK.read_text()
-    pasted = re.search(r"^# PASTE: (.+)$", text, re.M).group(1).split()
+def test_notebook_runs_from_an_empty_folder_with_only_the_kit_folder(tiny_raw, tmp_path):
     folder = tmp_path / "kaggle"
     folder.mkdir()
-    for name in pasted:
-        shutil.copy(KIT / name, folder / name)
+    shutil.copytree(KIT, folder / "models", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(NOTEBOOK, folder / NOTEBOOK.name)
     env = {**os.environ, "DATA": str(tiny_raw), "OUT": str(tmp_path / "out"), "EPOCHS": "1"}
+    env.pop("PYTHONPATH", None)  # nothing of the repo but the copied folder
     result = subprocess.run([sys.executable, NOTEBOOK.name], cwd=folder, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -6,7 +6,7 @@ bias, a unit variance or a 0.5 initialisation hides nothing: a wrong sign, a mis
 residual, a softmax over the wrong axis or swapped operands each change the numbers. Modules run in
 eval() mode (dropout off, batch norm on its running statistics), in double precision except where a
 Float32Linear (the logits) insists on float32. Formulas: docs/spec/qin.md, docs/spec/tf4ctr.md and
-the docstrings of src/models/layers.py and src/models/tf4ctr.py.
+the docstrings of src/mmctr/models/layers.py and src/mmctr/models/tf4ctr.py.
 """
 import math
 
@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 from torch.testing import assert_close
 
-from layers import ASTA, QNN, CrossNet, CrossNetMix
-from tf4ctr import DFM, SSEM, TF4CTR
+from mmctr.models.layers import ASTA, QNN, CrossNet, CrossNetMix
+from mmctr.models.tf4ctr import DFM, SSEM, TF4CTR
 
 B = 5  # batch rows
 

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import common
-import preprocess
+from mmctr import common
+from mmctr import preprocess
 from conftest import make_data_cfg
 
 N_ITEMS = 6                      # item vocabulary, 0 = padding

@@ -11,14 +11,14 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-import common
-import fit
-import model_config
-import preprocess
-import layers
-from layers import ASTA, DINAttention, ItemEncoder, masked_mean, masked_softmax
-from simqin import SemanticCodes, SimilarityCounts
-from tf4ctr import TF4CTR, tf_loss
+from mmctr import common
+from mmctr.models import fit
+from mmctr import model_config
+from mmctr import preprocess
+from mmctr.models import layers
+from mmctr.models.layers import ASTA, DINAttention, ItemEncoder, masked_mean, masked_softmax
+from mmctr.models.simqin import SemanticCodes, SimilarityCounts
+from mmctr.models.tf4ctr import TF4CTR, tf_loss
 
 V, T, U, LEVELS, L = 60, 30, 40, 11, 64
 ITEM_TABLES = ("item_tags", "item_emb", "item_likes_level", "item_views_level")

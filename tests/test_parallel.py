@@ -15,10 +15,10 @@ import time
 import pytest
 import torch
 
-import common
-import preprocess
-import runs
-import train
+from mmctr import common
+from mmctr import preprocess
+from mmctr import runs
+from mmctr import train
 from conftest import make_data_cfg
 
 FOLDS = 3

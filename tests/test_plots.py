@@ -5,11 +5,11 @@ import sys
 import numpy as np
 import pytest
 
-import blend
-import common
-import plots
-import runs
-import train
+from mmctr import blend
+from mmctr import common
+from mmctr import plots
+from mmctr import runs
+from mmctr import train
 from test_blend import workspace  # noqa: F401  (the fixture: three hand-made runs on the tiny data)
 from test_train import FASTEST, make_cfg
 

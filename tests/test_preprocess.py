@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import common
-import make_synthetic
-import preprocess
+from mmctr import common
+from mmctr import make_synthetic
+from mmctr import preprocess
 from conftest import make_data_cfg
 
 SPLITS = ["train", "valid", "test"]
@@ -476,7 +476,7 @@ def test_cli_reports_a_bad_input_as_one_error_line(copy_raw, tmp_path):
     config = tmp_path / "data.yaml"
     config.write_text(json.dumps({"base": str(common.CONFIG_DIR / "data.yaml"),
                                   "data": {"raw_dir": str(raw), "work_dir": str(tmp_path / "work")}}))
-    result = subprocess.run([sys.executable, str(Path(preprocess.__file__)), "--config", str(config)],
+    result = subprocess.run([sys.executable, str(common.REPO_ROOT / "src" / "preprocess.py"), "--config", str(config)],
                             capture_output=True, text=True)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

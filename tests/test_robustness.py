@@ -40,19 +40,19 @@ import pytest
 import torch
 import yaml
 
-import blend
-import common
+from mmctr import blend
+from mmctr import common
 from fake_runs import write_run
-import make_synthetic
-import fit
-import model_config
-import preprocess
-import runs
-import score
-import summary
-import train
-import submission
-from common import UserError
+from mmctr import make_synthetic
+from mmctr.models import fit
+from mmctr import model_config
+from mmctr import preprocess
+from mmctr import runs
+from mmctr import score
+from mmctr import summary
+from mmctr import train
+from mmctr import submission
+from mmctr.common import UserError
 
 SRC = common.REPO_ROOT / "src"
 N_ITEMS = make_synthetic.PRESETS["tiny"].n_items
@@ -915,9 +915,8 @@ def test_well_formed_variants_are_accepted(tmp_path, text):
 # ---------------------------------------------------------------------------------------------
 
 HOLDER = """
-import sys, time
-sys.path.insert(0, {src!r})
-import runs
+import time
+from mmctr import runs
 from pathlib import Path
 with runs.hold(Path({run!r}), {fingerprint!r}):
     print("held", flush=True)
@@ -928,7 +927,7 @@ with runs.hold(Path({run!r}), {fingerprint!r}):
 def test_a_run_folder_is_held_by_one_fingerprint_and_a_dead_holder_frees_it(tmp_path):
     run = tmp_path / "runs" / "qin"
     mine, other = {"config_hash": "a", "data_fingerprint": "d"}, {"config_hash": "b", "data_fingerprint": "d"}
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(src=str(SRC), run=str(run), fingerprint=mine)],
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER.format(run=str(run), fingerprint=mine)],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -948,8 +947,7 @@ def test_a_run_folder_is_held_by_one_fingerprint_and_a_dead_holder_frees_it(tmp_
 WAITING_TRAIN = """
 import sys, time
 from pathlib import Path
-sys.path.insert(0, {src!r})
-import common, train
+from mmctr import common, train
 real = train.train_in_run_folder
 
 def after_go(*args, **kwargs):  # holds the run folder, then waits for the test's go
@@ -974,7 +972,7 @@ def test_a_second_run_with_other_settings_is_refused_while_the_first_trains(tiny
     preprocess.run_preprocess(common.load_config(config))
     held, go = tmp_path / "held", tmp_path / "go"
     args = ["--config", str(config), "--device", "cpu", "--set", "train.max_epochs=2"]
-    first = subprocess.Popen([sys.executable, "-c", WAITING_TRAIN.format(src=str(SRC), held=str(held), go=str(go),
+    first = subprocess.Popen([sys.executable, "-c", WAITING_TRAIN.format(held=str(held), go=str(go),
                                                                          args=args)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
     try:
@@ -1015,7 +1013,7 @@ def test_leftover_temporaries_of_dead_writers_are_swept_by_the_next_write(tmp_pa
 
 
 def test_a_failed_submission_write_keeps_the_previous_pair(tmp_path, monkeypatch):
-    import submission
+    from mmctr import submission
     ids = np.arange(20)
     csv_path, zip_path = submission.write_submission(ids, np.full(20, 0.25), tmp_path, "run")
     before = snapshot(csv_path, zip_path)
@@ -1084,8 +1082,8 @@ def test_preprocess_on_a_full_or_read_only_disk_is_one_line_and_leaves_no_scratc
 def test_an_array_that_does_not_fit_is_enospc_naming_it_not_sigbus(tmp_path):
     """The memory-mapped arrays are sparse files: without a reservation a full disk kills the
     process with SIGBUS at the first write, with no message."""
-    script = (f"{sys.executable} -c \"import sys; sys.path.insert(0, {str(SRC)!r}); import common, preprocess, "
-              f"numpy as np, pathlib; common.run_main(lambda: preprocess._new_array(pathlib.Path('/mnt'), "
+    script = (f"{sys.executable} -c \"from mmctr import common, preprocess; import numpy as np, pathlib; "
+              f"common.run_main(lambda: preprocess._new_array(pathlib.Path('/mnt'), "
               f"'item_emb', np.float32, (100_000, 128))[:] .fill(1))\"; echo rc=$?")
     result = in_small_mount(script, "1m")
     assert result.stdout.strip().endswith("rc=2"), (result.stdout, result.stderr)

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import common
-import experiments
-from submission import validate_submission
+from mmctr import common
+from mmctr import experiments
+from mmctr.models.metrics import roc_auc
+from mmctr.submission import validate_submission
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("qin_small", "dcnv2_tf_small", "din_tf_small")
@@ -58,7 +59,7 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
         validate_submission(path, test_ids, "Task2")  # raises on any defect
         with zipfile.ZipFile(path) as zf, zf.open("prediction.csv") as f:
             predictions[path] = pd.read_csv(f)["Task2"].to_numpy()
-        assert common.roc_auc(labels, predictions[path]) > 0.5
+        assert roc_auc(labels, predictions[path]) > 0.5
     submission = predictions[zip_path]
     # the prize-eligible one is that run's refit alone: no fold mean, no blend
     refit = pd.read_parquet(work / "runs" / best / "refit" / "test.parquet").sort_values("ID")
@@ -97,7 +98,7 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
     assert all((runs / model / "refit" / "done.json").is_file() for model in MODELS)
     with zipfile.ZipFile(tmp_path / "sub" / "refit-blend.zip") as zf, zf.open("prediction.csv") as f:
         refit_submission = pd.read_csv(f)
-    assert common.roc_auc(labels, refit_submission["Task2"].to_numpy()) > 0.5
+    assert roc_auc(labels, refit_submission["Task2"].to_numpy()) > 0.5
     assert not np.array_equal(refit_submission["Task2"], submission)
     assert (tmp_path / "sub" / f"refit-single-{best}.zip").read_bytes() == single_zip.read_bytes()
     assert [row["kind"] for row in experiments.read_log(log)][5:] == ["refit"] * 2 + ["blend"]

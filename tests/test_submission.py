@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import common
-import score
-import submission
-from common import UserError
-from submission import validate_submission
+from mmctr import common
+from mmctr import score
+from mmctr import submission
+from mmctr.common import UserError
+from mmctr.submission import validate_submission
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 IDS = np.arange(20)

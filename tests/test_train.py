@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-import common
-import fit
-import layers
-import model_config
-import preprocess
-import runs
-import train
-from fit import FitSettings
+from mmctr import common
+from mmctr.models import fit
+from mmctr.models import layers
+from mmctr import model_config
+from mmctr import preprocess
+from mmctr import runs
+from mmctr import train
+from mmctr.models.fit import FitSettings
 
 MODELS = ("qin_small", "dcnv2_tf_small", "din_tf_small")
 FASTEST = "dcnv2_tf_small"

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-import common
-import model_config
+from mmctr import common
+from mmctr import model_config
 from test_models import L, V, make_batch, make_label, make_tables
-from transformer_dcn import TransformerDCN
+from mmctr.models.transformer_dcn import TransformerDCN
 
 SMALL = dict(name="transformer_dcn", emb_dim=8, mm_dim=8, dim_feedforward=16, first_k_cols=4,
              cross_layers=2, dcn_hidden=[32, 16], head_hidden=[16, 8])

@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 
-import common
-import experiments
-import preprocess
-import runs
-import train
-import tune
-from common import UserError
+from mmctr import common
+from mmctr import experiments
+from mmctr import preprocess
+from mmctr import runs
+from mmctr import train
+from mmctr import tune
+from mmctr.common import UserError
 
 SRC = common.REPO_ROOT / "src"
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

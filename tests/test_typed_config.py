@@ -6,8 +6,8 @@ from typing import Literal, Optional
 
 import pytest
 
-import common
-from common import ConfigError, typed_section
+from mmctr import common
+from mmctr.common import ConfigError, typed_section
 
 
 @dataclass

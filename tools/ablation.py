@@ -1,7 +1,7 @@
 """The single-network study behind docs/OWN_MODEL.md: refits of model variants, several seeds, on one
 or more synthetic datasets, scored on the hidden test labels.
 
-    python tools/ablation.py --data-root /tmp/ablation --datasets demo:default,demo:broad \
+    PYTHONPATH=src python tools/ablation.py --data-root /tmp/ablation --datasets demo:default,demo:broad \
         --variant qin_small=qin_small --variant "simqin_small -counts=simqin_small,model.similarity=false" \
         --seeds 1,2,3 [--device cpu] [--set KEY=VALUE ...]
 
@@ -25,9 +25,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "src"))
-import common  # noqa: E402
-import runs  # noqa: E402
+try:
+    import mmctr  # noqa: F401  (src/mmctr: pip install -e . once, or PYTHONPATH=src)
+except ModuleNotFoundError:
+    sys.exit(f"{Path(__file__).name}: the repo's package mmctr is not importable: run `pip install -e .` in the "
+             f"repo once, or prefix the command with PYTHONPATH=src")
+from mmctr import common  # noqa: E402
+from mmctr import runs  # noqa: E402
 
 SEED = 20242025  # the presets' seed, as run.sh
 

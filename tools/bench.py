@@ -1,6 +1,6 @@
 """Benchmark a model config: training and prediction rows/s, FLOPs per row, fraction of peak, memory.
 
-    python tools/bench.py --config configs/qin.yaml --preset demo --steps 50 --warmup 10
+    PYTHONPATH=src python tools/bench.py --config configs/qin.yaml --preset demo --steps 50 --warmup 10
         [--config OTHER.yaml[@STEPS] ...] [--set KEY=VALUE ...] [--device cpu|cuda]
         [--compare KEY=VALUE ...] [--repeats N] [--preprocess] [--peak-tflops TFLOPS|matmul]
         [--predict-rows N]
@@ -53,13 +53,17 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # the stages' modules
-import common  # noqa: E402
-import fit  # noqa: E402
-import make_synthetic  # noqa: E402
-import model_config  # noqa: E402
-import preprocess  # noqa: E402
-import train  # noqa: E402
+try:
+    import mmctr  # noqa: F401  (src/mmctr: pip install -e . once, or PYTHONPATH=src)
+except ModuleNotFoundError:
+    sys.exit(f"{Path(__file__).name}: the repo's package mmctr is not importable: run `pip install -e .` in the "
+             f"repo once, or prefix the command with PYTHONPATH=src")
+from mmctr import common  # noqa: E402
+from mmctr.models import fit  # noqa: E402
+from mmctr import make_synthetic  # noqa: E402
+from mmctr import model_config  # noqa: E402
+from mmctr import preprocess  # noqa: E402
+from mmctr import train  # noqa: E402
 
 PRESET_SEED = 20242025  # the seed run.sh generates presets with: the same files as a run.sh run
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}

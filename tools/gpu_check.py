@@ -144,7 +144,9 @@ class Runner:
         self.step_limits = step_limits  # --step-limit: a step's own limit, below the mode's
         self.steps: list[dict] = []
         self.lock = threading.Lock()
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # tools/bench.py imports the repo's package: found from src/ as in an installed checkout
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
         self.live: set = set()  # started and not yet reaped: killed if this script is interrupted
 
     def elapsed(self) -> float:

@@ -56,7 +56,7 @@ Finished runs are reused on a rerun (a FuxiCTR log that reached "Training finish
 refit that is done); --force reruns them.
 
     nice -n 10 python3 tools/reconcile_fuxictr.py --venv-python /tmp/fxenv/bin/python \\
-        --qin-repo /work/.mirror/salmon1802+QIN/repo --din-repo /work/.mirror/reczoo+WWW2025_MMCTR_Challenge/repo \\
+        --qin-repo QIN_CLONE --din-repo MMCTR_CHALLENGE_CLONE \\
         --work /tmp/reconcile --preset demo --train-rows 20000 --test-rows 2000 --batch-size 2048 \\
         --max-epochs 4 --seeds 20242025,1,2 --check-forward
 
@@ -413,7 +413,6 @@ def forward_check_child(model: str, code_dir: Path, run_dir: Path, raw: Path, em
                         n_steps: int = 10) -> None:
     """Runs in the venv: the released model with its trained checkpoint, the project's model with
     the same weights; prints one JSON line comparing predictions, valid AUC, loss and gradients."""
-    sys.path[:0] = [str(code_dir), str(REPO / "src" / "models")]
     import numpy as np
     import pandas as pd
     import torch
@@ -422,10 +421,10 @@ def forward_check_child(model: str, code_dir: Path, run_dir: Path, raw: Path, em
     from sklearn.metrics import roc_auc_score
     import src as zoo  # the released package (exported code)
     from src.mmctr_dataloader import MMCTRDataLoader
-    import fit as pfit  # the project's models kit
-    import tables as ptables
-    from din import DIN
-    from qin import QIN
+    from mmctr.models import fit as pfit  # the project's models kit
+    from mmctr.models import tables as ptables
+    from mmctr.models.din import DIN
+    from mmctr.models.qin import QIN
 
     torch.use_deterministic_algorithms(True)
     expid = f"{RELEASED[model]['model']}_reconcile"
@@ -617,7 +616,10 @@ def forward_check(model: str, seed: int, args, raw: Path, code_dir: Path) -> dic
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
     log(" ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    # the child imports the released package (src/ of the clone) and the project's (mmctr)
+    path = os.pathsep.join([str(code_dir), str(REPO / "src")])
+    proc = subprocess.run(cmd, capture_output=True, text=True,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=path))
     line = next((l for l in proc.stdout.splitlines() if l.startswith("FORWARD_CHECK ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"forward check failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

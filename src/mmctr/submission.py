@@ -24,8 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import common
-from common import UserError, first_line
+from mmctr import common
+from mmctr.common import UserError, first_line
 
 ID_COLUMN = "ID"
 ZIP_MEMBER = "prediction.csv"

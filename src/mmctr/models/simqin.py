@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import (ASTA, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, init_weights,
+from .layers import (ASTA, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, init_weights,
                     masked_mean)
 
 

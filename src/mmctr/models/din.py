@@ -5,8 +5,8 @@ pooled interest] (FeatureEmbedding) goes through a deep MLP.
 """
 from typing import Literal
 
-from layers import MLP, CTRModel, DINAttention, FeatureEmbedding, Float32Linear, init_weights
-from tf4ctr import TF4CTR
+from .layers import MLP, CTRModel, DINAttention, FeatureEmbedding, Float32Linear, init_weights
+from .tf4ctr import TF4CTR
 
 
 def din_attention(hidden, activation, dropout, softmax):

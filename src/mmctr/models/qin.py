@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from layers import (ASTA, MLP, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, MeanPooling,
+from .layers import (ASTA, MLP, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, MeanPooling,
                     check_choice, init_weights)
 
 

@@ -13,13 +13,13 @@ import functools
 import inspect
 import typing
 
-import common
-from dcnv2 import DCNv2, dcnv2_tf4ctr
-from din import DIN, din_tf4ctr
-from qin import QIN
-from simqin import SimQIN
-from tf4ctr import TF4CTR
-from transformer_dcn import TransformerDCN
+from mmctr import common
+from mmctr.models.dcnv2 import DCNv2, dcnv2_tf4ctr
+from mmctr.models.din import DIN, din_tf4ctr
+from mmctr.models.qin import QIN
+from mmctr.models.simqin import SimQIN
+from mmctr.models.tf4ctr import TF4CTR
+from mmctr.models.transformer_dcn import TransformerDCN
 
 PLAIN = {"qin": QIN, "dcnv2": DCNv2, "din": DIN, "transformer_dcn": TransformerDCN, "simqin": SimQIN}
 WITH_TF4CTR = {"dcnv2": dcnv2_tf4ctr, "din": din_tf4ctr}

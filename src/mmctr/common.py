@@ -28,13 +28,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # src/mmctr/common.py
 CONFIG_DIR = REPO_ROOT / "configs"
-# The torch-only kit (layers, model files, fit.py, tables.py) that a notebook pastes as flat files:
-# the stages import its modules by file name too, so the kit is on the import path as a folder.
-KIT_DIR = Path(__file__).resolve().parent / "models"
-if str(KIT_DIR) not in sys.path:
-    sys.path.insert(1, str(KIT_DIR))
 
 
 class UserError(Exception):
@@ -574,5 +569,3 @@ def read_test_labels(raw_dir: str | os.PathLike) -> np.ndarray | None:
                         f"expected 0 or 1")
     return labels.astype(np.int64)
 
-
-from metrics import roc_auc  # noqa: E402,F401  (the kit's, so that stages and fit.py agree)

@@ -20,7 +20,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 
-from layers import MLP, CrossNet, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, init_weights
+from .layers import MLP, CrossNet, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, init_weights
 
 
 class SequenceTransformer(nn.Module):

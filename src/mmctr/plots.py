@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-import common
+from mmctr import common
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from metrics import log_loss, roc_auc
+from .metrics import log_loss, roc_auc
 
 # The columns a model's batch holds (user_id only for models that use it)
 FEATURES = ("user_id", "item_id", "item_seq", "likes_level", "views_level")

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from layers import MLP, Float32Linear, bce, check_choice, init_weights
+from .layers import MLP, Float32Linear, bce, check_choice, init_weights
 
 
 def tf_loss(y, y_s, y_c, label, c=0.8, gamma=2.0, alpha=0.25, form="logits"):

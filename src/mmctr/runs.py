@@ -26,10 +26,10 @@ import pandas as pd
 import torch
 import yaml
 
-import common
-import plots
-from common import UserError
-from metrics import log_loss, roc_auc
+from mmctr import common
+from mmctr import plots
+from mmctr.common import UserError
+from mmctr.models.metrics import log_loss, roc_auc
 
 SPLITS = ("oof", "valid", "test")
 ID_COLUMN = {"oof": "row_id", "valid": "row_id", "test": "ID"}
@@ -462,7 +462,7 @@ def hidden_test_auc(pred_path: Path, labels: np.ndarray | None) -> float | None:
                         f"{len(labels)} test IDs of the oracle labels: other data?")
     if not np.isfinite(pred).all():
         raise UserError(f"{pred_path}: column 'pred': NaN or infinite predictions")
-    return common.roc_auc(labels, pred)
+    return roc_auc(labels, pred)
 
 
 PROCESSED_SPLIT = {"oof": "train", "valid": "valid", "test": "test"}  # the OOF rows are the train rows

@@ -9,9 +9,9 @@ from typing import Literal
 
 import torch
 
-from layers import (ASTA, MLP, CrossNet, CrossNetMix, CTRModel, FeatureEmbedding, Float32Linear, MeanPooling,
+from .layers import (ASTA, MLP, CrossNet, CrossNetMix, CTRModel, FeatureEmbedding, Float32Linear, MeanPooling,
                     check_choice, init_weights)
-from tf4ctr import TF4CTR
+from .tf4ctr import TF4CTR
 
 
 def history_pooling(pooling):

@@ -1,0 +1,419 @@
+"""Hyperparameter search over any model config: Optuna, a study in a real database, pruning.
+
+    python src/tune.py --config configs/tune/qin_small.yaml [--set tune.n_trials=40] [--set data.raw_dir=...]
+    python src/tune.py --config configs/tune/qin_small.yaml --devices cuda:0,cuda:1   # one worker per GPU
+    python src/tune.py --config ... --storage postgresql://user@host/db              # several machines
+
+A tune config is a model config (``base: ../qin_small.yaml``) plus a ``tune:`` section: the study's
+name, the objective (``fold0``: fold 0's valid AUC; ``oof``: the OOF AUC over every fold), the
+number of trials, a time budget, the sampler's seed, the pruner, and the search space, one entry
+per dotted config key:
+
+    space:
+      train.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+      model.emb_dim: {type: int, low: 8, high: 32, step: 8}
+      model.mlp_hidden: {type: categorical, choices: ["[128, 64]", "[256, 128]"]}   # YAML values
+
+Every key is checked against the model config (its bounds too) before any trial runs.
+
+Outputs, all resumable (the same command continues a killed search, retrying a trial its process
+did not finish, with the same parameters):
+- ``{work_dir}/tune/<study>.db``: the study (SQLite; ``--storage`` takes any SQLAlchemy URL).
+  Look at it with ``optuna-dashboard sqlite:///{work_dir}/tune/<study>.db``: the trials, the
+  history, parameter importances, parallel coordinates.
+- one run folder per trial, ``{work_dir}/runs/<study>-t<NNN>/`` (src/mmctr/runs.py), and one row per
+  finished trial in ``{work_dir}/experiments.csv``;
+- the best trial as a ready config, ``configs/<study>_tuned.yaml`` (``--out``): ``src/train.py
+  --config`` trains it and ``run.sh --models <study>_tuned`` runs it with the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import multiprocessing
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+import torch
+import yaml
+
+from mmctr import common
+from mmctr import experiments
+from mmctr import model_config
+from mmctr import preprocess
+from mmctr import runs
+from mmctr import train
+from mmctr.common import UserError
+
+TUNED_MARK = "# Written by src/tune.py"
+
+
+@dataclass
+class ParamSpec:
+    """One entry of tune.space: how a config key is drawn."""
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False                 # float/int: draw on a log scale
+    step: float | None = None         # float/int: a grid step
+    choices: list[Any] | None = None  # categorical: values as written in YAML ("[128, 64]" for a list)
+
+
+@dataclass
+class TuneConfig:
+    study: str = field(metadata={"nonempty": True})  # names the database, the trials' runs and the tuned config
+    objective: Literal["fold0", "oof"] = "fold0"     # fold 0's valid AUC, or the OOF AUC over every fold
+    n_trials: int = field(default=20, metadata={"min": 1})   # finished (complete or pruned) trials in the study
+    timeout_s: float | None = field(default=None, metadata={"positive": True})  # this command's budget
+    seed: int = 20250101                              # the sampler's: same seed, same storage, same trials
+    startup_trials: int = field(default=5, metadata={"min": 0})  # random trials before TPE models the space
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    prune_startup_trials: int = field(default=3, metadata={"min": 0})  # median: finished trials before pruning
+    prune_warmup_epochs: int = field(default=1, metadata={"min": 0})   # epochs a trial runs before it can be pruned
+    space: dict = field(default_factory=dict)         # checked entry by entry (ParamSpec)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tune config
+# ---------------------------------------------------------------------------------------------
+
+def split_config(cfg: dict) -> tuple[TuneConfig, dict[str, ParamSpec], dict]:
+    """(tune settings, space, the model config without its tune section)."""
+    if not isinstance(cfg.get("tune"), dict):
+        raise UserError("config: missing section 'tune:' (give a tune config, e.g. --config "
+                        "configs/tune/qin_small.yaml)")
+    model_cfg = {key: value for key, value in cfg.items() if key != "tune"}
+    raw = dict(cfg["tune"])
+    space_raw = raw.pop("space", None)
+    settings = common.typed_section(TuneConfig, raw, "tune")
+    if not isinstance(space_raw, dict) or not space_raw:
+        raise UserError("config: tune.space must map config keys to distributions, e.g. "
+                        "train.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}")
+    space = {str(key): checked_spec(str(key), spec) for key, spec in space_raw.items()}
+    settings.space = {key: vars(spec) for key, spec in space.items()}
+    return settings, space, model_cfg
+
+
+def checked_spec(key: str, raw: Any) -> ParamSpec:
+    where = f"tune.space.{key}"
+    spec = common.typed_section(ParamSpec, raw, where)
+    if spec.type == "categorical":
+        if not spec.choices:
+            raise UserError(f"config: {where}: a categorical entry needs choices: [...]")
+        extra = [name for name in ("low", "high", "step") if getattr(spec, name) is not None] + (["log"] if spec.log else [])
+        bad = [c for c in spec.choices if not isinstance(c, (bool, int, float, str))]
+        if extra or bad:
+            raise UserError(f"config: {where}: a categorical entry takes choices only, each a number, true/false "
+                            f"or a string (a list as a YAML string, \"[128, 64]\"); got "
+                            f"{', '.join(extra) or repr(bad[0])}")
+        return spec
+    if spec.low is None or spec.high is None or spec.choices is not None:
+        raise UserError(f"config: {where}: a {spec.type} entry needs low and high (and no choices)")
+    if not spec.low <= spec.high:
+        raise UserError(f"config: {where}: low ({spec.low:g}) must not exceed high ({spec.high:g})")
+    if spec.log and (spec.low <= 0 or spec.step is not None):
+        raise UserError(f"config: {where}: log: true needs low > 0 and no step")
+    if spec.type == "int" and any(v is not None and float(v) != int(v) for v in (spec.low, spec.high, spec.step)):
+        raise UserError(f"config: {where}: an int entry needs whole low, high and step")
+    return spec
+
+
+def suggest(trial: optuna.Trial, key: str, spec: ParamSpec):
+    if spec.type == "float":
+        return trial.suggest_float(key, spec.low, spec.high, log=spec.log, step=spec.step)
+    if spec.type == "int":
+        return trial.suggest_int(key, int(spec.low), int(spec.high), log=spec.log, step=int(spec.step or 1))
+    return trial.suggest_categorical(key, spec.choices)
+
+
+def overrides_of(params: dict) -> list[str]:
+    """A trial's parameters as --set assignments (values as YAML, so "[128, 64]" is a list)."""
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            if not isinstance(value, str) else f"{key}={value}" for key, value in params.items()]
+
+
+def trial_config(model_cfg: dict, params: dict, run_name: str) -> dict:
+    """The model config of one trial: the parameters applied (unknown keys are errors), its run name."""
+    cfg = copy.deepcopy(model_cfg)
+    for assignment in overrides_of(params) + [f"run.name={run_name}"]:
+        common.apply_override(cfg, assignment)
+    return cfg
+
+
+def check_space(model_cfg: dict, space: dict[str, ParamSpec], tables: dict) -> None:
+    """Every key exists in the model config and each end of its range (every choice) passes the
+    config's own checks: one line now, not a failure at trial 7."""
+    for key, spec in space.items():
+        ends = spec.choices if spec.type == "categorical" else [spec.low, spec.high]
+        for value in ends:
+            value = int(value) if spec.type == "int" else value
+            try:
+                cfg = trial_config(model_cfg, {key: value}, "space-check")
+                cfg = train.checked_config(cfg, "cpu")
+                with torch.device("meta"):
+                    model_config.build_model(cfg["model"], tables)
+            except UserError as exc:
+                raise UserError(f"config: tune.space.{key} = {value!r}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the study
+# ---------------------------------------------------------------------------------------------
+
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """TPE whose random state is a function of (seed, how many trials came before that did not
+    fail): a search resumed after a kill draws what the uninterrupted one would have drawn."""
+
+    def __init__(self, seed: int, startup_trials: int):
+        self.seed, self.startup_trials = seed, startup_trials
+        self._sampler, self._for_trial = None, None
+
+    def _tpe(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.samplers.TPESampler:
+        if self._for_trial != trial.number:
+            before = [t for t in study.get_trials(deepcopy=False)
+                      if t.number < trial.number and t.state != optuna.trial.TrialState.FAIL]
+            self._sampler = optuna.samplers.TPESampler(seed=(self.seed * 1_000_003 + len(before)) % 2**32,
+                                                       n_startup_trials=self.startup_trials)
+            self._for_trial = trial.number
+        return self._sampler
+
+    def infer_relative_search_space(self, study, trial):
+        return self._tpe(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._tpe(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._tpe(study, trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self._tpe(study, trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self._tpe(study, trial).after_trial(study, trial, state, values)
+
+
+def make_pruner(settings: TuneConfig) -> optuna.pruners.BasePruner:
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=settings.prune_startup_trials,
+                                           n_warmup_steps=settings.prune_warmup_epochs)
+    if settings.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, settings.prune_warmup_epochs))
+    return optuna.pruners.NopPruner()
+
+
+def default_storage(model_cfg: dict, study: str) -> str:
+    folder = common.require_writable_folder(common.data_paths(model_cfg)["work"] / "tune", "the study's folder")
+    return f"sqlite:///{(folder / f'{study}.db').resolve()}"
+
+
+def open_study(settings: TuneConfig, storage_url: str) -> optuna.Study:
+    # a generous SQLite timeout: several workers write to one file
+    engine = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
+    try:
+        storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine)
+    except Exception as exc:  # noqa: BLE001: a bad URL or an unreachable server, in the user's words
+        raise UserError(f"--storage {storage_url}: cannot open ({common.first_line(exc)})") from None
+    study = optuna.create_study(study_name=settings.study, storage=storage, direction="maximize",
+                                sampler=TrialSeededTPE(settings.seed, settings.startup_trials),
+                                pruner=make_pruner(settings), load_if_exists=True)
+    recorded = study.user_attrs.get("tune")
+    ours = {"seed": settings.seed, "objective": settings.objective, "space": settings.space}
+    if recorded is None:
+        study.set_user_attr("tune", ours)
+    elif recorded != ours:
+        raise UserError(f"{storage_url}: study '{settings.study}' was searched with another objective, space or "
+                        f"seed ({recorded}); give this search another tune.study name")
+    return study
+
+
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+
+def retry_abandoned_trials(study: optuna.Study) -> None:
+    """A trial left RUNNING by a process of this machine that is gone (killed) is marked failed and
+    its parameters queued again, so the search neither loses it nor counts it twice."""
+    host = socket.gethostname()
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker") or {}
+        if worker.get("host") != host or common.process_alive(int(worker.get("pid", 0))):
+            continue
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker of this search has just done it
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        common.log(f"tune: trial {trial.number} was left unfinished by process {worker.get('pid')}: "
+                   f"queued again with the same parameters")
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+# ---------------------------------------------------------------------------------------------
+# one trial
+# ---------------------------------------------------------------------------------------------
+
+def objective_for(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: dict, device: str,
+                  config_file: str, overrides: list[str]):
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        params = {key: suggest(trial, key, spec) for key, spec in space.items()}
+        name = f"{settings.study}-t{trial.number:03d}"
+        cfg = trial_config(model_cfg, params, name)
+        trial.set_user_attr("run", name)
+        common.log(f"tune: trial {trial.number} ({name}): {', '.join(overrides_of(params))}")
+        max_epochs = int(train.checked_config(cfg, device)["train"]["max_epochs"])
+
+        def report(fold, record: dict) -> None:  # each epoch's valid AUC; the pruner may stop here
+            step = int(fold) * max_epochs + record["epoch"]
+            trial.report(record["valid_auc"], step)
+            if trial.should_prune():
+                common.log(f"tune: trial {trial.number} pruned at fold {fold} epoch {record['epoch']} "
+                           f"(valid AUC {record['valid_auc']:.6f})")
+                raise optuna.TrialPruned()
+
+        folds = [0] if settings.objective == "fold0" else None
+        run_dir = train.run_training(cfg, folds=folds, device=device, epoch_hook=report)
+        experiments.record_run(cfg, config_file, overrides + overrides_of(params) + [f"run.name={name}"],
+                               folds=folds)
+        if settings.objective == "fold0":
+            return float(runs.fold_metrics(run_dir, 0)["valid_auc"])
+        return float(runs.read_metrics(run_dir)["oof_auc"])
+
+    return objective
+
+
+def optimize(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: dict, storage_url: str,
+             device: str, config_file: str, overrides: list[str], deadline: float | None) -> None:
+    """One worker's loop: run trials until the study has tune.n_trials finished ones or time is up."""
+    study = open_study(settings, storage_url)
+    retry_abandoned_trials(study)
+    objective = objective_for(settings, space, model_cfg, device, config_file, overrides)
+    # one trial per call, so the count (shared by every worker) and the time budget are looked at
+    # between trials; workers starting their last trials at once may finish a few more than n_trials
+    while finished_trials(study) < settings.n_trials:
+        left = None if deadline is None else deadline - time.time()
+        if left is not None and left <= 0:
+            break
+        study.optimize(objective, n_trials=1, timeout=left, catch=(UserError,), gc_after_trial=False,
+                       show_progress_bar=False)
+
+
+def worker(settings: TuneConfig, space: dict, model_cfg: dict, storage_url: str, device: str, config_file: str,
+           overrides: list[str], deadline: float | None, threads: int) -> None:
+    torch.set_num_threads(threads)
+    common.run_main(lambda: optimize(settings, space, model_cfg, storage_url, device, config_file, overrides,
+                                     deadline))
+
+
+# ---------------------------------------------------------------------------------------------
+# the result
+# ---------------------------------------------------------------------------------------------
+
+def write_best_config(study: optuna.Study, settings: TuneConfig, config_file: Path, overrides: list[str],
+                      out: Path) -> Path:
+    """The best trial as a config: the tune config's own sections but tune and data (data is the
+    caller's, --set at run time), the search's --set values but data's, its best parameters, and
+    run.name = the file's stem."""
+    best = study.best_trial
+    raw = common.parse_yaml(config_file.read_text()) or {}
+    if out.exists() and not out.read_text().startswith(TUNED_MARK):
+        raise UserError(f"{out}: exists and was not written by src/tune.py; give --out another path")
+    body = {key: value for key, value in raw.items() if key not in ("tune", "data")}
+    if "base" in body:
+        body["base"] = os.path.relpath((config_file.parent / body["base"]).resolve(), out.parent.resolve())
+    cfg = {"base": body.pop("base")} if "base" in body else {}
+    cfg.update(body)
+    fixed = [o.split("=", 1) for o in overrides if not o.startswith("data.")]
+    for key, value in fixed + [(k, v) for k, v in best.params.items()]:
+        section, *path, last = key.strip().split(".")
+        node = cfg.setdefault(section, {})
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = common.parse_yaml(value) if isinstance(value, str) else value
+    cfg.setdefault("run", {})["name"] = out.stem
+    header = (f"{TUNED_MARK}: the best of study '{settings.study}' (trial {best.number}, "
+              f"{'fold 0 valid' if settings.objective == 'fold0' else 'OOF'} AUC {best.value:.6f}, "
+              f"{finished_trials(study)} finished trials)\n# searched with {shown_path(config_file)}; "
+              f"python src/train.py --config {shown_path(out)} trains it\n")
+    common.write_text(out, header + yaml.safe_dump(cfg, sort_keys=False))
+    return out
+
+
+def shown_path(path: Path) -> str:
+    """``path`` relative to the repo when it is inside it (what a user types from its root)."""
+    try:
+        return str(path.resolve().relative_to(common.REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def print_summary(study: optuna.Study, settings: TuneConfig, storage_url: str, out: Path | None,
+                  seconds: float) -> None:
+    trials = study.get_trials(deepcopy=False)
+    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
+    print(f"\n=== tune {settings.study}: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n)
+          + f" ({seconds:.0f} s)")
+    finished = sorted((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
+                      key=lambda t: t.value, reverse=True)
+    for t in finished[:5]:
+        print(f"trial {t.number:3d}  {t.value:.6f}  " + "  ".join(overrides_of(t.params)))
+    if out is not None:
+        print(f"best config: {shown_path(out)}")
+    print(f"look at it: optuna-dashboard {storage_url}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_config_args(parser, "tune/qin_small.yaml")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="the study's database (default: sqlite:///{work_dir}/tune/<study>.db)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="where the trials train")
+    parser.add_argument("--devices", type=train.parse_devices, default=None, metavar="DEV,DEV,...",
+                        help="one worker process per device, all on one study, e.g. cuda:0,cuda:1 or cpu,cpu")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the best trial's config (default: configs/<study>_tuned.yaml)")
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trials' own lines say what happens
+    if args.device and args.devices:
+        parser.error("give --device or --devices, not both")
+    started = time.time()
+    settings, space, model_cfg = split_config(common.config_from_args(args))
+    _, arrays, manifest = preprocess.load_current(model_cfg)  # current processed data, or one line
+    check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")))
+    storage_url = args.storage or default_storage(model_cfg, settings.study)
+    out = args.out or common.CONFIG_DIR / f"{settings.study}_tuned.yaml"
+    study = open_study(settings, storage_url)  # created (or checked) once, before any worker
+    deadline = None if settings.timeout_s is None else started + settings.timeout_s
+    overrides = [o for o in args.overrides if not o.startswith("tune.")]
+    devices = args.devices or [args.device or train.checked_config(model_cfg, None)["train"]["device"]]
+    if len(devices) == 1:
+        optimize(settings, space, model_cfg, storage_url, devices[0], args.config, overrides, deadline)
+    else:
+        spawn = multiprocessing.get_context("spawn")  # CUDA cannot be initialised again in a forked child
+        threads = max(1, torch.get_num_threads() // len(devices))
+        workers = [spawn.Process(target=worker, name=f"tune worker {i} ({d})", args=(
+            settings, space, model_cfg, storage_url, d, args.config, overrides, deadline, threads))
+            for i, d in enumerate(devices)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        failed = [f"{w.name} exited with {w.exitcode}" for w in workers if w.exitcode != 0]
+        if failed:
+            raise UserError(f"{'; '.join(failed)}: rerun the same command to continue the search")
+    study = open_study(settings, storage_url)
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    written = write_best_config(study, settings, Path(args.config), overrides, out) if completed else None
+    print_summary(study, settings, storage_url, written, time.time() - started)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
