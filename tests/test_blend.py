@@ -20,7 +20,7 @@ from mmctr import blend
 from mmctr import single
 from mmctr import common
 from fake_runs import write_run
-from mmctr import preprocess
+from mmctr import processed_data
 from mmctr.common import UserError
 from mmctr.models.metrics import roc_auc
 
@@ -165,7 +165,7 @@ def workspace(tmp_path, tiny_raw, tiny_processed):
     work = tmp_path / "work"
     work.mkdir()
     (work / "processed").symlink_to(tiny_processed, target_is_directory=True)
-    arrays, manifest = preprocess.load_processed(tiny_processed)
+    arrays, manifest = processed_data.load_processed(tiny_processed)
     rng = np.random.default_rng(0)
 
     def noisy_oracle(noise_sd: float) -> dict[str, np.ndarray]:
@@ -202,7 +202,7 @@ def test_run_blend_writes_the_blend_folder_and_the_submission(workspace):
     blend_dir = Path(cfg["data"]["work_dir"]) / "blend"
     oof = pd.read_parquet(blend_dir / "oof.parquet")
     assert list(oof.columns) == ["row_id", "fold", "pred"]
-    assert roc_auc(np.asarray(preprocess.load_processed(Path(cfg["data"]["work_dir"]) / "processed")[0]
+    assert roc_auc(np.asarray(processed_data.load_processed(Path(cfg["data"]["work_dir"]) / "processed")[0]
                                     ["train_label"], np.float64), oof["pred"].to_numpy()) == pytest.approx(
         metrics["chosen_oof_auc"])
     test = pd.read_parquet(blend_dir / "test.parquet")
@@ -342,7 +342,7 @@ def test_settings_are_typed_and_missing_keys_take_the_defaults():
 
 def test_test_from_refit_applies_the_oof_fitted_blend_to_the_refits(workspace, tiny_processed):
     cfg, runs = workspace
-    arrays, manifest = preprocess.load_processed(tiny_processed)
+    arrays, manifest = processed_data.load_processed(tiny_processed)
     work = Path(cfg["data"]["work_dir"])
     cfg["blend"].update(runs=["good", "fair"], methods=["logit_mean"], select="logit_mean", test_from="refit")
     with pytest.raises(UserError, match="no finished refit"):
@@ -375,7 +375,7 @@ def test_test_from_refit_applies_the_oof_fitted_blend_to_the_refits(workspace, t
 
 def test_single_submits_the_best_runs_refit_alone(workspace, tiny_processed):
     cfg, runs = workspace
-    arrays, manifest = preprocess.load_processed(tiny_processed)
+    arrays, manifest = processed_data.load_processed(tiny_processed)
     work = Path(cfg["data"]["work_dir"])
     assert single.fold_oof_aucs(cfg, ["good", "fair", "noise"]).keys() == {"good", "fair", "noise"}
     with pytest.raises(UserError, match=r"run 'good' has no finished refit .*--config configs/good.yaml --refit"):

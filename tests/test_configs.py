@@ -7,7 +7,7 @@ import torch
 from mmctr import common
 from mmctr.models import fit
 from mmctr import model_config
-from mmctr import preprocess
+from mmctr import processed_data
 from mmctr import train
 from mmctr.models.dcnv2 import DCNv2
 from mmctr.models.din import DIN
@@ -37,7 +37,7 @@ def test_blend_defaults_name_the_demo_runs():
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
 def test_model_config_builds_and_predicts(path: Path, tiny_processed):
     cfg = common.load_config(path)
-    arrays, manifest = preprocess.load_processed(tiny_processed)
+    arrays, manifest = processed_data.load_processed(tiny_processed)
     data = train.load_to_device(arrays, torch.device("cpu"))
     model = model_config.build_model(cfg["model"], train.item_tables(arrays, manifest, torch.device("cpu"))).eval()
     rows = torch.arange(16)

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from mmctr import common
 from mmctr.models import fit
 from mmctr import model_config
-from mmctr import preprocess
+from mmctr import processed_data
 from mmctr import train
 from mmctr.models.tables import item_tables, row_arrays, to_device
 
@@ -184,7 +184,7 @@ def test_a_fold_under_torchrun_writes_the_files_of_one_process(tiny_cfg, tiny_pr
         np.testing.assert_array_equal(frames[1].iloc[:, 0], frames[0].iloc[:, 0])  # the same row ids
         np.testing.assert_allclose(frames[1]["pred"], frames[0]["pred"], rtol=0, atol=1e-5, err_msg=split)
     # the checkpoint (a synchronised BatchNorm's state has BatchNorm's names) loads into a plain model
-    arrays, manifest = preprocess.load_processed(tiny_processed)
+    arrays, manifest = processed_data.load_processed(tiny_processed)
     tables = train.item_tables(arrays, manifest, torch.device("cpu"))
     plain = model_config.build_model(cfg_for("plain")["model"], tables)
     plain.load_state_dict(torch.load(two / "fold0" / "best.pt"))

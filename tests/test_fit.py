@@ -17,9 +17,11 @@ import torch
 
 from mmctr import common
 from mmctr.models import fit
+from mmctr.models import schema
 from mmctr import model_config
 from conftest import make_data_cfg
 from mmctr import preprocess
+from mmctr import processed_data
 from mmctr import train
 from mmctr.models.fit import FitSettings, predict
 from mmctr.models.qin import QIN
@@ -50,7 +52,7 @@ def test_kit_imports_only_torch_numpy_and_itself():
 def test_importing_fit_loads_no_stage_module():
     code = "import sys, mmctr.models.fit; print(','.join(sorted(m for m in sys.modules if m.startswith('mmctr.'))))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert set(out.split(",")) == {"mmctr.models", "mmctr.models.fit", "mmctr.models.metrics"}, out
+    assert set(out.split(",")) == {"mmctr.models", "mmctr.models.fit", "mmctr.models.metrics", "mmctr.models.schema"}, out
 
 
 # fold 0 of each small config on the tiny data: summary() of oof/valid/test, and the train losses;
@@ -212,7 +214,7 @@ def test_function_and_one_step_at_fixed_weights_match_the_reference(tiny_process
     docs/REPRODUCTION.md), so any change of a model's function or of the training step, however
     small, fails here. UPDATE_REFERENCE=1 python3 -m pytest tests/test_fit.py -k fixed_weights -s
     prints new entries after a deliberate change."""
-    got = function_fingerprint(preprocess.load_processed(tiny_processed), model_name)
+    got = function_fingerprint(processed_data.load_processed(tiny_processed), model_name)
     if os.environ.get("UPDATE_REFERENCE") == "1":
         print(f'    "{model_name}": {{')
         for key, values in got.items():
@@ -283,8 +285,8 @@ def memory_data(tiny_raw):
 
 def test_tables_helper_builds_what_preprocess_writes(memory_data, tiny_processed):
     frames, tables, data = memory_data
-    arrays, manifest = preprocess.load_processed(tiny_processed)
-    for name in train.ITEM_TABLES:
+    arrays, manifest = processed_data.load_processed(tiny_processed)
+    for name in schema.ITEM_TABLES:
         np.testing.assert_array_equal(tables[name].numpy(), arrays[name], err_msg=name)
     vocab = manifest["vocab"]
     assert (tables["n_items"], tables["n_tags"], tables["n_users"], tables["n_levels"]) == \
@@ -298,7 +300,7 @@ def test_tables_helper_without_item_feature_builds_preprocess_fallback_levels(me
     frames, _, _ = memory_data
     raw = copy_raw()
     (raw / "item_feature.parquet").unlink()
-    arrays, _ = preprocess.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
+    arrays, _ = processed_data.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
     tables = item_tables(pd.read_parquet(raw / "item_info.parquet"), frames.values())
     for name in ("item_likes_level", "item_views_level"):
         np.testing.assert_array_equal(tables[name].numpy(), arrays[name], err_msg=name)

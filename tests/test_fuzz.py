@@ -21,12 +21,13 @@ from hypothesis import strategies as st
 
 from mmctr import common
 from mmctr import preprocess
+from mmctr import processed_data
+from mmctr.models.schema import EMB_DIM, SEQ_LEN, TAG_SLOTS
 from conftest import make_data_cfg
 
 N_ITEMS = 6                      # item vocabulary, 0 = padding
 ROWS = {"train": 6, "valid": 3, "test": 3}
 FILES = ("train", "valid", "test", "item_info")
-SEQ_LEN, TAG_SLOTS, EMB_DIM = preprocess.SEQ_LEN, preprocess.TAG_SLOTS, preprocess.EMB_DIM
 
 
 def fixed(matrix: np.ndarray, value_type) -> pa.Array:
@@ -243,7 +244,7 @@ def as_matrix(column: pa.ChunkedArray) -> np.ndarray:
 
 def assert_arrays_hold_the_tables(processed: Path, tables: dict) -> None:
     """Accepted data must come through unchanged: every processed array equals its column."""
-    arrays, manifest = preprocess.load_processed(processed)
+    arrays, manifest = processed_data.load_processed(processed)
     items = tables["item_info"]
     assert manifest["vocab"]["item"] == items.num_rows
     np.testing.assert_array_equal(arrays["item_tags"], as_matrix(items["item_tags"]))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mmctr import common
 from mmctr.models import fit
 from mmctr import model_config
-from mmctr import preprocess
+from mmctr import processed_data
 from mmctr.models import layers
 from mmctr.models.layers import ASTA, DINAttention, ItemEncoder, masked_mean, masked_softmax
 from mmctr.models.simqin import SemanticCodes, SimilarityCounts
@@ -573,7 +573,7 @@ def test_bad_model_config_is_a_one_line_user_error(cfg, key):
 
 @pytest.mark.parametrize("config", ["qin_small", "dcnv2_tf_small", "din_tf_small"])
 def test_adam_lowers_the_training_loss(tiny_processed, config):
-    arrays, manifest = preprocess.load_processed(tiny_processed)
+    arrays, manifest = processed_data.load_processed(tiny_processed)
     vocab = manifest["vocab"]
     tables = {name: torch.from_numpy(np.array(arrays[name])) for name in ITEM_TABLES}
     tables.update(n_items=vocab["item"], n_tags=vocab["tag"], n_users=vocab["user"], n_levels=vocab["level"])

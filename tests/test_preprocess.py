@@ -16,6 +16,7 @@ import pytest
 from mmctr import common
 from mmctr import make_synthetic
 from mmctr import preprocess
+from mmctr import processed_data
 from conftest import make_data_cfg
 
 SPLITS = ["train", "valid", "test"]
@@ -54,7 +55,7 @@ def edit_list(path: Path, column: str, row: int, slot: int, value, value_type=pa
 
 @pytest.fixture(scope="module")
 def loaded(tiny_processed):
-    return preprocess.load_processed(tiny_processed)
+    return processed_data.load_processed(tiny_processed)
 
 
 def test_arrays_equal_the_parquet_contents(loaded, tiny_raw):
@@ -94,7 +95,7 @@ def test_per_item_levels_come_from_item_feature_when_it_is_there(loaded, tiny_ra
 def test_per_item_levels_fall_back_to_rounded_means_over_all_splits(copy_raw, tmp_path):
     raw = copy_raw()
     (raw / "item_feature.parquet").unlink()
-    arrays, manifest = preprocess.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
+    arrays, manifest = processed_data.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
     rows = pd.concat([pd.read_parquet(raw / f"{split}.parquet", columns=["item_id", "likes_level", "views_level"])
                       for split in SPLITS])
     means = rows.groupby("item_id").mean()
@@ -115,7 +116,7 @@ def test_items_item_feature_lacks_get_level_zero_and_other_columns_are_ignored(c
     feature = pq.read_table(raw / "item_feature.parquet").slice(0, 50)  # items 1..50 only
     feature = feature.append_column("bert_emb", pa.array([[0.5] * 3] * 50, pa.list_(pa.float32())))
     pq.write_table(feature, raw / "item_feature.parquet")
-    arrays, _ = preprocess.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
+    arrays, _ = processed_data.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
     likes = arrays["item_likes_level"]
     assert np.array_equal(likes[1:51], feature["likes_level"].to_numpy()) and not likes[51:].any()
 
@@ -139,7 +140,7 @@ def test_folds_are_stratified_and_cover_every_train_row(loaded, tiny_cfg):
 def test_manifest_fields(loaded, tiny_cfg, tiny_raw):
     _, manifest = loaded
     data = tiny_cfg["data"]
-    assert manifest["fingerprint"] == preprocess.fingerprint(tiny_cfg)
+    assert manifest["fingerprint"] == processed_data.fingerprint(tiny_cfg)
     assert manifest["n_rows"] == {split: pq.ParquetFile(tiny_raw / f"{split}.parquet").metadata.num_rows
                                   for split in SPLITS}
     tags = as_matrix(pq.read_table(tiny_raw / "item_info.parquet")["item_tags"])
@@ -155,15 +156,15 @@ def test_variable_length_list_columns_are_accepted(copy_raw, tmp_path, tiny_proc
     seq = pq.read_table(raw / "train.parquet")["item_seq"].combine_chunks()
     replace_column(raw / "train.parquet", "item_seq", seq.cast(pa.list_(pa.int64())))
     processed = preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work"))
-    mine, _ = preprocess.load_processed(processed)
-    reference, _ = preprocess.load_processed(tiny_processed)
+    mine, _ = processed_data.load_processed(processed)
+    reference, _ = processed_data.load_processed(tiny_processed)
     assert np.array_equal(mine["train_item_seq"], reference["train_item_seq"])
 
 
 def test_float16_embeddings(tiny_raw, tmp_path, loaded):
     cfg = make_data_cfg(tiny_raw, tmp_path / "work")
     cfg["data"]["emb_dtype"] = "float16"
-    arrays, manifest = preprocess.load_processed(preprocess.run_preprocess(cfg))
+    arrays, manifest = processed_data.load_processed(preprocess.run_preprocess(cfg))
     assert arrays["item_emb"].dtype == np.float16 and manifest["emb_dtype"] == "float16"
     assert np.allclose(arrays["item_emb"], loaded[0]["item_emb"], atol=2e-3)
 
@@ -206,13 +207,13 @@ def test_cache_is_reused_until_inputs_or_settings_change(copy_raw, tmp_path, cap
     cfg["data"]["n_folds"] = 3
     preprocess.run_preprocess(cfg)
     assert "rebuilding" in capsys.readouterr().out
-    arrays, manifest = preprocess.load_processed(processed)
+    arrays, manifest = processed_data.load_processed(processed)
     assert manifest["n_folds"] == 3 and set(np.unique(arrays["train_fold"])) == {0, 1, 2}
 
     (raw / "item_feature.parquet").unlink()  # the optional input gone: another source of levels
     preprocess.run_preprocess(cfg)
     assert "rebuilding" in capsys.readouterr().out
-    assert preprocess.load_processed(processed)[1]["item_levels"]["source"] == "rows"
+    assert processed_data.load_processed(processed)[1]["item_levels"]["source"] == "rows"
 
     preprocess.run_preprocess(cfg, force=True)
     assert "wrote" in capsys.readouterr().out
@@ -225,16 +226,16 @@ def test_a_moved_or_copied_data_and_work_folder_keeps_its_fingerprint(copy_raw, 
     raw = copy_raw()
     cfg = make_data_cfg(raw, tmp_path / "work")
     processed = preprocess.run_preprocess(cfg)
-    built = preprocess.load_processed(processed)[1]["fingerprint"]
+    built = processed_data.load_processed(processed)[1]["fingerprint"]
     shutil.copytree(tmp_path, tmp_path.parent / f"{tmp_path.name}-moved")  # new mtimes too
     moved = tmp_path.parent / f"{tmp_path.name}-moved"
     moved_cfg = make_data_cfg(moved / "raw", moved / "work")
-    _, _, manifest = preprocess.load_current(moved_cfg)
-    assert manifest["fingerprint"] == built == preprocess.fingerprint(moved_cfg)
+    _, _, manifest = processed_data.load_current(moved_cfg)
+    assert manifest["fingerprint"] == built == processed_data.fingerprint(moved_cfg)
     # other files at the configured place are refused, even at the same path
     edit_ints(moved / "raw" / "test.parquet", "item_id", 0, 5)
     with pytest.raises(common.UserError, match="are not those it was built from"):
-        preprocess.load_current(moved_cfg)
+        processed_data.load_current(moved_cfg)
 
 
 def test_scratch_folders_of_killed_runs_are_removed_and_a_live_runs_kept(copy_raw, tmp_path):
@@ -254,7 +255,7 @@ def test_scratch_folders_of_killed_runs_are_removed_and_a_live_runs_kept(copy_ra
 
 def test_arrays_load_as_copy_on_write_maps_that_never_change_the_files(tiny_cfg):
     processed = preprocess.run_preprocess(tiny_cfg)
-    arrays, _ = preprocess.load_processed(processed)
+    arrays, _ = processed_data.load_processed(processed)
     fold = arrays["train_fold"]
     assert isinstance(fold, np.memmap) and fold.flags.writeable  # torch wraps it without a copy
     before = (processed / "train_fold.npy").read_bytes()
@@ -272,7 +273,7 @@ def test_outputs_get_the_permissions_of_any_new_file(tiny_processed):
 
 def test_load_processed_without_data_is_a_user_error(tmp_path):
     with pytest.raises(common.UserError, match="run src/preprocess.py first"):
-        preprocess.load_processed(tmp_path)
+        processed_data.load_processed(tmp_path)
 
 
 # --- bad input: one case per kind, each a one-line error naming file and column -----------------
@@ -462,12 +463,12 @@ def test_bad_settings_are_user_errors(tiny_raw, tmp_path, key, value, message):
 
 
 def test_the_data_section_is_typed_with_the_defaults_in_python():
-    data = preprocess.checked_data({"data": {"raw_dir": "r", "work_dir": "w", "n_folds": 4.0}})
-    assert data == {"raw_dir": "r", "work_dir": "w", "n_folds": 4, "fold_seed": preprocess.DataConfig.fold_seed,
+    data = processed_data.checked_data({"data": {"raw_dir": "r", "work_dir": "w", "n_folds": 4.0}})
+    assert data == {"raw_dir": "r", "work_dir": "w", "n_folds": 4, "fold_seed": processed_data.DataConfig.fold_seed,
                     "emb_dtype": "float32"}
     assert type(data["n_folds"]) is int
     with pytest.raises(common.UserError, match="config: missing key data.work_dir"):
-        preprocess.checked_data({"data": {"raw_dir": "r"}})
+        processed_data.checked_data({"data": {"raw_dir": "r"}})
 
 
 def test_cli_reports_a_bad_input_as_one_error_line(copy_raw, tmp_path):

@@ -47,6 +47,7 @@ from mmctr import make_synthetic
 from mmctr.models import fit
 from mmctr import model_config
 from mmctr import preprocess
+from mmctr import processed_data
 from mmctr import runs
 from mmctr import score
 from mmctr import summary
@@ -303,7 +304,7 @@ def test_a_damaged_processed_folder_is_one_line_for_every_reader(pipeline, case)
     with restored(p.raw, *outputs(p)):
         damage(p.processed / name)
         before = snapshot(*outputs(p))
-        assert_user_error(lambda: preprocess.load_processed(p.processed), *fragments)
+        assert_user_error(lambda: processed_data.load_processed(p.processed), *fragments)
         assert_user_error(lambda: blend.run_blend(p.blend_cfg), *fragments)
         if name != "manifest.json":  # a damaged manifest is rebuilt: tested below
             assert_user_error(lambda: train.run_training(p.model_cfg, device="cpu"), *fragments)
@@ -635,7 +636,7 @@ def test_leftover_temporaries_of_killed_writers_are_never_read(pipeline):
 
         assert preprocess.run_preprocess(common.load_config(p.data_yaml)) == p.processed
         assert (p.processed / "manifest.json").read_bytes() == manifest_before, "reused, not rebuilt"
-        arrays, _ = preprocess.load_processed(p.processed)
+        arrays, _ = processed_data.load_processed(p.processed)
         assert not any(name.startswith(".") for name in arrays)
         folds = snapshot(p.run_dir / "fold0", p.run_dir / "fold1")
         train.run_training(p.model_cfg, device="cpu")  # every fold done: nothing retrained
@@ -651,7 +652,7 @@ def test_a_damaged_manifest_rebuilds_the_processed_folder(pipeline, capsys):
         before = {name: (p.processed / name).read_bytes() for name in ("train_fold.npy", "test_ID.npy")}
         preprocess.run_preprocess(common.load_config(p.data_yaml))
         assert "rebuilding" in capsys.readouterr().out
-        assert common.read_json(p.processed / "manifest.json")["fingerprint"] == preprocess.fingerprint(
+        assert common.read_json(p.processed / "manifest.json")["fingerprint"] == processed_data.fingerprint(
             common.load_config(p.data_yaml))
         assert {name: (p.processed / name).read_bytes() for name in before} == before
 
@@ -704,7 +705,7 @@ def test_changed_data_or_config_is_recomputed_and_blend_refuses_stale_runs(copy_
     assert new["data_fingerprint"] == manifest["fingerprint"] != old["data_fingerprint"]
     assert new["config_hash"] == old["config_hash"]
     assert (run_dir / "fold0" / "done.json").stat().st_mtime_ns != done_stamp, "fold 0 retrained"
-    assert np.asarray(preprocess.load_processed(tmp_path / "work" / "processed")[0]["valid_likes_level"])[0] \
+    assert np.asarray(processed_data.load_processed(tmp_path / "work" / "processed")[0]["valid_likes_level"])[0] \
         == pq.read_table(raw / "valid.parquet")["likes_level"][0].as_py()
     blend.run_blend(common.load_config(blend_yaml))
     submission = snapshot(tmp_path / "subs")
@@ -723,7 +724,7 @@ def test_changed_data_or_config_is_recomputed_and_blend_refuses_stale_runs(copy_
 
 def test_a_fold_model_never_predicts_rows_it_trained_on(pipeline):
     p = pipeline
-    arrays, manifest = preprocess.load_processed(p.processed)
+    arrays, manifest = processed_data.load_processed(p.processed)
     fold_of_row = np.asarray(arrays["train_fold"])
     n_rows = len(fold_of_row)
     cfg = train.checked_config(p.model_cfg, "cpu")
@@ -758,7 +759,7 @@ def planted_leak(pipeline, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "processed").symlink_to(p.processed, target_is_directory=True)
-    arrays, manifest = preprocess.load_processed(p.processed)
+    arrays, manifest = processed_data.load_processed(p.processed)
     rng = np.random.default_rng(0)
     sizes = {"oof": manifest["n_rows"]["train"], "valid": manifest["n_rows"]["valid"],
              "test": manifest["n_rows"]["test"]}

@@ -16,9 +16,10 @@ from torch import nn
 
 from mmctr import common
 from mmctr.models import fit
+from mmctr.models import schema
 from mmctr.models import layers
 from mmctr import model_config
-from mmctr import preprocess
+from mmctr import processed_data
 from mmctr import runs
 from mmctr import train
 from mmctr.models.fit import FitSettings
@@ -34,7 +35,7 @@ PREDICTIONS = ("oof.parquet", "valid.parquet", "test.parquet",
 @pytest.fixture(scope="module", autouse=True)
 def processed(tiny_processed):
     """The tiny data, preprocessed once: every test here trains on it (train.py never builds it)."""
-    return preprocess.load_processed(tiny_processed)
+    return processed_data.load_processed(tiny_processed)
 
 
 def make_cfg(tiny_cfg, model: str, run_name: str, *overrides: str) -> dict:
@@ -377,8 +378,8 @@ def test_on_cpu_the_device_data_is_the_mapped_files_not_a_copy(processed):
     data = train.load_to_device(arrays, torch.device("cpu"))
     tables = train.item_tables(arrays, manifest, torch.device("cpu"))
     uploaded = {f"{split}_{name}": tensor for split, columns in data.items() for name, tensor in columns.items()}
-    uploaded.update({name: tables[name] for name in train.ITEM_TABLES})
-    assert len(uploaded) == 3 * len(fit.FEATURES) + 2 + len(train.ITEM_TABLES)
+    uploaded.update({name: tables[name] for name in schema.ITEM_TABLES})
+    assert len(uploaded) == 3 * len(schema.FEATURES) + 2 + len(schema.ITEM_TABLES)
     for name, tensor in uploaded.items():
         assert np.shares_memory(tensor.numpy(), arrays[name]), name
 

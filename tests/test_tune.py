@@ -21,6 +21,7 @@ import yaml
 from mmctr import common
 from mmctr import experiments
 from mmctr import preprocess
+from mmctr import processed_data
 from mmctr import runs
 from mmctr import train
 from mmctr import tune
@@ -121,7 +122,7 @@ def test_a_bad_space_file_is_one_line_before_any_trial(case, tiny_raw, work, tmp
 def test_every_shipped_space_passes_its_checks(path, tiny_raw, work):
     settings, space, model_cfg = tune.split_config(common.load_config(
         path, [f"data.raw_dir={tiny_raw}", f"data.work_dir={work}"]))
-    _, arrays, manifest = preprocess.load_current(model_cfg)
+    _, arrays, manifest = processed_data.load_current(model_cfg)
     tune.check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")))
     assert settings.study == path.stem and space
 

@@ -63,6 +63,7 @@ from mmctr.models import fit  # noqa: E402
 from mmctr import make_synthetic  # noqa: E402
 from mmctr import model_config  # noqa: E402
 from mmctr import preprocess  # noqa: E402
+from mmctr import processed_data  # noqa: E402
 from mmctr import train  # noqa: E402
 
 PRESET_SEED = 20242025  # the seed run.sh generates presets with: the same files as a run.sh run
@@ -395,7 +396,7 @@ def bench_config(args: argparse.Namespace, path: str, base_cfg: dict, steps: int
             if key not in loaded:
                 if args.preset and not (common.data_paths(cfg)["processed"] / "manifest.json").is_file():
                     preprocess.run_preprocess(cfg)  # a preset bench makes its data; it never rebuilds it
-                _, arrays, manifest = preprocess.load_current(cfg)
+                _, arrays, manifest = processed_data.load_current(cfg)
                 loaded[key] = (train.load_to_device(arrays, device), train.item_tables(arrays, manifest, device))
             train_record, predict_record = measure_model(cfg, *loaded[key], device, steps,
                                                          args.warmup, peak_tflops, args.predict_rows)

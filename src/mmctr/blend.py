@@ -49,7 +49,7 @@ from tqdm import tqdm
 from mmctr import common
 from mmctr import experiments
 from mmctr import plots
-from mmctr import preprocess
+from mmctr import processed_data
 from mmctr.common import UserError, first_line
 from mmctr.runs import PROCESSED_SPLIT, SPLITS, auc_text, markdown_table, picture_lines, read_predictions
 from mmctr.submission import ID_COLUMN, submission_paths, write_submission
@@ -181,7 +181,7 @@ def row_features_of(arrays: dict) -> dict[str, np.ndarray]:
 def load_blend_data(cfg: dict, runs: list[str], with_row_features: bool, test_from: str = "folds") -> BlendData:
     """Every run's predictions checked against the processed data and stacked column-wise."""
     paths = common.data_paths(cfg)
-    _, arrays, manifest = preprocess.load_current(cfg)
+    _, arrays, manifest = processed_data.load_current(cfg)
     fold = np.asarray(arrays["train_fold"]).astype(np.int64)
     oof_label = np.asarray(arrays["train_label"], dtype=np.float64)
     valid_label = np.asarray(arrays["valid_label"], dtype=np.float64)

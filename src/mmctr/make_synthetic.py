@@ -38,10 +38,8 @@ from tqdm import tqdm
 
 from mmctr import common
 from mmctr.models.metrics import roc_auc
+from mmctr.models.schema import EMB_DIM, SEQ_LEN, TAG_SLOTS
 
-SEQ_LEN = 64          # history slots per row (left-padded)
-TAG_SLOTS = 5         # tag slots per item (left-padded)
-EMB_DIM = 128         # multimodal vector width
 LATENT_DIM = 32       # true semantic space the multimodal vector is projected from
 SUBTOPICS = 8         # each topic splits into tight clusters; attention fires within a cluster
 TIMELINE_LEN = 80     # clicks stored per user; a row sees the last <= 64 before a random point

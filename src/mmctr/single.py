@@ -23,7 +23,7 @@ import pandas as pd
 
 from mmctr import blend
 from mmctr import common
-from mmctr import preprocess
+from mmctr import processed_data
 from mmctr import runs
 from mmctr.common import UserError
 from mmctr.submission import submission_paths, write_submission
@@ -81,7 +81,7 @@ def run_single(cfg: dict) -> dict:
     """Write the single network's submission and {work_dir}/single/; return the metrics."""
     started = time.time()
     settings, blend_settings = checked_settings(cfg)
-    _, arrays, _ = preprocess.load_current(cfg)
+    _, arrays, _ = processed_data.load_current(cfg)
     oof_aucs = fold_oof_aucs(cfg, blend_settings.runs)
     name = choose(settings, oof_aucs)
     preds = refit_predictions(cfg, name, arrays)

@@ -13,7 +13,7 @@ import argparse
 
 from mmctr import common
 from mmctr import experiments
-from mmctr import preprocess
+from mmctr import processed_data
 from mmctr import runs
 from mmctr.models.metrics import roc_auc
 
@@ -32,7 +32,7 @@ def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
                                f"metrics.json (rerun src/blend.py)")
     # the runs and the blend were made from the processed data: new raw files (and labels) would
     # be scored against old predictions
-    preprocess.load_current(cfg)
+    processed_data.load_current(cfg)
     labels = common.read_test_labels(paths["raw"])
     # the runs' test predictions the blend used: their fold means, or their refits
     source = runs.REFIT if blend.get("test_from") == runs.REFIT else "."

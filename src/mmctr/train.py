@@ -52,13 +52,13 @@ from tqdm import tqdm
 from mmctr import common
 from mmctr import experiments
 from mmctr import model_config
-from mmctr import preprocess
+from mmctr import processed_data
 from mmctr import runs
 from mmctr.common import UserError
-from mmctr.models.fit import FEATURES, FitSettings, fit, from_rank0, predict, rank_and_world
+from mmctr.models.fit import FitSettings, bf16_enabled, fit, from_rank0, predict, rank_and_world
+from mmctr.models.schema import FEATURES, ITEM_TABLES
 from mmctr.models.metrics import log_loss, roc_auc
 
-ITEM_TABLES = ("item_tags", "item_emb", "item_likes_level", "item_views_level")
 
 # Keys that change where or how visibly a run happens, not what it computes: left out of the
 # fingerprint, so that e.g. finishing a run's last folds on another device reuses the others.
@@ -227,7 +227,7 @@ def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row
         monitor = {"valid": "valid", "holdout": "fold"}[train_cfg.early_stopping]
         stopping = train_cfg.early_stopping
     name = "refit" if refit else f"fold {fold}"
-    use_bf16 = train_cfg.bf16 and device.type == "cuda"
+    use_bf16 = bf16_enabled(settings, device)
     rank, world = rank_and_world()
     where = str(device) if world == 1 else f"{world} processes on {device.type} (DDP)"
     if rank == 0:
@@ -342,7 +342,7 @@ def fold_worker(cfg: dict, processed: Path, device: str, run_dir: Path, todo: li
     """The body of a worker process (train_on_devices): its own copy of the data on ``device``."""
     # the parent's thread count: a fold's CPU float results depend on it, not on how it was run
     torch.set_num_threads(threads)
-    arrays, manifest = preprocess.load_processed(processed)
+    arrays, manifest = processed_data.load_processed(processed)
     common.run_main(lambda: train_claimed_folds(todo, cfg, arrays, manifest, torch.device(device), run_dir,
                                                 refit_epochs))
 
@@ -394,7 +394,7 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
     (fold, epoch record) is called after every epoch of a fold trained in this process."""
     run_start = time.time()
     cfg = checked_config(cfg, device)
-    processed, arrays, manifest = preprocess.load_current(cfg)
+    processed, arrays, manifest = processed_data.load_current(cfg)
     n_folds = int(manifest["n_folds"])
     folds = list(range(n_folds)) if folds is None else sorted(set(folds))
     if any(not 0 <= k < n_folds for k in folds):

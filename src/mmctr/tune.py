@@ -45,7 +45,7 @@ import yaml
 from mmctr import common
 from mmctr import experiments
 from mmctr import model_config
-from mmctr import preprocess
+from mmctr import processed_data
 from mmctr import runs
 from mmctr import train
 from mmctr.common import UserError
@@ -386,7 +386,7 @@ def main() -> None:
         parser.error("give --device or --devices, not both")
     started = time.time()
     settings, space, model_cfg = split_config(common.config_from_args(args))
-    _, arrays, manifest = preprocess.load_current(model_cfg)  # current processed data, or one line
+    _, arrays, manifest = processed_data.load_current(model_cfg)  # current processed data, or one line
     check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")))
     storage_url = args.storage or default_storage(model_cfg, settings.study)
     out = args.out or common.CONFIG_DIR / f"{settings.study}_tuned.yaml"

@@ -46,9 +46,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .metrics import log_loss, roc_auc
+from .schema import FEATURES
 
 # The columns a model's batch holds (user_id only for models that use it)
-FEATURES = ("user_id", "item_id", "item_seq", "likes_level", "views_level")
 
 
 # bounds on a setting, for config loaders (common.typed_section checks them)
@@ -124,7 +124,7 @@ def bf16_enabled(settings: FitSettings, device: torch.device) -> bool:
 def autocast_for(bf16: bool, device: torch.device):
     """bfloat16 autocast on CUDA when asked for; otherwise no context at all (an autocast with
     enabled=False would switch off an autocast the caller opened around the call)."""
-    if bf16 and device.type == "cuda":
+    if bf16 and device.type == "cuda":  # the CPU always runs float32
         return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 

@@ -13,7 +13,7 @@ columns index by name and convert with np.asarray (pandas, polars).
 import numpy as np
 import torch
 
-SEQ_LEN, TAG_SLOTS, EMB_DIM, N_LEVELS = 64, 5, 128, 11  # the competition's format
+from .schema import EMB_DIM, FEATURES, LIST_FEATURES, N_LEVELS, SEQ_LEN, TAG_SLOTS
 
 
 def list_column(column, width):
@@ -26,9 +26,8 @@ def list_column(column, width):
 
 def row_arrays(frame):
     """A split's columns as arrays: ids and levels int32 [N], item_seq int32 [N, 64], label float32."""
-    arrays = {name: np.asarray(frame[name], dtype=np.int32)
-              for name in ("user_id", "item_id", "likes_level", "views_level")}
-    arrays["item_seq"] = list_column(frame["item_seq"], SEQ_LEN).astype(np.int32)
+    arrays = {name: (list_column(frame[name], SEQ_LEN) if name in LIST_FEATURES else np.asarray(frame[name]))
+              .astype(np.int32) for name in FEATURES}
     if "label" in frame.columns:
         arrays["label"] = np.asarray(frame["label"], dtype=np.float32)
     return arrays

@@ -1,0 +1,188 @@
+"""The processed folder {work_dir}/processed/: its format, its fingerprint, and reading it back.
+
+src/preprocess.py (mmctr.preprocess) alone writes it; every later stage reads it through
+load_current, which refuses a folder that is missing, was built with other settings or by another
+format version, or whose raw files changed since (one line naming the command to run). The layout:
+{split}_{name}.npy per row array (ROW_ARRAYS), one .npy per item table (ITEM_ARRAYS), and
+manifest.json (written last: rows, vocabularies, the fingerprint, the raw files' records).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+import numpy as np
+
+from mmctr import common
+from mmctr.models.schema import FEATURES, ITEM_TABLES, SPLITS
+
+FORMAT_VERSION = 2      # bump when the processed layout changes: old caches then rebuild
+ITEM_FILE = "item_info.parquet"
+# Optional, from the same download: per-item likes/views levels (the real file also holds BERT and
+# CLIP vectors, never read). Without it every item gets the rounded mean level of its rows.
+ITEM_FEATURE_FILE = "item_feature.parquet"
+EmbDtype = Literal["float32", "float16"]
+EMB_DTYPES = {name: np.dtype(name).type for name in get_args(EmbDtype)}
+# The per-row arrays of each split in the processed folder ({split}_{name}.npy)
+ROW_ARRAYS = {split: FEATURES + (("label",) if split != "test" else ("ID",)) + (("fold",) if split == "train" else ())
+              for split in SPLITS}
+ITEM_ARRAYS = ITEM_TABLES  # [V] or [V, ...]
+
+
+def input_files(raw_dir: Path) -> dict[str, Path]:
+    """The four required files, and item_feature.parquet when it is there."""
+    files = {split: raw_dir / f"{split}.parquet" for split in SPLITS}
+    files["item_info"] = raw_dir / ITEM_FILE
+    if (raw_dir / ITEM_FEATURE_FILE).exists():
+        files["item_feature"] = raw_dir / ITEM_FEATURE_FILE
+    return files
+
+
+def content_hash(path: Path) -> str:
+    """BLAKE2b of the file's bytes (0.73 s for the full preset's 591 MB of raw files, page-cached)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def raw_records(raw_dir: Path, known: dict | None = None) -> dict[str, dict]:
+    """Per input file: size, mtime and content hash. With ``known`` (a processed folder's record) a
+    file whose size and mtime are unchanged keeps its recorded hash unread (the later stages'
+    cheap check); without it every file is hashed (preprocess: an edit that restored the mtime is
+    still seen)."""
+    records = {}
+    for name, path in input_files(Path(raw_dir)).items():
+        if not path.is_file():
+            raise common.UserError(f"{path}: file not found")
+        stat = path.stat()
+        old = (known or {}).get(name) or {}
+        same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns
+        records[name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                         "blake2b": old["blake2b"] if same and "blake2b" in old else content_hash(path)}
+    return records
+
+
+def fingerprint_of(records: dict[str, dict], data: dict) -> str:
+    """What the processed folder depends on: every input's content (adding or removing the optional
+    item_feature.parquet changes it too) and the settings that change the output. No path and no
+    time: a moved or copied checkout, a work folder attached at another path, the same files
+    copied to another node all give the same fingerprint, and their finished runs stay valid."""
+    return common.config_hash({"format_version": FORMAT_VERSION,
+                               "files": {name: [r["size"], r["blake2b"]] for name, r in sorted(records.items())},
+                               **{key: data[key] for key in BUILD_SETTINGS}})
+
+
+def fingerprint(cfg: dict) -> str:
+    """The fingerprint of the config's raw files, every one hashed."""
+    return fingerprint_of(raw_records(Path(cfg["data"]["raw_dir"])), cfg["data"])
+
+
+def raw_files_changed(manifest: dict, raw_dir: str | os.PathLike) -> bool:
+    """Whether the files at ``raw_dir`` differ from those the processed folder was built from
+    (False when they are gone: there is nothing to compare with). Files whose size and mtime match
+    the folder's record are not read again."""
+    data = {key: manifest.get(key) for key in BUILD_SETTINGS}
+    try:
+        records = raw_records(Path(raw_dir), known=manifest.get("raw_files"))
+    except common.UserError:
+        return False
+    return fingerprint_of(records, data) != manifest.get("fingerprint")
+
+
+def require_current(processed: Path, manifest: dict, raw_dir: str | os.PathLike) -> None:
+    """A UserError if the raw files at ``raw_dir`` are not those ``processed`` was built from:
+    whatever was made from it (runs, blend) describes other data."""
+    if raw_files_changed(manifest, raw_dir):
+        raise common.UserError(f"{processed}: the raw files in {raw_dir} are not those it was built from "
+                               f"(they changed since it was built): rerun src/preprocess.py, then retrain "
+                               f"the runs")
+
+
+# the data settings a processed folder is built with, which every later stage must share
+BUILD_SETTINGS = ("n_folds", "fold_seed", "emb_dtype")
+
+
+def preprocess_command(data: dict) -> str:
+    sets = " ".join(f"--set data.{key}={data[key]}" for key in ("raw_dir", "work_dir", *BUILD_SETTINGS))
+    return f"python src/preprocess.py --config configs/data.yaml {sets}"
+
+
+def load_current(cfg: dict) -> tuple[Path, dict, dict]:
+    """(folder, arrays, manifest) of the processed data the config's data section describes.
+
+    For the stages after preprocessing (train, bench, blend, summary), which never build or rebuild
+    it: a missing folder, one built with other fold or dtype settings, or one whose raw files
+    changed since is a one-line error naming the command to run, so a stage can never make another
+    model's finished runs stale behind the user's back.
+    """
+    data = checked_data(cfg)
+    processed = common.data_paths(cfg)["processed"]
+    if not (processed / "manifest.json").is_file():
+        raise common.UserError(f"{processed}: no processed data yet: run `{preprocess_command(data)}` first")
+    arrays, manifest = load_processed(processed)
+    for key in BUILD_SETTINGS:
+        if manifest.get(key) != data[key]:
+            raise common.UserError(
+                f"{processed}: built with data.{key}={manifest.get(key)}, the config says {data[key]}: "
+                f"pass --set data.{key}={manifest.get(key)}, or rebuild with `{preprocess_command(data)}` "
+                f"(runs trained on the old folders must then be retrained)")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise common.UserError(f"{processed}: written by another version of src/preprocess.py (format "
+                               f"{manifest.get('format_version')}, this one writes {FORMAT_VERSION}): "
+                               f"rebuild with `{preprocess_command(data)}`")
+    require_current(processed, manifest, data["raw_dir"])
+    return processed, arrays, manifest
+
+
+@dataclass
+class DataConfig:
+    """The data: section (configs/data.yaml), which every stage shares."""
+    raw_dir: str                      # train/valid/test/item_info.parquet, real or synthetic
+    work_dir: str                     # processed arrays, runs and blends for this dataset
+    n_folds: int = field(default=3, metadata={"min": 2})  # stratified folds over train, for OOF predictions
+    fold_seed: int = 20242025
+    emb_dtype: EmbDtype = "float32"   # float16 halves the multimodal table in memory
+
+
+def checked_data(cfg: dict) -> dict:
+    """The data section type-checked and completed with the defaults, as a dict."""
+    return asdict(common.typed_section(DataConfig, cfg.get("data"), "data"))
+
+
+
+def load_processed(processed_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Every processed array, memory-mapped, keyed by file stem; plus the manifest.
+
+    The maps are copy-on-write (mode "c"): torch can wrap them without a copy, and a write by
+    mistake changes this process's view only, never the files.
+    """
+    processed_dir = Path(processed_dir)
+    manifest_path = processed_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise common.UserError(f"{processed_dir}: no processed data here (run src/preprocess.py first)")
+    manifest = common.read_json(manifest_path)
+    rebuild = "rebuild it with src/preprocess.py --force"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("n_rows"), dict):
+        raise common.UserError(f"{manifest_path}: not a manifest written by src/preprocess.py; {rebuild}")
+    arrays = {}
+    for path in sorted(processed_dir.glob("*.npy")):
+        try:
+            arrays[path.stem] = np.load(path, mmap_mode="c")
+        except (OSError, ValueError) as exc:
+            raise common.UserError(f"{path}: not a readable .npy file ({common.first_line(exc)}); "
+                                   f"{rebuild}") from None
+    expected_rows = {f"{split}_{name}": n_rows for split, n_rows in manifest["n_rows"].items()
+                     for name in ROW_ARRAYS.get(split, ())}
+    expected_rows.update({name: (manifest.get("vocab") or {}).get("item") for name in ITEM_ARRAYS})
+    for name, n_rows in expected_rows.items():
+        array = arrays.get(name)
+        if array is None or array.shape[:1] != (n_rows,):
+            found = "missing" if array is None else f"shape {array.shape}"
+            raise common.UserError(f"{processed_dir / name}.npy: {found}, the manifest says {n_rows} rows; "
+                                   f"{rebuild}")
+    return arrays, manifest
