@@ -19,10 +19,10 @@ from sklearn.metrics import roc_auc_score
 from mmctr import blend
 from mmctr import single
 from mmctr import common
-from fake_runs import write_run
 from mmctr import processed_data
 from mmctr.common import UserError
 from mmctr.models.metrics import roc_auc
+from helpers import write_run
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 FAST_LIGHTGBM = ["blend.lightgbm.n_estimators=60"]

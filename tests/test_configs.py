@@ -1,4 +1,5 @@
 """Every shipped config loads, follows the run-name convention and builds a working model."""
+import re
 from pathlib import Path
 
 import pytest
@@ -6,12 +7,13 @@ import torch
 
 from mmctr import common
 from mmctr.models import fit
+from mmctr.models import layers
 from mmctr import model_config
 from mmctr import processed_data
 from mmctr import train
 from mmctr.models.dcnv2 import DCNv2
 from mmctr.models.din import DIN
-from test_models import DCN, QIN, make_batch, make_tables
+from helpers import DCN, QIN, make_batch, make_tables
 
 CONFIGS = sorted(common.CONFIG_DIR.glob("*.yaml"))
 MODEL_CONFIGS = [p for p in CONFIGS if "model" in common.load_config(p)]
@@ -72,6 +74,21 @@ def test_a_key_only_the_other_form_takes_is_an_error():
         model_config.build_model({**DCN, "structure": "parallel", "tf4ctr": {"enabled": True}}, make_tables())
     with pytest.raises(common.UserError, match=r"^model.structure: unknown key \(known: name, tf4ctr, emb_dim,"):
         model_config.build_model({**QIN, "structure": "parallel"}, make_tables())  # no form of QIN takes it
+
+
+def test_a_bound_belongs_to_the_argument_that_declares_it():
+    """The loader reads bounds from a model's annotations (layers.Fraction): an argument of
+    another model that only shares a name (alpha, gamma, *dropout) is not limited by it."""
+    class Toy(torch.nn.Module):
+        def __init__(self, tables, alpha=2.0, mix_dropout=3.0, rate: layers.Fraction = 0.5, width=4):
+            super().__init__()
+
+    section = model_config._section_class("ToyConfig", model_config._keywords(Toy))
+    config = common.typed_section(section, {"alpha": 5.0, "mix_dropout": 7.0, "rate": 1.0}, "model")
+    assert (config.alpha, config.mix_dropout, config.rate) == (5.0, 7.0, 1.0)
+    for key, value, problem in [("rate", 1.5, "must be in [0, 1]"), ("width", 0, "must be at least 1")]:
+        with pytest.raises(common.ConfigError, match=re.escape(problem)):
+            common.typed_section(section, {key: value}, "model")
 
 
 def test_null_takes_the_builders_default():

@@ -23,6 +23,7 @@ from mmctr import common
 from mmctr import preprocess
 from mmctr import processed_data
 from mmctr.models.schema import EMB_DIM, SEQ_LEN, TAG_SLOTS
+from helpers import as_matrix
 from conftest import make_data_cfg
 
 N_ITEMS = 6                      # item vocabulary, 0 = padding
@@ -236,10 +237,6 @@ def write_tables(tables: dict, raw: Path) -> None:
             path.write_bytes(table)
         else:
             pq.write_table(table, path)
-
-
-def as_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    return np.array(column.to_pylist())
 
 
 def assert_arrays_hold_the_tables(processed: Path, tables: dict) -> None:

@@ -18,47 +18,10 @@ from mmctr import processed_data
 from mmctr.models import layers
 from mmctr.models.layers import ASTA, DINAttention, ItemEncoder, masked_mean, masked_softmax
 from mmctr.models.simqin import SemanticCodes, SimilarityCounts
+from mmctr.models.schema import ITEM_TABLES
 from mmctr.models.tf4ctr import TF4CTR, tf_loss
+from helpers import DCN, DIN, L, LEVELS, M, QIN, T, U, V, make_batch, make_label, make_tables
 
-V, T, U, LEVELS, L = 60, 30, 40, 11, 64
-ITEM_TABLES = ("item_tags", "item_emb", "item_likes_level", "item_views_level")
-
-
-def make_tables(n_items=V, n_tags=T, n_users=U, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    item_tags = torch.randint(1, n_tags, (n_items, 5), generator=g, dtype=torch.int32)
-    item_tags[:, :2] = 0  # left padding, as in item_info
-    item_tags[1] = 0  # an item without tags
-    item_emb = torch.randn(n_items, 128, generator=g)
-    levels = [torch.randint(0, LEVELS, (n_items,), generator=g, dtype=torch.int32) for _ in range(2)]
-    for table in (item_tags, item_emb, *levels):
-        table[0] = 0  # the padding item
-    return dict(item_tags=item_tags, item_emb=item_emb, item_likes_level=levels[0],
-                item_views_level=levels[1], n_items=n_items, n_tags=n_tags, n_users=n_users,
-                n_levels=LEVELS)
-
-
-def make_batch(b=16, n_items=V, dtype=torch.int32, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    seq = torch.randint(1, n_items, (b, L), generator=g)
-    lengths = torch.randint(0, L + 1, (b,), generator=g)
-    lengths[0], lengths[1] = 0, L  # an all-padding history and a full one
-    seq[torch.arange(L) < (L - lengths).unsqueeze(1)] = 0  # left padding
-    batch = dict(user_id=torch.randint(0, U, (b,), generator=g),
-                 item_id=torch.randint(1, n_items, (b,), generator=g), item_seq=seq,
-                 likes_level=torch.randint(0, LEVELS, (b,), generator=g),
-                 views_level=torch.randint(0, LEVELS, (b,), generator=g))
-    return {k: v.to(dtype) for k, v in batch.items()}
-
-
-def make_label(b=16, seed=2):
-    return torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(seed)).float()
-
-
-M = 12  # the multimodal width: not E, so that a mix-up of the two shows in the shapes and the counts
-QIN = dict(name="qin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, mlp_hidden=[32, 16])
-DCN = dict(name="dcnv2", emb_dim=8, mm_dim=M, cross_layers=2, cross_rank=4, cross_experts=2, mlp_hidden=[32, 16])
-DIN = dict(name="din", emb_dim=8, mm_dim=M, attention_hidden=[16, 8], mlp_hidden=[32, 16])
 DIN_TF = {**DIN, "simple_hidden": [16]}  # simple_hidden: DIN in TF4CTR only
 
 

@@ -4,7 +4,6 @@ once, the same files as a sequential run, and a worker killed mid-fold costs onl
 On the CPU with two workers (--devices cpu,cpu), on the tiny data with 3 folds: what a GPU machine
 does with cuda:0,cuda:1, except the device.
 """
-import contextlib
 import os
 import re
 import signal
@@ -19,6 +18,7 @@ from mmctr import common
 from mmctr import preprocess
 from mmctr import runs
 from mmctr import train
+from helpers import single_thread
 from conftest import make_data_cfg
 
 FOLDS = 3
@@ -39,17 +39,6 @@ def three_folds(tiny_raw, tmp_path_factory) -> dict:
     return cfg["data"]
 
 
-@contextlib.contextmanager
-def one_thread():
-    """One torch thread in this process too (its workers take its count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def model_cfg(data: dict, name: str) -> dict:
     cfg = common.load_config(common.CONFIG_DIR / "qin_small.yaml", TRAIN)
     cfg["data"] = dict(data)
@@ -60,7 +49,7 @@ def model_cfg(data: dict, name: str) -> dict:
 @pytest.fixture(scope="module")
 def sequential(three_folds):
     """The reference: every fold one after another in this process."""
-    with one_thread():
+    with single_thread():
         return train.run_training(model_cfg(three_folds, "sequential"), device="cpu")
 
 
@@ -87,7 +76,7 @@ def test_a_claim_is_taken_once_and_a_dead_processs_claim_is_removed(tmp_path):
 
 @pytest.mark.slow
 def test_two_workers_train_each_fold_once_into_the_sequential_runs_files(three_folds, sequential, capfd):
-    with one_thread():
+    with single_thread():
         run_dir = train.run_training(model_cfg(three_folds, "two_workers"), devices=["cpu", "cpu"])
     log = capfd.readouterr().out
     for k in range(FOLDS):

@@ -17,26 +17,15 @@ from mmctr import common
 from mmctr import make_synthetic
 from mmctr import preprocess
 from mmctr import processed_data
+from helpers import as_matrix, replace_column, truncate
 from conftest import make_data_cfg
 
 SPLITS = ["train", "valid", "test"]
 N_ITEMS = make_synthetic.PRESETS["tiny"].n_items
 
 
-def as_matrix(column) -> np.ndarray:
-    return np.stack(column.to_numpy(zero_copy_only=False))
-
-
 def fixed_list(matrix: np.ndarray, value_type=pa.int64()) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1), value_type), matrix.shape[1])
-
-
-def replace_column(path: Path, column: str, array: pa.Array | None) -> None:
-    """Rewrite one column of a parquet file in place (None drops it)."""
-    table = pq.read_table(path)
-    index = table.column_names.index(column)
-    table = table.remove_column(index) if array is None else table.set_column(index, column, array)
-    pq.write_table(table, path)
 
 
 def edit_ints(path: Path, column: str, row: int, value) -> None:
@@ -277,11 +266,6 @@ def test_load_processed_without_data_is_a_user_error(tmp_path):
 
 
 # --- bad input: one case per kind, each a one-line error naming file and column -----------------
-
-def truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
 
 def corrupt_pages(path: Path) -> None:
     """Garbage in the middle of the data, the footer intact: fails while reading row batches."""

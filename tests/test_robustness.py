@@ -42,7 +42,6 @@ import yaml
 
 from mmctr import blend
 from mmctr import common
-from fake_runs import write_run
 from mmctr import make_synthetic
 from mmctr.models import fit
 from mmctr import model_config
@@ -54,6 +53,7 @@ from mmctr import summary
 from mmctr import train
 from mmctr import submission
 from mmctr.common import UserError
+from helpers import replace_column, run_script, truncate, write_run
 
 SRC = common.REPO_ROOT / "src"
 N_ITEMS = make_synthetic.PRESETS["tiny"].n_items
@@ -65,12 +65,6 @@ TINY_TRAIN = {"max_epochs": 2, "batch_size": 512, "eval_batch_size": 2048, "log_
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
-
-def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    folder = common.REPO_ROOT / "tools" if script == "bench" else SRC
-    return subprocess.run([sys.executable, str(folder / f"{script}.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert "Traceback" not in result.stderr, result.stderr
@@ -125,27 +119,12 @@ def restored(*roots: Path):
             os.utime(path, ns=(mtime, mtime))
 
 
-def replace_column(path: Path, column: str, array: pa.Array | None, new_name: str | None = None) -> None:
-    table = pq.read_table(path)
-    index = table.column_names.index(column)
-    if array is None:
-        table = table.remove_column(index)
-    else:
-        table = table.set_column(index, new_name or column, array)
-    pq.write_table(table, path)
-
-
 def edit_value(path: Path, column: str, row: int, value) -> None:
     values = pq.read_table(path, columns=[column])[column].to_numpy().copy()
     if isinstance(value, float):
         values = values.astype(np.float64)
     values[row] = value
     replace_column(path, column, pa.array(values))
-
-
-def truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
 
 
 def write_config(path: Path, base: str, sections: dict) -> Path:

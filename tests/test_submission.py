@@ -1,7 +1,5 @@
 """The submission: the validator on every kind of bad file, the zip layout the blend writes, and
 local scoring against the tiny synthetic oracle (or its absence on real data)."""
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from mmctr import score
 from mmctr import submission
 from mmctr.common import UserError
 from mmctr.submission import validate_submission
+from helpers import run_script
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 IDS = np.arange(20)
@@ -151,10 +150,6 @@ def data_cfg(raw_dir: Path, tmp_path: Path) -> dict:
     cfg = common.load_config(common.CONFIG_DIR / "blend.yaml")
     cfg["data"].update(raw_dir=str(raw_dir), work_dir=str(tmp_path / "work"))
     return cfg
-
-
-def run_script(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SRC / script), *args], cwd=cwd, capture_output=True, text=True)
 
 
 def submission_of(tmp_path: Path, preds: np.ndarray, name: str) -> Path:

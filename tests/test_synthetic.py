@@ -12,6 +12,7 @@ import pytest
 from mmctr import common
 from mmctr.models.metrics import roc_auc
 from mmctr import make_synthetic
+from helpers import as_matrix
 
 TINY = make_synthetic.PRESETS["tiny"]
 MAIN_FILES = ["train", "valid", "test", "item_info", "item_feature"]
@@ -35,10 +36,6 @@ EXPECTED_FIELDS = {
 
 def read(raw: Path, name: str) -> pa.Table:
     return pq.read_table(raw / f"{name}.parquet")
-
-
-def as_matrix(column: pa.ChunkedArray) -> np.ndarray:
-    return np.stack(column.to_numpy(zero_copy_only=False)) if len(column) else np.empty((0, 0))
 
 
 def is_left_padded(matrix: np.ndarray) -> bool:

@@ -4,7 +4,7 @@ import torch
 
 from mmctr import common
 from mmctr import model_config
-from test_models import L, V, make_batch, make_label, make_tables
+from helpers import L, V, make_batch, make_label, make_tables
 from mmctr.models.transformer_dcn import TransformerDCN
 
 SMALL = dict(name="transformer_dcn", emb_dim=8, mm_dim=8, dim_feedforward=16, first_k_cols=4,

@@ -25,22 +25,21 @@ PLAIN = {"qin": QIN, "dcnv2": DCNv2, "din": DIN, "transformer_dcn": TransformerD
 WITH_TF4CTR = {"dcnv2": dcnv2_tf4ctr, "din": din_tf4ctr}
 
 
-def _constraints(key: str, annotation) -> dict:
-    """What the types cannot say: every integer of a model is a size (>= 1); dropouts and the TF
-    loss's c and alpha are in [0, 1], its gamma non-negative."""
-    if key.endswith("dropout") or key in ("c", "alpha"):
-        return {"range": (0, 1)}
-    if key == "gamma":
-        return {"min": 0}
+def _split_bounds(annotation) -> tuple[typing.Any, dict]:
+    """(the type, its bounds): a keyword argument annotated Annotated[float, {"range": (0, 1)}]
+    (layers.Fraction, layers.NonNegative) carries its own; an integer is a size (>= 1)."""
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *metadata = typing.get_args(annotation)
+        return base, {key: value for item in metadata if isinstance(item, dict) for key, value in item.items()}
     if annotation is int or typing.get_args(annotation)[:1] == (int,):
-        return {"min": 1}
-    return {}
+        return annotation, {"min": 1}
+    return annotation, {}
 
 
 def _keywords(builder, skip=()) -> list[tuple[str, typing.Any, typing.Any]]:
     """(name, annotation, default) of the builder's keyword arguments with a default: the
     annotation where the signature has one (Literal choices), else the default's type."""
-    hints = typing.get_type_hints(builder.__init__ if inspect.isclass(builder) else builder)
+    hints = typing.get_type_hints(builder.__init__ if inspect.isclass(builder) else builder, include_extras=True)
     out = []
     for key, param in inspect.signature(builder).parameters.items():
         if param.default is inspect.Parameter.empty or key in skip:
@@ -59,8 +58,10 @@ def _keys(builder) -> list[str]:
 
 
 def _section_class(name: str, keywords, extra=()) -> type:
-    fields = [(key, annotation, dataclasses.field(default=default, metadata=_constraints(key, annotation)))
-              for key, annotation, default in keywords]
+    fields = []
+    for key, annotation, default in keywords:
+        base, bounds = _split_bounds(annotation)
+        fields.append((key, base, dataclasses.field(default=default, metadata=bounds)))
     return dataclasses.make_dataclass(name, [*extra, *fields])
 
 

@@ -483,21 +483,3 @@ def read_predictions(run: Path, name: str, manifest: dict, expected: dict[str, n
         preds[split] = aligned_predictions(path, read_run_file(path, split, name), split, expected[split],
                                            fold if split == "oof" else None, PROCESSED_SPLIT[split])
     return preds
-
-
-def write_finished_run(run: Path, preds: dict[str, np.ndarray], fold: np.ndarray, test_ids: np.ndarray,
-                       data_fingerprint: str, refit: dict[str, np.ndarray] | None = None) -> None:
-    """A finished run from given predictions in row order, with no model behind them (tests);
-    ``refit`` (valid and test predictions) adds a finished refit."""
-    common.write_json(run / "fingerprint.json", {"config_hash": "handmade", "data_fingerprint": data_fingerprint})
-    for k in range(int(fold.max()) + 1):
-        common.write_json(fold_dir(run, k) / "done.json", {"fold": k})
-    write_predictions(run, {"oof": prediction_frame("oof", np.arange(len(fold)), preds["oof"], fold),
-                            "valid": prediction_frame("valid", np.arange(len(preds["valid"])), preds["valid"]),
-                            "test": prediction_frame("test", test_ids, preds["test"])})
-    if refit is not None:
-        folder = fold_dir(run, REFIT)
-        common.write_parquet(folder / "valid.parquet",
-                             prediction_frame("valid", np.arange(len(refit["valid"])), refit["valid"]))
-        common.write_parquet(folder / "test.parquet", prediction_frame("test", test_ids, refit["test"]))
-        common.write_json(folder / "done.json", {"fold": REFIT})

@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from .layers import (ASTA, MLP, CrossNet, CrossNetMix, CTRModel, FeatureEmbedding, Float32Linear, MeanPooling,
+from .layers import (Fraction, ASTA, MLP, CrossNet, CrossNetMix, CTRModel, FeatureEmbedding, Float32Linear, MeanPooling,
                     check_choice, init_weights)
 from .tf4ctr import TF4CTR
 
@@ -33,7 +33,7 @@ class DCNv2(CTRModel):
     def __init__(self, tables, emb_dim=64, mm_dim=128, pooling: Literal["mean", "asta"] = "mean",
                  cross: Literal["full", "mix"] = "full", cross_layers=3, cross_rank=64, cross_experts=4,
                  structure: Literal["stacked", "parallel"] = "parallel", mlp_hidden=(1024, 512, 256),
-                 dropout=0.1, batch_norm=True, table_mode: Literal["auto", "gather", "table"] = "auto"):
+                 dropout: Fraction = 0.1, batch_norm=True, table_mode: Literal["auto", "gather", "table"] = "auto"):
         super().__init__()
         check_choice("structure", structure, ("stacked", "parallel"))
         self.embedding = FeatureEmbedding(tables, emb_dim, history_pooling(pooling), table_mode, mm_dim)
@@ -55,7 +55,7 @@ class DCNv2(CTRModel):
 
 def dcnv2_tf4ctr(tables, emb_dim=64, mm_dim=128, pooling: Literal["mean", "asta"] = "mean",
                  cross: Literal["full", "mix"] = "full", cross_layers=3, cross_rank=64, cross_experts=4,
-                 mlp_hidden=(1024, 512, 256), dropout=0.1, batch_norm=True,
+                 mlp_hidden=(1024, 512, 256), dropout: Fraction = 0.1, batch_norm=True,
                  table_mode: Literal["auto", "gather", "table"] = "auto",
                  ssem="ser", dfm="wsf", c=0.8, gamma=2.0, alpha=0.25):
     """DCNv2 in TF4CTR: cross network = simple encoder, MLP = complex encoder, each on its SSEM input."""

@@ -5,7 +5,7 @@ pooled interest] (FeatureEmbedding) goes through a deep MLP.
 """
 from typing import Literal
 
-from .layers import MLP, CTRModel, DINAttention, FeatureEmbedding, Float32Linear, init_weights
+from .layers import Fraction, MLP, CTRModel, DINAttention, FeatureEmbedding, Float32Linear, init_weights
 from .tf4ctr import TF4CTR
 
 
@@ -17,9 +17,9 @@ class DIN(CTRModel):
     """[levels, target, attention-pooled interest] [B, 2E + 2I] -> MLP -> Linear -> 1."""
 
     def __init__(self, tables, emb_dim=64, mm_dim=128, attention_hidden=(512, 256),
-                 attention_activation: Literal["relu", "dice", "prelu"] = "relu", attention_dropout=0.1,
+                 attention_activation: Literal["relu", "dice", "prelu"] = "relu", attention_dropout: Fraction = 0.1,
                  attention_softmax=False, mlp_hidden=(1024, 512, 256),
-                 mlp_activation: Literal["relu", "prelu", "dice"] = "relu", dropout=0.1, batch_norm=True,
+                 mlp_activation: Literal["relu", "prelu", "dice"] = "relu", dropout: Fraction = 0.1, batch_norm=True,
                  table_mode: Literal["auto", "gather", "table"] = "auto"):
         super().__init__()
         pool = din_attention(attention_hidden, attention_activation, attention_dropout, attention_softmax)
@@ -33,9 +33,9 @@ class DIN(CTRModel):
 
 
 def din_tf4ctr(tables, emb_dim=64, mm_dim=128, attention_hidden=(512, 256),
-               attention_activation: Literal["relu", "dice", "prelu"] = "relu", attention_dropout=0.1,
+               attention_activation: Literal["relu", "dice", "prelu"] = "relu", attention_dropout: Fraction = 0.1,
                attention_softmax=False, mlp_hidden=(1024, 512, 256),
-               mlp_activation: Literal["relu", "prelu", "dice"] = "relu", dropout=0.1, batch_norm=True,
+               mlp_activation: Literal["relu", "prelu", "dice"] = "relu", dropout: Fraction = 0.1, batch_norm=True,
                table_mode: Literal["auto", "gather", "table"] = "auto",
                simple_hidden=(256,), ssem="ser", dfm="wsf", c=0.8, gamma=2.0, alpha=0.25):
     """DIN in TF4CTR.

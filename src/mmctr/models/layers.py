@@ -5,6 +5,7 @@ notebook as they are. Shapes: B batch, L history length (64), E embedding width,
 (M: the multimodal width, 128 as released).
 """
 import math
+from typing import Annotated
 
 import torch
 import torch.nn as nn
@@ -81,6 +82,12 @@ def bce(logits, label, form="logits", reduction="mean"):
         nan_back = (p - p_number).detach()
         loss = F.binary_cross_entropy(p_number, label, reduction=reduction)
         return loss + (nan_back if reduction == "none" else nan_back.sum())
+
+
+# Bounds of the models' keyword arguments, on the argument itself: the config loader
+# (src/mmctr/model_config.py) checks a config's values against them
+Fraction = Annotated[float, {"range": (0, 1)}]   # a dropout rate, a weight in [0, 1]
+NonNegative = Annotated[float, {"min": 0}]
 
 
 class CTRModel(nn.Module):

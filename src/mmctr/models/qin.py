@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from .layers import (ASTA, MLP, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, MeanPooling,
+from .layers import (Fraction, ASTA, MLP, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, MeanPooling,
                     check_choice, init_weights)
 
 
@@ -26,9 +26,9 @@ class QIN(CTRModel):
 
     def __init__(self, tables, emb_dim=128, mm_dim=128, qnn_layers=4, qnn_m=4,
                  qnn_activation: Literal["prelu", "relu"] = "prelu",
-                 interaction: Literal["qnn", "mlp"] = "qnn", mlp_hidden=(1024, 512, 256), dropout=0.1,
+                 interaction: Literal["qnn", "mlp"] = "qnn", mlp_hidden=(1024, 512, 256), dropout: Fraction = 0.1,
                  batch_norm=True, attention: Literal["relu", "softmax", "mean"] = "relu",
-                 attention_dropout=0.0, asta_fast=True, use_user_id=False, history_levels=False, asta_bias=False,
+                 attention_dropout: Fraction = 0.0, asta_fast=True, use_user_id=False, history_levels=False, asta_bias=False,
                  table_mode: Literal["auto", "gather", "table"] = "auto"):
         super().__init__()
         check_choice("attention", attention, ("relu", "softmax", "mean"))

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (ASTA, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, init_weights,
+from .layers import (Fraction, ASTA, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, init_weights,
                     masked_mean)
 
 
@@ -99,7 +99,7 @@ class SemanticCodes(nn.Module):
 
 class SimQIN(CTRModel):
     def __init__(self, tables, emb_dim=128, mm_dim=128, qnn_layers=4, qnn_m=4,
-                 qnn_activation: Literal["prelu", "relu"] = "prelu", dropout=0.1, batch_norm=True,
+                 qnn_activation: Literal["prelu", "relu"] = "prelu", dropout: Fraction = 0.1, batch_norm=True,
                  similarity=True, n_counts=8, mean_pool=True, use_user_id=True, semantic_codes=False,
                  n_codes=256, code_levels=2, asta_bias=False,
                  table_mode: Literal["auto", "gather", "table"] = "auto"):

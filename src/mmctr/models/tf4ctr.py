@@ -14,10 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import MLP, Float32Linear, bce, check_choice, init_weights
+from .layers import Fraction, NonNegative, MLP, Float32Linear, bce, check_choice, init_weights
 
 
-def tf_loss(y, y_s, y_c, label, c=0.8, gamma=2.0, alpha=0.25, form="logits"):
+def tf_loss(y, y_s, y_c, label, c: Fraction = 0.8, gamma: NonNegative = 2.0, alpha: Fraction = 0.25, form="logits"):
     """BCE(y) + alpha * L_easy(y_s) + (1 - alpha) * L_hard(y_c), all from logits [B] and 0/1 labels [B].
 
     L_easy = mean(BCE(p_s) (c + p_t(s))^gamma), L_hard = mean(BCE(p_c) ((2 - c) - p_t(c))^gamma),
@@ -132,7 +132,7 @@ class TF4CTR(nn.Module):
 
     def __init__(self, make_embedder, make_simple, make_complex, emb_dim, dropout, batch_norm,
                  ssem: Literal["ser", "gm", "moe", "none"] = "ser",
-                 dfm: Literal["wsf", "cf", "vf", "moef", "sum"] = "wsf", c=0.8, gamma=2.0, alpha=0.25):
+                 dfm: Literal["wsf", "cf", "vf", "moef", "sum"] = "wsf", c: Fraction = 0.8, gamma: NonNegative = 2.0, alpha: Fraction = 0.25):
         super().__init__()
         if not 0 <= c <= 1:  # keeps (2 - c) - p_t, the hard-sample focus, non-negative
             raise ValueError(f"c: {c} is not in [0, 1]")

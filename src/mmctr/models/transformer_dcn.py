@@ -20,14 +20,14 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 
-from .layers import MLP, CrossNet, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, init_weights
+from .layers import Fraction, MLP, CrossNet, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, init_weights
 
 
 class SequenceTransformer(nn.Module):
     """[x_bj, x_t] per history position -> nn.TransformerEncoder -> the last first_k outputs
     flattened, plus out_linear(max over the unmasked positions): width (first_k + 1) * 2I."""
 
-    def __init__(self, item_dim, n_layers=2, n_heads=1, dim_feedforward=256, dropout=0.2, first_k=16,
+    def __init__(self, item_dim, n_layers=2, n_heads=1, dim_feedforward=256, dropout: Fraction = 0.2, first_k=16,
                  max_pool=True, history_mask="released", max_history=None):
         super().__init__()
         if history_mask not in ("released", "fixed"):
@@ -69,10 +69,10 @@ class TransformerDCN(CTRModel):
     cross network (full rank) and MLP in parallel on x_0; head MLP on [cross, MLP] -> 1."""
 
     def __init__(self, tables, emb_dim=64, mm_dim=128, transformer_layers=2, num_heads=1,
-                 dim_feedforward=256, transformer_dropout=0.2, first_k_cols=16, max_pool=True,
+                 dim_feedforward=256, transformer_dropout: Fraction = 0.2, first_k_cols=16, max_pool=True,
                  history_mask: Literal["released", "fixed"] = "released",
                  max_history: Optional[int] = None, cross_layers=3, dcn_hidden=(1024, 512, 256),
-                 head_hidden=(64, 32), dropout=0.2, batch_norm=False, table_mode="auto"):
+                 head_hidden=(64, 32), dropout: Fraction = 0.2, batch_norm=False, table_mode="auto"):
         super().__init__()
         self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim)
         self.levels = LevelEmbedding(tables["n_levels"], emb_dim)
