@@ -112,7 +112,7 @@ def test_auc_weights_put_the_weight_on_the_informative_run():
 @pytest.mark.parametrize("method", list(blend.METHODS))
 def test_blend_of_complementary_runs_beats_both(method):
     data = make_blend_data(sees_s1, sees_s2)
-    preds, _ = blend.METHODS[method](data, blend_settings())
+    preds, _ = blend.METHODS[method].fit(data, blend_settings())
     for split, labels in (("oof", data.oof_label), ("valid", data.valid_label)):
         best_single = max(roc_auc(labels, data.probs[split][:, r]) for r in range(2))
         assert roc_auc(labels, preds[split]) > best_single + 0.03, split
@@ -121,7 +121,7 @@ def test_blend_of_complementary_runs_beats_both(method):
 @pytest.mark.parametrize("method", list(blend.METHODS))
 def test_every_method_returns_probabilities(method):
     data = make_blend_data(informative, saturated, noise)
-    preds, details = blend.METHODS[method](data, blend_settings())
+    preds, details = blend.METHODS[method].fit(data, blend_settings())
     assert set(preds) == set(blend.SPLITS) and "fitted" in details
     for split in blend.SPLITS:
         assert preds[split].shape == (len(data.probs[split]),)
@@ -140,7 +140,7 @@ def test_stacker_predicts_each_fold_with_a_model_that_never_saw_it(method):
     for split in ("valid", "test"):
         data.probs[split] = np.column_stack([data.probs[split], np.full(len(data.probs[split]), 0.5)])
     data.runs.append("planted")
-    preds, _ = blend.METHODS[method](data, blend_settings())
+    preds, _ = blend.METHODS[method].fit(data, blend_settings())
     assert roc_auc(data.oof_label[fold0], preds["oof"][fold0]) < 0.2
 
 

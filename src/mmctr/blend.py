@@ -70,7 +70,6 @@ CANDIDATES_PNG, CALIBRATION_PNG = "candidates.png", "calibration.png"  # report.
 # configuration
 # ---------------------------------------------------------------------------------------------
 
-Method = Literal["rank_mean", "logit_mean", "auc_weights", "logistic", "lightgbm"]  # = METHODS
 
 
 @dataclass
@@ -329,14 +328,26 @@ def lightgbm_stacker(data: BlendData, settings: BlendConfig) -> tuple[Prediction
              "gain_share": {name: float(s) for name, s in zip(names, share)}})
 
 
-METHODS: dict[str, Callable[[BlendData, BlendConfig], tuple[Predictions, dict]]] = {
-    "rank_mean": rank_mean,
-    "logit_mean": logit_mean,
-    "auc_weights": auc_weights,
-    "logistic": logistic,
-    "lightgbm": lightgbm_stacker,
+@dataclass(frozen=True)
+class BlendMethod:
+    """One entry of the registry: how the method is fitted, and what the report says it puts on
+    each run (``weights``: what its numbers are and their key in its details; else an equal weight
+    on the ``equal_on`` scale)."""
+    fit: Callable[[BlendData, BlendConfig], tuple[Predictions, dict]]
+    weights: tuple[str, str] | None = None
+    equal_on: str = "logit"
+
+
+# The blend methods, one entry each: blend.methods, blend.select, the report and the tests take
+# their names from here
+METHODS: dict[str, BlendMethod] = {
+    "rank_mean": BlendMethod(rank_mean, equal_on="rank"),
+    "logit_mean": BlendMethod(logit_mean),
+    "auc_weights": BlendMethod(auc_weights, weights=("weight on the logit", "weights")),
+    "logistic": BlendMethod(logistic, weights=("coefficient on the logit", "coefficients")),
+    "lightgbm": BlendMethod(lightgbm_stacker, weights=("share of the split gain", "gain_share")),
 }
-assert tuple(METHODS) == get_args(Method), "Method must list METHODS' names"
+Method = Literal[tuple(METHODS)]  # blend.methods' type: a name of the registry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +379,7 @@ def fit_methods(data: BlendData, settings: BlendConfig) -> list[Candidate]:
     candidates = []
     for method in settings.methods:
         started = time.time()
-        preds, details = METHODS[method](data, settings)
+        preds, details = METHODS[method].fit(data, settings)
         candidate = evaluate(method, preds, data, time.time() - started, details)
         common.log(f"{method}: OOF AUC {candidate.oof_auc:.6f}, valid AUC {candidate.valid_auc:.6f} "
                    f"({candidate.seconds:.1f}s)")
@@ -400,21 +411,15 @@ def oracle_auc(labels: np.ndarray, prob: np.ndarray | None) -> float | None:
     return None if prob is None else roc_auc(labels, prob)
 
 
-# what each method's details say it puts on its inputs: (what the numbers are, key in details)
-METHOD_WEIGHTS = {"auc_weights": ("weight on the logit", "weights"),
-                  "logistic": ("coefficient on the logit", "coefficients"),
-                  "lightgbm": ("share of the split gain", "gain_share")}
-
-
 def chosen_weights(chosen: Candidate, run_names: list[str]) -> tuple[str, dict[str, float]]:
     """(what the numbers are, input -> number): what the chosen candidate puts on each input."""
-    if chosen.name in METHOD_WEIGHTS:
-        what, key = METHOD_WEIGHTS[chosen.name]
-        return what, chosen.details[key]
     if chosen.name in run_names:  # the best single run
         return "weight", {run: float(run == chosen.name) for run in run_names}
-    scale = "rank" if chosen.name == "rank_mean" else "logit"
-    return f"equal weight on the {scale}", {run: 1.0 / len(run_names) for run in run_names}
+    method = METHODS[chosen.name]
+    if method.weights is not None:
+        what, key = method.weights
+        return what, chosen.details[key]
+    return f"equal weight on the {method.equal_on}", {run: 1.0 / len(run_names) for run in run_names}
 
 
 def draw_pictures(blend_dir: Path, runs: list[Candidate], methods: list[Candidate], chosen: Candidate,
