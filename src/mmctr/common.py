@@ -335,18 +335,18 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _writer_gone(name: str, pattern: re.Pattern) -> bool:
-    """Whether the scratch file or folder ``name`` (its writer's pid in group 1) was left by a dead process."""
-    match = pattern.fullmatch(name)
-    return bool(match) and not process_alive(int(match.group(1)))
-
-
-def _remove_left_over(path: Path) -> None:
-    log(f"removing {path}, left by an interrupted process")
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def _sweep_left_overs(final: Path, suffix_glob: str, pattern: str) -> None:
+    """Remove the scratch files and folders beside ``final`` (``.<name><suffix>``) whose writer, the
+    pid in group 1 of ``pattern``, is gone: what a killed process could not clean up."""
+    regex = re.compile(rf"\.{re.escape(final.name)}{pattern}")
+    for path in final.parent.glob(f".{glob_escape(final.name)}{suffix_glob}"):
+        match = regex.fullmatch(path.name)
+        if match and not process_alive(int(match.group(1))):
+            log(f"removing {path}, left by an interrupted process")
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -358,10 +358,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    left_over = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\..*\.tmp")
-    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
-        if _writer_gone(stale.name, left_over):
-            _remove_left_over(stale)
+    _sweep_left_overs(path, ".*.tmp", r"\.(\d+)\..*\.tmp")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)
@@ -388,10 +385,7 @@ def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    left_over = re.compile(rf"\.{re.escape(final.name)}-(?:tmp|old)-(\d+)-.*")
-    for path in final.parent.glob(f".{glob_escape(final.name)}-*"):
-        if _writer_gone(path.name, left_over):
-            _remove_left_over(path)
+    _sweep_left_overs(final, "-*", r"-(?:tmp|old)-(\d+)-.*")
     staging = _scratch_folder(final, "tmp")
     try:
         yield staging
