@@ -51,7 +51,8 @@ from mmctr import experiments
 from mmctr import plots
 from mmctr import processed_data
 from mmctr.common import UserError, first_line
-from mmctr.runs import PROCESSED_SPLIT, SPLITS, auc_text, markdown_table, picture_lines, read_predictions
+from mmctr.reports import auc_text, markdown_table, picture_lines
+from mmctr.runs import PROCESSED_SPLIT, SPLITS, read_predictions
 from mmctr.submission import ID_COLUMN, submission_paths, write_submission
 from mmctr.models.metrics import roc_auc
 

@@ -28,6 +28,7 @@ import yaml
 
 from mmctr import common
 from mmctr import plots
+from mmctr import reports
 from mmctr.common import UserError
 from mmctr.models.metrics import log_loss, roc_auc
 
@@ -38,28 +39,6 @@ AGGREGATE_FILES = ("oof.parquet", "valid.parquet", "test.parquet", "metrics.json
 # a picture that could not be drawn is only a warning and must not make a finished run look unfinished
 CURVES_PNG, CALIBRATION_PNG = "curves.png", "calibration.png"
 PICTURES = (CURVES_PNG, CALIBRATION_PNG)
-EARLY_STOPPING_NOTE = {
-    "valid": "on the valid split's AUC (as QIN was released), which chose each fold's epoch, so the "
-             "holdout AUC flatters a little; the OOF AUC is untouched",
-    "holdout": "on each fold's held-out train rows, so the valid holdout AUC is an untouched check",
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# numbers in reports
-# ---------------------------------------------------------------------------------------------
-
-def auc_text(value: float | None, digits: int = 6) -> str:
-    """An AUC as every report prints it; None (no labels: real data's oracle or test) as n/a."""
-    return "n/a (real data)" if value is None else f"{value:.{digits}f}"
-
-
-def markdown_table(header: tuple, rows: list[tuple], align: str | None = None) -> list[str]:
-    """Lines of a markdown table; align holds one of l/r per column (default: first l, rest r)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    rule = "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"
-    return ["| " + " | ".join(map(str, header)) + " |", rule] + ["| " + " | ".join(map(str, r)) + " |"
-                                                                for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +305,7 @@ def write_aggregates(run: Path, n_folds: int, labels: dict[str, np.ndarray],
     write_predictions(run, preds)
     common.write_json(run / "metrics.json", metrics)
     pictures = draw_pictures(run, folds, preds, oracle)
-    common.write_text(run / "report.md", report_markdown(run.name, metrics, pictures))
+    common.write_text(run / "report.md", reports.run_report(run.name, metrics, pictures))
     return metrics
 
 
@@ -349,29 +328,6 @@ def draw_pictures(run: Path, folds: list[dict], preds: dict[str, pd.DataFrame],
         if plots.draw(run / CALIBRATION_PNG, plots.calibration, run.name, series):
             pictures.append(("Predicted vs true click probability (synthetic data)", CALIBRATION_PNG))
     return pictures
-
-
-def picture_lines(pictures: list[tuple[str, str]]) -> list[str]:
-    """Markdown that embeds each (caption, file name) picture of the report's folder."""
-    return [line for caption, name in pictures for line in (f"![{caption}]({name})", "")]
-
-
-def report_markdown(run_name: str, metrics: dict, pictures: list[tuple[str, str]] = ()) -> str:
-    folds = [(m["fold"], m["best_epoch"], m["epochs"], auc_text(m["fold_auc"]), f"{m['fold_logloss']:.5f}",
-              auc_text(m["valid_auc"]), f"{m['rows_per_s']:,.0f}", f"{m['seconds']:.0f}")
-             for m in metrics["folds"]]
-    totals = [("OOF (every train row)", auc_text(metrics["oof_auc"]), f"{metrics['oof_logloss']:.5f}",
-               auc_text(metrics["oracle_oof_auc"])),
-              ("valid holdout (fold mean)", auc_text(metrics["valid_auc"]), f"{metrics['valid_logloss']:.5f}",
-               auc_text(metrics["oracle_valid_auc"]))]
-    lines = [f"# Run {run_name}: {metrics['n_folds']}-fold training", ""]
-    lines += markdown_table(("fold", "best epoch", "epochs", "fold AUC", "fold logloss", "valid AUC",
-                             "rows/s", "seconds"), folds, align="r" * 8)
-    lines += [""] + markdown_table(("predictions", "AUC", "logloss", "oracle AUC (true probabilities, same rows)"),
-                                   totals)
-    lines += ["", f"Early stopping: {EARLY_STOPPING_NOTE[metrics['early_stopping']]}.",
-              "", f"Training time: {metrics['seconds']:.0f} s over all folds.", ""]
-    return "\n".join(lines + picture_lines(pictures))
 
 
 # ---------------------------------------------------------------------------------------------

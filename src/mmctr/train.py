@@ -53,6 +53,7 @@ from mmctr import common
 from mmctr import experiments
 from mmctr import model_config
 from mmctr import processed_data
+from mmctr import reports
 from mmctr import runs
 from mmctr.common import UserError
 from mmctr.models.fit import FitSettings, bf16_enabled, fit, from_rank0, predict, rank_and_world
@@ -463,7 +464,7 @@ def train_in_run_folder(cfg: dict, arrays: dict, manifest: dict, processed: Path
     print_summary(run_dir, done, missing, metrics, time.time() - run_start)
     if runs.fold_done(run_dir, runs.REFIT):
         m = runs.fold_metrics(run_dir, runs.REFIT)
-        print(f"refit: valid AUC {runs.auc_text(m['valid_auc'])}  epochs {m['epochs']} "
+        print(f"refit: valid AUC {reports.auc_text(m['valid_auc'])}  epochs {m['epochs']} "
               f"(best {m['best_epoch']}, {m['early_stopping']})  {m['seconds']:.0f}s")
     return run_dir
 
@@ -473,16 +474,16 @@ def print_summary(run_dir: Path, done: list[int], missing: list[int], metrics: d
     print(f"\n=== {run_dir.name}: summary")
     for k in done:
         m = runs.fold_metrics(run_dir, k)
-        print(f"fold {k}: fold AUC {runs.auc_text(m['fold_auc'])}  valid AUC {runs.auc_text(m['valid_auc'])}  "
+        print(f"fold {k}: fold AUC {reports.auc_text(m['fold_auc'])}  valid AUC {reports.auc_text(m['valid_auc'])}  "
               f"best epoch {m['best_epoch']}/{m['epochs']}  {m['rows_per_s']:,.0f} rows/s  "
               f"{m['seconds']:.0f}s")
     if metrics is None:
         print(f"folds missing: {','.join(map(str, missing))} (aggregates are written once every fold "
               f"is done: rerun without --folds or with --folds {','.join(map(str, missing))})")
     else:
-        print(f"OOF AUC     {runs.auc_text(metrics['oof_auc'])}   oracle {runs.auc_text(metrics['oracle_oof_auc'])}")
-        print(f"holdout AUC {runs.auc_text(metrics['valid_auc'])}   oracle {runs.auc_text(metrics['oracle_valid_auc'])}")
-        print(f"early stopping: {runs.EARLY_STOPPING_NOTE[metrics['early_stopping']]}")
+        print(f"OOF AUC     {reports.auc_text(metrics['oof_auc'])}   oracle {reports.auc_text(metrics['oracle_oof_auc'])}")
+        print(f"holdout AUC {reports.auc_text(metrics['valid_auc'])}   oracle {reports.auc_text(metrics['oracle_valid_auc'])}")
+        print(f"early stopping: {reports.EARLY_STOPPING_NOTE[metrics['early_stopping']]}")
         print(f"training time over all folds {metrics['seconds']:.0f}s")
     print(f"this command took {seconds:.0f}s; run dir {run_dir}")
 
