@@ -11,11 +11,12 @@
 #
 # Options: --out DIR (default $OUT when set, else gpu_check_out), --data-root DIR (default
 # ${TMPDIR:-/tmp}/gpu_check_data), --budget SECONDS (default 470; 600 with --cpu), --jobs N,
-# --no-compile, --blend-seconds S, --step-limit NAME=SECONDS. Details: tools/gpu_check.py --help.
+# --no-compile, --blend-seconds S, --step-limit NAME=SECONDS. Details: tools/verify/gpu_check.py --help.
 #
 # Writes 4 files to OUT, rewritten after every step: gpu_check.json, gpu_check.md (a section for
 # docs/BENCHMARKS.md), bench_lines.jsonl (tools/bench.py's lines as printed) and logs.tgz; the last
 # line on stdout is a one-line JSON summary of every target figure (GPU_CHECK_SUMMARY {...}).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-exec "${PYTHON:-python3}" tools/gpu_check.py "$@"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # tools/verify/gpu_check.py and tools/bench.py import mmctr
+exec "${PYTHON:-python3}" tools/verify/gpu_check.py "$@"

@@ -443,10 +443,13 @@ def write_parquet(path: str | os.PathLike, df) -> None:
         df.to_parquet(tmp, index=False)
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message: errors are reported as one line."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def first_line(what: BaseException | str | None) -> str:
+    """The first line of an exception's message (its type when it has none) or of a text: errors are
+    reported as one line."""
+    text = ("" if what is None else str(what)).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(what).__name__ if isinstance(what, BaseException) else ""
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -55,7 +55,7 @@ runs are compared as distributions over seeds, never pair by pair.
 Finished runs are reused on a rerun (a FuxiCTR log that reached "Training finished", a project
 refit that is done); --force reruns them.
 
-    nice -n 10 python3 tools/reconcile_fuxictr.py --venv-python /tmp/fxenv/bin/python \\
+    nice -n 10 PYTHONPATH=src python3 tools/verify/reconcile_fuxictr.py --venv-python /tmp/fxenv/bin/python \\
         --qin-repo QIN_CLONE --din-repo MMCTR_CHALLENGE_CLONE \\
         --work /tmp/reconcile --preset demo --train-rows 20000 --test-rows 2000 --batch-size 2048 \\
         --max-epochs 4 --seeds 20242025,1,2 --check-forward
@@ -76,7 +76,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # tools/verify/ in the repo
 
 # the settings both implementations get, per model (the project's configs/<model>.yaml key, the
 # released config key, value). Values are the released ones (QIN: config/qin_config; DIN: the
