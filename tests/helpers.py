@@ -110,6 +110,23 @@ DIN = dict(name="din", emb_dim=8, mm_dim=M, attention_hidden=[16, 8], mlp_hidden
 
 
 # ---------------------------------------------------------------------------------------------
+# quick configs
+# ---------------------------------------------------------------------------------------------
+
+FASTEST = "dcnv2_tf_small"  # the quickest model to train on the tiny data
+TINY = ["train.max_epochs=2", "train.batch_size=512", "train.eval_batch_size=2048", "train.log_every=2"]
+FAST_LIGHTGBM = ["blend.lightgbm.n_estimators=60"]
+
+
+def make_cfg(tiny_cfg, model: str, run_name: str, *overrides: str) -> dict:
+    """configs/<model>.yaml sized for the tiny data, on ``tiny_cfg``'s data, as run ``run_name``."""
+    cfg = common.load_config(common.CONFIG_DIR / f"{model}.yaml", [*TINY, *overrides])
+    cfg["data"] = dict(tiny_cfg["data"])
+    cfg["run"]["name"] = run_name
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
 # finished runs without a model behind them (blend, single, summary tests)
 # ---------------------------------------------------------------------------------------------
 

@@ -22,12 +22,9 @@ from mmctr import common
 from mmctr import processed_data
 from mmctr.common import UserError
 from mmctr.models.metrics import roc_auc
-from helpers import write_run
+from helpers import FAST_LIGHTGBM, write_run
 
 SRC = Path(__file__).resolve().parent.parent / "src"
-FAST_LIGHTGBM = ["blend.lightgbm.n_estimators=60"]
-
-
 def blend_settings(*overrides: str) -> blend.BlendConfig:
     return blend.checked_settings(common.load_config(common.CONFIG_DIR / "blend.yaml", [*FAST_LIGHTGBM, *overrides]))
 
@@ -158,33 +155,6 @@ def test_lightgbm_oof_on_pure_noise_stays_at_chance():
 # ---------------------------------------------------------------------------------------------
 # run_blend on hand-written run folders next to the tiny processed data
 # ---------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def workspace(tmp_path, tiny_raw, tiny_processed):
-    """A private work folder (processed data symlinked) with three hand-made finished runs."""
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "processed").symlink_to(tiny_processed, target_is_directory=True)
-    arrays, manifest = processed_data.load_processed(tiny_processed)
-    rng = np.random.default_rng(0)
-
-    def noisy_oracle(noise_sd: float) -> dict[str, np.ndarray]:
-        preds = {}
-        for split, raw_split in (("oof", "train"), ("valid", "valid"), ("test", "test")):
-            prob = common.read_oracle_prob(tiny_raw, raw_split)
-            preds[split] = expit(logit(prob) + rng.normal(0, noise_sd, len(prob)))
-        return preds
-
-    good, fair = noisy_oracle(0.8), noisy_oracle(1.2)
-    runs = {"good": good, "fair": fair, "noise": {split: rng.random(len(p)) for split, p in good.items()}}
-    for name, preds in runs.items():
-        write_run(work / "runs" / name, preds, arrays, manifest)
-    cfg = common.load_config(common.CONFIG_DIR / "blend.yaml", FAST_LIGHTGBM)
-    cfg["data"].update(raw_dir=str(tiny_raw), work_dir=str(work), n_folds=manifest["n_folds"])
-    cfg["blend"]["runs"] = ["good", "fair", "noise"]
-    cfg["blend"]["submission"]["dir"] = str(tmp_path / "submissions")
-    return cfg, runs
-
 
 def test_run_blend_writes_the_blend_folder_and_the_submission(workspace):
     cfg, _ = workspace

@@ -11,8 +11,7 @@ from mmctr import common
 from mmctr import experiments
 from mmctr import train
 from mmctr.common import UserError
-from test_blend import FAST_LIGHTGBM, workspace  # noqa: F401  (the fixture: three hand-made runs)
-from test_train import FASTEST, TINY
+from helpers import FAST_LIGHTGBM, FASTEST, TINY
 
 
 def read_rows(path):
@@ -92,7 +91,7 @@ def test_a_finished_run_adds_one_row_and_a_resumed_run_none(tiny_cfg, tiny_proce
     assert len(read_rows(log)) == len(before) + 1
 
 
-def test_a_blend_adds_a_row_once_per_result(workspace):  # noqa: F811
+def test_a_blend_adds_a_row_once_per_result(workspace):
     cfg, _ = workspace
     log = experiments.log_path(cfg)
     overrides = FAST_LIGHTGBM

@@ -10,8 +10,7 @@ from mmctr import common
 from mmctr import plots
 from mmctr import runs
 from mmctr import train
-from test_blend import workspace  # noqa: F401  (the fixture: three hand-made runs on the tiny data)
-from test_train import FASTEST, make_cfg
+from helpers import FASTEST, make_cfg
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ONE_EPOCH = "train.max_epochs=1"
@@ -57,7 +56,7 @@ def test_a_plotting_error_is_a_warning_and_the_run_finishes(tiny_cfg, tiny_proce
     assert ".png" not in (run / "report.md").read_text()
 
 
-def test_a_blend_draws_candidates_and_calibration(workspace):  # noqa: F811
+def test_a_blend_draws_candidates_and_calibration(workspace):
     cfg, _ = workspace
     metrics = blend.run_blend(cfg)
     blend_dir = common.data_paths(cfg)["work"] / "blend"
@@ -68,7 +67,7 @@ def test_a_blend_draws_candidates_and_calibration(workspace):  # noqa: F811
     assert metrics["chosen"] in report
 
 
-def test_a_blend_whose_picture_fails_still_writes_everything(workspace, monkeypatch, capsys):  # noqa: F811
+def test_a_blend_whose_picture_fails_still_writes_everything(workspace, monkeypatch, capsys):
     cfg, _ = workspace
     blend.run_blend(cfg)  # an earlier blend's pictures must not survive into the next report
     monkeypatch.setattr(plots, "blend_candidates", lambda *args: 1 / 0)

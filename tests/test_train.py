@@ -23,10 +23,9 @@ from mmctr import processed_data
 from mmctr import runs
 from mmctr import train
 from mmctr.models.fit import FitSettings
+from helpers import FASTEST, make_cfg
 
 MODELS = ("qin_small", "dcnv2_tf_small", "din_tf_small")
-FASTEST = "dcnv2_tf_small"
-TINY = ["train.max_epochs=2", "train.batch_size=512", "train.eval_batch_size=2048", "train.log_every=2"]
 FOLD_FILES = ("best.pt", "history.json", "oof.parquet", "valid.parquet", "test.parquet", "done.json")
 PREDICTIONS = ("oof.parquet", "valid.parquet", "test.parquet",
                "fold0/oof.parquet", "fold1/oof.parquet", "fold1/valid.parquet", "fold1/test.parquet")
@@ -36,13 +35,6 @@ PREDICTIONS = ("oof.parquet", "valid.parquet", "test.parquet",
 def processed(tiny_processed):
     """The tiny data, preprocessed once: every test here trains on it (train.py never builds it)."""
     return processed_data.load_processed(tiny_processed)
-
-
-def make_cfg(tiny_cfg, model: str, run_name: str, *overrides: str) -> dict:
-    cfg = common.load_config(common.CONFIG_DIR / f"{model}.yaml", [*TINY, *overrides])
-    cfg["data"] = dict(tiny_cfg["data"])
-    cfg["run"]["name"] = run_name
-    return cfg
 
 
 def assert_same_predictions(run_a, run_b, files=PREDICTIONS):
