@@ -94,8 +94,10 @@ class RunConfig:
 EpochHook = Callable[["int | str", dict], None]  # (fold, the epoch's history record)
 
 
-def checked_config(cfg: dict, device: str | None) -> dict:
-    """A copy of ``cfg`` with its train section type-checked and completed, and ``device`` applied."""
+def parse_config(cfg: dict, device: str | None) -> tuple[dict, TrainConfig]:
+    """The one parse of a training config: (a copy of ``cfg`` with its run and train sections
+    type-checked and completed and ``device`` applied: what is saved and fingerprinted, its typed
+    train section: what the training reads)."""
     cfg = copy.deepcopy(cfg)
     for section in ("data", "run", "train", "model"):
         if not isinstance(cfg.get(section), dict):
@@ -106,11 +108,16 @@ def checked_config(cfg: dict, device: str | None) -> dict:
         raise UserError(f"config: run.name must be a plain folder name, got {cfg['run']['name']!r}")
     if device is not None:
         cfg["train"]["device"] = device
-    cfg["train"] = asdict(common.typed_section(TrainConfig, cfg["train"], "train"))
-    if cfg["train"]["lr_min"] > cfg["train"]["lr"]:  # the floor would raise the lr at the first decay
-        raise UserError(f"config: train.lr_min ({cfg['train']['lr_min']:g}) must not exceed train.lr "
-                        f"({cfg['train']['lr']:g})")
-    return cfg
+    train_cfg = common.typed_section(TrainConfig, cfg["train"], "train")
+    if train_cfg.lr_min > train_cfg.lr:  # the floor would raise the lr at the first decay
+        raise UserError(f"config: train.lr_min ({train_cfg.lr_min:g}) must not exceed train.lr ({train_cfg.lr:g})")
+    cfg["train"] = asdict(train_cfg)
+    return cfg, train_cfg
+
+
+def checked_config(cfg: dict, device: str | None) -> dict:
+    """parse_config's resolved config alone (for the tools that only check or fingerprint one)."""
+    return parse_config(cfg, device)[0]
 
 
 def fingerprint_of(cfg: dict, manifest: dict) -> dict:
@@ -194,7 +201,7 @@ class Progress:
             self.bar = None
 
 
-def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row: np.ndarray,
+def train_fold(fold: int | str, cfg: dict, train_cfg: TrainConfig, data: dict, tables: dict, fold_of_row: np.ndarray,
                test_ids: np.ndarray, device: torch.device, run_dir: Path,
                refit_epochs: int | None = None, epoch_hook: EpochHook | None = None) -> dict | None:
     """Train fold ``fold`` from scratch and write its files; returns its metrics (done.json), or
@@ -203,7 +210,6 @@ def train_fold(fold: int | str, cfg: dict, data: dict, tables: dict, fold_of_row
     fold runs.REFIT is the refit: every train row, seed train.seed + K (no fold's), early stopping on
     the valid split, or exactly ``refit_epochs`` epochs (the last one kept) when given.
     """
-    train_cfg = common.typed_section(TrainConfig, cfg["train"], "train")
     fold_start = time.time()
     refit = fold == runs.REFIT
     seed = train_cfg.seed + (int(fold_of_row.max()) + 1 if refit else fold)
@@ -314,7 +320,7 @@ def refit_epochs_from_folds(run_dir: Path, n_folds: int) -> int:
 # several devices: a worker process per device taking folds (--devices), or torchrun's DDP
 # ---------------------------------------------------------------------------------------------
 
-def train_claimed_folds(todo: list, cfg: dict, arrays: dict, manifest: dict, device: torch.device,
+def train_claimed_folds(todo: list, cfg: dict, train_cfg: TrainConfig, arrays: dict, manifest: dict, device: torch.device,
                         run_dir: Path, refit_epochs: int | None, epoch_hook: EpochHook | None = None) -> None:
     """A worker's loop: train every fold of ``todo`` that it can claim (runs.claim_fold), in order.
     Under torchrun the ranks are one worker: rank 0 claims for them all."""
@@ -332,23 +338,23 @@ def train_claimed_folds(todo: list, cfg: dict, arrays: dict, manifest: dict, dev
         try:
             if main:
                 runs.clear_fold(run_dir, k)
-            train_fold(k, cfg, data, tables, fold_of_row, test_ids, device, run_dir, refit_epochs, epoch_hook)
+            train_fold(k, cfg, train_cfg, data, tables, fold_of_row, test_ids, device, run_dir, refit_epochs, epoch_hook)
         finally:
             if main:
                 runs.release_claim(run_dir, k)  # done or failed: the fold is free again
 
 
-def fold_worker(cfg: dict, processed: Path, device: str, run_dir: Path, todo: list,
+def fold_worker(cfg: dict, train_cfg: TrainConfig, processed: Path, device: str, run_dir: Path, todo: list,
                 refit_epochs: int | None, threads: int) -> None:
     """The body of a worker process (train_on_devices): its own copy of the data on ``device``."""
     # the parent's thread count: a fold's CPU float results depend on it, not on how it was run
     torch.set_num_threads(threads)
     arrays, manifest = processed_data.load_processed(processed)
-    common.run_main(lambda: train_claimed_folds(todo, cfg, arrays, manifest, torch.device(device), run_dir,
+    common.run_main(lambda: train_claimed_folds(todo, cfg, train_cfg, arrays, manifest, torch.device(device), run_dir,
                                                 refit_epochs))
 
 
-def train_on_devices(todo: list, cfg: dict, processed: Path, devices: list[torch.device], run_dir: Path,
+def train_on_devices(todo: list, cfg: dict, train_cfg: TrainConfig, processed: Path, devices: list[torch.device], run_dir: Path,
                      refit_epochs: int | None) -> None:
     """Train the folds of ``todo`` with one worker process per device (at most one per fold), each
     claiming the next unclaimed fold until none is left; returns once every worker has ended. A
@@ -356,7 +362,8 @@ def train_on_devices(todo: list, cfg: dict, processed: Path, devices: list[torch
     redoes it."""
     spawn = multiprocessing.get_context("spawn")  # CUDA cannot be initialised again in a forked child
     workers = [spawn.Process(target=fold_worker, name=f"fold worker {i} ({device})",
-                             args=(cfg, processed, str(device), run_dir, todo, refit_epochs, torch.get_num_threads()))
+                             args=(cfg, train_cfg, processed, str(device), run_dir, todo, refit_epochs,
+                                   torch.get_num_threads()))
                for i, device in enumerate(devices[:len(todo)])]
     common.log(f"training folds {todo} with {len(workers)} workers on {', '.join(map(str, devices[:len(todo)]))}")
     for worker in workers:
@@ -394,7 +401,7 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
     worker process per device trains the folds in parallel (instead of ``device``). ``epoch_hook``
     (fold, epoch record) is called after every epoch of a fold trained in this process."""
     run_start = time.time()
-    cfg = checked_config(cfg, device)
+    cfg, train_cfg = parse_config(cfg, device)
     processed, arrays, manifest = processed_data.load_current(cfg)
     n_folds = int(manifest["n_folds"])
     folds = list(range(n_folds)) if folds is None else sorted(set(folds))
@@ -405,7 +412,7 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
 
     # every check that can fail comes before the run folder is touched: a typo in a --set must
     # not discard finished folds. The model is built on the meta device: no memory, no init.
-    torch_devices = [resolve_device(d) for d in devices or [cfg["train"]["device"]]]
+    torch_devices = [resolve_device(d) for d in devices or [train_cfg.device]]
     with torch.device("meta"):
         model_config.build_model(cfg["model"], item_tables(arrays, manifest, torch.device("cpu")))
     if cfg["model"].get("history_levels"):
@@ -416,11 +423,12 @@ def run_training(cfg: dict, folds: list[int] | None = None, device: str | None =
     main = rank_and_world()[0] == 0  # under torchrun, rank 0 alone reads and writes the run folder
     fingerprint = fingerprint_of(cfg, manifest)
     with runs.hold(run_dir, fingerprint) if main else contextlib.nullcontext():
-        return train_in_run_folder(cfg, arrays, manifest, processed, folds, refit, torch_devices,
+        return train_in_run_folder(cfg, train_cfg, arrays, manifest, processed, folds, refit, torch_devices,
                                    run_dir, fingerprint, run_start, epoch_hook)
 
 
-def train_in_run_folder(cfg: dict, arrays: dict, manifest: dict, processed: Path, folds: list, refit: bool,
+def train_in_run_folder(cfg: dict, train_cfg: TrainConfig, arrays: dict, manifest: dict, processed: Path,
+                        folds: list, refit: bool,
                         torch_devices: list[torch.device], run_dir: Path, fingerprint: dict,
                         run_start: float, epoch_hook: EpochHook | None = None) -> Path:
     """run_training's part inside the run folder, which this process holds (runs.hold)."""
@@ -430,7 +438,7 @@ def train_in_run_folder(cfg: dict, arrays: dict, manifest: dict, processed: Path
     if main:
         runs.prepare(run_dir, fingerprint, cfg)
         runs.remove_stale_claims(run_dir)
-        if refit and cfg["train"]["refit_epochs"] == "folds":
+        if refit and train_cfg.refit_epochs == "folds":
             refit_epochs = refit_epochs_from_folds(run_dir, n_folds)
         todo = [k for k in folds if not runs.fold_done(run_dir, k)]
         skipped = [k for k in folds if k not in todo]
@@ -445,9 +453,10 @@ def train_in_run_folder(cfg: dict, arrays: dict, manifest: dict, processed: Path
     if len(todo) > 1 and len(torch_devices) > 1:
         if epoch_hook is not None:
             raise UserError("an epoch hook needs the folds trained in this process: give one device")
-        train_on_devices(todo, cfg, processed, torch_devices, run_dir, refit_epochs)
+        train_on_devices(todo, cfg, train_cfg, processed, torch_devices, run_dir, refit_epochs)
     elif todo:
-        train_claimed_folds(todo, cfg, arrays, manifest, torch_devices[0], run_dir, refit_epochs, epoch_hook)
+        train_claimed_folds(todo, cfg, train_cfg, arrays, manifest, torch_devices[0], run_dir, refit_epochs,
+                            epoch_hook)
     if not main:
         return run_dir
 
@@ -527,7 +536,7 @@ def main() -> None:
     cfg = common.config_from_args(args)
     device = args.device
     if under_torchrun:
-        device = start_torchrun_process(checked_config(cfg, device)["train"]["device"])
+        device = start_torchrun_process(parse_config(cfg, device)[1].device)
     try:
         run_training(cfg, args.folds, device, refit=args.refit, devices=args.devices)
         if rank_and_world()[0] == 0:

@@ -269,7 +269,7 @@ def objective_for(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: 
         cfg = trial_config(model_cfg, params, name)
         trial.set_user_attr("run", name)
         common.log(f"tune: trial {trial.number} ({name}): {', '.join(overrides_of(params))}")
-        max_epochs = int(train.checked_config(cfg, device)["train"]["max_epochs"])
+        max_epochs = train.parse_config(cfg, device)[1].max_epochs
 
         def report(fold, record: dict) -> None:  # each epoch's valid AUC; the pruner may stop here
             step = int(fold) * max_epochs + record["epoch"]
@@ -393,7 +393,7 @@ def main() -> None:
     study = open_study(settings, storage_url)  # created (or checked) once, before any worker
     deadline = None if settings.timeout_s is None else started + settings.timeout_s
     overrides = [o for o in args.overrides if not o.startswith("tune.")]
-    devices = args.devices or [args.device or train.checked_config(model_cfg, None)["train"]["device"]]
+    devices = args.devices or [args.device or train.parse_config(model_cfg, None)[1].device]
     if len(devices) == 1:
         optimize(settings, space, model_cfg, storage_url, devices[0], args.config, overrides, deadline)
     else:
