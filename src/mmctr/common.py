@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -339,7 +340,7 @@ def _sweep_left_overs(final: Path, suffix_glob: str, pattern: str) -> None:
     """Remove the scratch files and folders beside ``final`` (``.<name><suffix>``) whose writer, the
     pid in group 1 of ``pattern``, is gone: what a killed process could not clean up."""
     regex = re.compile(rf"\.{re.escape(final.name)}{pattern}")
-    for path in final.parent.glob(f".{glob_escape(final.name)}{suffix_glob}"):
+    for path in final.parent.glob(f".{glob.escape(final.name)}{suffix_glob}"):
         match = regex.fullmatch(path.name)
         if match and not process_alive(int(match.group(1))):
             log(f"removing {path}, left by an interrupted process")
@@ -369,10 +370,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 @contextlib.contextmanager

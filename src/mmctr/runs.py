@@ -140,6 +140,7 @@ def clear_fold(run: Path, fold: int | str) -> None:
 # lock survives a kill.
 
 LOCK_FILE = "run.lock"
+HOLDERS_FILE = "run.lock.json"  # the fingerprint the holders train with, and their pids
 
 
 @contextlib.contextmanager
@@ -147,14 +148,14 @@ def hold(run: Path, fingerprint: dict) -> Iterator[None]:
     """Hold ``run`` for a process training with ``fingerprint``; UserError when processes with
     another fingerprint hold it."""
     run.mkdir(parents=True, exist_ok=True)
-    path = run / LOCK_FILE
-    with open(path, "a+") as lock:
+    with open(run / LOCK_FILE, "a+") as lock:
         with _mutex(run):  # one process at a time looks at run.lock and joins
+            recorded = _read_holders(run)
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                holders = {"fingerprint": fingerprint, "pids": []}  # nobody holds it: ours now
+                holders = {}  # nobody holds it: what run.lock.json says is of processes long gone
             except BlockingIOError:
-                holders = _read_holders(path)
+                holders = recorded
                 if holders.get("fingerprint") != fingerprint:
                     pids = [pid for pid in holders.get("pids", []) if common.process_alive(pid)]
                     raise UserError(
@@ -163,15 +164,15 @@ def hold(run: Path, fingerprint: dict) -> Iterator[None]:
                         f"wait for it to end, or name this run differently (--set run.name=...)") from None
             pids = [pid for pid in holders.get("pids", []) if common.process_alive(pid) and pid != os.getpid()]
             joined = {"fingerprint": fingerprint, "pids": pids + [os.getpid()]}
-            if joined != _read_holders(path):  # for the message above; an unchanged record stays untouched
-                common.write_json(path.with_name(LOCK_FILE + ".json"), joined)
+            if joined != recorded:  # for the message above; an unchanged record stays untouched
+                common.write_json(run / HOLDERS_FILE, joined)
             fcntl.flock(lock, fcntl.LOCK_SH)  # ours is shared: processes with this fingerprint may join
         yield
 
 
-def _read_holders(path: Path) -> dict:
+def _read_holders(run: Path) -> dict:
     try:
-        holders = common.read_json(path.with_name(LOCK_FILE + ".json"))
+        holders = common.read_json(run / HOLDERS_FILE)
     except UserError:
         holders = None
     return holders if isinstance(holders, dict) else {}

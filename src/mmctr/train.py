@@ -91,7 +91,7 @@ class RunConfig:
 # configuration and device
 # ---------------------------------------------------------------------------------------------
 
-EpochHook = Callable[["int | str", dict], None]  # (fold, the epoch's history record)
+EpochHook = Callable[[int | str, dict], None]  # (fold, the epoch's history record)
 
 
 def parse_config(cfg: dict, device: str | None) -> tuple[dict, TrainConfig]:

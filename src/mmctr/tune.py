@@ -390,7 +390,8 @@ def main() -> None:
     check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")))
     storage_url = args.storage or default_storage(model_cfg, settings.study)
     out = args.out or common.CONFIG_DIR / f"{settings.study}_tuned.yaml"
-    study = open_study(settings, storage_url)  # created (or checked) once, before any worker
+    study = open_study(settings, storage_url)  # created (or checked) once, before any worker; its
+    # trials are read from the database at every call, the workers' included
     deadline = None if settings.timeout_s is None else started + settings.timeout_s
     overrides = [o for o in args.overrides if not o.startswith("tune.")]
     devices = args.devices or [args.device or train.parse_config(model_cfg, None)[1].device]
@@ -409,7 +410,6 @@ def main() -> None:
         failed = [f"{w.name} exited with {w.exitcode}" for w in workers if w.exitcode != 0]
         if failed:
             raise UserError(f"{'; '.join(failed)}: rerun the same command to continue the search")
-    study = open_study(settings, storage_url)
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     written = write_best_config(study, settings, Path(args.config), overrides, out) if completed else None
     print_summary(study, settings, storage_url, written, time.time() - started)
