@@ -21,7 +21,7 @@
 #   --folds K          number of folds (default: 3 on the tiny/demo presets, 5 on full or --data)
 #   --device DEV       cpu or cuda (default: cuda when present)
 #   --gpus 0,1,...     train the folds of each model in parallel, one worker process per listed GPU
-#                      (train.py --devices cuda:0,cuda:1,...); README "Several GPUs"
+#                      (train.py --devices cuda:0,cuda:1,...); docs/GPUS.md
 #   --name NAME        submission names: submissions/NAME-blend.zip, NAME-single-RUN.zip (default:
 #                      submission)
 #   --single RUN       the single network of the prize-eligible submission (default: the model with

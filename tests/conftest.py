@@ -1,20 +1,25 @@
-"""Shared fixtures: one tiny synthetic dataset and its processed arrays per test session.
+"""Shared fixtures: one tiny synthetic dataset and its processed arrays per test session, and one
+finished pipeline on a copy of it (processed data, a 2-fold run, a blend and its submission) that
+the robustness tests damage and restore.
 
-Tests that modify data copy it first (see `copy_raw`), so the session fixtures stay pristine.
+Tests that modify data copy it first (see `copy_raw`), or damage the pipeline inside
+helpers.restored(), so the session fixtures stay pristine.
 """
 import getpass
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from scipy.special import expit, logit
 
 # torch.compile's kernel cache does not key on ATEN_CPU_CAPABILITY: a suite run as another CPU
-# (README, "Tests") on a machine that compiled before would load kernels built for the first
-# capability and fail. One cache per capability, for this process and the commands it starts.
+# (docs/REPRODUCTION.md, "Running the tests as another CPU") on a machine that compiled before
+# would load kernels built for the first capability and fail. One cache per capability, for this
+# process and the commands it starts.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 
@@ -25,7 +30,7 @@ SRC = REPO / "src"
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
 
 from mmctr import common, processed_data  # noqa: E402
-from helpers import FAST_LIGHTGBM, write_run  # noqa: E402
+from helpers import FAST_LIGHTGBM, RUN, TINY_TRAIN, restored, single_thread, write_config, write_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +99,61 @@ def workspace(tmp_path, tiny_raw, tiny_processed):
     cfg["blend"]["runs"] = ["good", "fair", "noise"]
     cfg["blend"]["submission"]["dir"] = str(tmp_path / "submissions")
     return cfg, runs
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test that trains (or blends) in this process.
+
+    Training here uses one CPU thread, in this process and in the subprocesses
+    (helpers.ONE_THREAD_ENV): the models are tiny, and two threads on a machine whose 2 cores are
+    busy with other jobs spin in OpenMP barriers and run 10-20x slower. Reference and resumed runs
+    share the setting, so their bits still compare."""
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="session")
+def finished_pipeline(tiny_raw, tmp_path_factory):
+    """A private copy of the tiny data taken through preprocess, train (2 folds, recording the rows
+    every fold model trains on), blend and the submission. Tests may damage it inside restored().
+    Built once per session, under one torch thread; tests take it through `pipeline`."""
+    from mmctr import blend, preprocess, train
+    with single_thread():
+        root = tmp_path_factory.mktemp("pipeline")
+        raw, work, subs = root / "raw", root / "work", root / "submissions"
+        shutil.copytree(tiny_raw, raw)
+        data = {"raw_dir": str(raw), "work_dir": str(work), "n_folds": 2}
+        data_yaml = write_config(root / "data.yaml", "data.yaml", {"data": data})
+        model_yaml = write_config(root / "model.yaml", "dcnv2_tf_small.yaml",
+                                  {"data": data, "run": {"name": RUN}, "train": TINY_TRAIN})
+        blend_yaml = write_config(root / "blend.yaml", "blend.yaml", {"data": data, "blend": {
+            "runs": [RUN], "methods": ["logit_mean"], "submission": {"dir": str(subs)}}})
+
+        trained_rows: dict[int, set[int]] = {}
+        real_fit = train.fit
+
+        def recording_fit(model, data, train_rows, *args, **kwargs):
+            trained_rows[len(trained_rows)] = set(train_rows.cpu().numpy().tolist())  # folds run in order
+            return real_fit(model, data, train_rows, *args, **kwargs)
+
+        preprocess.run_preprocess(common.load_config(data_yaml))
+        model_cfg = common.load_config(model_yaml)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train, "fit", recording_fit)
+            run_dir = train.run_training(model_cfg, device="cpu")
+        metrics = blend.run_blend(common.load_config(blend_yaml))
+        return SimpleNamespace(
+            root=root, raw=raw, work=work, subs=subs, processed=work / "processed", run_dir=run_dir,
+            blend_dir=work / "blend", submission=Path(metrics["submission"]["zip"]),
+            data_yaml=data_yaml, model_yaml=model_yaml, blend_yaml=blend_yaml, model_cfg=model_cfg,
+            blend_cfg=common.load_config(blend_yaml), trained_rows=trained_rows)
+
+
+@pytest.fixture
+def pipeline(finished_pipeline):
+    """The session's finished pipeline, as built, for every test that uses it: tests restore what
+    they damage themselves; whatever one leaves beside its outputs (a planted staging folder in the
+    work folder, a config it wrote) is undone after it too, so no test sees another's leftovers."""
+    with restored(finished_pipeline.root):
+        yield finished_pipeline

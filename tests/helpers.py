@@ -1,19 +1,25 @@
 """What several test files share: parquet edits, running a stage script, one torch thread, small
-model tables and batches, and hand-made finished runs."""
+model tables and batches, hand-made finished runs, and the robustness checks' tools: one-line
+errors, snapshots of outputs restored after a test damaged them, and the shared pipeline's names."""
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
+import yaml
 
 from mmctr import common, runs
+from mmctr.common import UserError
 
 SRC = common.REPO_ROOT / "src"
 TOOLS = common.REPO_ROOT / "tools"
@@ -149,3 +155,100 @@ def write_run(run_dir: Path, preds: dict[str, np.ndarray], arrays: dict, manifes
                              runs.prediction_frame("valid", np.arange(len(refit["valid"])), refit["valid"]))
         common.write_parquet(folder / "test.parquet", runs.prediction_frame("test", test_ids, refit["test"]))
         common.write_json(folder / "done.json", {"fold": runs.REFIT})
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness: one-line errors, outputs left untouched or restored, configs written on a base
+# ---------------------------------------------------------------------------------------------
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def assert_user_error(call, *fragments: str) -> str:
+    with pytest.raises(UserError) as error:
+        call()
+    message = str(error.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, (fragment, message)
+    return message
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[bytes, int]]:
+    """Bytes and mtime of every file under ``roots``: what 'untouched' means."""
+    files = {}
+    for root in roots:
+        paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()
+                                                     and not p.name.startswith(runs.LOCK_FILE))  # bookkeeping
+        for path in paths:
+            files[str(path)] = (path.read_bytes(), path.stat().st_mtime_ns)
+    return files
+
+
+@contextlib.contextmanager
+def restored(*roots: Path):
+    """Let a test damage files under ``roots``; afterwards every file is back, bytes and mtime
+    (so fingerprints built from size and mtime match again) and new files are gone."""
+    before = snapshot(*roots)
+    try:
+        yield
+    finally:
+        for root in roots:
+            if root.is_dir():
+                for path in sorted(root.rglob("*"), reverse=True):
+                    if path.is_file() and str(path) not in before:
+                        path.unlink()
+                    elif path.is_dir() and not any(k.startswith(f"{path}/") for k in before):
+                        shutil.rmtree(path, ignore_errors=True)
+        for name, (data, mtime) in before.items():
+            path = Path(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.is_file() or path.read_bytes() != data:
+                path.write_bytes(data)
+            os.utime(path, ns=(mtime, mtime))
+
+
+def edit_value(path: Path, column: str, row: int, value) -> None:
+    values = pq.read_table(path, columns=[column])[column].to_numpy().copy()
+    if isinstance(value, float):
+        values = values.astype(np.float64)
+    values[row] = value
+    replace_column(path, column, pa.array(values))
+
+
+def write_config(path: Path, base: str, sections: dict) -> Path:
+    path.write_text(yaml.safe_dump({"base": str(common.CONFIG_DIR / base), **sections}))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared pipeline (conftest's `pipeline`): its run, its outputs, damage done to it
+# ---------------------------------------------------------------------------------------------
+
+RUN = "tiny_run"
+# small enough for a few seconds per fold on 2 CPU cores
+TINY_TRAIN = {"max_epochs": 2, "batch_size": 512, "eval_batch_size": 2048, "log_every": 2}
+
+
+def outputs(p) -> list[Path]:
+    """Every earlier output of the pipeline (not the raw data)."""
+    return [p.processed, p.run_dir, p.blend_dir, p.subs]
+
+
+def inf_prediction(path: Path) -> None:
+    frame = pd.read_parquet(path)
+    frame.loc[7, "pred"] = np.inf
+    frame.to_parquet(path)
+
+
+def typo_config(p) -> Path:
+    return write_config(p.root / "typo.yaml", "dcnv2_tf_small.yaml", {
+        "data": {"raw_dir": str(p.raw), "work_dir": str(p.work), "n_folds": 2},
+        "run": {"name": RUN}, "train": {"learning_rate": 1e-3}})
+

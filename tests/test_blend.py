@@ -3,26 +3,36 @@ selection by OOF AUC (never below the best single run), outputs, and every misal
 
 Nothing here trains a model: runs are written by hand into a private work folder next to the tiny
 processed data (symlinked), with predictions made from the oracle's true probabilities plus noise.
+The robustness tests at the end use the shared `pipeline` (conftest, trained once per session):
+user errors keep the earlier submission, a blend section typo is an error, a planted leaking run is
+given away by its holdout AUC while the blend fits on out-of-fold predictions only, and a failure
+at the submission leaves the previous blend whole.
 """
+import errno
+import shutil
 import subprocess
 import sys
+import typing
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from scipy.special import expit, logit
 from sklearn.metrics import roc_auc_score
 
 from mmctr import blend
+from mmctr import blend_methods
 from mmctr import single
 from mmctr import common
 from mmctr import processed_data
 from mmctr.common import UserError
 from mmctr.models.metrics import roc_auc
-from helpers import FAST_LIGHTGBM, write_run
+from helpers import (FAST_LIGHTGBM, RUN, assert_user_error, inf_prediction, outputs, replace_column, restored, snapshot,
+                     truncate, write_config, write_run)
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 def blend_settings(*overrides: str) -> blend.BlendConfig:
@@ -33,7 +43,7 @@ def blend_settings(*overrides: str) -> blend.BlendConfig:
 # methods on numpy-made data: two latent signals drive the clicks, runs see them with noise
 # ---------------------------------------------------------------------------------------------
 
-def make_blend_data(*run_scores, n_oof=8000, n_other=2000, n_folds=4, seed=0) -> blend.BlendData:
+def make_blend_data(*run_scores, n_oof=8000, n_other=2000, n_folds=4, seed=0) -> blend_methods.BlendData:
     """Each run_scores item maps (s1, s2, label, rng) to that run's logits for every row."""
     rng = np.random.default_rng(seed)
     n = n_oof + 2 * n_other
@@ -41,7 +51,7 @@ def make_blend_data(*run_scores, n_oof=8000, n_other=2000, n_folds=4, seed=0) ->
     label = (rng.random(n) < expit(2.0 * (s1 + s2))).astype(np.float64)
     probs = expit(np.column_stack([score(s1, s2, label, rng) for score in run_scores]))
     cuts = {"oof": slice(0, n_oof), "valid": slice(n_oof, n_oof + n_other), "test": slice(n_oof + n_other, n)}
-    return blend.BlendData(
+    return blend_methods.BlendData(
         runs=[f"run{i}" for i in range(len(run_scores))],
         probs={split: probs[rows] for split, rows in cuts.items()},
         oof_label=label[cuts["oof"]], valid_label=label[cuts["valid"]],
@@ -80,7 +90,7 @@ def test_roc_auc_is_exact_with_ties():
 
 def test_normalised_rank_places_values_on_the_reference_scale():
     reference = np.array([1.0, 2.0, 2.0, 3.0])
-    np.testing.assert_allclose(blend.normalised_rank(reference, np.array([2.0, 0.0, 5.0, 1.0])),
+    np.testing.assert_allclose(blend_methods.normalised_rank(reference, np.array([2.0, 0.0, 5.0, 1.0])),
                                [0.5, 0.0, 1.0, 0.125])
 
 
@@ -100,27 +110,27 @@ def test_selection_follows_the_oof_score_never_the_holdout():
 
 def test_auc_weights_put_the_weight_on_the_informative_run():
     data = make_blend_data(noise, informative)
-    preds, details = blend.auc_weights(data, blend_settings())
+    preds, details = blend_methods.auc_weights(data, blend_settings().auc_weights)
     assert details["weights"]["run1"] > 0.95
     assert sum(details["weights"].values()) == pytest.approx(1.0)
     assert roc_auc(data.oof_label, preds["oof"]) >= roc_auc(data.oof_label, data.probs["oof"][:, 1])
 
 
-@pytest.mark.parametrize("method", list(blend.METHODS))
+@pytest.mark.parametrize("method", list(blend_methods.METHODS))
 def test_blend_of_complementary_runs_beats_both(method):
     data = make_blend_data(sees_s1, sees_s2)
-    preds, _ = blend.METHODS[method].fit(data, blend_settings())
+    preds, _ = blend_methods.METHODS[method].fit(data, blend.method_settings(blend_settings(), method))
     for split, labels in (("oof", data.oof_label), ("valid", data.valid_label)):
         best_single = max(roc_auc(labels, data.probs[split][:, r]) for r in range(2))
         assert roc_auc(labels, preds[split]) > best_single + 0.03, split
 
 
-@pytest.mark.parametrize("method", list(blend.METHODS))
+@pytest.mark.parametrize("method", list(blend_methods.METHODS))
 def test_every_method_returns_probabilities(method):
     data = make_blend_data(informative, saturated, noise)
-    preds, details = blend.METHODS[method].fit(data, blend_settings())
-    assert set(preds) == set(blend.SPLITS) and "fitted" in details
-    for split in blend.SPLITS:
+    preds, details = blend_methods.METHODS[method].fit(data, blend.method_settings(blend_settings(), method))
+    assert set(preds) == set(blend_methods.SPLITS) and "fitted" in details
+    for split in blend_methods.SPLITS:
         assert preds[split].shape == (len(data.probs[split]),)
         assert np.isfinite(preds[split]).all() and (preds[split] >= 0).all() and (preds[split] <= 1).all()
 
@@ -137,13 +147,13 @@ def test_stacker_predicts_each_fold_with_a_model_that_never_saw_it(method):
     for split in ("valid", "test"):
         data.probs[split] = np.column_stack([data.probs[split], np.full(len(data.probs[split]), 0.5)])
     data.runs.append("planted")
-    preds, _ = blend.METHODS[method].fit(data, blend_settings())
+    preds, _ = blend_methods.METHODS[method].fit(data, blend.method_settings(blend_settings(), method))
     assert roc_auc(data.oof_label[fold0], preds["oof"][fold0]) < 0.2
 
 
 def test_lightgbm_oof_on_pure_noise_stays_at_chance():
     data = make_blend_data(noise, noise, noise)
-    preds, _ = blend.lightgbm_stacker(data, blend_settings())
+    preds, _ = blend_methods.lightgbm_stacker(data, blend_settings().lightgbm)
     assert abs(roc_auc(data.oof_label, preds["oof"]) - 0.5) < 0.04
     # the same stacker scored on the rows it was fitted on looks far better: the check has teeth
     features = np.column_stack([data.logits["oof"], data.row_features["oof"]])
@@ -301,11 +311,24 @@ def test_bad_settings_are_one_line_errors(override, expected):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("method", list(blend_methods.METHODS))
+def test_a_method_with_settings_reads_its_own_section_of_the_config(method):
+    # the convention that joins the registry to the config: blend.<name>: holds the method's settings
+    settings_type = blend_methods.METHODS[method].settings
+    hints = typing.get_type_hints(blend.BlendConfig)
+    shipped = common.load_config(common.CONFIG_DIR / "blend.yaml")["blend"]
+    if settings_type is None:
+        assert method not in hints and blend.method_settings(blend_settings(), method) is None
+    else:
+        assert hints[method] is settings_type and method in shipped
+        assert isinstance(blend.method_settings(blend_settings(), method), settings_type)
+
+
 def test_settings_are_typed_and_missing_keys_take_the_defaults():
     settings = blend_settings("blend.logistic={}", "blend.lightgbm={n_estimators: 80.0}", "blend.auc_weights.max_rows=1e3")
     assert settings.logistic.C == 1.0 and settings.lightgbm.n_estimators == 80
     assert isinstance(settings.lightgbm.n_estimators, int) and settings.auc_weights.max_rows == 1000
-    assert settings.lightgbm.num_leaves == blend.LightGBMConfig().num_leaves
+    assert settings.lightgbm.num_leaves == blend_methods.LightGBMConfig().num_leaves
     with pytest.raises(UserError, match=r"unknown key blend.lightgbm.n_estimator \(known: n_estimators,"):
         blend_settings("blend.lightgbm={n_estimator: 80}")
 
@@ -382,3 +405,125 @@ def test_single_choose_prints_the_run_alone(workspace, tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "good\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness on the shared pipeline: user errors, a planted leak, a failure at the submission
+# ---------------------------------------------------------------------------------------------
+
+def rename_pred(path: Path) -> None:
+    replace_column(path, "pred", pq.read_table(path)["pred"].combine_chunks(), new_name="prediction")
+
+
+BLEND_CASES = {
+    "truncated run file": (f"runs/{RUN}/test.parquet", truncate, [],
+                           ["test.parquet", "not a readable parquet file"]),
+    "wrong column": (f"runs/{RUN}/oof.parquet", rename_pred, [], ["oof.parquet", "column 'pred': missing"]),
+    "infinite prediction": (f"runs/{RUN}/oof.parquet", inf_prediction, [],
+                            ["oof.parquet", "column 'pred'", "outside [0, 1] (first: inf"]),
+    "corrupt fingerprint": (f"runs/{RUN}/fingerprint.json", lambda path: path.write_text('{"data_fin'), [],
+                            ["fingerprint.json", "not a readable JSON file"]),
+    "fingerprint not a mapping": (f"runs/{RUN}/fingerprint.json", lambda path: path.write_text("[]"), [],
+                                  ["fingerprint.json", "trained on other data"]),
+    "empty oof": (f"runs/{RUN}/oof.parquet",
+                  lambda path: pq.write_table(pq.read_table(path).slice(0, 0), path), [],
+                  ["oof.parquet", "0 rows", "4,000"]),
+    "unknown key": (None, None, ["blend.method=[logit_mean]"], ["unknown config key 'method'"]),
+    "unknown run": (None, None, ["blend.runs=[tiny_run,nope]"], ["run 'nope' not found"]),
+    "no processed data": ("processed", shutil.rmtree, [], ["no processed data yet", "src/preprocess.py"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BLEND_CASES))
+def test_blend_user_errors_keep_the_earlier_submission(pipeline, case, one_thread):
+    p = pipeline
+    target, damage, overrides, fragments = BLEND_CASES[case]
+    with restored(p.raw, *outputs(p)):
+        if target:
+            damage(p.work / target)
+        before = snapshot(p.run_dir, p.blend_dir, p.subs)
+        assert_user_error(lambda: blend.run_blend(common.load_config(p.blend_yaml, overrides)), *fragments)
+        assert snapshot(p.run_dir, p.blend_dir, p.subs) == before
+
+
+def test_a_blend_section_typo_in_a_config_file_is_an_error(tmp_path):
+    cfg = common.load_config(write_config(tmp_path / "b.yaml", "blend.yaml", {"blend": {"method": ["x"]}}))
+    assert_user_error(lambda: blend.checked_settings(cfg), "unknown key blend.method")
+
+
+@pytest.fixture
+def planted_leak(pipeline, tmp_path):
+    """A work folder with an honest run (noisy true probabilities) and a LEAKING one: its 'OOF'
+    predictions are the labels plus noise (it saw its own rows), its holdout predictions noise."""
+    p = pipeline
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "processed").symlink_to(p.processed, target_is_directory=True)
+    arrays, manifest = processed_data.load_processed(p.processed)
+    rng = np.random.default_rng(0)
+    sizes = {"oof": manifest["n_rows"]["train"], "valid": manifest["n_rows"]["valid"],
+             "test": manifest["n_rows"]["test"]}
+    honest = {}
+    for split, raw_split in (("oof", "train"), ("valid", "valid"), ("test", "test")):
+        prob = common.read_oracle_prob(p.raw, raw_split)
+        honest[split] = 1 / (1 + np.exp(-(np.log(prob / (1 - prob)) + rng.normal(0, 1.0, len(prob)))))
+    leaky = {"oof": np.clip(np.asarray(arrays["train_label"]) * 0.6 + rng.uniform(0, 0.4, sizes["oof"]), 0, 1),
+             "valid": rng.random(sizes["valid"]), "test": rng.random(sizes["test"])}
+    write_run(work / "runs" / "honest", honest, arrays, manifest)
+    write_run(work / "runs" / "leaky", leaky, arrays, manifest)
+    cfg = common.load_config(p.blend_yaml, ["blend.runs=[honest,leaky]", "blend.methods=[logit_mean,logistic]",
+                                            f"data.work_dir={work}",
+                                            f"blend.submission.dir={tmp_path / 'subs'}"])
+    return cfg, work
+
+
+def test_a_planted_leak_is_given_away_by_the_holdout(planted_leak, one_thread):
+    cfg, work = planted_leak
+    metrics = blend.run_blend(cfg)
+    leaky, honest = metrics["runs"]["leaky"], metrics["runs"]["honest"]
+    assert leaky["oof_auc"] > 0.99, "the leak looks perfect out of fold"
+    assert abs(leaky["valid_auc"] - 0.5) < 0.1, "and is chance on the holdout"
+    # select: auto trusts the OOF AUC, so it falls for the leak; the report must say so
+    assert metrics["chosen_valid_auc"] < honest["valid_auc"]
+    warnings = metrics["gap_warnings"]
+    assert any(w.startswith("leaky:") for w in warnings)
+    assert not any(w.startswith("honest:") for w in warnings)
+    report = (work / "blend" / "report.md").read_text()
+    assert "## Warning: OOF AUC above the holdout AUC" in report
+    assert f"leaky: OOF AUC {leaky['oof_auc']:.6f} but holdout AUC {leaky['valid_auc']:.6f}" in report
+    assert "honest: OOF AUC" not in report
+
+
+def test_the_blend_is_fitted_on_out_of_fold_predictions_only(planted_leak, one_thread):
+    """Replacing every run's holdout predictions changes the holdout scores and nothing else: no
+    method fits on, or selects by, the holdout."""
+    cfg, work = planted_leak
+    first = blend.run_blend(cfg)
+    first_files = {name: pd.read_parquet(work / "blend" / name) for name in ("oof.parquet", "test.parquet")}
+    rng = np.random.default_rng(1)
+    for run in ("honest", "leaky"):
+        path = work / "runs" / run / "valid.parquet"
+        frame = pd.read_parquet(path)
+        common.write_parquet(path, frame.assign(pred=rng.random(len(frame)).astype(np.float32)))
+    second = blend.run_blend(cfg)
+    assert second["chosen"] == first["chosen"]
+    for name in ("logit_mean", "logistic"):
+        assert second["methods"][name]["oof_auc"] == first["methods"][name]["oof_auc"]
+    assert second["methods"]["logistic"]["coefficients"] == first["methods"]["logistic"]["coefficients"]
+    for name, frame in first_files.items():
+        pd.testing.assert_frame_equal(pd.read_parquet(work / "blend" / name), frame)
+    assert second["chosen_valid_auc"] != first["chosen_valid_auc"]
+
+
+def test_a_blend_that_fails_at_its_submission_leaves_the_previous_blend_whole(pipeline, monkeypatch, one_thread):
+    p = pipeline
+    with restored(*outputs(p)):
+        before = snapshot(p.blend_dir, p.subs)
+
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(p.subs / "x.csv"))
+        monkeypatch.setattr(blend, "write_submission", disk_full)
+        with pytest.raises(OSError):
+            blend.run_blend(p.blend_cfg)
+        assert snapshot(p.blend_dir, p.subs) == before
+        assert not list(p.work.glob(".blend-*")), "no staging folder left"

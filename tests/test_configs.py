@@ -1,4 +1,5 @@
-"""Every shipped config loads, follows the run-name convention and builds a working model."""
+"""Every shipped config loads, follows the run-name convention and builds a working model; an
+unknown key is named, with the key it was likely meant to be, for every default config."""
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from mmctr import processed_data
 from mmctr import train
 from mmctr.models.dcnv2 import DCNv2
 from mmctr.models.din import DIN
-from helpers import DCN, QIN, make_batch, make_tables
+from helpers import DCN, QIN, assert_user_error, make_batch, make_tables
 
 CONFIGS = sorted(common.CONFIG_DIR.glob("*.yaml"))
 MODEL_CONFIGS = [p for p in CONFIGS if "model" in common.load_config(p)]
@@ -135,3 +136,9 @@ def test_the_tf4ctr_keys_are_tf4ctrs_keywords():
 def test_released_schedules(name, expected):
     train_cfg = common.load_config(common.CONFIG_DIR / f"{name}.yaml")["train"]
     assert {key: train_cfg[key] for key in expected} == expected
+
+
+@pytest.mark.parametrize("config", ["data.yaml", "qin_small.yaml", "blend.yaml"])
+def test_an_unknown_key_is_named_for_every_default_config(config):
+    assert_user_error(lambda: common.load_config(common.CONFIG_DIR / config, ["data.nfolds=3"]),
+                      "--set data.nfolds", "unknown config key 'nfolds'", "n_folds")

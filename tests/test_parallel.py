@@ -18,7 +18,7 @@ from mmctr import common
 from mmctr import preprocess
 from mmctr import runs
 from mmctr import train
-from helpers import single_thread
+from helpers import ONE_THREAD_ENV, single_thread
 from conftest import make_data_cfg
 
 FOLDS = 3
@@ -26,9 +26,9 @@ FOLDS = 3
 TRAIN = ["train.max_epochs=3", "train.patience=3", "train.batch_size=64", "train.eval_batch_size=2048"]
 PREDICTIONS = ["oof.parquet", "valid.parquet", "test.parquet"] + [
     f"fold{k}/{split}.parquet" for k in range(FOLDS) for split in ("oof", "valid", "test")]
-# one thread per process, in this one and in the workers (they take the parent's count): the
-# models are tiny, and the reference and parallel runs must share the setting to compare bits
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# one thread per process (ONE_THREAD_ENV, single_thread), in this one and in the workers (they take
+# the parent's count): the models are tiny, and the reference and parallel runs must share the
+# setting to compare bits
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_a_worker_killed_mid_fold_costs_a_rerun_of_its_fold_only(three_folds, se
 
     killed = None
     with open(tmp_path / "killed.log", "w") as log:
-        parent = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD)
+        parent = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD_ENV)
         try:
             deadline = time.time() + 600
             # a fold has finished an epoch but is not done: kill the worker that holds its claim
@@ -123,7 +123,7 @@ def test_a_worker_killed_mid_fold_costs_a_rerun_of_its_fold_only(three_folds, se
     assert [k for k in range(FOLDS) if not runs.fold_done(run_dir, k)] == [killed], output
     assert runs.claim_path(run_dir, killed).exists() and not (run_dir / "oof.parquet").exists()
 
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert "is gone: the fold is free again" in rerun.stdout
     assert len(re.findall(r"fold \d done:", rerun.stdout)) == 1, rerun.stdout  # only the killed fold

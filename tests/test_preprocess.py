@@ -1,4 +1,8 @@
-"""preprocess.py: round trip, folds, cache, and one clear one-line error per kind of bad input."""
+"""preprocess.py: round trip, folds, cache, and one clear one-line error per kind of bad input.
+
+Robustness, on the shared `pipeline` (conftest) and on small private disks: a damaged processed
+folder is one line for every reader, a damaged manifest rebuilds the folder, and a full or
+read-only disk is one line that leaves no scratch behind (a full disk is ENOSPC, not SIGBUS)."""
 import json
 import os
 import shutil
@@ -6,6 +10,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,11 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mmctr import blend
 from mmctr import common
 from mmctr import make_synthetic
 from mmctr import preprocess
 from mmctr import processed_data
-from helpers import as_matrix, replace_column, truncate
+from mmctr import submission
+from mmctr import train
+from helpers import (ONE_THREAD_ENV, as_matrix, assert_one_line_error, assert_user_error, outputs, replace_column,
+                     restored, snapshot, truncate)
 from conftest import make_data_cfg
 
 SPLITS = ["train", "valid", "test"]
@@ -467,3 +476,90 @@ def test_cli_reports_a_bad_input_as_one_error_line(copy_raw, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "valid.parquet: column 'label': row 3 has label 7" in lines[0]
+
+
+# --- a damaged processed folder, a damaged manifest, a full or read-only disk -----------------
+
+def shorter_npy(path: Path) -> None:
+    np.save(path, np.load(path)[:-1])
+
+
+PROCESSED_DAMAGE = {
+    "truncated array": ("train_fold.npy", truncate, ["train_fold.npy", "not a readable .npy file"]),
+    "garbage array": ("test_ID.npy", lambda path: path.write_bytes(b"\x93NUMPY garbage"),
+                      ["test_ID.npy", "not a readable .npy file", "--force"]),
+    "missing array": ("valid_label.npy", lambda path: path.unlink(), ["valid_label.npy", "missing"]),
+    "array of the wrong length": ("valid_item_seq.npy", shorter_npy,
+                                  ["valid_item_seq.npy", "shape (599, 64)", "600 rows"]),
+    "manifest not a mapping": ("manifest.json", lambda path: path.write_text("[1, 2]"),
+                               ["manifest.json", "not a manifest"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PROCESSED_DAMAGE))
+def test_a_damaged_processed_folder_is_one_line_for_every_reader(pipeline, case, one_thread):
+    """train, blend, bench and validate all read the processed folder through load_processed (or
+    test_ID.npy); each names the damaged file and changes nothing."""
+    p = pipeline
+    name, damage, fragments = PROCESSED_DAMAGE[case]
+    with restored(p.raw, *outputs(p)):
+        damage(p.processed / name)
+        before = snapshot(*outputs(p))
+        assert_user_error(lambda: processed_data.load_processed(p.processed), *fragments)
+        assert_user_error(lambda: blend.run_blend(p.blend_cfg), *fragments)
+        if name != "manifest.json":  # a damaged manifest is rebuilt: tested below
+            assert_user_error(lambda: train.run_training(p.model_cfg, device="cpu"), *fragments)
+        if name == "test_ID.npy":  # validate reads it when the raw test file is not there
+            without_raw = common.load_config(p.blend_yaml, ["data.raw_dir=/nonexistent/raw"])
+            assert_user_error(lambda: submission.expected_test_ids(without_raw), *fragments)
+        assert snapshot(*outputs(p)) == before
+
+
+def test_a_damaged_manifest_rebuilds_the_processed_folder(pipeline, capsys, one_thread):
+    p = pipeline
+    with restored(p.raw, *outputs(p)):
+        (p.processed / "manifest.json").write_text('{"fingerprint": ')
+        before = {name: (p.processed / name).read_bytes() for name in ("train_fold.npy", "test_ID.npy")}
+        preprocess.run_preprocess(common.load_config(p.data_yaml))
+        assert "rebuilding" in capsys.readouterr().out
+        assert common.read_json(p.processed / "manifest.json")["fingerprint"] == processed_data.fingerprint(
+            common.load_config(p.data_yaml))
+        assert {name: (p.processed / name).read_bytes() for name in before} == before
+
+
+def in_small_mount(script: str, size: str, options: str = "") -> subprocess.CompletedProcess:
+    """Run ``script`` (bash) where /mnt/small is a fresh tmpfs of ``size``, in a private mount
+    namespace (unshare -rm: no root needed, nothing outside sees it); skip where that is refused."""
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("this machine refuses a private tmpfs mount (unshare -rm), needed for a small disk")
+    mount = f"mount -t tmpfs -o size={size}{',' + options if options else ''} tmpfs /mnt"
+    return subprocess.run(["unshare", "-rm", "bash", "-c", f"{mount} && {script}"], capture_output=True,
+                          text=True, timeout=300, env=ONE_THREAD_ENV, cwd=common.REPO_ROOT)
+
+
+def test_preprocess_on_a_full_or_read_only_disk_is_one_line_and_leaves_no_scratch(tiny_raw):
+    command = (f"{sys.executable} src/preprocess.py --set data.raw_dir={tiny_raw} --set data.work_dir=/mnt/work"
+               f"; echo rc=$?; ls -A /mnt/work 2>/dev/null | tr '\\n' ' '")
+    full = in_small_mount(command, "256k")
+    assert "rc=2" in full.stdout and "Traceback" not in full.stderr, full.stderr
+    assert_one_line_error(SimpleNamespace(returncode=2, stderr=full.stderr), "/mnt/work", "needs about",
+                          "GiB free")
+    assert full.stdout.strip().endswith("rc=2"), "nothing left in the work folder"
+    read_only = in_small_mount(command, "1m", "ro")
+    assert "rc=2" in read_only.stdout, read_only.stderr
+    assert_one_line_error(SimpleNamespace(returncode=2, stderr=read_only.stderr), "/mnt/work", "cannot be written",
+                          "Read-only file system")
+
+
+def test_an_array_that_does_not_fit_is_enospc_naming_it_not_sigbus(tmp_path):
+    """The memory-mapped arrays are sparse files: without a reservation a full disk kills the
+    process with SIGBUS at the first write, with no message."""
+    script = (f"{sys.executable} -c \"from mmctr import common, preprocess; import numpy as np, pathlib; "
+              f"common.run_main(lambda: preprocess._new_array(pathlib.Path('/mnt'), "
+              f"'item_emb', np.float32, (100_000, 128))[:] .fill(1))\"; echo rc=$?")
+    result = in_small_mount(script, "1m")
+    assert result.stdout.strip().endswith("rc=2"), (result.stdout, result.stderr)
+    assert_one_line_error(SimpleNamespace(returncode=2, stderr=result.stderr), "/mnt/item_emb.npy",
+                          "No space left on device", "free space")

@@ -1,5 +1,6 @@
 """Smoke test of the whole pipeline: `bash run.sh` on the tiny preset ends in two valid, scored zips:
-the blend (a leaderboard probe) and one network's refit (the prize-eligible submission)."""
+the blend (a leaderboard probe) and one network's refit (the prize-eligible submission). Bad options
+and unwritable outputs stop it before its first stage."""
 import subprocess
 import zipfile
 from pathlib import Path
@@ -36,6 +37,17 @@ def test_bad_options_stop_before_the_first_stage(tmp_path, args, message):
                             timeout=60)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "=== setup" not in result.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_run_sh_refuses_unwritable_outputs_before_setup(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for option, value, fragment in [("--submissions", a_file, "a file, not a folder"),
+                                    ("--data-root", a_file / "below", "cannot write there")]:
+        result = subprocess.run(["bash", "run.sh", "--preset", "tiny", option, str(value)], capture_output=True,
+                                text=True, timeout=60, cwd=common.REPO_ROOT)
+        assert result.returncode == 2 and "=== setup" not in result.stdout, (result.stdout, result.stderr)
+        assert result.stderr.strip() == f"run.sh: {option} {value}: {fragment}" or fragment in result.stderr
 
 
 @pytest.mark.slow

@@ -1,10 +1,18 @@
 """The submission: the validator on every kind of bad file, the zip layout the blend writes, and
-local scoring against the tiny synthetic oracle (or its absence on real data)."""
+local scoring against the tiny synthetic oracle (or its absence on real data).
+
+Robustness: malformed submissions (byte-order marks, separators, ID and number formats, zip
+layouts) are rejected and well-formed variants accepted, validate reads the raw test IDs only when
+they are sound (on the shared `pipeline`, conftest), and a failed write keeps the previous pair."""
+import errno
+import io
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mmctr import common
@@ -12,7 +20,7 @@ from mmctr import score
 from mmctr import submission
 from mmctr.common import UserError
 from mmctr.submission import validate_submission
-from helpers import run_script
+from helpers import assert_user_error, replace_column, restored, run_script, snapshot
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 IDS = np.arange(20)
@@ -192,3 +200,134 @@ def test_score_without_an_oracle_says_no_labels(copy_raw, tmp_path):
                         "--set", f"data.work_dir={tmp_path / 'work'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "no labels" in result.stdout and "AUC" not in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness: the raw test IDs, malformed and well-formed files, a failed write
+# ---------------------------------------------------------------------------------------------
+
+def test_validate_reads_the_raw_test_ids_only_when_they_are_sound(pipeline, tmp_path):
+    p = pipeline
+    cfg = common.load_config(p.blend_yaml, [f"data.work_dir={tmp_path / 'nothing'}"])  # no processed
+    np.testing.assert_array_equal(submission.expected_test_ids(cfg), np.arange(600))
+    with restored(p.raw):  # the raw file changed after preprocessing: its IDs count, not the stale ones
+        table = pq.read_table(p.raw / "test.parquet")
+        pq.write_table(table.set_column(table.schema.get_field_index("ID"), "ID",
+                                        pa.array(np.arange(600) + 1000, pa.int64())), p.raw / "test.parquet")
+        np.testing.assert_array_equal(submission.expected_test_ids(p.blend_cfg), np.arange(600) + 1000)
+        without_raw = common.load_config(p.blend_yaml, ["data.raw_dir=/nonexistent/raw"])
+        np.testing.assert_array_equal(submission.expected_test_ids(without_raw), np.arange(600))
+    with restored(p.raw):
+        replace_column(p.raw / "test.parquet", "ID", None)
+        assert_user_error(lambda: submission.expected_test_ids(cfg), "test.parquet", "'ID'")
+    with restored(p.raw):
+        ids = pq.read_table(p.raw / "test.parquet")["ID"].to_pylist()
+        replace_column(p.raw / "test.parquet", "ID", pa.array([None] + ids[1:], pa.int64()))
+        assert_user_error(lambda: submission.expected_test_ids(cfg), "test.parquet", "1 nulls")
+
+
+ROWS = "".join(f"{i},{i / 19:.4f}\n" for i in IDS)
+
+
+def zip_of(members: dict[str, bytes | None]) -> bytes:
+    """A zip in memory; a member whose content is None is a directory entry."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, content in members.items():
+            if content is None:
+                archive.writestr(zipfile.ZipInfo(name), b"")
+            else:
+                archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def corrupt_deflate(data: bytes) -> bytes:
+    """Garbage in the compressed stream, the directory intact: fails while inflating."""
+    data = bytearray(data)
+    start = 30 + len("prediction.csv") + 4
+    data[start:start + 20] = bytes(range(20))
+    return bytes(data)
+
+
+GOOD = ("ID,Task2\n" + ROWS).encode()
+BAD_SUBMISSIONS = {
+    # name: (file name, bytes, expected fragment)
+    "UTF-8 BOM": ("s.csv", b"\xef\xbb\xbf" + GOOD, "byte-order mark"),
+    "UTF-16": ("s.csv", GOOD.decode().encode("utf-16"), "byte-order mark"),
+    "space before the header": ("s.csv", b" " + GOOD, "missing column 'ID'"),
+    "space after the comma": ("s.csv", GOOD.replace(b"ID,Task2", b"ID, Task2"), "missing column 'Task2'"),
+    "lower-case column": ("s.csv", GOOD.replace(b"Task2", b"task2"), "missing column 'Task2'"),
+    "semicolons": ("s.csv", GOOD.replace(b",", b";"), "missing column 'ID'"),
+    "tabs": ("s.csv", GOOD.replace(b",", b"\t"), "missing column 'ID'"),
+    "trailing comma": ("s.csv", GOOD.replace(b"\n", b",\n"), "unexpected column(s) Unnamed: 2"),
+    "index column": ("s.csv", pd.DataFrame({"ID": IDS, "Task2": IDS / 19}).to_csv().encode(),
+                     "unexpected column(s) Unnamed: 0"),
+    "no header": ("s.csv", ROWS.encode(), "missing column 'ID'"),
+    "whitespace only": ("s.csv", b"  \n\n", "empty file"),
+    "ragged row": ("s.csv", GOOD + b"3,0.5,0.1\n", "cannot read as CSV"),
+    "IDs as floats": ("s.csv", ("ID,Task2\n" + "".join(f"{i}.0,0.5\n" for i in IDS)).encode(),
+                      "column 'ID': 0.0 at line 2 is not an integer ID (20 such values)"),
+    "IDs in exponent form": ("s.csv", ("ID,Task2\n" + "".join(f"{i}e0,0.5\n" for i in IDS)).encode(),
+                             "0e0 at line 2 is not an integer ID"),
+    "IDs as words": ("s.csv", ("ID,Task2\n" + "".join(f"id{i},0.5\n" for i in IDS)).encode(),
+                     "column 'ID': non-numeric value 'id0'"),
+    "ID beyond int64": ("s.csv", GOOD.replace(b"\n3,", b"\n99999999999999999999,"),
+                        "99999999999999999999 at line 5 is not an integer ID"),
+    "predictions as booleans": ("s.csv", ("ID,Task2\n" + "".join(f"{i},True\n" for i in IDS)).encode(),
+                                "non-numeric value 'True'"),
+    "decimal commas": ("s.csv", ("ID,Task2\n" + "".join(f'{i},"0,5"\n' for i in IDS)).encode(),
+                       "non-numeric value '0,5'"),
+    "csv named .zip": ("s.zip", GOOD, "not a readable zip file"),
+    "empty .zip": ("s.zip", b"", "not a readable zip file"),
+    "truncated zip": ("s.zip", zip_of({"prediction.csv": GOOD})[:-30], "not a readable zip file"),
+    "corrupt compressed data": ("s.zip", corrupt_deflate(zip_of({"prediction.csv": GOOD * 40})),
+                                "cannot read the zip"),
+    "zip with a directory entry": ("s.zip", zip_of({"sub/": None, "prediction.csv": GOOD}),
+                                   "it holds 2: 'sub/', 'prediction.csv'"),
+    "zip holding only a folder": ("s.zip", zip_of({"prediction.csv/": None}), "it holds 1: 'prediction.csv/'"),
+    "zip member under ./": ("s.zip", zip_of({"./prediction.csv": GOOD}), "it holds 1: './prediction.csv'"),
+    "zip inside the zip": ("s.zip", zip_of({"prediction.csv": zip_of({"prediction.csv": GOOD})}),
+                           "cannot read as CSV"),
+    "BOM inside the zip": ("s.zip", zip_of({"prediction.csv": b"\xef\xbb\xbf" + GOOD}), "byte-order mark"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SUBMISSIONS))
+def test_malformed_submissions_are_rejected(tmp_path, case):
+    name, data, expected = BAD_SUBMISSIONS[case]
+    path = tmp_path / name
+    path.write_bytes(data)
+    message = assert_user_error(lambda: submission.validate_submission(path, IDS, "Task2"), expected)
+    assert message.startswith(str(path))
+
+
+@pytest.mark.parametrize("text", [
+    GOOD,                                      # plain
+    GOOD.replace(b"\n", b"\r\n"),              # Windows line ends
+    GOOD.rstrip(b"\n"),                        # no newline at the end
+    b'"ID","Task2"\n' + ROWS.encode(),         # quoted header: the same CSV
+    GOOD.replace(b"\n0,0.0000\n", b"\n0,0\n"),  # a plain 0 is a probability too
+])
+def test_well_formed_variants_are_accepted(tmp_path, text):
+    path = tmp_path / "prediction.csv"
+    path.write_bytes(text)
+    submission.validate_submission(path, IDS, "Task2")
+    archive = tmp_path / "submission.zip"
+    archive.write_bytes(zip_of({"prediction.csv": text}))
+    submission.validate_submission(archive, IDS, "Task2")
+
+
+def test_a_failed_submission_write_keeps_the_previous_pair(tmp_path, monkeypatch):
+    from mmctr import submission
+    ids = np.arange(20)
+    csv_path, zip_path = submission.write_submission(ids, np.full(20, 0.25), tmp_path, "run")
+    before = snapshot(csv_path, zip_path)
+
+    def zip_refused(path, *args, **kwargs):
+        if Path(path).name.endswith(".tmp") and ".zip." in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(submission, "validate_submission", zip_refused)
+    with pytest.raises(OSError):
+        submission.write_submission(ids, np.full(20, 0.75), tmp_path, "run")
+    assert snapshot(csv_path, zip_path) == before, "neither file of the pair changed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csv", "run.zip"]

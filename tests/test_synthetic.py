@@ -1,5 +1,6 @@
-"""The synthetic generator: exact competition schema, padding rules, determinism, oracle files, and
-the properties of the click process that make the data worth modelling (see data/README.md)."""
+"""The synthetic generator: exact competition schema, padding rules, determinism, oracle files, the
+properties of the click process that make the data worth modelling (see data/README.md), and user
+errors that write nothing."""
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from mmctr import common
 from mmctr.models.metrics import roc_auc
 from mmctr import make_synthetic
-from helpers import as_matrix
+from helpers import as_matrix, assert_user_error
 
 TINY = make_synthetic.PRESETS["tiny"]
 MAIN_FILES = ["train", "valid", "test", "item_info", "item_feature"]
@@ -256,3 +257,16 @@ def test_the_broad_click_process_is_another_dataset_of_the_same_format(tiny_raw,
         assert 0.18 < info["positive_rate"] < 0.32 and 0.75 < info["oracle_auc"] < 0.97, (split, info)
     with pytest.raises(common.UserError, match="--process 'sharp': unknown click process"):
         make_synthetic.generate("tiny", tmp_path / "x", seed=0, process="sharp")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (("huge", "out", 0), ["--preset 'huge'", "unknown preset"]),
+    (("tiny", "out", -1), ["--seed -1", "must be >= 0"]),
+    (("tiny", "a_file/below", 0), ["a_file/below", "cannot create the folder"]),
+])
+def test_make_synthetic_user_errors_write_nothing(tmp_path, args, fragments):
+    (tmp_path / "a_file").write_text("keep")
+    preset, out, seed = args
+    assert_user_error(lambda: make_synthetic.generate(preset, tmp_path / out, seed), *fragments)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["a_file"]
+    assert (tmp_path / "a_file").read_text() == "keep"

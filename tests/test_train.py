@@ -2,28 +2,40 @@
 
 Every run trains on the tiny synthetic data (2 folds) with the *_small model configs shrunk further
 by overrides, on the CPU, under its own run name in the session's shared work folder.
+
+Robustness, on the shared `pipeline` (conftest) or a private work folder, under one torch thread:
+user errors change nothing, a run killed (SIGKILL) mid-fold resumes to identical predictions,
+changed data or config is recomputed (and blend refuses the stale runs), and no fold model ever
+predicts the rows it trained on.
 """
 import functools
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 
+from mmctr import blend
 from mmctr import common
 from mmctr.models import fit
 from mmctr.models import schema
 from mmctr.models import layers
 from mmctr import model_config
+from mmctr import preprocess
 from mmctr import processed_data
 from mmctr import runs
 from mmctr import train
 from mmctr.models.fit import FitSettings
-from helpers import FASTEST, make_cfg
+from helpers import (FASTEST, ONE_THREAD_ENV, SRC, TINY_TRAIN, assert_user_error, edit_value, make_cfg, outputs,
+                     replace_column, restored, snapshot, truncate, typo_config, write_config)
 
 MODELS = ("qin_small", "dcnv2_tf_small", "din_tf_small")
 FOLD_FILES = ("best.pt", "history.json", "oof.parquet", "valid.parquet", "test.parquet", "done.json")
@@ -459,3 +471,184 @@ def test_compiled_step_and_prediction_compile_once_for_every_batch_size(processe
     train_briefly_then_predict(processed, "qin_small", torch.arange(3999), 256, compile=True)
     torch._dynamo.reset()
     assert counter.frame_count == 2  # one graph for the loss, one for the forward
+
+
+# ---------------------------------------------------------------------------------------------
+# robustness: user errors, a kill mid-fold, changed data or config, no leak across folds
+# ---------------------------------------------------------------------------------------------
+
+def without_aggregates(p) -> None:
+    for name in runs.AGGREGATE_FILES:  # as after an interrupted run: the folds are read again
+        (p.run_dir / name).unlink()
+
+
+def corrupt_fold_file(p) -> None:
+    without_aggregates(p)
+    truncate(p.run_dir / "fold1" / "test.parquet")
+
+
+def fold_file_without_pred(p) -> None:
+    without_aggregates(p)
+    replace_column(p.run_dir / "fold0" / "oof.parquet", "pred", None)
+
+
+TRAIN_CASES = {
+    # case: (damage to the pipeline, the config to train with, expected fragments)
+    "corrupt fold output": (corrupt_fold_file, lambda p: p.model_cfg,
+                            ["fold1/test.parquet", "not a readable parquet file", "delete", "fold1"]),
+    "fold output without its column": (fold_file_without_pred, lambda p: p.model_cfg,
+                                       ["fold0/oof.parquet", "column 'pred': missing"]),
+    "unknown key in a config file": (None, lambda p: common.load_config(typo_config(p)),
+                                     ["unknown key train.learning_rate"]),
+    "unknown key on the command line": (None, ["train.learnig_rate=1e-3"], ["unknown config key 'learnig_rate'"]),
+    "NaN learning rate": (None, ["train.lr=.nan"], ["train.lr must be positive, got nan"]),
+    "negative embedding L2": (None, ["train.emb_l2=-1"], ["train.emb_l2 must be at least 0, got -1"]),
+    "lr decay above 1": (None, ["train.lr_decay=1.5"], ["train.lr_decay must be at most 1, got 1.5"]),
+    "negative min_delta": (None, ["train.min_delta=-1"], ["train.min_delta must be at least 0, got -1"]),
+    "lr floor above the lr": (None, ["train.lr_min=5"], ["train.lr_min (5) must not exceed train.lr (0.001)"]),
+    "text where a number belongs": (None, ["train.batch_size=big"], ["train.batch_size must be an integer"]),
+    "a list where a number belongs": (None, ["train.max_epochs=[1,2]"], ["train.max_epochs must be an integer"]),
+    "run name with a path": (None, ["run.name=../elsewhere"], ["run.name must be a plain folder name"]),
+    "other folds than the processed data": (None, ["data.n_folds=5000"],
+                                            ["built with data.n_folds=2", "says 5000", "src/preprocess.py"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_user_errors_change_nothing(pipeline, case, one_thread):
+    p = pipeline
+    damage, config, fragments = TRAIN_CASES[case]
+    with restored(p.raw, *outputs(p)):
+        if damage:
+            damage(p)
+        def run():  # --set overrides are checked while loading, the rest while training
+            cfg = config(p) if callable(config) else common.load_config(p.model_yaml, config)
+            train.run_training(cfg, device="cpu")
+        before = snapshot(*outputs(p))
+        assert_user_error(run, *fragments)
+        assert snapshot(*outputs(p)) == before
+        assert sorted(q.name for q in p.work.iterdir()) == ["blend", "processed", "runs"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_fold_resumes_to_identical_predictions(tiny_raw, tmp_path, one_thread):
+    data = {"raw_dir": str(tiny_raw), "work_dir": str(tmp_path / "work"), "n_folds": 3}
+    # the kill comes after fold 1's first epoch (about 40 steps), and no early stopping leaves it
+    # two more epochs to run: a window of a second or more, and longer on a loaded machine
+    config = write_config(tmp_path / "qin.yaml", "qin_small.yaml", {"data": data, "train": {
+        "max_epochs": 3, "patience": 3, "batch_size": 64, "eval_batch_size": 2048}})
+    preprocess.run_preprocess(common.load_config(config))  # the processed data exists for all three
+    runs_root = tmp_path / "work" / "runs"
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, str(SRC / "train.py"), "--config", str(config), "--set", f"run.name={name}",
+                "--device", "cpu"]
+
+    reference = subprocess.run(command("reference"), capture_output=True, text=True, timeout=600,
+                               env=ONE_THREAD_ENV)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    run_dir = runs_root / "resumed"
+    with open(tmp_path / "killed.log", "w") as log:
+        process = subprocess.Popen(command("resumed"), stdout=log, stderr=subprocess.STDOUT, env=ONE_THREAD_ENV)
+        try:
+            deadline = time.time() + 600
+            # fold 1 has finished an epoch (its folder holds history.json) but is not done
+            while not (run_dir / "fold1" / "history.json").exists() and process.poll() is None:
+                assert time.time() < deadline, "fold 1 never started"
+                time.sleep(0.01)
+            os.kill(process.pid, signal.SIGKILL)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert (run_dir / "fold0" / "done.json").is_file()
+    assert not (run_dir / "fold1" / "done.json").exists(), "killed too late: fold 1 had finished"
+    assert not (run_dir / "fold2").exists() and not (run_dir / "oof.parquet").exists()
+    fold0 = snapshot(run_dir / "fold0")
+
+    resumed = subprocess.run(command("resumed"), capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "folds [0] already done, skipped" in resumed.stdout
+    assert snapshot(run_dir / "fold0") == fold0, "the finished fold was kept as it was"
+    predictions = ["oof.parquet", "valid.parquet", "test.parquet"] + [
+        f"fold{k}/{name}" for k in range(3) for name in ("oof.parquet", "valid.parquet", "test.parquet")]
+    for name in predictions:
+        assert (run_dir / name).read_bytes() == (runs_root / "reference" / name).read_bytes(), name
+    assert not [q for q in run_dir.rglob("*") if q.name.endswith(".tmp")], "no temporaries left"
+
+
+def test_changed_data_or_config_is_recomputed_and_blend_refuses_stale_runs(copy_raw, tmp_path, one_thread):
+    """preprocess after the raw data changed, train after the data or the config changed, and blend
+    after a run was retrained: nothing stale is ever reused."""
+    raw = copy_raw()
+    data = {"raw_dir": str(raw), "work_dir": str(tmp_path / "work"), "n_folds": 2}
+    model_yaml = write_config(tmp_path / "model.yaml", "dcnv2_tf_small.yaml", {
+        "data": data, "run": {"name": "r"}, "train": {**TINY_TRAIN, "max_epochs": 1}})
+    blend_yaml = write_config(tmp_path / "blend.yaml", "blend.yaml", {"data": data, "blend": {
+        "runs": ["r"], "methods": ["logit_mean"], "submission": {"dir": str(tmp_path / "subs")}}})
+    data_cfg = common.load_config(model_yaml)
+    preprocess.run_preprocess(data_cfg)
+    run_dir = train.run_training(common.load_config(model_yaml), device="cpu")
+    blend.run_blend(common.load_config(blend_yaml))
+    submission = snapshot(tmp_path / "subs")
+    old = common.read_json(run_dir / "fingerprint.json")
+    done_stamp = (run_dir / "fold0" / "done.json").stat().st_mtime_ns
+
+    # the raw data changes: blend refuses the processed folder and the run made from the old data
+    level = pq.read_table(raw / "valid.parquet")["likes_level"][0].as_py()
+    edit_value(raw / "valid.parquet", "likes_level", 0, (level + 1) % 11)
+    assert_user_error(lambda: blend.run_blend(common.load_config(blend_yaml)),
+                      "raw files", "changed since it was built")
+    assert snapshot(tmp_path / "subs") == submission
+    # so does train, naming the command that rebuilds; after it, train retrains every fold
+    assert_user_error(lambda: train.run_training(common.load_config(model_yaml), device="cpu"),
+                      "changed since it was built", "rerun src/preprocess.py")
+    preprocess.run_preprocess(data_cfg)
+    train.run_training(common.load_config(model_yaml), device="cpu")
+    new = common.read_json(run_dir / "fingerprint.json")
+    manifest = common.read_json(tmp_path / "work" / "processed" / "manifest.json")
+    assert new["data_fingerprint"] == manifest["fingerprint"] != old["data_fingerprint"]
+    assert new["config_hash"] == old["config_hash"]
+    assert (run_dir / "fold0" / "done.json").stat().st_mtime_ns != done_stamp, "fold 0 retrained"
+    assert np.asarray(processed_data.load_processed(tmp_path / "work" / "processed")[0]["valid_likes_level"])[0] \
+        == pq.read_table(raw / "valid.parquet")["likes_level"][0].as_py()
+    blend.run_blend(common.load_config(blend_yaml))
+    submission = snapshot(tmp_path / "subs")
+
+    # the config changes and only fold 0 is retrained so far: the old fold 1 is gone, and blend
+    # refuses the unfinished run instead of mixing old and new folds
+    train.run_training(common.load_config(model_yaml, ["train.lr=5e-4"]), folds=[0], device="cpu")
+    assert not (run_dir / "fold1").exists()
+    assert_user_error(lambda: blend.run_blend(common.load_config(blend_yaml)), "fold 1 is not done")
+    assert snapshot(tmp_path / "subs") == submission
+
+
+def test_a_fold_model_never_predicts_rows_it_trained_on(pipeline, one_thread):
+    p = pipeline
+    arrays, manifest = processed_data.load_processed(p.processed)
+    fold_of_row = np.asarray(arrays["train_fold"])
+    n_rows = len(fold_of_row)
+    cfg = train.checked_config(p.model_cfg, "cpu")
+    data = train.load_to_device(arrays, torch.device("cpu"))
+    tables = train.item_tables(arrays, manifest, torch.device("cpu"))
+    aggregate = pd.read_parquet(p.run_dir / "oof.parquet")
+    np.testing.assert_array_equal(aggregate["row_id"], np.arange(n_rows))
+    np.testing.assert_array_equal(aggregate["fold"], fold_of_row)
+
+    assert sorted(p.trained_rows) == [0, 1]
+    for k in (0, 1):
+        held_out = np.flatnonzero(fold_of_row == k)
+        trained_on = np.array(sorted(p.trained_rows[k]))
+        # the fold model trained on exactly the other folds' rows, never on its own
+        np.testing.assert_array_equal(trained_on, np.flatnonzero(fold_of_row != k))
+        oof = pd.read_parquet(p.run_dir / f"fold{k}" / "oof.parquet")
+        np.testing.assert_array_equal(oof["row_id"], held_out)
+        assert not np.isin(oof["row_id"], trained_on).any()
+        # the stored OOF predictions are exactly the saved fold model's predictions on its rows
+        model = model_config.build_model(cfg["model"], tables)
+        model.load_state_dict(torch.load(p.run_dir / f"fold{k}" / "best.pt"))
+        again = fit.predict(model, data["train"], torch.from_numpy(held_out), cfg["train"]["eval_batch_size"])
+        np.testing.assert_array_equal(again, oof["pred"].to_numpy())
+        np.testing.assert_array_equal(aggregate["pred"].to_numpy()[held_out], oof["pred"].to_numpy())

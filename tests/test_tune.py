@@ -26,9 +26,9 @@ from mmctr import runs
 from mmctr import train
 from mmctr import tune
 from mmctr.common import UserError
+from helpers import ONE_THREAD_ENV
 
 SRC = common.REPO_ROOT / "src"
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 SPACE = {"train.lr": {"type": "float", "low": 1.0e-3, "high": 5.0e-3, "log": True},
          "model.emb_dim": {"type": "int", "low": 8, "high": 16, "step": 8},
          "train.batch_size": {"type": "categorical", "choices": [512, 1024]}}
@@ -42,12 +42,8 @@ def work(tiny_raw, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # the trials of tiny models: one thread is faster than two busy ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the trials of tiny models: one thread is faster than two busy ones
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tune_file(tmp_path: Path, tiny_raw: Path, work: Path, **tune_keys) -> Path:
@@ -65,8 +61,8 @@ def tune_file(tmp_path: Path, tiny_raw: Path, work: Path, **tune_keys) -> Path:
 def run_tune(path: Path, *args: str, wait: bool = True):
     command = [sys.executable, str(SRC / "tune.py"), "--config", str(path), "--device", "cpu", *map(str, args)]
     if not wait:
-        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD)
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ONE_THREAD_ENV)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV)
 
 
 def study_of(work: Path, name: str) -> optuna.Study:
@@ -241,7 +237,7 @@ def test_two_workers_share_one_sqlite_study(tiny_raw, work, tmp_path):
     config = tune_file(tmp_path, tiny_raw, work, study="pair", n_trials=4)
     result = subprocess.run([sys.executable, str(SRC / "tune.py"), "--config", str(config), "--devices", "cpu,cpu",
                              "--out", str(tmp_path / "p.yaml")], capture_output=True, text=True, timeout=600,
-                            env=ONE_THREAD)
+                            env=ONE_THREAD_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = study_of(work, "pair").get_trials()
     finished = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -4,14 +4,8 @@
 
 Reads the aggregate predictions of every run in blend.runs ({work_dir}/runs/<name>/oof.parquet,
 valid.parquet, test.parquet), checks that they come from the same processed data and line up row by
-row, and fits each method on the out-of-fold (OOF) predictions only:
-
-* rank_mean    mean of the runs' normalised ranks (a run's OOF predictions define its rank scale)
-* logit_mean   mean of the runs' logits
-* auc_weights  non-negative weights on the logits that maximise the exact OOF AUC (Nelder-Mead from
-               every one-hot start and from equal weights; the best result is kept)
-* logistic     logistic regression on the logits, cross-fitted over the training folds
-* lightgbm     LightGBM on the logits plus history length and likes/views levels, cross-fitted
+row, and fits each method of src/mmctr/blend_methods.py (rank_mean, logit_mean, auc_weights,
+logistic, lightgbm) on the out-of-fold (OOF) predictions only.
 
 A cross-fitted method predicts each fold's rows with a model that never saw that fold, so its OOF
 AUC is an honest estimate (auc_weights fits its few weights in sample). The best single run competes
@@ -30,36 +24,25 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
-from functools import cached_property
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal, get_args
+from typing import Literal, get_args
 
-try:  # optional (requirements.txt): without it the lightgbm candidate is skipped
-    import lightgbm
-except ImportError:
-    lightgbm = None
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize
-from scipy.special import expit, logit
-from sklearn.linear_model import LogisticRegression
-from tqdm import tqdm
 
 from mmctr import common
 from mmctr import experiments
 from mmctr import plots
 from mmctr import processed_data
-from mmctr.common import UserError, first_line
+from mmctr.blend_methods import (METHODS, ROW_FEATURES, AucWeightsConfig, BlendData, LightGBMConfig,
+                                  LogisticConfig, Predictions, lightgbm)
+from mmctr.common import UserError
 from mmctr.reports import auc_text, markdown_table, picture_lines
 from mmctr.runs import PROCESSED_SPLIT, SPLITS, read_predictions
 from mmctr.submission import ID_COLUMN, submission_paths, write_submission
 from mmctr.models.metrics import roc_auc
 
-ROW_FEATURES = ("history_len", "likes_level", "views_level")
-PROB_EPS = 1e-7           # probabilities are clipped to [eps, 1-eps] before the logit: float32
-                          # predictions of 0 or 1 would otherwise become infinite logits
-SIMPLEX_STEP = 0.5        # Nelder-Mead's first moves away from a start, in normalised-weight units
 BEST_SINGLE = "best_single"
 # An OOF AUC above the holdout AUC by more than this is flagged: OOF predictions that saw their own
 # rows (a leak) look excellent out of fold and ordinary on the holdout
@@ -71,31 +54,7 @@ CANDIDATES_PNG, CALIBRATION_PNG = "candidates.png", "calibration.png"  # report.
 # configuration
 # ---------------------------------------------------------------------------------------------
 
-
-
-@dataclass
-class AucWeightsConfig:
-    """blend.auc_weights: the AUC-maximising weights."""
-    max_rows: int = field(default=250_000, metadata={"min": 1})  # stratified OOF sample scored per evaluation
-    max_evals: int = field(default=200, metadata={"min": 1})     # Nelder-Mead evaluations per start
-    seed: int = field(default=20242025, metadata={"min": 0})     # draws the sample
-
-
-@dataclass
-class LogisticConfig:
-    """blend.logistic: the logistic regression on the logits."""
-    C: float = field(default=1.0, metadata={"positive": True})   # inverse L2 strength (sklearn)
-
-
-@dataclass
-class LightGBMConfig:
-    """blend.lightgbm: the LGBMClassifier keyword arguments of the stacker."""
-    n_estimators: int = field(default=200, metadata={"min": 1})
-    learning_rate: float = field(default=0.05, metadata={"positive": True})
-    num_leaves: int = field(default=15, metadata={"min": 2})
-    min_child_samples: int = field(default=100, metadata={"min": 0})
-    seed: int = 20242025
-    n_jobs: int = 1
+Method = Literal[tuple(METHODS)]  # blend.methods' type: a name of the registry
 
 
 @dataclass
@@ -115,6 +74,7 @@ class BlendConfig:
     # whose valid and test predictions the fitted blend is applied to: each run's fold mean, or its
     # refit (one model on every train row, src/train.py --refit)
     test_from: Literal["folds", "refit"] = "folds"
+    # each method's settings, under its name (blend_methods.METHODS[name].settings)
     auc_weights: AucWeightsConfig = field(default_factory=AucWeightsConfig)
     logistic: LogisticConfig = field(default_factory=LogisticConfig)
     lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
@@ -149,22 +109,6 @@ def checked_settings(cfg: dict) -> BlendConfig:
 # the runs' predictions, side by side
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class BlendData:
-    """Everything a method may fit on or predict: rows in processed order, one column per run."""
-    runs: list[str]
-    probs: dict[str, np.ndarray]         # oof/valid/test -> float64 [N, R] probabilities
-    oof_label: np.ndarray                # float64 [N_train] 0/1
-    valid_label: np.ndarray              # float64 [N_valid] 0/1, for reporting only
-    fold: np.ndarray                     # int [N_train] the fold whose model made each OOF row
-    test_ids: np.ndarray                 # int64 [N_test]
-    row_features: dict[str, np.ndarray] | None = None  # oof/valid/test -> float32 [N, 3], see ROW_FEATURES
-
-    @cached_property
-    def logits(self) -> dict[str, np.ndarray]:
-        return {split: logit(np.clip(p, PROB_EPS, 1 - PROB_EPS)) for split, p in self.probs.items()}
-
-
 def history_length(item_seq: np.ndarray, chunk_rows: int = 262_144) -> np.ndarray:
     # chunked, so that the full train split's [3.6M, 64] memory map is never read whole into RAM
     return np.concatenate([(item_seq[i:i + chunk_rows] > 0).sum(axis=1)
@@ -172,9 +116,12 @@ def history_length(item_seq: np.ndarray, chunk_rows: int = 262_144) -> np.ndarra
 
 
 def row_features_of(arrays: dict) -> dict[str, np.ndarray]:
-    return {split: np.column_stack([history_length(arrays[f"{name}_item_seq"]),
-                                    np.asarray(arrays[f"{name}_likes_level"]),
-                                    np.asarray(arrays[f"{name}_views_level"])]).astype(np.float32)
+    """oof/valid/test -> float32 [N, 3]: the columns of ROW_FEATURES, in that order."""
+    def column(name: str, feature: str) -> np.ndarray:
+        if feature == "history_len":
+            return history_length(arrays[f"{name}_item_seq"])
+        return np.asarray(arrays[f"{name}_{feature}"])
+    return {split: np.column_stack([column(name, feature) for feature in ROW_FEATURES]).astype(np.float32)
             for split, name in PROCESSED_SPLIT.items()}
 
 
@@ -196,159 +143,6 @@ def load_blend_data(cfg: dict, runs: list[str], with_row_features: bool, test_fr
     return BlendData(runs=list(runs), probs=probs, oof_label=oof_label, valid_label=valid_label,
                      fold=fold, test_ids=test_ids,
                      row_features=row_features_of(arrays) if with_row_features else None)
-
-
-# ---------------------------------------------------------------------------------------------
-# blending methods: each returns (predictions per split, details for the report)
-# ---------------------------------------------------------------------------------------------
-
-Predictions = dict[str, np.ndarray]
-
-
-def normalised_rank(sorted_reference: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Fraction of the reference below each value (ties count half): the OOF rank, in [0, 1]."""
-    # sorted queries make the binary searches walk the reference in order: ~6x faster on 3.6M rows
-    order = np.argsort(values)
-    below = np.searchsorted(sorted_reference, values[order], side="left")
-    not_above = np.searchsorted(sorted_reference, values[order], side="right")
-    ranks = np.empty(len(values))
-    ranks[order] = (below + not_above) / (2.0 * len(sorted_reference))
-    return ranks
-
-
-def rank_mean(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]:
-    # valid and test rows are ranked against the OOF predictions, not among themselves, so a row's
-    # blended score does not depend on which other rows happen to share its split
-    references = [np.sort(data.probs["oof"][:, r]) for r in range(len(data.runs))]
-    preds = {split: np.mean([normalised_rank(ref, probs[:, r]) for r, ref in enumerate(references)], axis=0)
-             for split, probs in data.probs.items()}
-    return preds, {"fitted": "nothing to fit"}
-
-
-def logit_mean(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]:
-    return ({split: expit(logits.mean(axis=1)) for split, logits in data.logits.items()},
-            {"fitted": "nothing to fit"})
-
-
-def stratified_sample(labels: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
-    """Row indices, at most ``max_rows``, with the positive rate of ``labels`` kept (up to rounding)."""
-    if len(labels) <= max_rows:
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    keep = []
-    for cls in (0, 1):
-        rows = np.flatnonzero((labels > 0.5) == cls)
-        keep.append(rng.choice(rows, size=round(max_rows * len(rows) / len(labels)), replace=False))
-    return np.sort(np.concatenate(keep))
-
-
-def weights_from(theta: np.ndarray) -> np.ndarray:
-    """Unconstrained parameters -> non-negative weights summing to 1."""
-    magnitude = np.abs(theta)
-    total = magnitude.sum()
-    return magnitude / total if total > 0 else np.full(len(theta), 1.0 / len(theta))
-
-
-def auc_weights(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]:
-    params = settings.auc_weights
-    rows = stratified_sample(data.oof_label, params.max_rows, params.seed)
-    logits, labels = data.logits["oof"][rows], data.oof_label[rows]
-    n_runs = len(data.runs)
-
-    def negative_auc(theta: np.ndarray) -> float:
-        return -roc_auc(labels, logits @ weights_from(theta))
-
-    # AUC is a step function of the weights, so a gradient-free simplex search; one start per run
-    # (it can only improve on that run) and one from equal weights, since the surface has plateaus
-    starts = [np.eye(n_runs)[r] for r in range(n_runs)] + [np.full(n_runs, 1.0 / n_runs)]
-    best = None
-    for start in tqdm(starts, desc="auc_weights starts", leave=False, disable=n_runs < 2):
-        simplex = np.vstack([start] + [start + SIMPLEX_STEP * np.eye(n_runs)[j] for j in range(n_runs)])
-        result = minimize(negative_auc, start, method="Nelder-Mead",
-                          options={"initial_simplex": simplex, "maxfev": params.max_evals,
-                                   "xatol": 1e-3, "fatol": 1e-6})
-        if best is None or result.fun < best.fun:
-            best = result
-    weights = weights_from(best.x)
-    preds = {split: expit(split_logits @ weights) for split, split_logits in data.logits.items()}
-    return preds, {"fitted": f"in sample on {len(rows):,} OOF rows ({n_runs - 1} free weights)",
-                   "weights": {run: float(w) for run, w in zip(data.runs, weights)}}
-
-
-def fold_splits(data: BlendData, desc: str):
-    """(rows to fit on, rows to predict) for every training fold, with a progress bar."""
-    for k in tqdm(np.unique(data.fold), desc=desc, leave=False):
-        yield np.flatnonzero(data.fold != k), np.flatnonzero(data.fold == k)
-
-
-def logistic(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]:
-    features, labels = data.logits, data.oof_label
-
-    def fit(rows: np.ndarray) -> LogisticRegression:
-        return LogisticRegression(C=settings.logistic.C, max_iter=1000).fit(features["oof"][rows], labels[rows])
-
-    oof = np.empty(len(labels))
-    for fit_rows, held_rows in fold_splits(data, "logistic folds"):
-        oof[held_rows] = fit(fit_rows).predict_proba(features["oof"][held_rows])[:, 1]
-    # the honest OOF estimate comes from the cross-fitted models; valid and test get one model
-    # refitted on every OOF row: a few coefficients, so it differs from the fold models only by noise
-    final = fit(np.arange(len(labels)))
-    preds = {"oof": oof, **{split: final.predict_proba(features[split])[:, 1] for split in ("valid", "test")}}
-    return preds, {"fitted": "cross-fitted over the training folds; valid/test from a refit on all OOF rows",
-                   "coefficients": {run: float(c) for run, c in zip(data.runs, final.coef_[0])},
-                   "intercept": float(final.intercept_[0])}
-
-
-def click_prob(model, features: np.ndarray, names: list[str]) -> np.ndarray:
-    return model.predict_proba(pd.DataFrame(features, columns=names))[:, 1]
-
-
-def lightgbm_stacker(data: BlendData, settings: BlendConfig) -> tuple[Predictions, dict]:
-    names = [f"logit_{run}" for run in data.runs] + list(ROW_FEATURES)
-    features = {split: np.column_stack([data.logits[split], data.row_features[split]]) for split in SPLITS}
-    labels = data.oof_label.astype(np.int64)
-    oof = np.empty(len(labels))
-    valid, test = np.zeros(len(features["valid"])), np.zeros(len(features["test"]))
-    importance = np.zeros(len(names))
-    n_folds = len(np.unique(data.fold))
-    for fit_rows, held_rows in fold_splits(data, "lightgbm folds"):
-        # a fixed number of trees, no early stopping: stopping on the held-out fold would let it
-        # shape the model whose predictions on it are the honest OOF estimate
-        model = lightgbm.LGBMClassifier(**asdict(settings.lightgbm), verbose=-1)
-        try:
-            model.fit(pd.DataFrame(features["oof"][fit_rows], columns=names), labels[fit_rows])
-        except (lightgbm.basic.LightGBMError, TypeError, ValueError) as exc:
-            raise UserError(f"config: blend.lightgbm: LightGBM rejects the parameters ({first_line(exc)})") from None
-        oof[held_rows] = click_prob(model, features["oof"][held_rows], names)
-        valid += click_prob(model, features["valid"], names) / n_folds
-        test += click_prob(model, features["test"], names) / n_folds
-        importance += model.booster_.feature_importance("gain")
-    share = importance / importance.sum() if importance.sum() > 0 else importance
-    return ({"oof": oof, "valid": valid, "test": test},
-            {"fitted": "cross-fitted over the training folds; valid/test = mean of the fold models",
-             "gain_share": {name: float(s) for name, s in zip(names, share)}})
-
-
-@dataclass(frozen=True)
-class BlendMethod:
-    """One entry of the registry: how the method is fitted, and what the report says it puts on
-    each run (``weights``: what its numbers are and their key in its details; else an equal weight
-    on the ``equal_on`` scale)."""
-    fit: Callable[[BlendData, BlendConfig], tuple[Predictions, dict]]
-    weights: tuple[str, str] | None = None
-    equal_on: str = "logit"
-
-
-# The blend methods, one entry each: blend.methods, blend.select, the report and the tests take
-# their names from here
-METHODS: dict[str, BlendMethod] = {
-    "rank_mean": BlendMethod(rank_mean, equal_on="rank"),
-    "logit_mean": BlendMethod(logit_mean),
-    "auc_weights": BlendMethod(auc_weights, weights=("weight on the logit", "weights")),
-    "logistic": BlendMethod(logistic, weights=("coefficient on the logit", "coefficients")),
-    "lightgbm": BlendMethod(lightgbm_stacker, weights=("share of the split gain", "gain_share")),
-}
-Method = Literal[tuple(METHODS)]  # blend.methods' type: a name of the registry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,11 +170,16 @@ def single_runs(data: BlendData) -> list[Candidate]:
             for r, run in enumerate(data.runs)]
 
 
+def method_settings(settings: BlendConfig, method: str):
+    """The method's own section of the blend settings (blend.<method>:), or None if it has none."""
+    return getattr(settings, method) if METHODS[method].settings is not None else None
+
+
 def fit_methods(data: BlendData, settings: BlendConfig) -> list[Candidate]:
     candidates = []
     for method in settings.methods:
         started = time.time()
-        preds, details = METHODS[method].fit(data, settings)
+        preds, details = METHODS[method].fit(data, method_settings(settings, method))
         candidate = evaluate(method, preds, data, time.time() - started, details)
         common.log(f"{method}: OOF AUC {candidate.oof_auc:.6f}, valid AUC {candidate.valid_auc:.6f} "
                    f"({candidate.seconds:.1f}s)")

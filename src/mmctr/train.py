@@ -13,7 +13,7 @@ With --refit it trains one more model instead, on every train row (refit/ in the
 early stopping on the valid split as released, or the folds' median best epoch
 (train.refit_epochs). The blend can use its test predictions (blend.test_from: refit).
 
-Several devices (README "Several GPUs"), two ways:
+Several devices (docs/GPUS.md), two ways:
 
     python src/train.py --config configs/qin.yaml --devices cuda:0,cuda:1     # folds in parallel
     torchrun --nproc-per-node 2 src/train.py --config configs/qin.yaml --refit  # one fit, DDP

@@ -1,0 +1,67 @@
+"""The command-line contract every script shares: given a missing/empty/truncated/corrupt file, a
+wrong column, a list of the wrong length, an id outside the vocabulary, NaN/inf values or a config
+key that does not exist, it stops with exit code 2 and one line 'error: ...' naming the problem,
+and leaves every earlier output byte for byte (and mtime for mtime) as it was.
+
+One real subprocess per script, on the shared `pipeline` (conftest); the bulk of the cases run
+in-process through common.UserError, in each stage's own test file.
+"""
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from helpers import (RUN, assert_one_line_error, inf_prediction, outputs, replace_column, restored, run_script,
+                     snapshot, truncate, typo_config)
+
+
+def float_id_submission(p) -> Path:
+    """The pipeline's submission with IDs written as floats (3.0): the zip a careless edit makes."""
+    frame = pd.read_csv(p.submission, dtype=str)
+    path = p.root / "float_ids.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("prediction.csv", frame.assign(ID=frame["ID"] + ".0").to_csv(index=False))
+    return path
+
+
+# script: (file to damage or None, damage, command-line arguments, expected fragments)
+SCRIPT_CASES = {
+    "make_synthetic": (None, None, lambda p: ["--preset", "tiny", "--out", p.root / "data.yaml"],
+                       ["data.yaml", "--out", "cannot create the folder"]),
+    "preprocess": ("raw/test.parquet", truncate, lambda p: ["--config", p.data_yaml],
+                   ["test.parquet", "not a readable parquet file"]),
+    "train": ("work/processed/train_fold.npy", truncate, lambda p: ["--config", p.model_yaml, "--device", "cpu"],
+              ["train_fold.npy", "not a readable .npy file"]),
+    "blend": (f"work/runs/{RUN}/valid.parquet", inf_prediction, lambda p: ["--config", p.blend_yaml],
+              ["valid.parquet", "column 'pred'", "outside [0, 1]", "inf"]),
+    "validate_submission": (None, None, lambda p: [float_id_submission(p), "--config", p.blend_yaml],
+                            ["float_ids.zip", "column 'ID'", "0.0 at line 2 is not an integer ID"]),
+    "score": ("raw/oracle/test_labels.parquet", truncate,
+              lambda p: [p.submission, "--config", p.blend_yaml],
+              ["test_labels.parquet", "not a readable parquet file"]),
+    "summary": (f"work/runs/{RUN}/test.parquet",
+                lambda path: replace_column(path, "pred", pa.array(np.zeros(600)), new_name="prob"),
+                lambda p: ["--config", p.blend_yaml], ["test.parquet", "column 'pred'", "missing"]),
+    "bench": (None, None, lambda p: ["--config", typo_config(p), "--steps", "1", "--warmup", "0"],
+              ["unknown key train.learning_rate"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", list(SCRIPT_CASES))
+def test_every_script_stops_with_one_line_and_touches_nothing(pipeline, script):
+    p = pipeline
+    target, damage, args, fragments = SCRIPT_CASES[script]
+    with restored(p.raw, *outputs(p)):
+        if target:
+            damage(p.root / target)
+        arguments = args(p)
+        before = snapshot(p.raw, p.root / "data.yaml", *outputs(p))
+        result = run_script(script, *arguments, cwd=p.root)
+        assert_one_line_error(result, *fragments)
+        assert snapshot(p.raw, p.root / "data.yaml", *outputs(p)) == before, "earlier outputs changed"
+        assert sorted(q.name for q in p.work.iterdir()) == ["blend", "processed", "runs"], \
+            "no temporary folder left in the work dir"
