@@ -157,7 +157,7 @@ def check_range(values: np.ndarray, low: int, high: int, path: Path, column: str
 
 
 # ---------------------------------------------------------------------------------------------
-# building the processed directory (its format and reading it back: src/mmctr/processed.py)
+# building the processed directory (its format and reading it back: src/mmctr/processed_data.py)
 # ---------------------------------------------------------------------------------------------
 
 def _new_array(folder: Path, name: str, dtype, shape) -> np.ndarray:
