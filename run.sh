@@ -130,65 +130,55 @@ writable "$SUBMISSIONS" --submissions
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
-stage() { echo; echo "=== $* ($(( $(date +%s) - start )) s)"; }
-
-stage "setup"
+echo; echo "=== setup (0 s)"
 # installs only what is missing or outside its range in requirements.txt (an installed torch inside
 # it is never replaced), at the versions of requirements-lock.txt, and says what in one line
 "$PY" tools/check_requirements.py --install
 
 RAW=${DATA:-$DATA_ROOT/$PRESET}
 WORK=$DATA_ROOT/work/$(basename "$RAW")
-if [ -z "$DATA" ] && [ ! -f "$RAW/item_info.parquet" ]; then
-  stage "generate synthetic '$PRESET' data into $RAW"
-  "$PY" src/make_synthetic.py --preset "$PRESET" --out "$RAW" --seed 20242025
-fi
-
 if [ -z "$FOLDS" ]; then
   case "$DATA:$PRESET" in :tiny|:demo) FOLDS=3 ;; *) FOLDS=5 ;; esac
 fi
 DATA_SETS=(--set "data.raw_dir=$RAW" --set "data.work_dir=$WORK" --set "data.n_folds=$FOLDS")
 
-stage "preprocess $RAW"
-"$PY" src/preprocess.py --config configs/data.yaml "${DATA_SETS[@]}"
-
+# The stages run as `python src/stages.py :: STAGE ARGS :: STAGE ARGS ...`: each exactly as
+# `python src/STAGE.py ARGS`, all in one Python process (a dozen starts of Python and torch cost
+# a minute on two cores), which prints a "=== STAGE" line before each
+# on the CPU, one one-thread worker per core trains the folds of every model first (stages.py says
+# why); training on a GPU is left as it is
+WORKERS=$(nproc 2>/dev/null || echo 1)
+STAGES=("$PY" src/stages.py --started "$start" --fold-workers "$WORKERS")
+BEFORE_CHOICE=()
+if [ -z "$DATA" ] && [ ! -f "$RAW/item_info.parquet" ]; then
+  BEFORE_CHOICE+=(:: make_synthetic --preset "$PRESET" --out "$RAW" --seed 20242025)
+fi
+BEFORE_CHOICE+=(:: preprocess --config configs/data.yaml "${DATA_SETS[@]}")
 RUNS=()
 for model in "${MODEL_LIST[@]}"; do
-  stage "train $model"
-  "$PY" src/train.py --config "configs/$model.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" \
-    "${DEVICE_ARGS[@]}"
+  BEFORE_CHOICE+=(:: train --config "configs/$model.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" "${DEVICE_ARGS[@]}")
   if [ -n "$REFIT" ]; then
-    stage "refit $model"
-    "$PY" src/train.py --config "configs/$model.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" \
-      "${DEVICE_ARGS[@]}" --refit
+    BEFORE_CHOICE+=(:: train --config "configs/$model.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" "${DEVICE_ARGS[@]}" --refit)
   fi
   RUNS+=("$model")   # by convention run.name equals the config's file name (tests/test_configs.py)
 done
 RUN_LIST=$(IFS=','; echo "${RUNS[*]}")
+"${STAGES[@]}" "${BEFORE_CHOICE[@]}"
 
 BLEND_SETS=("${DATA_SETS[@]}" --set "blend.runs=[${RUN_LIST}]" --set "blend.submission.name=$NAME"
             --set "blend.submission.dir=$SUBMISSIONS" --set "blend.test_from=$TEST_FROM"
             --set "single.run=$SINGLE")
 
 # the prize-eligible submission is one network: the refit of the chosen run (with --refit every
-# model's refit is trained already)
+# model's refit is trained already); the blend is the leaderboard probe. Both write, validate and
+# score (on the synthetic test labels) their submission.
 BEST=$("$PY" src/single.py --config configs/blend.yaml "${BLEND_SETS[@]}" --choose)
+AFTER_CHOICE=()
 if [ -z "$REFIT" ]; then
-  stage "refit $BEST: the single network of the prize-eligible submission"
-  "$PY" src/train.py --config "configs/$BEST.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" \
-    "${DEVICE_ARGS[@]}" --refit
+  AFTER_CHOICE+=(:: train --config "configs/$BEST.yaml" "${DATA_SETS[@]}" "${TRAIN_SETS[@]}" "${DEVICE_ARGS[@]}" --refit)
 fi
-
-stage "blend ${RUN_LIST}: the leaderboard probe"
-"$PY" src/blend.py --config configs/blend.yaml "${BLEND_SETS[@]}"
-stage "score $SUBMISSIONS/$NAME-blend.zip"
-"$PY" src/score.py "$SUBMISSIONS/$NAME-blend.zip" --config configs/blend.yaml "${BLEND_SETS[@]}"
-
-stage "single network $BEST: the prize-eligible submission"
-"$PY" src/single.py --config configs/blend.yaml "${BLEND_SETS[@]}"
-stage "score $SUBMISSIONS/$NAME-single-$BEST.zip"
-"$PY" src/score.py "$SUBMISSIONS/$NAME-single-$BEST.zip" --config configs/blend.yaml "${BLEND_SETS[@]}"
-
-stage "summary"
-"$PY" src/summary.py --config configs/blend.yaml "${BLEND_SETS[@]}"
+AFTER_CHOICE+=(:: blend --config configs/blend.yaml "${BLEND_SETS[@]}"
+               :: single --config configs/blend.yaml "${BLEND_SETS[@]}"
+               :: summary --config configs/blend.yaml "${BLEND_SETS[@]}")
+"${STAGES[@]}" "${AFTER_CHOICE[@]}"
 echo "done in $(( $(date +%s) - start )) s: $SUBMISSIONS/$NAME-blend.zip (leaderboard probe), $SUBMISSIONS/$NAME-single-$BEST.zip (prize-eligible)"

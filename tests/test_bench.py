@@ -134,3 +134,88 @@ def test_unknown_compare_key_is_a_user_error(tiny_cfg):
 ])
 def test_datasheet_peaks(name, dtype, peak):
     assert bench.datasheet_peak_tflops(name, dtype) == peak
+
+
+def test_profile_writes_one_file_with_each_configs_step(tiny_cfg, tiny_processed, tmp_path):
+    """--profile on a CPU: one JSON file, one entry per config (after its measurements), with the
+    step time, the leaf aten ops per step as the CPU's launches (labelled so), no GPU idle time, and
+    the top ops by self time whose figures add up. stdout keeps its train and predict lines only."""
+    path = tmp_path / "out" / "profile.json"
+    lines = bench_records("--config", "configs/qin_small.yaml", "--config", "configs/dcnv2_tf_small.yaml",
+                          *tiny_data_args(tiny_cfg), "--device", "cpu", "--set", "train.batch_size=256",
+                          "--set", "train.eval_batch_size=600", "--steps", "2", "--warmup", "1",
+                          "--profile", str(path), "--profile-steps", "2")
+    assert [line["measure"] for line in lines] == ["train", "predict"] * 2
+    profile = json.loads(path.read_text())
+    assert profile["schema"] == 1 and profile["torch"] == bench.torch.__version__
+    assert [(c["config"], c["variant"]) for c in profile["configs"]] == [
+        ("configs/qin_small.yaml", "baseline"), ("configs/dcnv2_tf_small.yaml", "baseline")]
+    for c in profile["configs"]:
+        assert c["device"] == "cpu" and c["profiled_steps"] == 2 and c["batch_size"] == 256
+        assert c["step_ms"] > 0 and c["unprofiled_step_ms"] > 0
+        assert c["launches_what"].startswith("cpu: leaf aten ops")
+        assert 0 < c["launches_per_step"] <= c["aten_ops_per_step"]
+        assert c["gpu_idle_ms_per_step"] is None and c["gpu_busy_ms_per_step"] is None
+        # self times exclude the children: together they fit in the profiled wall time
+        assert 0 < c["cpu_self_ms_per_step"] <= 1.05 * c["step_ms"]
+        top = c["top"]
+        assert 1 <= len(top) <= bench.TOP_N
+        assert [t["total_ms"] for t in top] == sorted((t["total_ms"] for t in top), reverse=True)
+        for t in top:
+            assert t["calls"] >= 1 and t["total_ms"] > 0
+            assert t["calls_per_step"] == pytest.approx(t["calls"] / 2, rel=1e-3)
+            assert t["ms_per_step"] == pytest.approx(t["total_ms"] / 2, rel=1e-3)
+            assert t["pct_of_step"] == pytest.approx(100 * t["ms_per_step"] / c["step_ms"], rel=1e-3)
+        assert sum(t["pct_of_step"] for t in top) <= 105
+
+
+def test_gpu_idle_time_is_the_gaps_between_busy_stretches():
+    assert bench.idle_between([]) == (0.0, 0.0)
+    # overlapping and nested kernels count once; before the first and after the last is not idle
+    busy, idle = bench.idle_between([(20, 25), (0, 10), (5, 12), (6, 7), (30, 31)])
+    assert (busy, idle) == (12 + 5 + 1, 8 + 5)
+
+
+def test_profile_summary_of_cuda_events():
+    """The CUDA branch (no GPU here): kernels per step, memcpy apart, the GPU's busy and idle time
+    per step, the top kernels by GPU time, the launch calls on the CPU side."""
+    gpu = [{"name": "gemm", "kind": "kernel", "start_us": 0.0, "end_us": 30.0},
+           {"name": "gemm", "kind": "kernel", "start_us": 40.0, "end_us": 70.0},
+           {"name": "elementwise", "kind": "kernel", "start_us": 75.0, "end_us": 80.0},
+           {"name": "Memcpy HtoD", "kind": "gpu_memcpy", "start_us": 100.0, "end_us": 110.0}]
+    cpu = [{"name": "cudaLaunchKernel", "self_us": 5.0, "aten": False, "leaf": True}] * 3 + [
+        {"name": "aten::mm", "self_us": 20.0, "aten": True, "leaf": False}]
+    got = bench.profile_summary({"cpu": cpu, "gpu": gpu}, steps=2, wall_s=0.0002, device_type="cuda")
+    assert got["step_ms"] == pytest.approx(0.1)
+    assert got["launches_per_step"] == 1.5 and got["memcpy_memset_per_step"] == 0.5
+    assert got["launch_calls_per_step"] == 1.5 and got["launches_what"].startswith("cuda: kernels")
+    assert got["gpu_busy_ms_per_step"] == pytest.approx(75 / 1000 / 2)
+    assert got["gpu_idle_ms_per_step"] == pytest.approx((10 + 5 + 20) / 1000 / 2)
+    assert [(t["name"], t["calls"], t["total_ms"]) for t in got["top"]] == [
+        ("gemm", 2, 0.06), ("Memcpy HtoD", 1, 0.01), ("elementwise", 1, 0.005)]
+    assert got["top"][0]["pct_of_step"] == pytest.approx(100 * 0.03 / 0.1)
+    assert got["top_cpu_ops"][0]["name"] == "aten::mm"
+
+
+def test_cuda_graphs_variant_on_a_cpu_runs_the_plain_loop_or_its_rehearsal(tiny_cfg, tiny_processed):
+    """train.cuda_graphs is not in configs/train.yaml, yet --compare reaches it (bench completes the
+    train section with its defaults). On a CPU it is the plain loop, and the line says why; with
+    --rehearse-cuda-graphs fit's graph path runs (warm-up, then replays of the captured function);
+    --same-function puts the baseline's rerun (the noise) and the variant beside the baseline."""
+    args = ["--config", "configs/qin_small.yaml", *tiny_data_args(tiny_cfg), "--device", "cpu",
+            "--set", "train.batch_size=256", "--set", "train.eval_batch_size=600", "--steps", "2",
+            "--warmup", "4", "--predict-rows", "100", "--compare", "train.cuda_graphs=true"]
+    plain = bench_records(*args)
+    assert plain[0]["cuda_graphs"] is None
+    assert plain[2]["cuda_graphs"] == {"mode": "off", "why": "CUDA only: the plain eager loop ran"}
+    rehearsed = bench_records(*args, "--rehearse-cuda-graphs", "--same-function")
+    assert [(line["measure"], line["variant"]) for line in rehearsed[:2]] == [
+        ("same_function", "baseline (rerun)"), ("same_function", "train.cuda_graphs=true")]
+    for line in rehearsed[:2]:
+        assert line["steps"] == bench.SAME_FUNCTION_STEPS and line["loss_rel_diff"] == 0
+        assert line["grad_rel_diff"] == 0
+    assert rehearsed[0]["update_rel_diff"] == 0  # a CPU is deterministic
+    # 4 warm-up steps and 2 timed ones: 3 eager, the capture, and the others replayed
+    assert rehearsed[4]["cuda_graphs"] == {"mode": "rehearse", "graphs": [256], "replays": 3, "eager_steps": 3,
+                                           "failed": None}
+    assert bench.fit.CPU_GRAPHS == "eager"  # the rehearsal ends with the run

@@ -60,7 +60,7 @@ def test_concurrent_appends_keep_every_row_whole_and_once(tmp_path):
 
 def train_main(monkeypatch, cfg: dict, run_name: str, *extra: str) -> None:
     """src/train.py's command line, in process, on the tiny data."""
-    sets = [*TINY, "train.max_epochs=1", f"run.name={run_name}", *(f"data.{key}={value}" for key, value in cfg["data"].items())]
+    sets = [*TINY, "train.max_epochs=1", f"run.name={run_name}", *(f"data.{key}={'null' if value is None else value}" for key, value in cfg["data"].items())]
     argv = ["train.py", "--config", str(common.CONFIG_DIR / f"{FASTEST}.yaml"), "--device", "cpu", *extra]
     monkeypatch.setattr(sys, "argv", argv + [arg for s in sets for arg in ("--set", s)])
     train.main()

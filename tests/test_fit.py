@@ -1,8 +1,10 @@
 """fit.py and the notebook kit: in-memory training, the same numbers as the stored reference run,
 imports limited to torch and numpy, and the notebook run from an empty folder."""
 import ast
+import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import os
 import shutil
@@ -14,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
 from mmctr import common
 from mmctr.models import fit
@@ -36,7 +39,7 @@ def test_kit_imports_only_torch_numpy_and_itself():
     """The folder src/mmctr/models/ works copied beside a notebook: its files import one another
     relatively and nothing of the repo's stages, no YAML, no pandas."""
     kit_modules = {path.stem for path in KIT.glob("*.py")}
-    allowed = {"torch", "numpy", "math", "functools", "contextlib", "time", "dataclasses", "typing"}
+    allowed = {"torch", "numpy", "math", "functools", "contextlib", "time", "dataclasses", "typing", "warnings"}
     for path in KIT.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:  # from .layers import ... / from . import fit
@@ -343,6 +346,164 @@ def test_fit_rejects_an_unknown_monitor_and_reports_divergence(memory_data):
     with pytest.raises(FloatingPointError, match="non-finite"):
         fit.fit(model, data, torch.arange(100), {"valid": ("valid", torch.arange(50))},
             FitSettings(batch_size=100, max_epochs=1, grad_clip=1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# speed options (docs/BENCHMARKS.md, "The speed options"): the default step's function, measured
+# ---------------------------------------------------------------------------------------------
+
+# bench.same_function: from the same weights, buffers and Adam state at every step and with the same
+# dropout masks, the variant's loss, clipped gradients and update against the default step's (the
+# largest difference relative to the largest value over all parameters). Measured on this CPU (tiny
+# data, the five small configs, batch 256 and 1024, 8 steps): loss and gradients equal bit for bit
+# for every option (nothing an option changes runs before Adam's step); the update: foreach_l2 and
+# adam_impl=foreach bit for bit, cuda_graphs (its graph path rehearsed: Adam reads a float32 tensor
+# lr) and adam_impl=fused up to 5.96e-5 of the largest update, i.e. one float32 ulp of a weight
+# near 1 when the update is lr = 2e-3. The tolerance is 4 such ulps. A different step is caught by
+# the loss and gradients: train.loss=logits differs there by 1e-7 to 0.35 (and by 2.9e-4 to 1.2 in
+# the update).
+SAME_STEP_UPDATE_TOL = 2.5e-4
+SAME_STEP_EXACT = ("train.foreach_l2=true", "train.adam_impl=foreach")
+SAME_STEP_CASES = ([(model, "train.cuda_graphs=true") for model in FUNCTION_CONFIGS]
+                   + [("qin_small", option) for option in (*SAME_STEP_EXACT, "train.adam_impl=fused")])
+
+
+def same_step(processed, model_name: str, option: str) -> dict:
+    import bench  # tools/: the check the device script runs on CUDA too
+    arrays, manifest = processed_data.load_processed(processed)
+    cpu = torch.device("cpu")
+    base = bench.with_train_defaults(common.load_config(common.CONFIG_DIR / f"{model_name}.yaml",
+                                                        ["train.batch_size=256"]))
+    variant = copy.deepcopy(base)
+    common.apply_override(variant, option)
+    return bench.same_function(base, variant, train.load_to_device(arrays, cpu),
+                               train.item_tables(arrays, manifest, cpu), cpu)
+
+
+@pytest.mark.parametrize("model_name, option", SAME_STEP_CASES)
+def test_speed_options_take_the_default_step(tiny_processed, monkeypatch, model_name, option):
+    monkeypatch.setattr(fit, "CPU_GRAPHS", "rehearse")  # cuda_graphs: its graph path, on the CPU
+    got = same_step(tiny_processed, model_name, option)
+    assert got["loss_rel_diff"] == 0 and got["grad_rel_diff"] == 0, got
+    assert got["update_rel_diff"] <= (0 if option in SAME_STEP_EXACT else SAME_STEP_UPDATE_TOL), got
+    if option == "train.cuda_graphs=true":  # 3 eager warm-up steps, then 1 capture and 3 replays
+        assert got["cuda_graphs"] == {"mode": "rehearse", "graphs": [256], "replays": 3, "eager_steps": 3,
+                                      "failed": None}
+
+
+def test_same_step_check_tells_another_step(tiny_processed):
+    got = same_step(tiny_processed, "dcnv2_tf_small", "train.loss=logits")
+    assert got["loss_rel_diff"] > 0 and got["grad_rel_diff"] > 0 and got["update_rel_diff"] > SAME_STEP_UPDATE_TOL
+
+
+def test_cuda_graphs_on_a_cpu_is_the_plain_step(memory_data):
+    """Without the rehearsal, train.cuda_graphs on a CPU changes nothing: Adam as today (a float lr,
+    the for-loop), no graph runner, the same weights bit for bit after an epoch."""
+    _, tables, data = memory_data
+    states = []
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = QIN(tables, emb_dim=8, qnn_layers=1, qnn_m=1)
+        settings = FitSettings(batch_size=300, cuda_graphs=graphs)
+        loss_fn, _, optimizer, autocast = fit.make_step_parts(model, settings)
+        assert optimizer.defaults["lr"] == settings.lr and not optimizer.defaults["capturable"]
+        assert not optimizer.defaults["fused"] and optimizer.defaults["foreach"] is None
+        torch.manual_seed(1)
+        fit.train_one_epoch(model, loss_fn, optimizer, data["train"], torch.arange(1500),
+                            torch.Generator().manual_seed(2), settings, autocast)
+        assert fit.graph_status(optimizer) is None
+        states.append(model.state_dict())
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+
+
+def test_rehearsed_graphs_replay_epochs_and_read_the_lr_from_its_tensor(memory_data, monkeypatch):
+    """The graph path over two epochs of fit's loop: 300-row batches of 2,396 rows are 4 x 300 and
+    4 x 299 rows (two sizes), each captured after its warm-up and replayed from then on; fit's decay
+    (set_lr) fills Adam's lr tensor in place, the memory a captured step reads; lr 0 stops the
+    training. The losses track the plain loop's (a float lr) to float rounding."""
+    monkeypatch.setattr(fit, "CPU_GRAPHS", "rehearse")
+    _, tables, data = memory_data
+    losses = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = QIN(tables, emb_dim=8, qnn_layers=1, qnn_m=1)
+        settings = FitSettings(batch_size=300, cuda_graphs=graphs)
+        loss_fn, _, optimizer, autocast = fit.make_step_parts(model, settings)
+        lr = optimizer.param_groups[0]["lr"]
+        assert isinstance(lr, torch.Tensor) == graphs
+        shuffle = torch.Generator().manual_seed(2)
+        torch.manual_seed(1)
+        epoch = functools.partial(fit.train_one_epoch, model, loss_fn, optimizer, data["train"], torch.arange(2396),
+                                  shuffle, settings, autocast)
+        losses[graphs] = [epoch()[0]]
+        fit.set_lr(optimizer, settings.lr * settings.lr_decay)
+        losses[graphs].append(epoch()[0])
+        if graphs:
+            assert all(g["lr"] is lr for g in optimizer.param_groups) and float(lr) == pytest.approx(1e-3)
+            # per size: 3 eager steps, then a capture and every later batch replayed
+            assert fit.graph_status(optimizer) == {"mode": "rehearse", "graphs": [299, 300], "replays": 10,
+                                                   "eager_steps": 6, "failed": None}
+            fit.set_lr(optimizer, 0.0)
+            before = [p.detach().clone() for p in model.parameters()]
+            epoch()
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # measured: the float32 lr tensor against the float moves the second epoch's mean loss by 1.3e-8
+    # to 3.1e-8 relative on one thread, 3.2e-6 on two threads sharing a busy machine; 6x that
+    np.testing.assert_allclose(losses[True], losses[False], rtol=2e-5)
+
+
+class _FailingCapture:
+    side_stream = staticmethod(contextlib.nullcontext)
+
+    @staticmethod
+    def capture(fn):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+
+def test_graphed_steps_warm_up_capture_replay_and_fall_back():
+    """GraphedSteps' bookkeeping with a stand-in step: WARMUP_STEPS eager calls per batch size on
+    the batch itself, then the captured function runs on a static buffer holding the batch; a third
+    size runs eagerly; a capture that fails warns once and leaves every step eager."""
+    calls = []
+
+    def step(rows):
+        calls.append(rows)
+        return rows.sum()
+
+    runner = fit.GraphedSteps(step, "rehearse", torch.device("cpu"), key=())
+    batches = [torch.arange(i, i + n) for i, n in enumerate([5] * 5 + [4] * 5 + [3] * 2)]
+    results = [runner(b) for b in batches]
+    assert [int(r) for r in results] == [int(b.sum()) for b in batches]
+    assert all(calls[i] is batches[i] for i in (0, 1, 2, 5, 6, 7, 10, 11))  # eager: the batch itself
+    static = {n: runner.graphs[n][0] for n in (5, 4)}
+    assert [calls[i] is static[5] for i in (3, 4)] == [True, True]
+    assert [calls[i] is static[4] for i in (8, 9)] == [True, True]
+    assert runner.status() == {"mode": "rehearse", "graphs": [4, 5], "replays": 4, "eager_steps": 8, "failed": None}
+
+    runner = fit.GraphedSteps(step, "rehearse", torch.device("cpu"), key=())
+    runner.backend = _FailingCapture()
+    with pytest.warns(RuntimeWarning, match="capturing the training step failed"):
+        results = [runner(b) for b in batches[:5]]
+    assert [int(r) for r in results] == [int(b.sum()) for b in batches[:5]]
+    assert runner.status() == {"mode": "rehearse", "graphs": [], "replays": 0, "eager_steps": 5,
+                               "failed": "RuntimeError: CUDA error: operation not permitted when stream is capturing"}
+
+
+def test_foreach_l2_adds_the_same_gradient_bit_for_bit():
+    """The foreach form of the embedding L2's gradient: grad += emb_l2 * W over the embedding group,
+    a missing gradient (a table the batch did not reach) starting from zeros, as the loop's."""
+    grads = {}
+    for foreach in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(50, 8), nn.Embedding(20, 8), nn.Linear(8, 1))
+        optimizer = fit.make_optimizer(model, FitSettings())
+        model[0].weight.grad = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+        fit.add_embedding_l2_gradient(optimizer, 3e-4, foreach=foreach)
+        grads[foreach] = [model[0].weight.grad, model[1].weight.grad]
+        assert model[2].weight.grad is None  # not the embedding module
+    assert all(torch.equal(a, b) for a, b in zip(grads[False], grads[True]))
+    assert torch.equal(grads[True][1], torch.zeros(20, 8).add_(model[1].weight.detach(), alpha=3e-4))
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""tools/gpu_check.sh: its CPU rehearsal (tiny and demo presets, *_small configs, compile on, one
-step killed at its limit) end to end, so the GPU check cannot rot between the rare GPU slots; plus
+"""tools/gpu_check.sh: its CPU rehearsal (the tiny preset, *_small configs, compile on, one step
+killed at its limit) end to end, so the GPU check cannot rot between the rare GPU slots; plus
 the projection's arithmetic, the GPU-only report parts, and the rule that the check imports nothing
 from the repository (the GPU image has no lightgbm).
 
@@ -18,6 +18,7 @@ import pytest
 
 import gpu_check
 import gpu_check_steps
+import gpu_speed
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ["qin", "dcnv2_tf", "din_tf", "transformer_dcn", "simqin"]
@@ -53,8 +54,9 @@ def test_rehearsal_runs_every_step_in_order_and_names_the_killed_one(cpu_run):
     status = {s["name"]: s["status"] for s in report["steps"]}
     assert status.pop(KILLED) == "timeout" and set(status.values()) == {"ok"}, status
     names = [s["name"] for s in report["steps"]]
-    # the figures first: both benches before the correctness variants
-    assert names.index("bench_eager") < names.index("bench_compiled") < names.index("train_gpucheck_qin_compile")
+    # the figures first: the benches before the correctness variants
+    assert (names.index("bench_eager") < names.index("bench_graphs") < names.index("bench_compiled")
+            < names.index("train_gpucheck_qin_compile"))
     assert {"bench_data_generate", "bench_data_preprocess", "check_data_generate", "check_data_preprocess",
             "environment"} <= set(names)
     assert all(is_finite(s["seconds"]) for s in report["steps"])
@@ -65,7 +67,7 @@ def test_rehearsal_runs_every_step_in_order_and_names_the_killed_one(cpu_run):
 def test_rehearsal_writes_at_most_eight_files_and_ends_on_the_summary_line(cpu_run):
     result, out = cpu_run
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
-    assert files == ["bench_lines.jsonl", "gpu_check.json", "gpu_check.md", "logs.tgz"]
+    assert files == ["bench_lines.jsonl", "gpu_check.json", "gpu_check.md", "logs.tgz", "profile.json"]
     assert len(files) <= gpu_check.MAX_OUT_FILES
     with tarfile.open(out / "logs.tgz") as tar:
         logged = {Path(name).name for name in tar.getnames()}
@@ -74,10 +76,13 @@ def test_rehearsal_writes_at_most_eight_files_and_ends_on_the_summary_line(cpu_r
     last = result.stdout.rstrip("\n").splitlines()[-1]
     assert last.startswith(gpu_check.SUMMARY_PREFIX)
     line = json.loads(last[len(gpu_check.SUMMARY_PREFIX):])
-    assert set(line["qin_epoch_s"]) == set(line["qin_test_predict_s"]) == {"eager", "compiled"}
+    assert set(line["qin_epoch_s"]) == set(line["qin_test_predict_s"]) == {"eager", "compiled", "graphs"}
     assert all(is_finite(v) for v in [*line["qin_epoch_s"].values(), line["run_sh_full_projected_s"]])
     assert set(line["bench"]) == {f"{c}/eager" for c in gpu_check.MODES["cpu"]["models"].values()} | {
-        "qin_small/compiled"}
+        "qin_small/compiled", "qin_small/graphs"}
+    # step ms, launches per step, GPU idle ms per step (none on a CPU) of every config's profile
+    assert set(line["profile"]) == set(gpu_check.MODES["cpu"]["models"].values())
+    assert all(step_ms > 0 and launches > 0 and idle is None for step_ms, launches, idle in line["profile"].values())
     assert line["steps_not_ok"] == [f"{KILLED}: timeout (killed at its 1 s limit)"]
     assert len(last) < 4000  # short enough for the end of a reply
 
@@ -106,11 +111,13 @@ def test_rehearsal_bench_epoch_and_projection(cpu_run):
     result, out = cpu_run
     report = report_of(cpu_run)
     data = report["data"]
-    assert data["rows"] == {"train": 150_000, "valid": 10_000, "test": 20_000}  # the demo preset
+    assert data["rows"] == {"train": 4_000, "valid": 600, "test": 600}  # the tiny preset, generated again
+    # its own copy, beside the check data: the bench data step generated and preprocessed it
+    assert not data["reused"] and Path(data["raw_dir"]).parent != Path(report["data_root"])
     assert is_finite(data["generate_seconds"]) and is_finite(data["preprocess_seconds"])
     assert [b["model"] for b in report["bench"]] == MODELS
     for bench in report["bench"]:
-        measured = ["eager", "compiled"] if bench["model"] == "qin" else ["eager"]
+        measured = ["eager", "compiled", "graphs"] if bench["model"] == "qin" else ["eager"]
         assert bench["status"] == {which: "ok" for which in measured}
         for which in measured:
             for measure in ("train", "predict"):
@@ -119,10 +126,10 @@ def test_rehearsal_bench_epoch_and_projection(cpu_run):
                             "fraction_of_peak", "peak_memory_bytes"):  # --peak-tflops matmul on a CPU
                     assert is_finite(figures[key]), (bench["model"], which, measure, key)
     epoch = report["qin_full_epoch"]
-    assert epoch["steps"] == math.ceil(150_000 / 1024)  # qin_small's batch: one whole epoch
-    for which in ("eager", "compiled"):
+    assert epoch["steps"] == math.ceil(4_000 / 1024)  # qin_small's batch: one whole epoch
+    for which in ("eager", "compiled", "graphs"):
         v = epoch["variants"][which]
-        assert v["test_predict_rows"] == 20_000 and v["train_rows_timed"] >= 150_000
+        assert v["test_predict_rows"] == 600 and v["train_rows_timed"] >= 4_000
         for key in ("train_rows_per_s", "epoch_seconds", "test_predict_seconds", "epoch_plus_predict_seconds"):
             assert is_finite(v[key]), key
     projection = report["projection"]
@@ -133,19 +140,31 @@ def test_rehearsal_bench_epoch_and_projection(cpu_run):
     lines = (out / "bench_lines.jsonl").read_text().splitlines()
     assert lines == report["raw_bench_lines"]
     records = [json.loads(line) for line in lines]
-    # one eager process for the four configs (data loaded once), then QIN compiled
+    # one eager process for the configs (data loaded once), then QIN with CUDA graphs, then compiled
     assert [(r["measure"], r["config"], r["compile"]) for r in records] == [
         (m, f"configs/{c}.yaml", False) for c in gpu_check.MODES["cpu"]["models"].values()
-        for m in ("train", "predict")] + [("train", "configs/qin_small.yaml", True),
-                                          ("predict", "configs/qin_small.yaml", True)]
+        for m in ("train", "predict")] + [(m, "configs/qin_small.yaml", compiled) for compiled in (False, True)
+                                          for m in ("train", "predict")]
+    # the CUDA-graph step's path, rehearsed on the CPU: warm-up, then the epoch replayed
+    graphs = records[-4]["cuda_graphs"]
+    assert graphs["mode"] == "rehearse" and graphs["graphs"] == [1024] and graphs["failed"] is None
+    # 1 warm-up + 4 epoch steps: fit's 3 eager steps, then the capture replayed for the rest
+    assert graphs["replays"] == 1 + 4 - 3 and records[0]["cuda_graphs"] is None
     md = (out / "gpu_check.md").read_text()
     assert md.startswith("### GPU check")
-    for heading in ("#### Targets", "#### 1. The demo preset", "#### 2. One QIN epoch", "#### 3. Projected",
-                    "#### 4. Correctness"):
+    for heading in ("#### Targets", "#### 1. The tiny preset", "#### 2. One QIN epoch", "#### 3. Projected",
+                    "#### 4. Correctness", "#### 5. Profile of one training step"):
         assert heading in md, heading
     fenced = md.split("```\n", 1)[1].split("\n```", 1)[0].splitlines()
     assert fenced == lines
-    assert "| qin_small compiled / eager |" in md
+    assert "| qin_small compiled / eager |" in md and "| qin_small graphs / eager |" in md
+    profile = json.loads((out / "profile.json").read_text())
+    assert [c["config"] for c in profile["configs"]] == [
+        f"configs/{c}.yaml" for c in gpu_check.MODES["cpu"]["models"].values()]
+    assert [c["config"] for c in report["profile"]["configs"]] == [c["config"] for c in profile["configs"]]
+    for c in profile["configs"]:
+        assert c["profiled_steps"] == gpu_check.MODES["cpu"]["profile_steps"] and c["step_ms"] > 0
+        assert c["launches_per_step"] > 0 and c["gpu_idle_ms_per_step"] is None and c["top"]
 
 
 def test_projection_arithmetic():
@@ -168,17 +187,20 @@ def test_projection_arithmetic():
 
 
 def test_imports_only_the_plumbing_of_the_repository():
-    """The GPU image has no lightgbm, and the stages' internals change: the check goes through
-    their command lines; of the package it takes only mmctr.common's config loader and first_line."""
+    """The GPU image has no lightgbm, and the stages' internals change: the checks go through
+    their command lines; of the package they take only mmctr.common's config loader and first_line."""
     allowed = {"__future__", "argparse", "datetime", "io", "json", "math", "os", "platform", "re", "shlex",
-               "shutil", "signal", "subprocess", "sys", "tarfile", "threading", "time", "traceback", "pathlib",
-               "yaml", "numpy", "pandas", "gpu_check_runner", "gpu_check_steps", "gpu_check_report"}
-    for path in sorted((REPO / "tools" / "verify").glob("gpu_check*.py")):
+               "shutil", "signal", "statistics", "subprocess", "sys", "tarfile", "threading", "time", "traceback",
+               "pathlib", "yaml", "numpy", "pandas", "gpu_check", "gpu_check_runner", "gpu_check_steps",
+               "gpu_check_report"}
+    paths = sorted((REPO / "tools" / "verify").glob("gpu_check*.py")) + [REPO / "tools" / "verify" / "gpu_speed.py"]
+    for path in paths:
         tree = ast.parse(path.read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert {name.split(".")[0] for name in imported if name != "mmctr.common"} <= allowed, (path.name, imported)
-    assert "pip" not in (REPO / "tools" / "gpu_check.sh").read_text().replace("pipefail", "")
+    for script in ("gpu_check.sh", "gpu_speed.sh"):
+        assert "pip" not in (REPO / "tools" / script).read_text().replace("pipefail", "")
 
 
 def fake_bench_line(measure: str, compiled: bool, rows: int, seconds: float, config: str) -> dict:
@@ -255,3 +277,146 @@ def test_step_limit_argument():
     for bad in ("bench_eager", "=3", "x=0", "x=y"):
         with pytest.raises(SystemExit):
             gpu_check.parse_args(["--step-limit", bad])
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/gpu_speed.sh: the prepared speed check of issue 31
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def speed_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gpu_speed")
+    out = tmp / "out"
+    result = subprocess.run(["bash", "tools/gpu_speed.sh", "--cpu", "--out", str(out), "--data-root", str(tmp / "data")],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    return result, out
+
+
+@pytest.mark.slow
+def test_speed_rehearsal_measures_every_option_and_returns_five_files(speed_run):
+    """gpu_speed.sh --cpu: every step of the GPU mode on the tiny preset (the CUDA-graph path
+    rehearsed), five files back, the summary on the last line."""
+    result, out = speed_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["bench_lines.jsonl", "gpu_speed.json", "gpu_speed.md", "logs.tgz", "profile.json"]
+    assert len(files) <= gpu_speed.MAX_OUT_FILES
+    report = json.loads((out / "gpu_speed.json").read_text())
+    assert report["complete"] and report["all_steps_ok"] and report["same_function_ok"]
+    assert [s["name"] for s in report["steps"]] == [
+        "environment", "check_data_generate", "check_data_preprocess", "same_function",
+        *[f"speed_{m}" for m in gpu_speed.MODES["cpu"]["configs"]]]
+    # same function: a rerun and each option per config, loss and gradients bit for bit on a CPU
+    pairs = {(r["config"], r["variant"]): r for r in report["same_function"]}
+    configs = [f"configs/{c}.yaml" for c, _ in gpu_speed.MODES["cpu"]["configs"].values()]
+    assert set(pairs) == {(c, v) for c in configs for v in ["baseline (rerun)", *gpu_speed.OPTIONS]}
+    for (config, variant), r in pairs.items():
+        assert r["loss_rel_diff"] == 0 and r["grad_rel_diff"] == 0, (config, variant)
+        assert variant == "baseline (rerun)" or r["passed"]
+    for config in configs:
+        assert pairs[(config, "train.cuda_graphs=true")]["cuda_graphs"]["mode"] == "rehearse"
+    # speed: every config, the default step and each option, the repeats' medians
+    assert list(report["speed"]) == list(gpu_speed.MODES["cpu"]["configs"])
+    for model, s in report["speed"].items():
+        expected = ["baseline", *gpu_speed.OPTIONS] + (gpu_speed.MODES["cpu"]["qin_options"] if model == "qin" else [])
+        assert s["status"] == "ok" and list(s["variants"]) == expected
+        for label, v in s["variants"].items():
+            assert v["repeats"] == 2 and v["train_rows_per_s"] > 0 and v["predict_seconds"] > 0
+            assert label == "baseline" or v["train_ratio"] > 0
+        graphs = s["variants"]["train.cuda_graphs=true"]["cuda_graphs"]
+        assert graphs["mode"] == "rehearse" and graphs["replays"] >= 1 and graphs["failed"] is None
+    assert report["speed"]["qin"]["variants"]["baseline"]["predict_rows"] == 600  # the whole tiny test split
+    assert [t["pass"] is not None for t in report["targets"]] == [True] * len(report["targets"])
+    profile = json.loads((out / "profile.json").read_text())
+    assert [(c["config"], c["variant"]) for c in profile["configs"]] == [
+        (c, v) for c in configs for v in gpu_speed.PROFILED]
+    md = (out / "gpu_speed.md").read_text()
+    for heading in ("#### Targets of issue 31", "#### Train and predict rows/s", "#### Same function",
+                    "#### Profile of one training step", "#### Steps"):
+        assert heading in md, heading
+    last = result.stdout.rstrip("\n").splitlines()[-1]
+    assert last.startswith(gpu_speed.SUMMARY_PREFIX) and len(last) < 4000
+    line = json.loads(last[len(gpu_speed.SUMMARY_PREFIX):])
+    assert set(line["train_rows_s_and_ratios"]) == set(gpu_speed.MODES["cpu"]["configs"])
+    assert line["steps_not_ok"] == [] and len(line["profile"]) == 10
+
+
+def test_speed_plan_fits_the_device_call():
+    """GPU mode: at most 8 minutes, every option compared with 3 repeats on every config of the
+    targets, QIN's whole test split predicted (also in one eval batch), the profile of the default
+    step and the CUDA-graph step, the checks on the demo preset while the full one is made."""
+    mode = gpu_speed.MODES["gpu"]
+    assert mode["budget"] <= 480 and all(limit <= mode["budget"] for limit in mode["limits"].values())
+    assert [c for c, _ in mode["configs"].values()] == ["qin", "din_tf", "dcnv2_tf", "simqin", "transformer_dcn_gpu"]
+    root = Path("/data")
+    checks = gpu_speed.same_function_argv(mode, "python3", root)
+    assert checks[:2] == ["python3", "tools/bench.py"] and "--same-function" in checks
+    assert checks[checks.index("--preset") + 1] == "demo" and checks[checks.index("--device") + 1] == "cuda"
+    assert [a for a in checks if a.endswith("@0")] == [f"configs/{c}.yaml@0" for c, _ in mode["configs"].values()]
+    for model in mode["configs"]:
+        argv = gpu_speed.speed_argv(mode, "python3", root, model, 3)
+        assert argv[argv.index("--preset") + 1] == "full" and argv[argv.index("--repeats") + 1] == "3"
+        compared = [argv[i + 1] for i, a in enumerate(argv) if a == "--compare"]
+        assert compared == gpu_speed.OPTIONS + (["train.eval_batch_size=393216"] if model == "qin" else [])
+        assert ("--predict-rows" in argv) == (model != "qin")  # QIN: the 379,142 test rows, timed
+        assert [argv[i + 1] for i, a in enumerate(argv) if a == "--profile-variant"] == gpu_speed.PROFILED
+        assert argv[argv.index("--profile") + 1] == f"/data/profile_{model}.json"
+    assert 393216 >= 379_142  # one eval batch holds the whole full test split
+
+
+def fake_speed_lines(config: str, rates: dict, predict_s: dict, rows: int = 379_142, graphs=None) -> list[dict]:
+    lines = []
+    for repeat in range(3):
+        for label, rate in rates.items():
+            lines.append({"measure": "train", "variant": label, "config": config, "rows_per_s": rate * (1 + repeat / 100),
+                          "cuda_graphs": graphs if label == "train.cuda_graphs=true" else None})
+            lines.append({"measure": "predict", "variant": label, "config": config, "rows_per_s": rows / predict_s[label],
+                          "seconds": predict_s[label], "rows": rows, "batch_size": 65536})
+    return lines
+
+
+def test_speed_targets_verdicts_and_summary_from_gpu_shaped_lines():
+    ok_graphs = {"mode": "capture", "graphs": [8192], "replays": 63, "eager_steps": 3, "failed": None}
+    qin = gpu_speed.speed_of(fake_speed_lines("configs/qin.yaml", {
+        "baseline": 900_000.0, "train.cuda_graphs=true": 1_600_000.0, "train.foreach_l2=true": 950_000.0,
+        "train.eval_batch_size=393216": 2_000_000.0},
+        {"baseline": 0.08, "train.cuda_graphs=true": 0.08, "train.foreach_l2=true": 0.08,
+         "train.eval_batch_size=393216": 0.06}, graphs=ok_graphs), 379_142)
+    assert qin["variants"]["baseline"]["train_rows_per_s"] == pytest.approx(909_000.0)  # the median of 3
+    assert qin["variants"]["train.cuda_graphs=true"]["train_ratio"] == pytest.approx(1_600_000 / 900_000)
+    failed = {**ok_graphs, "graphs": [], "failed": "RuntimeError: operation not permitted"}
+    din = gpu_speed.speed_of(fake_speed_lines("configs/din_tf.yaml", {
+        "baseline": 300_000.0, "train.cuda_graphs=true": 1_200_000.0, "train.foreach_l2=true": 310_000.0},
+        {"baseline": 0.3, "train.cuda_graphs=true": 0.3, "train.foreach_l2=true": 0.3}, graphs=failed), 379_142)
+    speed = {"qin": {"config": "qin", "status": "ok", **qin}, "din_tf": {"config": "din_tf", "status": "ok", **din}}
+    got = {t["target"]: (t["pass"], t.get("variant")) for t in gpu_speed.targets(speed, 379_142)}
+    assert got["qin default step >= 1,000,000 train rows/s"] == (False, None)
+    assert got["qin best option >= 1,500,000 train rows/s"] == (True, "train.cuda_graphs=true")  # not the eval batch
+    # a failed capture ran the default step: its rate is not an option's
+    assert got["din_tf best option >= 1,000,000 train rows/s"] == (False, "train.foreach_l2=true")
+    assert got["qin test prediction of 379,142 rows < 0.1 s"] == (True, "train.eval_batch_size=393216")
+    assert got["simqin: train rows/s"] == (None, None)
+
+    same = gpu_speed.judge_same_function([
+        {"config": "configs/qin.yaml", "variant": "baseline (rerun)", "loss_rel_diff": 0.0, "grad_rel_diff": 2e-4,
+         "update_rel_diff": 1e-3},
+        {"config": "configs/qin.yaml", "variant": "train.cuda_graphs=true", "loss_rel_diff": 1e-7,
+         "grad_rel_diff": 1.5e-3, "update_rel_diff": 5e-3, "cuda_graphs": ok_graphs},
+        {"config": "configs/qin.yaml", "variant": "train.foreach_l2=true", "loss_rel_diff": 1e-3,
+         "grad_rel_diff": 0.0, "update_rel_diff": 0.0}])
+    assert [r.get("passed") for r in same] == [None, True, False]  # within 10x the noise; a loss that moved
+    report = {"mode": "gpu", "command": "bash tools/gpu_speed.sh", "started_utc": "2026-12-06T00:00:00+00:00",
+              "wall_seconds": 400.0, "budget_seconds": 470, "repeats": 3, "check_preset": "demo",
+              "bench_preset": "full", "environment": {"device_name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},
+              "speed": speed, "same_function": same, "targets": gpu_speed.targets(speed, 379_142),
+              "profile": {"status": "ok", "configs": [{"config": "configs/qin.yaml", "variant": "baseline",
+                                                       "step_ms": 12.0, "launches_per_step": 900.0,
+                                                       "gpu_idle_ms_per_step": 4.0, "top3": []}]},
+              "steps": [{"name": "speed_qin", "status": "ok", "seconds": 60.0}], "raw_bench_lines": ["{}"]}
+    md = gpu_speed.markdown(report)
+    assert "### GPU speed check 2026-12-06: NVIDIA H100 80GB HBM3" in md
+    assert "| configs/qin.yaml | baseline | 12 (—) | 900 | — | — | 4 |" in md
+    line = gpu_speed.summary(report)
+    assert line["train_rows_s_and_ratios"]["qin"]["cuda_graphs=true"] == pytest.approx(1_616_000 / 909_000, rel=1e-3)
+    assert line["profile"] == {"qin/baseline": [12.0, 900.0, 4.0]} and line["qin_predict_s"] == {"65536": 0.06}
+    assert len(json.dumps(line)) < 4000

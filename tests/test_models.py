@@ -16,7 +16,8 @@ from mmctr.models import fit
 from mmctr import model_config
 from mmctr import processed_data
 from mmctr.models import layers
-from mmctr.models.layers import ASTA, DINAttention, ItemEncoder, masked_mean, masked_softmax
+from mmctr.models.layers import (ASTA, DINAttention, ItemEncoder, RMSNorm, TargetAttention, masked_mean,
+                                 masked_softmax)
 from mmctr.models.simqin import SemanticCodes, SimilarityCounts
 from mmctr.models.schema import ITEM_TABLES
 from mmctr.models.tf4ctr import TF4CTR, tf_loss
@@ -47,11 +48,15 @@ CONFIGS = {
     "din_tf_ser_wsf": {**DIN_TF, **tf("ser", "wsf")},
     "din_tf_gm_sum": {**DIN_TF, **tf("gm", "sum")},
     "din_tf_moe_vf": {**DIN_TF, **tf("moe", "vf")},
+    "din_mhta": {**DIN, "target_attention_layers": 2},  # I = 28: 4 heads of 7
+    "din_tf_mhta": {**DIN_TF, "target_attention_layers": 1, **tf("ser", "wsf")},  # simple embedder: I = 20
     "simqin": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4),
     "simqin_counts_only": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4,
                                use_user_id=False, mean_pool=False),
     "simqin_codes": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4,
                          semantic_codes=True, n_codes=6, code_levels=2),
+    "simqin_mhta": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4,
+                        target_attention_layers=2),
 }
 
 
@@ -237,6 +242,116 @@ def test_simqin_is_qin_plus_its_parts_in_parameters():
     D = 2 * E + 2 * I
     assert count(build(base)) == count(build(QIN)) - qnn(D) + qnn(D + E + I + K) + (E + I + K) + U * E + 2 * K
     assert count(build(CONFIGS["simqin_counts_only"])) == count(build(QIN)) - qnn(D) + qnn(D + K) + K + 2 * K
+
+
+def mhta_parameters(dim, n_layers):
+    """Per layer: W_q, W_v, W_o with bias, W_k without (3 (I^2 + I) + I^2), the FFN 2 (I^2 + I),
+    the two RMSNorm gains 2 I: 6 I^2 + 7 I."""
+    return n_layers * (6 * dim * dim + 7 * dim)
+
+
+def test_target_attention_parameters_by_hand_and_in_din_and_simqin():
+    count, E, I = model_config.count_parameters, 8, 2 * 8 + M
+    for dim, n_layers in ((28, 2), (12, 1), (16, 3)):
+        assert count(TargetAttention(dim, n_layers)) == mhta_parameters(dim, n_layers)
+    # DIN: the MHTA and I more inputs to the MLP's first Linear (32 wide)
+    assert count(build(CONFIGS["din_mhta"])) == count(build(DIN)) + mhta_parameters(I, 2) + I * 32
+    # SimQIN: the MHTA, and the QNN and output layer I wider
+    qnn = lambda d: count(layers.QNN(d, 2, 2))  # noqa: E731
+    D = 2 * E + 3 * I + E + 4  # levels, x_t, ASTA, mean, user, counts
+    assert count(build(CONFIGS["simqin_mhta"])) == (count(build(CONFIGS["simqin"])) + mhta_parameters(I, 2)
+                                                    - qnn(D) + qnn(D + I) + I)
+
+
+def test_target_attention_off_builds_nothing():
+    for name in ("din", "simqin"):
+        off = build({**CONFIGS[name], "target_attention_layers": 0})
+        assert off.state_dict().keys() == build(CONFIGS[name]).state_dict().keys()
+        assert not any(isinstance(m, TargetAttention) for m in off.modules())
+
+
+def mhta_inputs(b=5, length=7, dim=12, dtype=torch.double):
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(b, dim, generator=g, dtype=dtype)
+    x_b = torch.randn(b, length, dim, generator=g, dtype=dtype)
+    mask = torch.rand(b, length, generator=g) > 0.4
+    mask[0], mask[1] = False, True  # an all-padding row and a full one
+    return x_t, x_b, mask
+
+
+def test_target_attention_shape_and_padding():
+    torch.manual_seed(0)
+    mhta = TargetAttention(12, n_layers=2, n_heads=4).double().eval()
+    x_t, x_b, mask = mhta_inputs()
+    out = mhta(x_t, x_b, mask)
+    assert out.shape == (5, 12)
+    # whatever sits at the padded positions (the all-padding row's whole history too), the same output
+    other = torch.where(mask.unsqueeze(-1), x_b, 100 * torch.randn_like(x_b))
+    torch.testing.assert_close(mhta(x_t, other, mask), out, rtol=0, atol=1e-12)
+
+
+def test_target_attention_of_an_all_padding_row_is_finite_in_forward_and_backward():
+    torch.manual_seed(0)
+    mhta = TargetAttention(12, n_layers=2, n_heads=4).train()
+    x_t, x_b, mask = mhta_inputs(dtype=torch.float32)
+    mask[:] = False  # no history in the whole batch
+    x_t.requires_grad_(), x_b.requires_grad_()
+    out = mhta(x_t, x_b, mask)
+    out.square().sum().backward()
+    assert torch.isfinite(out).all()
+    for name, p in [*mhta.named_parameters(), ("x_t", x_t), ("x_b", x_b)]:
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    assert not x_b.grad.any()  # nothing reads a padded position
+    # under bfloat16 autocast too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(mhta(x_t.bfloat16(), x_b.bfloat16(), mask)).all()
+
+
+def test_gradients_reach_every_target_attention_parameter():
+    torch.manual_seed(0)
+    mhta = TargetAttention(12, n_layers=2, n_heads=4).train()
+    x_t, x_b, mask = mhta_inputs(dtype=torch.float32)
+    mhta(x_t, x_b, mask).square().sum().backward()
+    for name, p in mhta.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0 and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_fast_target_attention_equals_its_literal_form(train):
+    """The fast form (no projection of the history items) and the literal one, dropout masks and
+    all: the same function and gradients."""
+    torch.manual_seed(0)
+    fast = TargetAttention(12, n_layers=2, n_heads=4).double().train(train)
+    literal = TargetAttention(12, n_layers=2, n_heads=4, fast=False).double().train(train)
+    literal.load_state_dict(fast.state_dict())
+    with torch.no_grad():  # biases and gains away from their zeros and ones
+        for p in fast.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    literal.load_state_dict(fast.state_dict())
+    x_t, x_b, mask = mhta_inputs()
+    out = []
+    for m in (fast, literal):
+        torch.manual_seed(1)
+        out.append(m(x_t, x_b, mask))
+        (out[-1] ** 2).sum().backward()
+    torch.testing.assert_close(out[0], out[1])
+    for (n, g_fast), g_literal in zip(grads(fast).items(), grads(literal).values()):
+        torch.testing.assert_close(g_fast, g_literal, msg=n)
+
+
+def test_target_attention_heads_must_divide_the_item_width():
+    with pytest.raises(ValueError, match=r"^target_attention_heads: 5 heads do not divide the item width 12"):
+        TargetAttention(12, n_heads=5)
+
+
+def test_rms_norm_formula():
+    norm = RMSNorm(6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 7.0))
+    x = torch.randn(3, 4, 6)
+    expected = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6) * torch.arange(1.0, 7.0)
+    torch.testing.assert_close(norm(x), expected)
+    assert norm(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_semantic_codes_are_residual_kmeans_codes_of_the_multimodal_vectors():
@@ -522,6 +637,8 @@ def test_model_loss_takes_the_loss_form(name):
     ({**QIN, "mlp_hidden": [32, "x"]}, "model.mlp_hidden"),
     ({**QIN, **tf()}, "model.tf4ctr.enabled"),
     ({**DIN, "attention_hidden": []}, "model.attention_hidden"),
+    ({**DIN, "target_attention_layers": 1, "target_attention_heads": 5}, "model.target_attention_heads"),
+    ({**DIN, "target_attention_layers": -1}, "model.target_attention_layers"),
     ({**DCN, "tf4ctr": {"enabled": True, "c": 1.5}}, "model.tf4ctr.c"),
 ])
 def test_bad_model_config_is_a_one_line_user_error(cfg, key):

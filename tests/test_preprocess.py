@@ -444,7 +444,12 @@ def test_a_failed_rebuild_leaves_the_good_folder_untouched(copy_raw, tmp_path):
     ("n_folds", 2.5, "config: data.n_folds must be an integer, got 2.5"),
     ("fold_seed", True, "config: data.fold_seed must be an integer, got True"),
     ("raw_dir", None, "config: data.raw_dir must be a string, got None"),
-    ("nfolds", 3, "config: unknown key data.nfolds (known: raw_dir, work_dir, n_folds, fold_seed, emb_dtype)"),
+    ("nfolds", 3, "config: unknown key data.nfolds (known: raw_dir, work_dir, n_folds, fold_seed, emb_dtype, "
+                  "item_emb)"),
+    ("item_emb", "item_emb_d128_v3", "config: data.item_emb must be a mapping of keys, got 'item_emb_d128_v3'"),
+    ("item_emb", {"colum": "item_emb_d128_v3"}, "config: unknown key data.item_emb.colum (known: file, column)"),
+    ("item_emb", {"file": "item_emb.parquet"}, "config: missing key data.item_emb.column (a string, no default)"),
+    ("item_emb", {"column": ""}, "config: data.item_emb.column must not be empty, got ''"),
 ])
 def test_bad_settings_are_user_errors(tiny_raw, tmp_path, key, value, message):
     cfg = make_data_cfg(tiny_raw, tmp_path / "work")
@@ -458,7 +463,7 @@ def test_bad_settings_are_user_errors(tiny_raw, tmp_path, key, value, message):
 def test_the_data_section_is_typed_with_the_defaults_in_python():
     data = processed_data.checked_data({"data": {"raw_dir": "r", "work_dir": "w", "n_folds": 4.0}})
     assert data == {"raw_dir": "r", "work_dir": "w", "n_folds": 4, "fold_seed": processed_data.DataConfig.fold_seed,
-                    "emb_dtype": "float32"}
+                    "emb_dtype": "float32", "item_emb": None}
     assert type(data["n_folds"]) is int
     with pytest.raises(common.UserError, match="config: missing key data.work_dir"):
         processed_data.checked_data({"data": {"raw_dir": "r"}})
@@ -476,6 +481,140 @@ def test_cli_reports_a_bad_input_as_one_error_line(copy_raw, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
     assert "valid.parquet: column 'label': row 3 has label 7" in lines[0]
+
+
+# --- data.item_emb: the multimodal vectors from another column (item_emb.parquet's) -----------
+
+V3 = {"file": "item_emb.parquet", "column": "item_emb_d128_v3"}
+
+
+def item_emb_cfg(raw: Path, work: Path, item_emb: dict | None = V3) -> dict:
+    cfg = make_data_cfg(raw, work)
+    cfg["data"]["item_emb"] = item_emb
+    return cfg
+
+
+def test_item_emb_replaces_the_vectors_by_item_id_and_zero_fills_missing_items(copy_raw, tmp_path, loaded):
+    """The solutions' left join (Gavin113/WWW2025_MMCTR combine_item.py): by item_id, whatever the
+    file's row order; items the file lacks get zero vectors, counted in the manifest."""
+    raw = copy_raw()
+    table = pq.read_table(raw / "item_emb.parquet")
+    kept = np.random.default_rng(0).permutation(table.num_rows)[:300]  # 99 of 399 items dropped, rows shuffled
+    pq.write_table(table.take(kept), raw / "item_emb.parquet")
+    processed = preprocess.run_preprocess(item_emb_cfg(raw, tmp_path / "work"))
+    arrays, manifest = processed_data.load_processed(processed)
+
+    ids = table["item_id"].to_numpy()[kept]
+    expected = np.zeros((N_ITEMS, 128), np.float32)
+    expected[ids] = as_matrix(table["item_emb_d128_v3"])[kept]
+    assert arrays["item_emb"].dtype == np.float32 and np.array_equal(arrays["item_emb"], expected)
+    assert not arrays["item_emb"][0].any() and not arrays["item_emb"][np.setdiff1d(np.arange(1, N_ITEMS), ids)].any()
+    reference, reference_manifest = loaded
+    for name in ("item_tags", "item_likes_level", "train_item_seq", "train_fold", "test_ID"):
+        assert np.array_equal(arrays[name], reference[name]), name  # only the vectors change
+    assert manifest["item_emb"] == V3
+    assert manifest["item_emb_source"] == {
+        "file": "item_emb.parquet", "column": "item_emb_d128_v3", "items": 300, "missing_items": 99,
+        "blake2b": processed_data.content_hash(raw / "item_emb.parquet")}
+    assert manifest["raw_files"]["item_emb"]["blake2b"] == manifest["item_emb_source"]["blake2b"]
+    assert manifest["fingerprint"] != reference_manifest["fingerprint"]
+
+
+def test_item_emb_is_a_build_setting_whose_column_and_file_content_change_the_fingerprint(copy_raw, tmp_path,
+                                                                                        capsys):
+    raw = copy_raw()
+    cfg = item_emb_cfg(raw, tmp_path / "work")
+    processed = preprocess.run_preprocess(cfg)
+    v3 = processed_data.load_processed(processed)[1]["fingerprint"]
+    assert processed_data.fingerprint(cfg) == v3
+    _, _, manifest = processed_data.load_current(cfg)  # current with the same setting
+    # every later stage must be given the setting the folder was built with, like data.n_folds
+    assert_user_error(lambda: processed_data.load_current(item_emb_cfg(raw, tmp_path / "work", None)),
+                      "built with data.item_emb={column: item_emb_d128_v3, file: item_emb.parquet}",
+                      "the config says null")
+    v1_cfg = item_emb_cfg(raw, tmp_path / "work", {"column": "item_emb_d128_v1"})  # file: the default
+    assert processed_data.checked_data(v1_cfg)["item_emb"] == {"file": "item_emb.parquet", "column": "item_emb_d128_v1"}
+    v1 = processed_data.fingerprint(v1_cfg)
+    unset = processed_data.fingerprint(item_emb_cfg(raw, tmp_path / "work", None))
+    assert len({v3, v1, unset}) == 3
+    capsys.readouterr()
+    preprocess.run_preprocess(v1_cfg)
+    assert "rebuilding" in capsys.readouterr().out
+    assert processed_data.load_processed(processed)[1]["item_emb_source"]["column"] == "item_emb_d128_v1"
+    # other content in the file: the folder no longer describes the raw files
+    edit_list(raw / "item_emb.parquet", "item_emb_d128_v1", 5, 0, 9.0, pa.float32())
+    assert_user_error(lambda: processed_data.load_current(v1_cfg), "are not those it was built from")
+    assert processed_data.fingerprint(v1_cfg) != v1
+    preprocess.run_preprocess(v1_cfg)
+    assert "rebuilding" in capsys.readouterr().out
+    assert processed_data.load_processed(processed)[0]["item_emb"][6, 0] == 9.0  # row 5 is item 6
+
+
+def test_unset_item_emb_builds_what_was_built_before_the_setting(tiny_processed, tiny_cfg, copy_raw, tmp_path, capsys):
+    """Null (the default): the fingerprint's formula, the manifest's keys and the arrays of a folder
+    built before data.item_emb existed, so it and its runs stay current; item_emb.parquet, though
+    beside the others, is not an input then."""
+    manifest = processed_data.load_processed(tiny_processed)[1]
+    assert "item_emb" not in manifest and "item_emb_source" not in manifest
+    assert sorted(manifest["raw_files"]) == ["item_feature", "item_info", "test", "train", "valid"]
+    files = {name: [r["size"], r["blake2b"]] for name, r in sorted(manifest["raw_files"].items())}
+    data = tiny_cfg["data"]
+    assert manifest["fingerprint"] == common.config_hash({
+        "format_version": processed_data.FORMAT_VERSION, "files": files,
+        "n_folds": data["n_folds"], "fold_seed": data["fold_seed"], "emb_dtype": data["emb_dtype"]})
+    assert processed_data.fingerprint({"data": {k: v for k, v in data.items() if k != "item_emb"}}) == \
+        manifest["fingerprint"]
+    raw = copy_raw()
+    cfg = make_data_cfg(raw, tmp_path / "work")
+    processed = preprocess.run_preprocess(cfg)
+    (raw / "item_emb.parquet").unlink()
+    capsys.readouterr()
+    assert preprocess.run_preprocess(cfg) == processed and "reusing" in capsys.readouterr().out
+
+
+def item_emb_of_width(width: int):
+    def corrupt(path: Path) -> None:
+        emb = as_matrix(pq.read_table(path, columns=["item_emb_d128_v3"])["item_emb_d128_v3"])
+        replace_column(path, "item_emb_d128_v3", fixed_list(emb[:, :width], pa.float32()))
+    return corrupt
+
+
+BAD_ITEM_EMB = {
+    # kind: (how to break item_emb.parquet, data.item_emb, expected message fragments)
+    "missing_file": (lambda p: p.unlink(), V3,
+                     ["item_emb.parquet: file not found", "data.item_emb.file", "relative to data.raw_dir"]),
+    "missing_column": (lambda p: None, {"column": "item_emb_d128_v9"},
+                       ["item_emb.parquet: column 'item_emb_d128_v9': missing (found: item_id, item_emb_d128_v1"]),
+    "not_float_vectors": (lambda p: None, {"column": "item_id"},
+                          ["item_emb.parquet: column 'item_id': expected a list of floats"]),
+    "float_ids": (float_ids_of("item_id"), V3, ["item_emb.parquet: column 'item_id': expected integer ids"]),
+    "duplicate_item": (lambda p: edit_ints(p, "item_id", 9, 3), V3,
+                       ["item_emb.parquet: column 'item_id': row 9 repeats item_id 3 (one row per item)"]),
+    "item_out_of_range": (lambda p: edit_ints(p, "item_id", 7, N_ITEMS), V3,
+                          ["item_emb.parquet: column 'item_id'", f"row 7 has item id {N_ITEMS}",
+                           f"expected 1..{N_ITEMS - 1}"]),
+    "padding_item": (lambda p: edit_ints(p, "item_id", 0, 0), V3,
+                     ["item_emb.parquet: column 'item_id': row 0 has item id 0", "no row for the padding item"]),
+    "wrong_width": (item_emb_of_width(64), V3,
+                    ["item_emb.parquet: column 'item_emb_d128_v3': row 0 has 64 items, expected 128"]),
+    "nan": (lambda p: edit_list(p, "item_emb_d128_v3", 12, 3, np.nan, pa.float32()), V3,
+            ["item_emb.parquet: column 'item_emb_d128_v3': row 12 contains NaN or inf"]),
+    "inf": (lambda p: edit_list(p, "item_emb_d128_v3", 4, 0, -np.inf, pa.float32()), V3,
+            ["item_emb.parquet: column 'item_emb_d128_v3': row 4 contains NaN or inf"]),
+    "null": (lambda p: replace_column(p, "item_emb_d128_v3", pa.array(
+        [None] + pq.read_table(p)["item_emb_d128_v3"].to_pylist()[1:], pa.list_(pa.float32()))), V3,
+             ["item_emb.parquet: column 'item_emb_d128_v3': row 0 is empty (null)"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_ITEM_EMB))
+def test_a_bad_item_emb_file_is_one_line_naming_file_and_column(kind, copy_raw, tmp_path):
+    corrupt, item_emb, fragments = BAD_ITEM_EMB[kind]
+    raw = copy_raw()
+    corrupt(raw / "item_emb.parquet")
+    assert_user_error(lambda: preprocess.run_preprocess(item_emb_cfg(raw, tmp_path / "work", item_emb)), *fragments)
+    work = tmp_path / "work"
+    assert not work.exists() or list(work.iterdir()) == [], "no processed or temporary folder left"
 
 
 # --- a damaged processed folder, a damaged manifest, a full or read-only disk -----------------

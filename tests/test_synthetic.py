@@ -16,7 +16,8 @@ from mmctr import make_synthetic
 from helpers import as_matrix, assert_user_error
 
 TINY = make_synthetic.PRESETS["tiny"]
-MAIN_FILES = ["train", "valid", "test", "item_info", "item_feature"]
+MAIN_FILES = ["train", "valid", "test", "item_info", "item_feature", "item_emb"]
+ITEM_EMB_COLUMNS = ["item_emb_d128_v1", "item_emb_d128_v2", "item_emb_d128_v3", "item_emb_d128_e4"]
 ORACLE_FILES = ["oracle/click_prob", "oracle/test_labels"]
 
 # Written out here, from docs/spec/competition.md, rather than taken from the generator.
@@ -30,6 +31,9 @@ EXPECTED_FIELDS = {
                   ("item_emb_d128", pa.list_(pa.float64(), 128))],
     # the level columns of the real item_feature.parquet (which also holds BERT and CLIP vectors)
     "item_feature": [("item_id", pa.int64()), ("likes_level", pa.int64()), ("views_level", pa.int64())],
+    # the real item_emb.parquet's columns (reczoo/WWW2025_MMCTR_Challenge README; docs/spec/competition.md);
+    # the element type is undocumented (float32 here, preprocess takes any float)
+    "item_emb": [("item_id", pa.int64())] + [(name, pa.list_(pa.float32(), 128)) for name in ITEM_EMB_COLUMNS],
     "oracle/click_prob": [("split", pa.string()), ("row_id", pa.int64()), ("prob", pa.float64())],
     "oracle/test_labels": [("ID", pa.int64()), ("label", pa.int64())],
 }
@@ -82,9 +86,8 @@ def test_item_table_padding_and_ids(tables):
     assert np.isfinite(emb).all() and (np.linalg.norm(emb[1:], axis=1) > 0).all()
 
 
-@pytest.mark.parametrize("split", ["train", "valid", "test"])
-def test_rows_padding_and_vocabularies(tables, split):
-    table = tables[split]
+def check_rows(table: pa.Table, split: str, n_users: int) -> None:
+    """A split's rows: left-padded histories, ids and levels in their vocabularies, test IDs 0..n-1."""
     seq = as_matrix(table["item_seq"])
     assert is_left_padded(seq)
     assert (seq[:, -1] > 0).all(), "the most recent history slot is always filled"
@@ -94,7 +97,7 @@ def test_rows_padding_and_vocabularies(tables, split):
     item = table["item_id"].to_numpy()
     assert item.min() >= 1 and item.max() < TINY.n_items
     user = table["user_id"].to_numpy()
-    assert user.min() >= 1 and user.max() <= TINY.n_users
+    assert user.min() >= 1 and user.max() <= n_users
     for level in ("likes_level", "views_level"):
         values = table[level].to_numpy()
         assert values.min() >= 0 and values.max() <= 10
@@ -103,6 +106,11 @@ def test_rows_padding_and_vocabularies(tables, split):
         assert "label" not in table.column_names
     else:
         assert set(np.unique(table["label"].to_numpy())) == {0, 1}
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_rows_padding_and_vocabularies(tables, split):
+    check_rows(tables[split], split, TINY.n_users)
 
 
 def test_item_feature_levels_are_what_the_rows_levels_jitter_around(tables):
@@ -121,6 +129,51 @@ def test_item_feature_levels_are_what_the_rows_levels_jitter_around(tables):
         for name, per_item in levels.items():
             diff = rows[name].to_numpy() - per_item[target]
             assert np.abs(diff).max() <= 1 and 0.8 < (diff == 0).mean() < 0.99, (split, name)
+
+
+def test_item_emb_has_one_row_per_real_item_and_no_padding_row(tables):
+    """As the solutions read it (a left join on item_id, or a zero row put before it): items 1..V-1."""
+    item_emb = tables["item_emb"]
+    assert np.array_equal(item_emb["item_id"].to_numpy(), np.arange(1, TINY.n_items))
+    for name in ITEM_EMB_COLUMNS:
+        vectors = as_matrix(item_emb[name])
+        assert vectors.shape == (TINY.n_items - 1, 128) and np.isfinite(vectors).all(), name
+        assert (np.linalg.norm(vectors, axis=1) > 0).all(), name
+
+
+def test_item_emb_views_carry_the_items_semantics_with_more_or_less_noise(tables):
+    """Each column is the latent semantics item_emb_d128 is made from, through its own projection and
+    noise: a linear map fitted on two thirds of the items recovers the others' semantics better from
+    v3 than from item_emb_d128, and worst from e4, so the column data.item_emb picks makes a model
+    better or worse."""
+    items = make_synthetic.make_items(TINY, np.random.default_rng([0, 0]))  # seed 0's items (tiny_raw)
+    assert np.array_equal(as_matrix(tables["item_info"]["item_emb_d128"]), items.emb)
+    semantic = items.semantic[1:].astype(np.float64)
+    fit, held_out = slice(0, 266), slice(266, None)
+
+    def held_out_r2(vectors: np.ndarray) -> float:
+        weights = np.linalg.lstsq(vectors[fit], semantic[fit], rcond=None)[0]
+        residual = semantic[held_out] - vectors[held_out] @ weights
+        return float(1 - (residual ** 2).sum() / ((semantic[held_out] - semantic[held_out].mean(0)) ** 2).sum())
+    r2 = {name: held_out_r2(as_matrix(tables["item_emb"][name]).astype(np.float64)) for name in ITEM_EMB_COLUMNS}
+    r2["item_emb_d128"] = held_out_r2(items.emb[1:])
+    order = ["item_emb_d128_v3", "item_emb_d128", "item_emb_d128_v1", "item_emb_d128_v2", "item_emb_d128_e4"]
+    assert sorted(r2, key=r2.get, reverse=True) == order, r2
+    assert r2["item_emb_d128_v3"] > 0.99 and r2["item_emb_d128_e4"] < 0.5, r2
+
+
+def test_item_emb_draws_change_no_other_file(tiny_raw, tmp_path, monkeypatch):
+    """Its generator is a stream of its own: other views (here two) leave every other file's bytes."""
+    monkeypatch.setattr(make_synthetic, "ITEM_EMB_VIEWS", {"item_emb_d128_v3": 0.05, "item_emb_d128_e4": 2.0})
+    monkeypatch.setattr(make_synthetic, "ITEM_EMB_SCHEMA", pa.schema(
+        [("item_id", pa.int64())] + [(name, pa.list_(pa.float32(), 128)) for name in ("item_emb_d128_v3",
+                                                                                      "item_emb_d128_e4")]))
+    make_synthetic.generate("tiny", tmp_path / "two_views", seed=0)
+    assert read(tmp_path / "two_views", "item_emb").column_names == ["item_id", "item_emb_d128_v3", "item_emb_d128_e4"]
+    for name in MAIN_FILES + ORACLE_FILES:
+        if name != "item_emb":
+            path = f"{name}.parquet"
+            assert (tmp_path / "two_views" / path).read_bytes() == (tiny_raw / path).read_bytes(), name
 
 
 def test_positive_rate_is_about_a_quarter(tables):
@@ -270,3 +323,117 @@ def test_make_synthetic_user_errors_write_nothing(tmp_path, args, fragments):
     assert_user_error(lambda: make_synthetic.generate(preset, tmp_path / out, seed), *fragments)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["a_file"]
     assert (tmp_path / "a_file").read_text() == "keep"
+
+
+# --- the heavy process: users with ~100 rows each and a taste that a user table can learn ---------
+
+HEAVY_USERS = 40  # tiny's 4,000 train rows / 100
+
+
+@pytest.fixture(scope="module")
+def heavy_raw(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("heavy_raw")
+    return out, make_synthetic.generate("tiny", out, seed=0, process="heavy")
+
+
+def test_the_heavy_process_has_about_100_train_rows_per_user_and_the_same_users_in_every_split(heavy_raw):
+    raw, summary = heavy_raw
+    assert summary["users"] == HEAVY_USERS == make_synthetic.process_preset(
+        TINY, make_synthetic.PROCESSES["heavy"]).n_users
+    train_users = read(raw, "train")["user_id"].to_numpy()
+    counts = np.bincount(train_users, minlength=HEAVY_USERS + 1)[1:]
+    assert len(train_users) == TINY.n_train and (counts > 0).all()
+    assert 70 <= counts.min() and counts.max() <= 130 and counts.mean() == 100, counts
+    for split in ("valid", "test"):  # so that a user table learnt on train applies to them
+        assert set(read(raw, split)["user_id"].to_numpy()) <= set(train_users), split
+    # the preset's row counts and items are the default's; only the users are fewer
+    assert (summary["splits"]["valid"]["rows"], summary["splits"]["test"]["rows"]) == (TINY.n_valid, TINY.n_test)
+
+
+def test_the_heavy_process_writes_the_competition_format(heavy_raw, tiny_raw):
+    raw, summary = heavy_raw
+    for name in MAIN_FILES + ORACLE_FILES:
+        schema = pq.read_schema(raw / f"{name}.parquet")
+        assert [(f.name, f.type) for f in schema] == EXPECTED_FIELDS[name], name
+    for name in ("item_info", "item_feature", "item_emb"):  # the same items as the other processes
+        assert (raw / f"{name}.parquet").read_bytes() == (tiny_raw / f"{name}.parquet").read_bytes(), name
+    for split in ("train", "valid", "test"):
+        table = read(raw, split)
+        check_rows(table, split, HEAVY_USERS)
+        prob = common.read_oracle_prob(raw, split)
+        assert len(prob) == table.num_rows and ((prob > 0) & (prob < 1)).all()
+        info = summary["splits"][split]
+        assert 0.18 < info["positive_rate"] < 0.32 and 0.78 < info["oracle_auc"] < 0.96, (split, info)
+    assert np.array_equal(read(raw, "oracle/test_labels")["ID"].to_numpy(), np.arange(TINY.n_test))
+
+
+def test_the_heavy_process_same_seed_gives_identical_bytes(heavy_raw, tmp_path):
+    raw, _ = heavy_raw
+    make_synthetic.generate("tiny", tmp_path / "again", seed=0, process="heavy")
+    for name in MAIN_FILES + ORACLE_FILES:
+        path = f"{name}.parquet"
+        assert (tmp_path / "again" / path).read_bytes() == (raw / path).read_bytes(), name
+
+
+def hidden_user_term(process: str, raw: Path) -> tuple[dict, np.ndarray]:
+    """Per split: (user ids, the logit's part that only the user id explains, the rest, labels), from
+    the world of seed 0 rebuilt, and the basis of the affinities (empty where there are none)."""
+    click = make_synthetic.PROCESSES[process]
+    preset = make_synthetic.process_preset(TINY, click)
+    items = make_synthetic.make_items(preset, np.random.default_rng([0, 0]), click)
+    users = make_synthetic.make_users(preset, items, np.random.default_rng([0, 1]), click)
+    assert np.array_equal(as_matrix(read(raw, "item_info")["item_emb_d128"]), items.emb)
+    basis = (np.linalg.svd(users.affinity[1:], full_matrices=False)[2][:click.user_affinity_rank]
+             if click.user_affinity_weight else np.zeros((0, make_synthetic.LATENT_DIM)))
+    splits = {}
+    for split in ("train", "valid", "test"):
+        table = read(raw, split)
+        user, target = table["user_id"].to_numpy(), table["item_id"].to_numpy()
+        term = users.bias[user].copy()
+        if click.user_affinity_weight:
+            term += click.user_affinity_weight * np.einsum("nd,nd->n", users.affinity[user],
+                                                           items.semantic[target])
+        label = common.read_test_labels(raw) if split == "test" else table["label"].to_numpy()
+        features = np.concatenate([np.ones((len(user), 1)), items.semantic[target] @ basis.T], axis=1)
+        splits[split] = user, term, logit(common.read_oracle_prob(raw, split)) - term, label, features
+    return splits, basis
+
+
+def user_table_fit(splits: dict, n_users: int) -> dict:
+    """A user table at its best: per user, a bias and (heavy) the affinity's coordinates, fitted by
+    ridge logistic regression on the train rows with everything else known (the true logit minus the
+    user's part as an offset); scored on the valid and test rows against that offset alone."""
+    user, _, offset, label, x = splits["train"]
+    theta = np.zeros((n_users + 1, x.shape[1]))
+    eye = np.eye(x.shape[1])
+    for _ in range(15):  # Newton steps, all users at once
+        prob = 1 / (1 + np.exp(-(offset + (x * theta[user]).sum(axis=1))))
+        grad = np.zeros_like(theta)
+        np.add.at(grad, user, x * (prob - label)[:, None])
+        hess = np.zeros((len(theta), x.shape[1], x.shape[1]))
+        np.add.at(hess, user, x[:, :, None] * x[:, None, :] * (prob * (1 - prob))[:, None, None])
+        theta -= np.linalg.solve(hess + eye, (grad + theta)[..., None])[..., 0]
+    held_out = [np.concatenate(parts) for parts in zip(splits["valid"], splits["test"])]
+    user, term, offset, label, x = held_out
+    fitted = (x * theta[user]).sum(axis=1)
+
+    def log_loss(z):
+        return float(np.mean(np.logaddexp(0, z) - label * z))
+    return {"term_sd": float(term.std()), "corr": float(np.corrcoef(fitted, term)[0, 1]),
+            "gain": log_loss(offset) - log_loss(offset + fitted),
+            "oracle_gain": log_loss(offset) - log_loss(offset + term)}
+
+
+def test_heavy_users_have_a_taste_that_a_user_table_learns_and_default_users_do_not(heavy_raw, tiny_raw):
+    """The part of the true logit that only the user id explains (bias + affinity) is three times as
+    spread in heavy as in default; a per-user fit on the 100 train rows of each heavy user recovers
+    it on the valid and test rows and lowers their log loss, where on default's 5 rows a user the
+    same fit of the bias recovers little and does not help."""
+    heavy_splits, basis = hidden_user_term("heavy", heavy_raw[0])
+    assert basis.shape == (make_synthetic.PROCESSES["heavy"].user_affinity_rank, make_synthetic.LATENT_DIM)
+    heavy = user_table_fit(heavy_splits, HEAVY_USERS)
+    default = user_table_fit(hidden_user_term("default", tiny_raw)[0], TINY.n_users)
+    assert heavy["term_sd"] > 0.8 and default["term_sd"] < 0.4, (heavy, default)
+    assert heavy["corr"] > 0.5 and default["corr"] < 0.45, (heavy, default)
+    assert heavy["gain"] > 0.01 and heavy["gain"] > 0.25 * heavy["oracle_gain"], heavy
+    assert default["gain"] < 0.003, default

@@ -8,6 +8,7 @@ user errors change nothing, a run killed (SIGKILL) mid-fold resumes to identical
 changed data or config is recomputed (and blend refuses the stale runs), and no fold model ever
 predicts the rows it trained on.
 """
+import copy
 import functools
 import os
 import shutil
@@ -178,6 +179,26 @@ def test_changed_config_moves_stale_outputs_aside(tiny_cfg):
     assert (aside / "fold0" / "done.json").stat().st_mtime_ns == stamp
     assert common.read_json(aside / "fingerprint.json")["config_hash"] == old_hash
 
+
+
+def test_keys_added_later_leave_the_fingerprint_while_off():
+    """A run made before data.item_emb, the target-attention keys or the speed options existed keeps
+    its fingerprint (its folds stay valid) while they are off; switched on, they change it."""
+    cfg = train.checked_config(common.load_config(common.CONFIG_DIR / "simqin_small.yaml"), "cpu")
+    manifest = {"fingerprint": "data"}
+    before = copy.deepcopy(cfg)
+    del before["data"]["item_emb"]
+    for key in ("target_attention_layers", "target_attention_heads", "target_attention_dropout"):
+        del before["model"][key]
+    for key in ("cuda_graphs", "foreach_l2", "adam_impl"):
+        del before["train"][key]
+    assert train.fingerprint_of(cfg, manifest) == train.fingerprint_of(before, manifest)
+    for section, key, value in (("data", "item_emb", {"file": "item_emb.parquet", "column": "v3"}),
+                                ("model", "target_attention_layers", 2), ("train", "cuda_graphs", True),
+                                ("train", "foreach_l2", True), ("train", "adam_impl", "fused")):
+        on = copy.deepcopy(cfg)
+        on[section][key] = value
+        assert train.fingerprint_of(on, manifest) != train.fingerprint_of(cfg, manifest)
 
 @pytest.mark.parametrize("monitor, auc_key", [("valid", "valid_auc"), ("holdout", "fold_auc")])
 def test_schedule_decays_lr_and_stops_early(tiny_cfg, monkeypatch, monitor, auc_key):
@@ -419,7 +440,7 @@ def test_cli_unknown_key_is_one_line_error():
 
 def test_refit_trains_one_model_on_every_row_beside_the_folds(tiny_cfg, processed):
     arrays, manifest = processed
-    cfg = make_cfg(tiny_cfg, FASTEST, "refit")
+    cfg = make_cfg(tiny_cfg, FASTEST, "refit", "train.refit_epochs=valid")  # as released (the demo: folds)
     run_dir = train.run_training(cfg, device="cpu")
     folds = {p.name: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
 
@@ -441,7 +462,8 @@ def test_refit_trains_one_model_on_every_row_beside_the_folds(tiny_cfg, processe
     stamp = (refit / "done.json").stat().st_mtime_ns
     train.run_training(cfg, device="cpu", refit=True)  # done: skipped
     assert (refit / "done.json").stat().st_mtime_ns == stamp
-    train.run_training(make_cfg(tiny_cfg, FASTEST, "refit", "train.lr=5e-4"), folds=[0], device="cpu")
+    train.run_training(make_cfg(tiny_cfg, FASTEST, "refit", "train.refit_epochs=valid", "train.lr=5e-4"), folds=[0],
+                       device="cpu")
     assert not refit.exists(), "another config: the refit is moved aside with the folds"
     assert [(p / "refit" / "done.json").is_file() for p in run_dir.parent.glob("refit.old-*")] == [True]
 

@@ -26,7 +26,7 @@ from mmctr import runs
 from mmctr import train
 from mmctr import tune
 from mmctr.common import UserError
-from helpers import ONE_THREAD_ENV
+from helpers import ONE_THREAD_ENV, assert_user_error
 
 SRC = common.REPO_ROOT / "src"
 SPACE = {"train.lr": {"type": "float", "low": 1.0e-3, "high": 5.0e-3, "log": True},
@@ -103,15 +103,22 @@ BAD_SPACES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_SPACES))
-def test_a_bad_space_file_is_one_line_before_any_trial(case, tiny_raw, work, tmp_path):
+def test_a_bad_space_file_is_one_line_before_any_trial(case, tiny_raw, work, tmp_path, capsys):
     keys, *fragments = BAD_SPACES[case]
-    result = run_tune(tune_file(tmp_path, tiny_raw, work, study=f"bad{abs(hash(case))}", **keys))
+    path = tune_file(tmp_path, tiny_raw, work, study=f"bad{abs(hash(case))}", **keys)
+    assert_user_error(lambda: tune.main(["--config", str(path), "--device", "cpu"]), *fragments)
+    said = capsys.readouterr()
+    assert "tune: trial" not in said.out + said.err, "no trial ran"
+
+
+def test_the_command_line_says_a_bad_space_in_one_line_and_exits_2(tiny_raw, work, tmp_path):
+    keys, *fragments = BAD_SPACES["low above high"]
+    result = run_tune(tune_file(tmp_path, tiny_raw, work, study="bad_cli", **keys))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
-    assert "tune: trial" not in result.stdout + result.stderr, "no trial ran"
 
 
 @pytest.mark.parametrize("path", sorted((common.CONFIG_DIR / "tune").glob("*.yaml")), ids=lambda p: p.name)

@@ -5,8 +5,9 @@ or more synthetic datasets, scored on the hidden test labels.
         --variant qin_small=qin_small --variant "simqin_small -counts=simqin_small,model.similarity=false" \
         --seeds 1,2,3 [--device cpu] [--set KEY=VALUE ...]
 
-Each dataset PRESET:PROCESS is generated once (make_synthetic.py --seed 20242025) into
-{data-root}/{preset}_{process} and preprocessed with configs/data.yaml. Each variant LABEL=CONFIG[,KEY=VALUE...]
+Each dataset PRESET:PROCESS (a make_synthetic.py preset and click process: default, broad, or heavy, whose users
+have ~100 train rows each and a taste a user table can learn) is generated once (make_synthetic.py --seed 20242025)
+into {data-root}/{preset}_{process} and preprocessed with configs/data.yaml. Each variant LABEL=CONFIG[,KEY=VALUE...]
 is trained by `src/train.py --config configs/CONFIG.yaml --refit` (one model on every train row, early
 stopping on the valid split, as the prize-eligible submission is made) once per seed (train.seed),
 as run LABEL-slug_sSEED. One JSON line per run goes to {data-root}/ablation.jsonl as it finishes; a
@@ -31,6 +32,7 @@ except ModuleNotFoundError:
     sys.exit(f"{Path(__file__).name}: the repo's package mmctr is not importable: run `pip install -e .` in the "
              f"repo once, or prefix the command with PYTHONPATH=src")
 from mmctr import common  # noqa: E402
+from mmctr import make_synthetic  # noqa: E402
 from mmctr import runs  # noqa: E402
 
 SEED = 20242025  # the presets' seed, as run.sh
@@ -42,6 +44,17 @@ def parse_variant(text: str) -> tuple[str, str, list[str]]:
     if not sep or not label or not config or not (REPO / "configs" / f"{config}.yaml").is_file():
         raise argparse.ArgumentTypeError(f"expected LABEL=CONFIG[,KEY=VALUE...] with configs/CONFIG.yaml, got {text!r}")
     return label, config, sets
+
+
+def parse_datasets(text: str) -> list[str]:
+    datasets = text.split(",")
+    for dataset in datasets:
+        preset, sep, process = dataset.partition(":")
+        if not sep or preset not in make_synthetic.PRESETS or process not in make_synthetic.PROCESSES:
+            raise argparse.ArgumentTypeError(
+                f"expected PRESET:PROCESS,... with PRESET in {', '.join(make_synthetic.PRESETS)} and PROCESS in "
+                f"{', '.join(make_synthetic.PROCESSES)}, got {dataset!r}")
+    return datasets
 
 
 def slug(label: str) -> str:
@@ -111,7 +124,8 @@ def table(results: list[dict], dataset: str, labels: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", required=True, type=Path)
-    parser.add_argument("--datasets", default="demo:default", help="PRESET:PROCESS,... (make_synthetic.py)")
+    parser.add_argument("--datasets", default=["demo:default"], type=parse_datasets,
+                        help=f"PRESET:PROCESS,... (make_synthetic.py; processes: {', '.join(make_synthetic.PROCESSES)})")
     parser.add_argument("--variant", action="append", type=parse_variant, required=True,
                         metavar="LABEL=CONFIG[,KEY=VALUE...]")
     parser.add_argument("--seeds", default="1,2,3")
@@ -125,7 +139,7 @@ def main() -> None:
     log = root / "ablation.jsonl"
     results = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     seeds = [int(s) for s in args.seeds.split(",")]
-    datasets = args.datasets.split(",")
+    datasets = args.datasets
     for dataset in datasets:
         data_sets = prepare(root, dataset, py)
         for seed in seeds:  # seed by seed: a partial study already compares every variant

@@ -3,7 +3,8 @@
     PYTHONPATH=src python tools/bench.py --config configs/qin.yaml --preset demo --steps 50 --warmup 10
         [--config OTHER.yaml[@STEPS] ...] [--set KEY=VALUE ...] [--device cpu|cuda]
         [--compare KEY=VALUE ...] [--repeats N] [--preprocess] [--peak-tflops TFLOPS|matmul]
-        [--predict-rows N]
+        [--predict-rows N] [--profile FILE [--profile-steps N] [--profile-variant LABEL ...]]
+        [--same-function] [--rehearse-cuda-graphs]
 
 Prints one JSON line per measurement on stdout (everything else goes to stderr, so `| jq` works),
 each as soon as it is measured. Several --config run one after the other in one process on data
@@ -21,6 +22,21 @@ config its own step count, and a step count of ``epoch`` means one pass over the
 - compare (--compare KEY=VALUE, repeatable): the config plus that override is a variant measured
   after the baseline; this line holds variant / baseline rows/s (above 1: the variant is faster).
   --repeats N measures baseline and variants in turn N times and compares the medians.
+
+- profile (--profile FILE): after a config's (and each variant's, first repeat) measurements,
+  torch.profiler over --profile-steps more training steps of the warmed model (CPU activity, and
+  CUDA on CUDA); FILE, one JSON object rewritten after each, holds per config: the top 15 kernels
+  (CUDA) or ops (CPU) by self time with calls, total ms and % of the step, kernel launches per step
+  (on a CPU, which launches none: the leaf aten ops per step, labelled so), the step time, and on
+  CUDA the GPU's idle time between kernels per step (null on CPU). No line on stdout.
+- same_function (--same-function): before measuring, each variant and a rerun of the baseline
+  train SAME_FUNCTION_STEPS steps beside the baseline from the same weights, the variant's weights,
+  buffers and Adam state set to the baseline's before every step: the largest relative difference
+  of the loss, of the (clipped) gradients and of the update. The rerun's is the device's own noise.
+  With --steps 0 (or CONFIG@0) a config gets these checks only.
+- train.cuda_graphs is CUDA-only: on a CPU its variant runs the plain loop (its train line says so
+  in cuda_graphs), unless --rehearse-cuda-graphs runs fit's graph path with every capture replaced
+  by a call of the captured function (the rehearsal of tools/gpu_check.sh --cpu).
 
 FLOPs per row are counted with torch.utils.flop_counter.FlopCounterMode (matmuls, i.e. the model
 FLOPs; elementwise ops and gathers are not counted) on one forward+backward of a training batch
@@ -40,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import math
@@ -211,12 +228,31 @@ def counted_flops(run) -> int:
     return counter.get_total_flops()
 
 
-def measure_model(cfg: dict, data: dict, tables: dict, device: torch.device, steps: int | str, warmup: int,
-                  peak_tflops: PeakTflops, predict_rows: int | None = None) -> tuple[dict, dict]:
-    """(train record, predict record) of the config's model on ``data``; steps "epoch": one pass
-    over the train split."""
+def fit_settings(cfg: dict) -> fit.FitSettings:
     train_cfg = cfg["train"]
-    settings = common.typed_section(train.TrainConfig, train_cfg, "train").fit_settings(train_cfg["seed"])
+    return common.typed_section(train.TrainConfig, train_cfg, "train").fit_settings(train_cfg["seed"])
+
+
+def cuda_graphs_field(settings: fit.FitSettings, device: torch.device, optimizer) -> dict | None:
+    """What train.cuda_graphs did (None when it is off): fit.graph_status, or why the plain loop ran."""
+    if not settings.cuda_graphs:
+        return None
+    status = fit.graph_status(optimizer)
+    if status is not None:
+        return status
+    why = ("train.compile: torch.compile has its own graphs" if settings.compile else
+           "CUDA only: the plain eager loop ran" if device.type != "cuda" else "several processes")
+    return {"mode": "off", "why": why}
+
+
+def measure_model(cfg: dict, data: dict, tables: dict, device: torch.device, steps: int | str, warmup: int,
+                  peak_tflops: PeakTflops, predict_rows: int | None = None,
+                  profile_steps: int = 0) -> tuple[dict, dict, dict | None]:
+    """(train record, predict record, profile or None) of the config's model on ``data``; steps
+    "epoch": one pass over the train split; profile_steps > 0: profile_training of that many more
+    steps after the measurements."""
+    train_cfg = cfg["train"]
+    settings = fit_settings(cfg)
     common.seed_everything(train_cfg["seed"])
     model = model_config.build_model(cfg["model"], tables).to(device)
     loss_fn, forward, optimizer, autocast = fit.make_step_parts(model, settings)
@@ -266,7 +302,8 @@ def measure_model(cfg: dict, data: dict, tables: dict, device: torch.device, ste
     train_record = {"measure": "train", **common_fields, "batch_size": batch_size, "steps": steps,
                     "warmup": warmup,
                     **throughput(timed_rows.numel(), seconds, train_flops_per_row, peak),
-                    "peak_memory_bytes": peak_memory_bytes(device), "load_1m": load_at_start}
+                    "peak_memory_bytes": peak_memory_bytes(device), "load_1m": load_at_start,
+                    "cuda_graphs": cuda_graphs_field(settings, device, optimizer)}
 
     model.eval()
     test_features = data["test"]
@@ -291,7 +328,197 @@ def measure_model(cfg: dict, data: dict, tables: dict, device: torch.device, ste
     predict_record = {"measure": "predict", **common_fields, "batch_size": eval_batch_size,
                       **throughput(test_rows.numel(), seconds, predict_flops_per_row, peak),
                       "peak_memory_bytes": peak_memory_bytes(device), "load_1m": load_at_start}
-    return train_record, predict_record
+    profile = None
+    if profile_steps:  # last: the profiler's own memory and overhead touch no figure above
+        profile = {"run": common_fields["run"], "model": common_fields["model"], "device": device.type,
+                   "dtype": common_fields["dtype"], "batch_size": batch_size,
+                   "unprofiled_step_ms": 1000 * seconds_per_step(train_record),
+                   **profile_training(model, loss_fn, optimizer, columns, train_rows(profile_steps), generator,
+                                      settings, autocast, device, profile_steps),
+                   "cuda_graphs": cuda_graphs_field(settings, device, optimizer)}
+    return train_record, predict_record, profile
+
+
+def seconds_per_step(train_record: dict) -> float:
+    return train_record["seconds"] / train_record["steps"]
+
+
+# ---------------------------------------------------------------------------------------------
+# --profile: torch.profiler over a few training steps
+# ---------------------------------------------------------------------------------------------
+
+TOP_N = 15
+NAME_CHARS = 160  # CUDA kernel names are whole C++ template signatures
+DEVICE_ACTIVITIES = ("kernel", "gpu_memcpy", "gpu_memset")  # what occupies a GPU stream (not annotations)
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+CPU_LAUNCHES_WHAT = ("cpu: leaf aten ops per step (aten ops with no aten op inside them), the analogue of "
+                     "kernel launches; a CPU launches no kernels")
+CUDA_LAUNCHES_WHAT = "cuda: kernels run on the GPU per step (memcpy and memset not counted)"
+
+
+def profile_training(model, loss_fn, optimizer, columns, rows, generator, settings, autocast,
+                     device: torch.device, steps: int) -> dict:
+    """torch.profiler over ``steps`` training steps of fit.train_one_epoch (the model warmed):
+    profile_summary of its events."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        fit.train_one_epoch(model, loss_fn, optimizer, columns, rows, generator, settings, autocast)
+        synchronize(device)
+        wall = time.perf_counter() - start
+    return profile_summary(profile_events(prof.events()), steps, wall, device.type)
+
+
+def profile_events(events) -> dict:
+    """The profiler's FunctionEvents as plain records: CPU-side (name, self time, leaf aten op or
+    not) and device-side (kind, name, start and end in microseconds)."""
+    from torch.autograd import DeviceType
+    cpu, gpu = [], []
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            cpu.append({"name": e.name, "self_us": e.self_cpu_time_total, "aten": e.name.startswith("aten::"),
+                        "leaf": not any(c.name.startswith("aten::") for c in e.cpu_children)})
+        elif getattr(e, "activity_type", None) in DEVICE_ACTIVITIES or (
+                getattr(e, "activity_type", None) is None and e.device_type == DeviceType.CUDA):
+            gpu.append({"name": e.name, "kind": e.activity_type or "kernel",
+                        "start_us": e.time_range.start, "end_us": e.time_range.end})
+    return {"cpu": cpu, "gpu": gpu}
+
+
+def idle_between(intervals: list[tuple[float, float]]) -> tuple[float, float]:
+    """(busy, idle) of a GPU timeline, in the intervals' unit: busy is the length of their union,
+    idle the sum of the gaps between consecutive busy stretches (before the first and after the
+    last interval does not count)."""
+    busy = idle = 0.0
+    end = None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            if end is not None:
+                idle += start - end
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy, idle
+
+
+def top_by(records: list[dict], value: str, steps: int, step_ms: float) -> list[dict]:
+    totals: dict = {}
+    for r in records:
+        name = r["name"][:NAME_CHARS]
+        entry = totals.setdefault(name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += r[value]
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])[:TOP_N]
+    return [{"name": name, "calls": calls, "calls_per_step": calls / steps, "total_ms": us / 1000,
+             "ms_per_step": us / 1000 / steps, "pct_of_step": 100 * us / 1000 / steps / step_ms}
+            for name, (calls, us) in ranked]
+
+
+def profile_summary(events: dict, steps: int, wall_s: float, device_type: str) -> dict:
+    """Per step: time, launches and (CUDA) the GPU's busy and idle time, and the top 15 by self
+    time: kernels on CUDA (the CPU side's top ops beside them), ops on CPU."""
+    step_ms = 1000 * wall_s / steps
+    cpu_ops = [dict(r, value=r["self_us"]) for r in events["cpu"]]
+    out = {"profiled_steps": steps, "step_ms": step_ms, "cpu_self_ms_per_step": sum(
+        r["self_us"] for r in events["cpu"]) / 1000 / steps, "aten_ops_per_step": sum(
+        r["aten"] for r in events["cpu"]) / steps}
+    if device_type == "cuda":
+        kernels = [r for r in events["gpu"] if r["kind"] == "kernel"]
+        for r in events["gpu"]:
+            r["us"] = r["end_us"] - r["start_us"]
+        busy, idle = idle_between([(r["start_us"], r["end_us"]) for r in events["gpu"]])
+        out.update(launches_per_step=len(kernels) / steps, launches_what=CUDA_LAUNCHES_WHAT,
+                   memcpy_memset_per_step=(len(events["gpu"]) - len(kernels)) / steps,
+                   launch_calls_per_step=sum(r["name"].startswith(LAUNCH_CALLS) for r in events["cpu"]) / steps,
+                   gpu_busy_ms_per_step=busy / 1000 / steps, gpu_idle_ms_per_step=idle / 1000 / steps,
+                   top=top_by(events["gpu"], "us", steps, step_ms),
+                   top_cpu_ops=top_by(cpu_ops, "value", steps, step_ms))
+    else:
+        out.update(launches_per_step=sum(r["aten"] and r["leaf"] for r in events["cpu"]) / steps,
+                   launches_what=CPU_LAUNCHES_WHAT, memcpy_memset_per_step=None, launch_calls_per_step=None,
+                   gpu_busy_ms_per_step=None, gpu_idle_ms_per_step=None,
+                   top=top_by(cpu_ops, "value", steps, step_ms))
+    return out
+
+
+class ProfileFile:
+    """--profile FILE: one JSON object, rewritten whole after each profiled config."""
+
+    def __init__(self, path: str, argv: list[str]):
+        self.path = Path(path)
+        self.report = {"schema": 1, "command": argv, "torch": torch.__version__, "top_n": TOP_N,
+                       "configs": []}
+
+    def add(self, entry: dict) -> None:
+        self.report["configs"].append(rounded(entry))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.report, indent=1) + "\n")
+        tmp.replace(self.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# --same-function: a variant's step against the baseline's, from the same weights at every step
+# ---------------------------------------------------------------------------------------------
+
+SAME_FUNCTION_STEPS = fit.GraphedSteps.WARMUP_STEPS + 3  # cuda_graphs: warm-up, then capture and replays
+
+
+def adam_state_pairs(base_opt, base_model, other_opt, other_model):
+    for p, q in zip(base_model.parameters(), other_model.parameters()):
+        a, b = base_opt.state.get(p, {}), other_opt.state.get(q, {})
+        for key in a.keys() & b.keys():
+            yield a[key], b[key]
+
+
+def same_function(cfg: dict, variant_cfg: dict, data: dict, tables: dict, device: torch.device,
+                  steps: int = SAME_FUNCTION_STEPS) -> dict:
+    """The largest relative differences between the baseline's training step and the variant's over
+    ``steps`` full batches, both from the same weights, buffers and Adam state at every step and
+    the same RNG seed: loss (|dl| / |l|), gradients after the clip and the update (max |d| over all
+    parameters / max |value| over all parameters)."""
+    settings, variant_settings = fit_settings(cfg), fit_settings(variant_cfg)
+    common.seed_everything(cfg["train"]["seed"])
+    base = model_config.build_model(cfg["model"], tables).to(device)
+    other = copy.deepcopy(base)
+    columns = data["train"]
+    steppers, optimizers = [], []
+    for model, s in ((base, settings), (other, variant_settings)):
+        loss_fn, _, optimizer, autocast = fit.make_step_parts(model, s)
+        model.train()
+        steppers.append(fit.training_step(model, loss_fn, optimizer, columns, s, autocast))
+        optimizers.append(optimizer)
+    n_train, batch_size = columns["label"].numel(), settings.batch_size
+    worst = {"loss_rel_diff": 0.0, "grad_rel_diff": 0.0, "update_rel_diff": 0.0}
+    for step in range(steps):
+        rows = torch.arange(step * batch_size, (step + 1) * batch_size, device=device) % n_train
+        with torch.no_grad():  # the variant starts this step where the baseline does
+            for a, b in zip(base.state_dict().values(), other.state_dict().values()):
+                b.copy_(a)
+            for a, b in adam_state_pairs(optimizers[0], base, optimizers[1], other):
+                b.copy_(a)
+        before = [p.detach().clone() for p in base.parameters()]
+        losses = []
+        for stepper in steppers:
+            torch.manual_seed(cfg["train"]["seed"] + step)  # the same dropout masks (CPU and CUDA)
+            losses.append(stepper(rows).double())
+        grads = [[p.grad.detach().double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
+                  for p in m.parameters()] for m in (base, other)]
+        with torch.no_grad():
+            loss_diff = float((losses[1] - losses[0]).abs() / losses[0].abs().clamp_min(1e-30))
+            grad_scale = max(float(g.abs().max()) for g in grads[0])
+            grad_diff = max(float((a - b).abs().max()) for a, b in zip(*grads)) / max(grad_scale, 1e-30)
+            update_scale = max(float((p.double() - q.double()).abs().max()) for p, q in zip(base.parameters(), before))
+            update_diff = max(float((p.double() - q.double()).abs().max())
+                              for p, q in zip(base.parameters(), other.parameters())) / max(update_scale, 1e-30)
+        for key, value in zip(worst, (loss_diff, grad_diff, update_diff)):
+            worst[key] = max(worst[key], value)
+    return {"steps": steps, "batch_size": batch_size, **worst,
+            "cuda_graphs": cuda_graphs_field(variant_settings, device, optimizers[1])}
 
 
 def data_bytes(data: dict, tables: dict) -> int:
@@ -336,6 +563,8 @@ def rounded(value):
     """Four significant digits: the noise of a benchmark is larger than that."""
     if isinstance(value, dict):
         return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
     if isinstance(value, float):
         return float(f"{value:.4g}")
     return value
@@ -345,8 +574,18 @@ def preset_paths(preset: str, data_root: Path) -> tuple[Path, Path]:
     return data_root / preset, data_root / "work" / preset  # run.sh's layout
 
 
+def with_train_defaults(cfg: dict) -> dict:
+    """The train section completed with train.TrainConfig's defaults, so that --set and --compare
+    reach every key of it (e.g. a speed option that configs/train.yaml does not list)."""
+    if isinstance(cfg.get("train"), dict):
+        for f in dataclasses.fields(train.TrainConfig):
+            if f.init and f.default is not dataclasses.MISSING:
+                cfg["train"].setdefault(f.name, f.default)
+    return cfg
+
+
 def config_of(args: argparse.Namespace, path: str) -> dict:
-    cfg = common.load_config(path)
+    cfg = with_train_defaults(common.load_config(path))
     if args.preset:
         raw_dir, work_dir = preset_paths(args.preset, Path(args.data_root))
         cfg["data"].update(raw_dir=str(raw_dir), work_dir=str(work_dir))
@@ -356,6 +595,16 @@ def config_of(args: argparse.Namespace, path: str) -> dict:
 
 
 def run_benchmark(args: argparse.Namespace, emit) -> None:
+    previous = fit.CPU_GRAPHS
+    if args.rehearse_cuda_graphs:
+        fit.CPU_GRAPHS = "rehearse"
+    try:
+        benchmark_configs(args, emit)
+    finally:
+        fit.CPU_GRAPHS = previous
+
+
+def benchmark_configs(args: argparse.Namespace, emit) -> None:
     configs = [(path, config_of(args, path), steps) for path, steps in args.configs]
     base_cfg = configs[0][1]
     raw_dir = Path(base_cfg["data"]["raw_dir"])
@@ -368,7 +617,7 @@ def run_benchmark(args: argparse.Namespace, emit) -> None:
         emit({"measure": "preprocess", **context, **measure_preprocess(base_cfg)})
     loaded = {}  # (data section, device) -> (data, tables): configs and variants share the upload
     for path, cfg, steps in configs:
-        if steps != 0:
+        if steps != 0 or args.same_function:  # steps 0 with --same-function: the checks alone
             bench_config(args, path, cfg, steps, loaded, emit)
 
 
@@ -388,26 +637,50 @@ def bench_config(args: argparse.Namespace, path: str, base_cfg: dict, steps: int
     peak_tflops = args.peak
     train_rates = {label: [] for label in variants}
     predict_rates = {label: [] for label in variants}
-    for _ in range(args.repeats):
+
+    def device_and_data(cfg: dict):
+        device = train.resolve_device(cfg["train"]["device"])
+        fit.configure_backend(device)
+        key = (common.config_hash(cfg["data"]), str(device))
+        if key not in loaded:
+            if args.preset and not (common.data_paths(cfg)["processed"] / "manifest.json").is_file():
+                preprocess.run_preprocess(cfg)  # a preset bench makes its data; it never rebuilds it
+            _, arrays, manifest = processed_data.load_current(cfg)
+            loaded[key] = (train.load_to_device(arrays, device), train.item_tables(arrays, manifest, device))
+        return device, loaded[key]
+
+    if args.same_function:  # first: a variant that does not compute the same function is no speed-up
+        checks = {"baseline (rerun)": variants["baseline"],
+                  **{label: cfg for label, cfg in variants.items() if label != "baseline"}}
+        for label, cfg in checks.items():
+            device, (data, tables) = device_and_data(cfg)
+            emit({"measure": "same_function", "variant": label, **context,
+                  "run": cfg["run"]["name"], "device": device.type, "device_name": device_name(device),
+                  **same_function(variants["baseline"], cfg, data, tables, device)})
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    for repeat in range(args.repeats if steps != 0 else 0):
         for label, cfg in variants.items():
-            device = train.resolve_device(cfg["train"]["device"])
-            fit.configure_backend(device)
-            key = (common.config_hash(cfg["data"]), str(device))
-            if key not in loaded:
-                if args.preset and not (common.data_paths(cfg)["processed"] / "manifest.json").is_file():
-                    preprocess.run_preprocess(cfg)  # a preset bench makes its data; it never rebuilds it
-                _, arrays, manifest = processed_data.load_current(cfg)
-                loaded[key] = (train.load_to_device(arrays, device), train.item_tables(arrays, manifest, device))
-            train_record, predict_record = measure_model(cfg, *loaded[key], device, steps,
-                                                         args.warmup, peak_tflops, args.predict_rows)
+            device, (data, tables) = device_and_data(cfg)
+            profiled = args.profile_file is not None and repeat == 0 and (
+                not args.profile_variants or label in args.profile_variants)
+            profile_steps = args.profile_steps if profiled else 0
+            train_record, predict_record, profile = measure_model(
+                cfg, data, tables, device, steps, args.warmup, peak_tflops, args.predict_rows, profile_steps)
             for record in (train_record, predict_record):
                 emit({"measure": record["measure"], "variant": label, **context, **record})
+            if profile is not None:
+                args.profile_file.add({"config": path, "variant": label, "overrides": args.overrides, **profile})
+                common.log(f"bench: profiled {path} ({label}): {profile['step_ms']:.4g} ms per step, "
+                           f"{profile['launches_per_step']:.0f} launches per step, GPU idle "
+                           f"{profile['gpu_idle_ms_per_step']} ms per step -> {args.profile_file.path}")
             train_rates[label].append(train_record["rows_per_s"])
             predict_rates[label].append(predict_record["rows_per_s"])
             gc.collect()  # the finished model's memory must not count toward the next peak
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    for label in args.compare:
+    for label in args.compare if steps != 0 else ():
         emit({**compare_record(label, train_rates, predict_rates), "config": path})
 
 
@@ -425,7 +698,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-root", default="data", help="folder of the presets (default: data)")
     parser.add_argument("--steps", type=parse_steps, default=50,
                         help="timed training steps (default 50), or 'epoch': one pass over the train "
-                             "split; 0 measures no model")
+                             "split; 0 measures no model (only --same-function's checks, if asked)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed training steps first (default 10)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="force the device (default: train.device, auto = CUDA when present)")
@@ -442,6 +715,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=parse_peak, default=None, metavar="TFLOPS|matmul",
                         help="the hardware peak for fraction_of_peak (default: datasheet table for "
                              "known GPUs, null on CPU; matmul: measure a large matmul)")
+    parser.add_argument("--profile", default=None, metavar="FILE",
+                        help="also profile --profile-steps training steps of every config and variant "
+                             "(first repeat) with torch.profiler; the summary goes to FILE (JSON)")
+    parser.add_argument("--profile-steps", type=int, default=5,
+                        help="training steps profiled per config with --profile (default 5)")
+    parser.add_argument("--profile-variant", dest="profile_variants", action="append", default=[],
+                        metavar="LABEL", help="with --profile, profile only this variant: baseline or a "
+                                              "--compare KEY=VALUE (repeatable; default: every one)")
+    parser.add_argument("--same-function", action="store_true",
+                        help="first check that every --compare variant (and a rerun of the baseline: "
+                             "the noise) computes the baseline's step: same_function lines")
+    parser.add_argument("--rehearse-cuda-graphs", action="store_true",
+                        help="on a CPU, run train.cuda_graphs=true through fit's graph path, each capture "
+                             "replaced by a call of the captured function (no effect on CUDA)")
     args = parser.parse_args(argv)
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
@@ -458,6 +745,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--predict-rows must be at least 1")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.profile_steps < 1:
+        parser.error("--profile-steps must be at least 1")
+    unknown = set(args.profile_variants) - {"baseline", *args.compare}
+    if unknown:
+        parser.error(f"--profile-variant {sorted(unknown)[0]}: not baseline nor a --compare of this command")
+    args.profile_file = None if args.profile is None else ProfileFile(
+        args.profile, ["tools/bench.py", *(sys.argv[1:] if argv is None else argv)])
     return args
 
 

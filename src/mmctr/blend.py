@@ -390,10 +390,10 @@ def run_blend(cfg: dict) -> dict:
     return metrics
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_config_args(parser, "blend.yaml")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = common.config_from_args(args)
     experiments.record_blend(cfg, run_blend(cfg), args.config, args.overrides)
 

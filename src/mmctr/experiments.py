@@ -251,11 +251,11 @@ SHOWN = ("oof_auc", "holdout_auc", "test_auc", "kind", "name", "folds", "epochs"
          "git_commit", "config_hash", "overrides")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("log", nargs="?", help=f"the log (default: {{data.work_dir}}/{LOG_NAME} of the config)")
     common.add_config_args(parser, "data.yaml")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     path = Path(args.log) if args.log else log_path(common.config_from_args(args))
     rows = leaderboard(read_log(path))
     table = [SHOWN] + [tuple(row.get(column) or "" for column in SHOWN) for row in rows]

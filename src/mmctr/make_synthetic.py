@@ -3,7 +3,8 @@
     python src/make_synthetic.py --preset demo --out data/demo --seed 0
 
 Writes ``train/valid/test/item_info.parquet`` (the real schema, see docs/spec/competition.md), the
-per-item levels of ``item_feature.parquet`` (the real file's level columns) and,
+per-item levels of ``item_feature.parquet`` (the real file's level columns), the four other 128-d
+vectors per item of ``item_emb.parquet`` (the real file's columns; data.item_emb reads one) and,
 in ``oracle/``, the true click probability of every row and the hidden test labels. The click
 process (documented with its formula in data/README.md) rewards what the real task rewards:
 
@@ -28,7 +29,7 @@ import shutil
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,17 +65,27 @@ class ClickProcess:
     quality_weight: float = 0.5     # hidden quality, partly visible through likes_level
     item_bias_std: float = 0.5      # hidden per-item bias: learnable only through an item-id embedding
     user_bias_std: float = 0.3      # hidden per-user bias: learnable only through a user-id embedding
+    # delta: a hidden, persistent per-user affinity x target semantics, f_u . z_t with f_u a random
+    # point of a rank-r subspace of the latent space: visible in no feature (not in the history),
+    # learnable only through a user-id embedding crossed with the target, and only with many rows
+    # per user. 0 draws nothing (the users' generator then makes exactly the draws it made before).
+    user_affinity_weight: float = 0.0
+    user_affinity_rank: int = 4     # r: a few numbers per user, so ~100 rows can pin them down
+    rows_per_user: int = 0          # > 0: n_users = n_train / rows_per_user instead of the preset's
 
 
 # --process: "default" is the demo's; "broad" moves the weight to other signals, so that a model
 # tuned to one process can be checked on another: a broad, recency-heavy match (items of the same
 # topic, the last few clicks) with no likes interaction, a stronger taste term, and users who
-# differ more than items.
+# differ more than items. "heavy" is default's match and crosses on the opposite of the real data's
+# users (about 1M with a few rows each): ~100 train rows per user, each with a larger hidden bias
+# and a hidden persistent affinity, the case where a user-id table pays.
 PROCESSES = {
     "default": ClickProcess(),
     "broad": ClickProcess(attn_tau=0.35, attn_scale=0.2, attn_recency=8.0, attn_weight=0.7,
                           attn_x_likes_weight=0.0, taste_weight=1.0, quality_weight=0.7,
                           item_bias_std=0.3, user_bias_std=0.6),
+    "heavy": ClickProcess(user_bias_std=0.5, user_affinity_weight=1.0, rows_per_user=100),
 }
 
 
@@ -113,6 +124,17 @@ ITEM_SCHEMA = pa.schema([
 # item_feature.parquet of the real download holds more columns (BERT and CLIP vectors); the per-item
 # levels are what a model can use (QIN's stronger variant), one row per real item
 ITEM_FEATURE_SCHEMA = pa.schema([("item_id", pa.int64()), ("likes_level", pa.int64()), ("views_level", pa.int64())])
+# item_emb.parquet of the real download: four more 128-d vectors per item, keyed by item_id, no row for
+# the padding item; what they are is undocumented. Here each is a view of the same latent semantics
+# that item_emb_d128 projects, through its own projection and with its own noise (the value: noise
+# sd relative to the signal's, item_emb_d128's is 0.15): v3 is cleaner than item_emb_d128, the
+# others noisier, so the column data.item_emb picks helps or hurts a model. The element type is not
+# documented either: float32 here (half the full preset's bytes of float64; preprocess takes both).
+ITEM_EMB_VIEWS = {"item_emb_d128_v1": 0.5, "item_emb_d128_v2": 1.0, "item_emb_d128_v3": 0.05,
+                  "item_emb_d128_e4": 2.0}
+ITEM_EMB_STREAM = 6  # their generator, [seed, 6]: no other file's draws change with them
+ITEM_EMB_SCHEMA = pa.schema([("item_id", pa.int64())]
+                            + [(name, pa.list_(pa.float32(), EMB_DIM)) for name in ITEM_EMB_VIEWS])
 ORACLE_PROB_SCHEMA = pa.schema([("split", pa.string()), ("row_id", pa.int64()), ("prob", pa.float64())])
 TEST_LABEL_SCHEMA = pa.schema([("ID", pa.int64()), ("label", pa.int64())])
 
@@ -151,6 +173,7 @@ class Users:
     timeline_len: np.ndarray    # int64 [U+1]
     taste: np.ndarray           # float32 [U+1, d] M @ (mean semantic vector of the timeline)
     bias: np.ndarray            # float64 [U+1] hidden
+    affinity: np.ndarray | None = None  # float32 [U+1, d] hidden, W g_u (process.user_affinity_weight > 0)
 
 
 def sample_popular_items(items: Items, n: int, rng) -> np.ndarray:
@@ -266,7 +289,24 @@ def make_users(p: Preset, items: Items, rng: np.random.Generator,
     taste = (semantic_sum / users.timeline_len[:, None].astype(np.float32)) @ mixing.T
     probe_user, probe_item = rng.integers(1, n_rows, 10_000), rng.integers(1, p.n_items, 10_000)
     users.taste = taste / np.einsum("nd,nd->n", taste[probe_user], items.semantic[probe_item]).std()
+
+    # Affinity: g_u ~ N(0, I_r) through a fixed random d x r map W, scaled like the taste so that
+    # f_u . z_i has unit spread. Drawn last, and only when used, so the other processes' users are
+    # the same draws.
+    if process.user_affinity_weight:
+        directions = rng.standard_normal((LATENT_DIM, process.user_affinity_rank)).astype(np.float32)
+        affinity = rng.standard_normal((n_rows, process.user_affinity_rank)).astype(np.float32) @ directions.T
+        probe_user, probe_item = rng.integers(1, n_rows, 10_000), rng.integers(1, p.n_items, 10_000)
+        users.affinity = affinity / np.einsum("nd,nd->n", affinity[probe_user], items.semantic[probe_item]).std()
     return users
+
+
+def process_preset(p: Preset, process: ClickProcess) -> Preset:
+    """The preset a process draws from: the same rows, items and tags; a process with rows_per_user
+    has n_train / rows_per_user users instead (valid and test rows come from the same users)."""
+    if not process.rows_per_user:
+        return p
+    return replace(p, n_users=max(1, round(p.n_train / process.rows_per_user)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +350,9 @@ def sample_rows(items: Items, users: Users, n: int, rng: np.random.Generator,
              + process.taste_weight * taste
              + process.quality_weight * items.quality[target]
              + items.bias[target] + users.bias[user])
+    if process.user_affinity_weight:
+        affinity = np.einsum("nd,nd->n", users.affinity[user], items.semantic[target]).astype(np.float64)
+        logit = logit + process.user_affinity_weight * affinity
     return {"user_id": user, "item_seq": seq, "item_id": target, "likes_level": likes,
             "views_level": views, "logit_no_intercept": logit}
 
@@ -353,6 +396,20 @@ def item_feature_table(items: Items) -> pa.Table:
     ids = np.arange(1, len(items.likes), dtype=np.int64)
     return pa.Table.from_pydict({"item_id": pa.array(ids), "likes_level": pa.array(items.likes[1:]),
                                  "views_level": pa.array(items.views[1:])}, schema=ITEM_FEATURE_SCHEMA)
+
+
+def item_emb_table(items: Items, rng: np.random.Generator) -> pa.Table:
+    """item_emb.parquet: one row per real item (1..V-1), each ITEM_EMB_VIEWS column a noisy
+    projection of the item's semantics, like item_emb_d128 (make_items) with other draws."""
+    semantic = items.semantic[1:].astype(np.float64)
+    columns = {"item_id": pa.array(np.arange(1, len(items.semantic), dtype=np.int64))}
+    for name, noise in ITEM_EMB_VIEWS.items():
+        projection = rng.standard_normal((EMB_DIM, LATENT_DIM)) / np.sqrt(LATENT_DIM)
+        view = semantic @ projection.T
+        scale = np.linalg.norm(view, axis=1, keepdims=True) / np.sqrt(EMB_DIM)
+        view += noise * scale * rng.standard_normal(view.shape)
+        columns[name] = _fixed_list(view.astype(np.float32), EMB_DIM, pa.float32())
+    return pa.Table.from_pydict(columns, schema=ITEM_EMB_SCHEMA)
 
 
 def item_table(items: Items) -> pa.Table:
@@ -428,7 +485,7 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str =
     click = PROCESSES[process]
     if seed < 0:
         raise common.UserError(f"--seed {seed}: must be >= 0")
-    p = PRESETS[preset]
+    p = process_preset(PRESETS[preset], click)
     out = Path(out)
     try:  # before the minutes of generating: an unusable --out fails at once
         out.mkdir(parents=True, exist_ok=True)
@@ -445,11 +502,13 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str =
     # its presence means the set is complete (run.sh tests exactly that).
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out, prefix=".make_synthetic-"))
-    summary = {"preset": preset, "seed": seed, "process": process, "out": str(out), "intercept": intercept,
-               "splits": {}}
+    summary = {"preset": preset, "seed": seed, "process": process, "out": str(out), "users": p.n_users,
+               "intercept": intercept, "splits": {}}
     try:
         pq.write_table(item_table(items), staging / "item_info.parquet")
         pq.write_table(item_feature_table(items), staging / "item_feature.parquet")
+        pq.write_table(item_emb_table(items, np.random.default_rng([seed, ITEM_EMB_STREAM])),
+                       staging / "item_emb.parquet")
         oracle_probs, test_labels = [], None
         _WORLD.update(items=items, users=users, intercept=intercept, seed=seed, process=click)
         try:
@@ -473,7 +532,7 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str =
 
         (out / "oracle").mkdir(exist_ok=True)
         for name in ["oracle/click_prob.parquet", "oracle/test_labels.parquet", "item_feature.parquet",
-                     "train.parquet", "valid.parquet", "test.parquet", "item_info.parquet"]:
+                     "item_emb.parquet", "train.parquet", "valid.parquet", "test.parquet", "item_info.parquet"]:
             (staging / name).replace(out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -481,7 +540,7 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str =
     return summary
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo",
@@ -489,17 +548,18 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     parser.add_argument("--process", choices=sorted(PROCESSES), default="default",
-                        help="the click process: default (the demo's) or broad (other signals matter; "
-                             "data/README.md)")
+                        help="the click process: default (the demo's), broad (other signals matter) or "
+                             "heavy (~100 train rows per user, each with a hidden taste a user table can "
+                             "learn): data/README.md")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes drawing the row chunks (default: one per core; the files are "
                              "the same for any number)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
     summary = generate(args.preset, Path(args.out), args.seed, args.workers, args.process)
     common.log(f"wrote {args.preset} preset to {summary['out']} in {summary['seconds']} s "
-               f"(seed {args.seed}, click process {args.process})")
+               f"(seed {args.seed}, click process {args.process}, {summary['users']:,d} users)")
     for split, info in summary["splits"].items():
         print(f"  {split:5s} {info['rows']:>9,d} rows  positive rate {info['positive_rate']:.3f}  "
               f"oracle AUC {info['oracle_auc']:.4f}")

@@ -3,12 +3,13 @@
     python src/preprocess.py --config configs/data.yaml [--set data.raw_dir=...] [--force]
 
 Reads ``data.raw_dir`` (real or synthetic data, same format: train/valid/test/item_info.parquet,
-and item_feature.parquet when it is there) and writes ``{work_dir}/processed/``
-as described in docs/DESIGN.md: int32 ids and levels, float32 labels, the item tables, stratified
-train folds and a manifest. Parquet is read in record batches straight into preallocated .npy
-files, so the full 3.6M-row train set needs well under 8 GB. The folder is built under a temporary
-name and renamed into place, so it is either complete or absent; a second run with the same inputs
-and settings reuses it.
+item_feature.parquet when it is there, and the file data.item_emb names when it is set: the
+multimodal vectors from another column, e.g. item_emb.parquet's item_emb_d128_v3) and writes
+``{work_dir}/processed/`` as described in docs/DESIGN.md: int32 ids and levels, float32 labels,
+the item tables, stratified train folds and a manifest. Parquet is read in record batches straight
+into preallocated .npy files, so the full 3.6M-row train set needs well under 8 GB. The folder is
+built under a temporary name and renamed into place, so it is either complete or absent; a second
+run with the same inputs and settings reuses it.
 
 Every problem with the input is reported as one line naming the file and column, e.g.
 ``train.parquet: column 'item_seq': row 17 has 63 items, expected 64``.
@@ -180,7 +181,6 @@ def write_items(path: Path, out: Path, emb_dtype) -> tuple[int, int]:
     n_items = parquet.metadata.num_rows
     tags = _new_array(out, "item_tags", np.int32, (n_items, TAG_SLOTS))
     emb = _new_array(out, "item_emb", emb_dtype, (n_items, EMB_DIM))
-    emb_limit = np.finfo(emb_dtype).max
     max_tag = 0
     for start, batch in iter_batches(parquet, path, list(ITEM_COLUMNS), "item_info"):
         n = batch.num_rows
@@ -193,13 +193,7 @@ def write_items(path: Path, out: Path, emb_dtype) -> tuple[int, int]:
         check_range(batch_tags, 0, INT32_MAX, path, "item_tags", start, "tag id",
                     "0 (padding) or a tag id")
         batch_emb = list_column(batch, "item_emb_d128", EMB_DIM, path, start)
-        bad = ~np.isfinite(batch_emb).all(axis=1)
-        if bad.any():
-            _fail(path, "item_emb_d128", f"row {start + np.flatnonzero(bad)[0]} contains NaN or inf")
-        too_big = (np.abs(batch_emb) > emb_limit).any(axis=1)
-        if too_big.any():
-            _fail(path, "item_emb_d128", f"row {start + np.flatnonzero(too_big)[0]} has a value too "
-                                         f"large for data.emb_dtype {np.dtype(emb_dtype).name}")
+        check_vectors(batch_emb, path, "item_emb_d128", start, emb_dtype)
         tags[start:start + n] = batch_tags
         emb[start:start + n] = batch_emb
         max_tag = max(max_tag, int(batch_tags.max()))
@@ -210,6 +204,43 @@ def write_items(path: Path, out: Path, emb_dtype) -> tuple[int, int]:
     tags.flush()
     emb.flush()
     return n_items, max_tag + 1
+
+
+def check_vectors(vectors: np.ndarray, path: Path, column: str, start: int, emb_dtype) -> None:
+    """Every value finite and within ``emb_dtype``'s range; the message names the first bad row."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        _fail(path, column, f"row {start + np.flatnonzero(bad)[0]} contains NaN or inf")
+    too_big = (np.abs(vectors) > np.finfo(emb_dtype).max).any(axis=1)
+    if too_big.any():
+        _fail(path, column, f"row {start + np.flatnonzero(too_big)[0]} has a value too large for "
+                            f"data.emb_dtype {np.dtype(emb_dtype).name}")
+
+
+def replace_item_emb(path: Path, column: str, out: Path, n_items: int, emb_dtype) -> dict:
+    """data.item_emb: item_emb.npy's rows become ``column`` of ``path``, joined on item_id the way the
+    solutions join item_emb.parquet onto item_info (a left join, missing vectors zero-filled): the
+    file's ids must be real items of item_info (1..V-1, each once; it has no row for the padding
+    item, whose row stays zero) and its vectors item_emb_d128's width, finite. Returns the
+    manifest's record of the source, with the count of items the file lacks (zero vectors)."""
+    parquet = open_parquet(path, {"item_id": "int", column: "float_list"})
+    emb = np.load(out / "item_emb.npy", mmap_mode="r+")
+    emb[:] = 0
+    seen = np.zeros(n_items, bool)
+    for start, batch in iter_batches(parquet, path, ["item_id", column], path.name):
+        item = scalar_column(batch, "item_id", path, start)
+        check_range(item, 1, n_items - 1, path, "item_id", start, "item id",
+                    f"1..{n_items - 1} (the real items of {ITEM_FILE}; no row for the padding item 0)")
+        mark_once(item, seen, path, start)
+        vectors = list_column(batch, column, EMB_DIM, path, start)
+        check_vectors(vectors, path, column, start, emb_dtype)
+        emb[item] = vectors
+    emb.flush()
+    missing = int(n_items - 1 - np.count_nonzero(seen))
+    if missing:
+        common.log(f"preprocess: {missing} of {n_items - 1} items have no row in {path}: their "
+                   f"'{column}' vectors are zero")
+    return {"items": n_items - 1 - missing, "missing_items": missing}
 
 
 def write_split(split: str, path: Path, out: Path, n_items: int, level_sums: np.ndarray,
@@ -295,11 +326,7 @@ def levels_from_item_feature(path: Path, n_items: int) -> np.ndarray:
         item = scalar_column(batch, "item_id", path, start)
         check_range(item, 0, n_items - 1, path, "item_id", start, "item id",
                     f"0..{n_items - 1} (the items of {ITEM_FILE})")
-        repeated = np.flatnonzero(seen[item] | _repeats(item))
-        if len(repeated):
-            _fail(path, "item_id", f"row {start + repeated[0]} repeats item_id {item[repeated[0]]} "
-                                   f"(one row per item)")
-        seen[item] = True
+        mark_once(item, seen, path, start)
         for k, name in enumerate(("likes_level", "views_level")):
             value = scalar_column(batch, name, path, start)
             check_range(value, 0, N_LEVELS - 1, path, name, start, "level")
@@ -308,6 +335,15 @@ def levels_from_item_feature(path: Path, n_items: int) -> np.ndarray:
         _fail(path, "likes_level" if levels[0, 0] else "views_level",
               "item 0 (the padding item) must have level 0")
     return levels
+
+
+def mark_once(item: np.ndarray, seen: np.ndarray, path: Path, start: int) -> None:
+    """Mark the item ids of one batch of an item-keyed file as seen; one row per item, or an error
+    naming the first row that repeats one (here or in an earlier batch)."""
+    repeated = np.flatnonzero(seen[item] | _repeats(item))
+    if len(repeated):
+        _fail(path, "item_id", f"row {start + repeated[0]} repeats item_id {item[repeated[0]]} (one row per item)")
+    seen[item] = True
 
 
 def _repeats(values: np.ndarray) -> np.ndarray:
@@ -330,9 +366,14 @@ def stratified_folds(label: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
 def build(cfg: dict, out: Path, fingerprint_value: str, records: dict[str, dict]) -> dict:
     """Write every processed array and the manifest (last) into the empty folder ``out``."""
     data = cfg["data"]
-    files = input_files(Path(data["raw_dir"]))
+    files = input_files(Path(data["raw_dir"]), data["item_emb"])
     emb_dtype = EMB_DTYPES[data["emb_dtype"]]
     n_items, n_tags = write_items(files["item_info"], out, emb_dtype)
+    item_emb_source = None
+    if data["item_emb"] is not None:  # another column of vectors instead of item_emb_d128
+        file, column = data["item_emb"]["file"], data["item_emb"]["column"]
+        item_emb_source = {"file": file, "column": column, "blake2b": records["item_emb"]["blake2b"],
+                           **replace_item_emb(files["item_emb"], column, out, n_items, emb_dtype)}
 
     level_sums = np.zeros((2, n_items))
     level_counts = np.zeros(n_items, np.int64)
@@ -380,6 +421,9 @@ def build(cfg: dict, out: Path, fingerprint_value: str, records: dict[str, dict]
         "fold_seed": data["fold_seed"],
         "item_levels": {"source": level_source, "from": LEVEL_SOURCES[level_source]},
     }
+    if item_emb_source is not None:  # unset: no key, the manifest of a build before the setting existed
+        manifest["item_emb"] = data["item_emb"]  # the setting, compared by load_current
+        manifest["item_emb_source"] = item_emb_source
     common.write_json(out / "manifest.json", manifest)
     return manifest
 
@@ -403,7 +447,7 @@ def run_preprocess(cfg: dict, force: bool = False) -> Path:
     """Build (or reuse) the processed directory for ``cfg``; return its path."""
     cfg = {**cfg, "data": checked_data(cfg)}
     processed = common.data_paths(cfg)["processed"]
-    records = raw_records(Path(cfg["data"]["raw_dir"]))
+    records = raw_records(Path(cfg["data"]["raw_dir"]), item_emb=cfg["data"]["item_emb"])
     fingerprint_value = fingerprint_of(records, cfg["data"])
     manifest_path = processed / "manifest.json"
     if not force and manifest_path.is_file():
@@ -430,16 +474,25 @@ def run_preprocess(cfg: dict, force: bool = False) -> Path:
     common.log(f"preprocess: wrote {processed} in {time.time() - started:.1f} s")
     print(f"  rows: {rows}\n  vocab: {vocab}\n  positive rate: {rates}\n"
           f"  folds: {manifest['n_folds']} (seed {manifest['fold_seed']}), "
-          f"item_emb {manifest['emb_dtype']}", flush=True)
+          f"item_emb {manifest['emb_dtype']}{item_emb_text(manifest)}", flush=True)
     return processed
 
 
-def main() -> None:
+def item_emb_text(manifest: dict) -> str:
+    """Where item_emb.npy's vectors came from, when not item_info's item_emb_d128."""
+    source = manifest.get("item_emb_source")
+    if not source:
+        return ""
+    return (f" from {source['file']} column '{source['column']}' ({source['items']} items there, "
+            f"{source['missing_items']} missing: zero vectors)")
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_config_args(parser, "data.yaml")
     parser.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     run_preprocess(common.config_from_args(args), force=args.force)
 
 

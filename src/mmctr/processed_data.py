@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -24,6 +25,9 @@ ITEM_FILE = "item_info.parquet"
 # Optional, from the same download: per-item likes/views levels (the real file also holds BERT and
 # CLIP vectors, never read). Without it every item gets the rounded mean level of its rows.
 ITEM_FEATURE_FILE = "item_feature.parquet"
+# Optional, from the same download: four more 128-d vectors per item (item_emb_d128_v1/v2/v3/e4,
+# undocumented by the organisers); data.item_emb picks one column instead of item_emb_d128.
+ITEM_EMB_FILE = "item_emb.parquet"
 EmbDtype = Literal["float32", "float16"]
 EMB_DTYPES = {name: np.dtype(name).type for name in get_args(EmbDtype)}
 # The per-row arrays of each split in the processed folder ({split}_{name}.npy)
@@ -32,12 +36,15 @@ ROW_ARRAYS = {split: FEATURES + (("label",) if split != "test" else ("ID",)) + (
 ITEM_ARRAYS = ITEM_TABLES  # [V] or [V, ...]
 
 
-def input_files(raw_dir: Path) -> dict[str, Path]:
-    """The four required files, and item_feature.parquet when it is there."""
+def input_files(raw_dir: Path, item_emb: dict | None = None) -> dict[str, Path]:
+    """The four required files, item_feature.parquet when it is there, and the file data.item_emb
+    names (``item_emb``: the setting, a {file, column} dict, or None) when it is set."""
     files = {split: raw_dir / f"{split}.parquet" for split in SPLITS}
     files["item_info"] = raw_dir / ITEM_FILE
     if (raw_dir / ITEM_FEATURE_FILE).exists():
         files["item_feature"] = raw_dir / ITEM_FEATURE_FILE
+    if item_emb is not None:
+        files["item_emb"] = raw_dir / item_emb["file"]
     return files
 
 
@@ -50,15 +57,16 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def raw_records(raw_dir: Path, known: dict | None = None) -> dict[str, dict]:
-    """Per input file: size, mtime and content hash. With ``known`` (a processed folder's record) a
-    file whose size and mtime are unchanged keeps its recorded hash unread (the later stages'
-    cheap check); without it every file is hashed (preprocess: an edit that restored the mtime is
-    still seen)."""
+def raw_records(raw_dir: Path, known: dict | None = None, item_emb: dict | None = None) -> dict[str, dict]:
+    """Per input file (input_files): size, mtime and content hash. With ``known`` (a processed
+    folder's record) a file whose size and mtime are unchanged keeps its recorded hash unread (the
+    later stages' cheap check); without it every file is hashed (preprocess: an edit that restored
+    the mtime is still seen)."""
     records = {}
-    for name, path in input_files(Path(raw_dir)).items():
+    for name, path in input_files(Path(raw_dir), item_emb).items():
         if not path.is_file():
-            raise common.UserError(f"{path}: file not found")
+            named_by = " (named by data.item_emb.file, relative to data.raw_dir)" if name == "item_emb" else ""
+            raise common.UserError(f"{path}: file not found{named_by}")
         stat = path.stat()
         old = (known or {}).get(name) or {}
         same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns
@@ -71,24 +79,27 @@ def fingerprint_of(records: dict[str, dict], data: dict) -> str:
     """What the processed folder depends on: every input's content (adding or removing the optional
     item_feature.parquet changes it too) and the settings that change the output. No path and no
     time: a moved or copied checkout, a work folder attached at another path, the same files
-    copied to another node all give the same fingerprint, and their finished runs stay valid."""
+    copied to another node all give the same fingerprint, and their finished runs stay valid.
+    An optional setting left null adds nothing: the fingerprint of a folder built before it existed."""
     return common.config_hash({"format_version": FORMAT_VERSION,
                                "files": {name: [r["size"], r["blake2b"]] for name, r in sorted(records.items())},
-                               **{key: data[key] for key in BUILD_SETTINGS}})
+                               **{key: data[key] for key in BUILD_SETTINGS},
+                               **{key: data[key] for key in OPTIONAL_SETTINGS if data.get(key) is not None}})
 
 
 def fingerprint(cfg: dict) -> str:
     """The fingerprint of the config's raw files, every one hashed."""
-    return fingerprint_of(raw_records(Path(cfg["data"]["raw_dir"])), cfg["data"])
+    data = checked_data(cfg)
+    return fingerprint_of(raw_records(Path(data["raw_dir"]), item_emb=data["item_emb"]), data)
 
 
 def raw_files_changed(manifest: dict, raw_dir: str | os.PathLike) -> bool:
     """Whether the files at ``raw_dir`` differ from those the processed folder was built from
     (False when they are gone: there is nothing to compare with). Files whose size and mtime match
     the folder's record are not read again."""
-    data = {key: manifest.get(key) for key in BUILD_SETTINGS}
+    data = {key: manifest.get(key) for key in BUILD_SETTINGS + OPTIONAL_SETTINGS}
     try:
-        records = raw_records(Path(raw_dir), known=manifest.get("raw_files"))
+        records = raw_records(Path(raw_dir), known=manifest.get("raw_files"), item_emb=data["item_emb"])
     except common.UserError:
         return False
     return fingerprint_of(records, data) != manifest.get("fingerprint")
@@ -105,10 +116,24 @@ def require_current(processed: Path, manifest: dict, raw_dir: str | os.PathLike)
 
 # the data settings a processed folder is built with, which every later stage must share
 BUILD_SETTINGS = ("n_folds", "fold_seed", "emb_dtype")
+# the same, for settings added later whose null default builds what the repo built before them: a
+# manifest without the key means null, and a null one is left out of the fingerprint and the
+# manifest, so folders (and the runs made from them) built before the key existed stay current
+OPTIONAL_SETTINGS = ("item_emb",)
+
+
+def setting_text(value) -> str:
+    """A data setting as a --set value parses it back (YAML: null, a {key: value} mapping)."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {setting_text(item)}" for key, item in value.items()) + "}"
+    return str(value)
 
 
 def preprocess_command(data: dict) -> str:
-    sets = " ".join(f"--set data.{key}={data[key]}" for key in ("raw_dir", "work_dir", *BUILD_SETTINGS))
+    keys = ("raw_dir", "work_dir", *BUILD_SETTINGS, *(k for k in OPTIONAL_SETTINGS if data.get(k) is not None))
+    sets = " ".join(f"--set {shlex.quote(f'data.{key}={setting_text(data[key])}')}" for key in keys)
     return f"python src/preprocess.py --config configs/data.yaml {sets}"
 
 
@@ -125,11 +150,12 @@ def load_current(cfg: dict) -> tuple[Path, dict, dict]:
     if not (processed / "manifest.json").is_file():
         raise common.UserError(f"{processed}: no processed data yet: run `{preprocess_command(data)}` first")
     arrays, manifest = load_processed(processed)
-    for key in BUILD_SETTINGS:
+    for key in BUILD_SETTINGS + OPTIONAL_SETTINGS:
         if manifest.get(key) != data[key]:
+            built, says = setting_text(manifest.get(key)), setting_text(data[key])
             raise common.UserError(
-                f"{processed}: built with data.{key}={manifest.get(key)}, the config says {data[key]}: "
-                f"pass --set data.{key}={manifest.get(key)}, or rebuild with `{preprocess_command(data)}` "
+                f"{processed}: built with data.{key}={built}, the config says {says}: "
+                f"pass --set {shlex.quote(f'data.{key}={built}')}, or rebuild with `{preprocess_command(data)}` "
                 f"(runs trained on the old folders must then be retrained)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise common.UserError(f"{processed}: written by another version of src/preprocess.py (format "
@@ -137,6 +163,14 @@ def load_current(cfg: dict) -> tuple[Path, dict, dict]:
                                f"rebuild with `{preprocess_command(data)}`")
     require_current(processed, manifest, data["raw_dir"])
     return processed, arrays, manifest
+
+
+@dataclass(kw_only=True)
+class ItemEmbSource:
+    """data.item_emb: the items' multimodal vectors from ``column`` of ``file`` (relative to
+    data.raw_dir; keyed by item_id, no row for the padding item) instead of item_info's item_emb_d128."""
+    file: str = field(default=ITEM_EMB_FILE, metadata={"nonempty": True})
+    column: str = field(metadata={"nonempty": True})  # e.g. item_emb_d128_v3 (Gavin113's choice)
 
 
 @dataclass
@@ -147,6 +181,7 @@ class DataConfig:
     n_folds: int = field(default=3, metadata={"min": 2})  # stratified folds over train, for OOF predictions
     fold_seed: int = 20242025
     emb_dtype: EmbDtype = "float32"   # float16 halves the multimodal table in memory
+    item_emb: ItemEmbSource | None = None  # null: item_info's item_emb_d128
 
 
 def checked_data(cfg: dict) -> dict:

@@ -36,13 +36,13 @@ def score_submission(path: str | os.PathLike, cfg: dict, column: str) -> dict:
             "oracle_auc": None if oracle_prob is None else float(roc_auc(labels, oracle_prob))}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("submission", help="submission .zip (prediction.csv inside) or .csv")
     common.add_config_args(parser, "blend.yaml")
     parser.add_argument("--column", default=None,
                         help="prediction column (default: blend.submission.column, else Task2)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = common.config_from_args(args)
     result = score_submission(args.submission, cfg, configured_column(cfg, args.column))
     print(f"{args.submission}: valid submission, {result['rows']:,} rows")

@@ -117,12 +117,12 @@ def run_single(cfg: dict) -> dict:
     return metrics
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_config_args(parser, "blend.yaml")
     parser.add_argument("--choose", action="store_true",
                         help="only print the run the submission would use (its refit must exist for the rest)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = common.config_from_args(args)
     if args.choose:
         settings, blend_settings = checked_settings(cfg)

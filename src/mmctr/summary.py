@@ -62,10 +62,10 @@ def single_metrics(folder) -> dict | None:
     return metrics
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_config_args(parser, "blend.yaml")
-    cfg = common.config_from_args(parser.parse_args())
+    cfg = common.config_from_args(parser.parse_args(argv))
     rows, blend = summary_rows(cfg)
     cell = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
     table = [("model", "OOF AUC", "holdout AUC", "test AUC")] + [(r[0], *map(cell, r[1:])) for r in rows]

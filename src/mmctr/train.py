@@ -120,11 +120,25 @@ def checked_config(cfg: dict, device: str | None) -> dict:
     return parse_config(cfg, device)[0]
 
 
+# Keys added after runs were first made, with the value that switches them off (and the keys that
+# only matter when on): a run made before such a key existed computed what its off value computes,
+# so at that value the keys are left out of the fingerprint and the run's finished folds stay valid.
+ADDED_LATER_OFF = {("data", "item_emb"): (None, ()),
+                   ("model", "target_attention_layers"): (0, ("target_attention_heads", "target_attention_dropout")),
+                   ("train", "cuda_graphs"): (False, ()), ("train", "foreach_l2"): (False, ()),
+                   ("train", "adam_impl"): ("auto", ())}
+
+
 def fingerprint_of(cfg: dict, manifest: dict) -> dict:
-    """What the outputs depend on: the config (minus run-time-only keys) and the processed data."""
+    """What the outputs depend on: the config (minus run-time-only keys and added keys that are
+    off) and the processed data."""
     relevant = copy.deepcopy(cfg)
     for section, key in RUN_TIME_ONLY_KEYS:
         relevant[section].pop(key, None)
+    for (section, key), (off, only_when_on) in ADDED_LATER_OFF.items():
+        if key in relevant.get(section, {}) and relevant[section][key] == off:
+            for name in (key, *only_when_on):
+                relevant[section].pop(name, None)
     return {"config_hash": common.config_hash(relevant), "data_fingerprint": manifest["fingerprint"]}
 
 
@@ -179,6 +193,12 @@ def load_to_device(arrays: dict, device: torch.device) -> dict:
 # one fold
 # ---------------------------------------------------------------------------------------------
 
+# A process training folds beside other such processes (src/mmctr/stages.py's fold workers) draws
+# no progress bars and prints no run summary: its lines interleave with the others', and the train
+# stage that runs after the workers reports each run whole.
+QUIET_WORKER = False
+
+
 class Progress:
     """A tqdm bar per epoch, fed by fit's progress reports (the running loss every log_every steps)."""
 
@@ -190,7 +210,8 @@ class Progress:
             self.close()
             self.epoch = epoch
             self.bar = tqdm(total=total, desc=f"{self.name} epoch {epoch}", unit="rows", unit_scale=True,
-                            leave=False, mininterval=1.0, dynamic_ncols=True, smoothing=0)
+                            leave=False, mininterval=1.0, dynamic_ncols=True, smoothing=0,
+                            disable=QUIET_WORKER)
         self.bar.update(done - self.bar.n)
         if loss == loss:  # not NaN: the start of an epoch has no loss yet
             self.bar.set_postfix(loss=f"{loss:.4f}")
@@ -233,7 +254,7 @@ def train_fold(fold: int | str, cfg: dict, train_cfg: TrainConfig, data: dict, t
         eval_sets = {"fold": ("train", torch.from_numpy(holdout_host).to(device)), "valid": ("valid", valid_rows)}
         monitor = {"valid": "valid", "holdout": "fold"}[train_cfg.early_stopping]
         stopping = train_cfg.early_stopping
-    name = "refit" if refit else f"fold {fold}"
+    name = f"{run_dir.name} " + ("refit" if refit else f"fold {fold}")
     use_bf16 = bf16_enabled(settings, device)
     rank, world = rank_and_world()
     where = str(device) if world == 1 else f"{world} processes on {device.type} (DDP)"
@@ -333,7 +354,7 @@ def train_claimed_folds(todo: list, cfg: dict, train_cfg: TrainConfig, arrays: d
         [claimed] = from_rank0([main and runs.claim_fold(run_dir, k)])
         if not claimed:
             if main:
-                common.log(f"fold {k}: taken by another worker (being trained or done), skipped")
+                common.log(f"{run_dir.name} fold {k}: taken by another worker (being trained or done), skipped")
             continue
         try:
             if main:
@@ -470,6 +491,8 @@ def train_in_run_folder(cfg: dict, train_cfg: TrainConfig, arrays: dict, manifes
         labels = {split: np.asarray(arrays[f"{split}_label"], dtype=np.float64) for split in ("train", "valid")}
         oracle = {split: common.read_oracle_prob(raw_dir, split) for split in ("train", "valid")}
         metrics = runs.write_aggregates(run_dir, n_folds, labels, oracle)
+    if QUIET_WORKER:
+        return run_dir
     print_summary(run_dir, done, missing, metrics, time.time() - run_start)
     if runs.fold_done(run_dir, runs.REFIT):
         m = runs.fold_metrics(run_dir, runs.REFIT)
@@ -511,7 +534,8 @@ def parse_devices(text: str) -> list[str]:
     return devices
 
 
-def main() -> None:
+def parse_cli(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict]:
+    """train.py's arguments and the config they name (with its --set overrides applied)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_config_args(parser, "qin.yaml")
@@ -525,7 +549,7 @@ def main() -> None:
     parser.add_argument("--refit", action="store_true",
                         help="train the refit instead of folds: one model on every train row "
                              "(train.refit_epochs says how long), written to the run's refit/ folder")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.refit and args.folds is not None:
         parser.error("--refit trains on every train row: it takes no --folds")
     if args.devices and args.device:
@@ -533,7 +557,12 @@ def main() -> None:
     under_torchrun = "LOCAL_RANK" in os.environ
     if under_torchrun and args.devices:
         parser.error("under torchrun the processes train each fold together: give --device, not --devices")
-    cfg = common.config_from_args(args)
+    return args, common.config_from_args(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, cfg = parse_cli(argv)
+    under_torchrun = "LOCAL_RANK" in os.environ
     device = args.device
     if under_torchrun:
         device = start_torchrun_process(parse_config(cfg, device)[1].device)

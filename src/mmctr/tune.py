@@ -370,7 +370,7 @@ def print_summary(study: optuna.Study, settings: TuneConfig, storage_url: str, o
     print(f"look at it: optuna-dashboard {storage_url}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_config_args(parser, "tune/qin_small.yaml")
     parser.add_argument("--storage", default=None, metavar="URL",
@@ -380,7 +380,7 @@ def main() -> None:
                         help="one worker process per device, all on one study, e.g. cuda:0,cuda:1 or cpu,cpu")
     parser.add_argument("--out", type=Path, default=None,
                         help="the best trial's config (default: configs/<study>_tuned.yaml)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trials' own lines say what happens
     if args.device and args.devices:
         parser.error("give --device or --devices, not both")

@@ -15,13 +15,13 @@ from mmctr import common
 from mmctr.submission import DEFAULT_COLUMN, configured_column, expected_test_ids, validate_submission
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", help="submission .zip (prediction.csv inside) or .csv")
     common.add_config_args(parser, "blend.yaml")
     parser.add_argument("--column", default=None,
                         help=f"prediction column (default: blend.submission.column, else {DEFAULT_COLUMN})")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = common.config_from_args(args)
     expected_ids = expected_test_ids(cfg)
     validate_submission(args.file, expected_ids, configured_column(cfg, args.column))

@@ -21,8 +21,12 @@ Steps, in the order of what the figures are worth (GPU mode; --cpu rehearses the
    generated, so these cost the bench nothing.)
 4. bench, eager: ONE tools/bench.py process, data uploaded once: qin for one whole epoch of the
    3.6M train rows and the whole 379,142-row test split (the targets), then dcnv2_tf, din_tf,
-   transformer_dcn_gpu and simqin for a few steps (the projection).
-5. bench, compiled QIN: the same epoch with train.compile=true (compiled / eager ratio).
+   transformer_dcn_gpu and simqin for a few steps (the projection); each config then profiled
+   over a few more steps (bench.py --profile: top kernels, launches and GPU idle time per step)
+   into PROFILE_FILE.
+5. bench, QIN with CUDA graphs: the same epoch with train.cuda_graphs=true (the whole step replayed
+   from a CUDA graph; the CPU rehearsal runs fit's graph path with --rehearse-cuda-graphs), then
+   compiled QIN: the same epoch with train.compile=true (ratios to eager).
 6. correctness variants while time remains: the published configs with train.bf16=false and
    train.compile=true, QIN rerun (CUDA's run-to-run noise); a variant agrees with the default run
    when its fold and valid AUCs are within AUC_TOLERANCE and its mean test prediction within
@@ -33,11 +37,11 @@ Steps, in the order of what the figures are worth (GPU mode; --cpu rehearses the
 A step that does not run is recorded as skipped with the reason. Outputs, at most MAX_OUT_FILES
 files in --out (default $OUT when set, else gpu_check_out/), rewritten after every step so a run
 cut short keeps what it measured: gpu_check.json (everything), gpu_check.md (a section for
-docs/BENCHMARKS.md), bench_lines.jsonl (bench's lines as printed) and logs.tgz (every command's
-stdout and stderr). The last line printed on stdout is a one-line JSON summary of every target
-figure (prefix SUMMARY_PREFIX), for a reply that keeps only the end of the output. Generated data
-and the logs go to --data-root (default ${TMPDIR:-/tmp}/gpu_check_data), never into the
-repository. Exit code 0 when every step ran and every correctness check passed; 1 otherwise (the
+docs/BENCHMARKS.md), bench_lines.jsonl (bench's lines as printed), profile.json (bench's profile
+of one training step per config) and logs.tgz (every command's stdout and stderr). The last line
+printed on stdout is a one-line JSON summary of every target figure (prefix SUMMARY_PREFIX), for a
+reply that keeps only the end of the output. Generated data and the logs go to --data-root
+(default ${TMPDIR:-/tmp}/gpu_check_data), never into the repository. Exit code 0 when every step ran and every correctness check passed; 1 otherwise (the
 speed targets are reported, they do not fail the run).
 """
 from __future__ import annotations
@@ -58,9 +62,10 @@ from pathlib import Path
 
 from gpu_check_report import markdown, summary, targets
 from gpu_check_runner import Runner
-from gpu_check_steps import (FOLD_OVERHEAD_S, MAX_OUT_FILES, MODES, PROCESS_OVERHEAD_S, SUMMARY_PREFIX, bench_argv,
-                             correctness_report, correctness_runs, data_dirs, prepare_preset, projection,
-                             qin_full_epoch, run_correctness, step_bench, step_environment)
+from gpu_check_steps import (BENCH_SETS, FOLD_OVERHEAD_S, MAX_OUT_FILES, MODES, PROCESS_OVERHEAD_S, PROFILE_FILE,
+                             SUMMARY_PREFIX, bench_argv, bench_root, correctness_report, correctness_runs, data_dirs,
+                             prepare_preset, profile_report, projection, qin_full_epoch, run_correctness,
+                             step_bench, step_environment)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +85,7 @@ def parse_step_limit(text: str) -> tuple[str, float]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true",
-                        help="the CPU rehearsal of every GPU-mode path: tiny and demo presets, *_small configs")
+                        help="the CPU rehearsal of every GPU-mode path: the tiny preset (check and bench data), *_small configs")
     parser.add_argument("--out", default=None,
                         help=f"output folder, at most {MAX_OUT_FILES} files (default: $OUT when set, "
                              "else gpu_check_out)")
@@ -119,6 +124,7 @@ def main(argv=None) -> int:
     out = Path(args.out or os.environ.get("OUT") or "gpu_check_out").resolve()
     root = Path(args.data_root or Path(os.environ.get("TMPDIR", "/tmp")) / "gpu_check_data").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    (out / PROFILE_FILE).unlink(missing_ok=True)  # this run's profile only
     logs = root / "logs"
     shutil.rmtree(logs, ignore_errors=True)  # this run's logs only, in logs.tgz
     budget = args.budget or MODES[mode_name]["budget"]
@@ -167,7 +173,7 @@ class Check:
 
         def make_bench_data():
             bench_data.update(guarded(r, "bench_data", lambda: prepare_preset(
-                r, self.py, self.root, mode["bench_preset"], "bench_data", limits["bench_data"]),
+                r, self.py, bench_root(mode, self.root), mode["bench_preset"], "bench_data", limits["bench_data"]),
                 {"status": "failed"}))
         background = threading.Thread(target=make_bench_data, daemon=True)
         background.start()
@@ -190,15 +196,17 @@ class Check:
         self.report["data"] = {"preset": mode["bench_preset"], **bench_data} if not background.is_alive() else {
             "preset": mode["bench_preset"], "status": "timeout"}
         if bench_data.get("status") == "ok" and not background.is_alive():
-            self.bench("bench_eager", list(mode["models"]), [])
+            self.bench("bench_eager", list(mode["models"]), "eager",
+                       ["--profile", str(self.out / PROFILE_FILE), "--profile-steps", str(mode["profile_steps"])])
+            self.bench("bench_graphs", ["qin"], "graphs", mode["graphs_flags"])
             if self.compile_on:
-                self.bench("bench_compiled", ["qin"], ["train.compile=true"])
+                self.bench("bench_compiled", ["qin"], "compiled")
             else:
                 r.skip("bench_compiled", "compile off (--no-compile)")
         else:
             why = f"no {mode['bench_preset']} data (data step: {self.report['data'].get('status')})"
-            r.skip("bench_eager", why)
-            r.skip("bench_compiled", why)
+            for name in ("bench_eager", "bench_graphs", "bench_compiled"):
+                r.skip(name, why)
         self.write()
 
         variants = [run for run in runs if run["variant"] != "default"]
@@ -207,9 +215,9 @@ class Check:
                 r, variants, work, limits["correctness_run"], self.jobs), {}))
         return self.write(final=True)
 
-    def bench(self, name: str, models: list[str], sets: list[str]) -> None:
-        argv = bench_argv(self.mode, self.py, self.root, self.device, models, sets)
-        which = "compiled" if sets else "eager"
+    def bench(self, name: str, models: list[str], which: str, extra: list[str] = ()) -> None:
+        sets = BENCH_SETS[which] + self.mode.get("bench_sets", {}).get(which, [])
+        argv = bench_argv(self.mode, self.py, self.root, self.device, models, sets, extra)
         self.raw_lines += guarded(self.r, name, lambda: step_bench(
             self.r, name, argv, self.mode["limits"][name], self.benches, self.mode, models, which), [])
 
@@ -236,6 +244,8 @@ class Check:
         report["projection_compiled"] = guarded(r, "projection", lambda: projection(
             self.benches, self.mode, data, self.args.blend_seconds, "compiled"), no_projection) \
             if self.compile_on else None
+        report["profile"] = guarded(r, "profile", lambda: profile_report(self.out / PROFILE_FILE),
+                                    {"file": PROFILE_FILE, "status": "unreadable", "configs": []})
         report["raw_bench_lines"] = self.raw_lines
         report["targets"] = guarded(r, "targets", lambda: targets(report), [])
         report["steps"] = r.steps

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from gpu_check_steps import AUC_ABOVE_CHANCE, AUC_TOLERANCE, MEAN_PRED_TOLERANCE, compile_ratio
+from gpu_check_steps import (AUC_ABOVE_CHANCE, AUC_TOLERANCE, BENCH_KINDS, BENCH_LABELS, MEAN_PRED_TOLERANCE,
+                             ratio_to_eager)
 from mmctr.common import first_line
 
 
@@ -65,24 +66,27 @@ def markdown(report: dict) -> str:
               f"{fmt(d.get('generate_workers'))}` in {fmt(d.get('generate_seconds'))} s, then `preprocess.py "
               f"--force` in {fmt(d.get('preprocess_seconds'))} s (in the background, while the correctness "
               f"runs trained); rows {json.dumps(d.get('rows'))}. One `tools/bench.py` process measured the "
-              "configs eagerly on data uploaded once, a second one QIN compiled.", "",
-              "| config | compile | dtype | steps | train rows/s | train FLOPs/row | fraction of peak | peak mem train | "
+              "configs eagerly on data uploaded once (and profiled them, section 5), a second one QIN with "
+              "`train.cuda_graphs=true`, a third QIN compiled.", "",
+              "| config | step | dtype | steps | train rows/s | train FLOPs/row | fraction of peak | peak mem train | "
               "predict rows/s | predict FLOPs/row | peak mem predict | status |",
               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for b in report["bench"]:
-        for which in ("eager", "compiled"):
+        for which in BENCH_KINDS:
             if which not in b["status"]:
                 continue
             tr, pr = b[which].get("train") or {}, b[which].get("predict") or {}
-            lines.append(f"| {b['config']} | {'yes' if which == 'compiled' else 'no'} | {tr.get('dtype') or '—'} | "
+            status = b["status"][which] + graphs_note(tr.get("cuda_graphs"))
+            lines.append(f"| {b['config']} | {BENCH_LABELS[which]} | {tr.get('dtype') or '—'} | "
                          f"{fmt(tr.get('steps'))} | {fmt(tr.get('rows_per_s'))} | {fmt(tr.get('flops_per_row'))} | "
                          f"{fmt(tr.get('fraction_of_peak'), 3)} | {mib(tr.get('peak_memory_bytes'))} | "
                          f"{fmt(pr.get('rows_per_s'))} | {fmt(pr.get('flops_per_row'))} | "
-                         f"{mib(pr.get('peak_memory_bytes'))} | {b['status'][which]} |")
-        ratio = compile_ratio(b)
-        if ratio:
-            lines.append(f"| {b['config']} compiled / eager | | | | x{fmt(ratio['train'], 3)} | | | | "
-                         f"x{fmt(ratio['predict'], 3)} | | | |")
+                         f"{mib(pr.get('peak_memory_bytes'))} | {cell(status)} |")
+        for which in BENCH_KINDS[1:]:
+            ratio = ratio_to_eager(b, which)
+            if ratio:
+                lines.append(f"| {b['config']} {which} / eager | | | | x{fmt(ratio['train'], 3)} | | | | "
+                             f"x{fmt(ratio['predict'], 3)} | | | |")
     lines.append("")
 
     q = report["qin_full_epoch"]
@@ -90,11 +94,11 @@ def markdown(report: dict) -> str:
               f"({fmt(q.get('test_rows'))} rows)", "",
               f"`bench.py --config configs/{report['models']['qin']}.yaml@epoch`: {fmt(q.get('steps'))} steps "
               "(= ceil(train rows / batch)), then the whole test split.", "",
-              "| compile | train rows/s (>= 1,000,000) | epoch s (< 5) | test predict s (< 1) | epoch + predict s |",
+              "| step | train rows/s (>= 1,000,000) | epoch s (< 5) | test predict s (< 1) | epoch + predict s |",
               "|---|---:|---:|---:|---:|"]
     for which, v in q.get("variants", {}).items():
         ok = v["pass"]
-        lines.append(f"| {'yes' if which == 'compiled' else 'no'} | {fmt(v['train_rows_per_s'])} "
+        lines.append(f"| {BENCH_LABELS[which]} | {fmt(v['train_rows_per_s'])} "
                      f"{verdict(ok['train_rows_per_s'])} | {fmt(v['epoch_seconds'], 3)} {verdict(ok['epoch_seconds'])} | "
                      f"{fmt(v['test_predict_seconds'], 3)} {verdict(ok['test_predict_seconds'])} | "
                      f"{fmt(v['epoch_plus_predict_seconds'], 3)} |")
@@ -154,6 +158,8 @@ def markdown(report: dict) -> str:
         lines += ["", f"Skipped: {s}."]
     lines.append("")
 
+    lines += profile_section(report.get("profile") or {})
+
     lines += ["#### Steps", "", "| step | status | seconds | limit s |", "|---|---|---:|---:|"]
     for s in report["steps"]:
         why = f": {cell(first_line(s.get('error'))[:160])}" if s.get("error") else ""
@@ -164,14 +170,42 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def graphs_note(field) -> str:
+    """What train.cuda_graphs did, for the status column (nothing when it was off)."""
+    if not field:
+        return ""
+    if field.get("mode") == "off":
+        return f" (cuda_graphs off: {field.get('why')})"
+    if field.get("failed"):
+        return f" (capture failed, eager: {field['failed']})"
+    return f" ({field.get('mode')}: graphs for {field.get('graphs')} rows, {field.get('replays')} replays)"
+
+
+def profile_section(profile: dict) -> list[str]:
+    lines = ["#### 5. Profile of one training step", "",
+             f"`tools/bench.py --profile` after each config's eager measurements ({profile.get('file')}, "
+             f"{profile.get('status')}): torch.profiler over a few more steps; the step time is the profiled "
+             "wall time per step (the profiler's overhead included), launches are CUDA kernels per step (on "
+             "a CPU: leaf aten ops), GPU idle is the sum of the gaps between kernels per step.", "",
+             "| config | step ms (unprofiled) | launches per step | launch calls per step | GPU busy ms | "
+             "GPU idle ms | top 3 by self time (% of the step) |", "|---|---:|---:|---:|---:|---:|---|"]
+    for c in profile.get("configs", []):
+        top = "; ".join(f"{t['name'][:60]} {fmt(t.get('pct_of_step'), 3)} %" for t in c.get("top3", []))
+        lines.append(f"| {c.get('config')} | {fmt(c.get('step_ms'), 4)} ({fmt(c.get('unprofiled_step_ms'), 4)}) | "
+                     f"{fmt(c.get('launches_per_step'), 4)} | {fmt(c.get('launch_calls_per_step'), 4)} | "
+                     f"{fmt(c.get('gpu_busy_ms_per_step'), 4)} | {fmt(c.get('gpu_idle_ms_per_step'), 4)} | "
+                     f"{cell(top)} |")
+    return lines + [""]
+
+
 def targets(report: dict) -> list[dict]:
     out = []
     q = report["qin_full_epoch"]["variants"]
-    for which in ("eager", "compiled"):
+    for which in BENCH_KINDS:
         v = q.get(which)
         if not v:
             out.append({"target": f"QIN ({which}) full epoch and test prediction", "measured": "not measured",
-                        "pass": None if which == "compiled" else False})
+                        "pass": None if which != "eager" else False})
             continue
         out += [
             {"target": f"QIN ({which}) train rows/s >= 1,000,000", "measured": fmt(v["train_rows_per_s"]),
@@ -193,6 +227,10 @@ def targets(report: dict) -> list[dict]:
     return out
 
 
+def rounded(value):
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
 def summary(report: dict) -> dict:
     """Every target figure in one compact object: the last line of stdout."""
     def short(figures: dict) -> dict:
@@ -208,7 +246,11 @@ def summary(report: dict) -> dict:
         "wall_s": report["wall_seconds"],
         "data_s": {k: report["data"].get(k) for k in ("generate_seconds", "preprocess_seconds")},
         "bench": {f"{b['config']}/{which}": short(b[which]) for b in report["bench"]
-                  for which in ("eager", "compiled") if b[which]},
+                  for which in BENCH_KINDS if b.get(which)},
+        "profile": {c["config"].rsplit("/", 1)[-1].removesuffix(".yaml"): [
+            rounded(c.get("step_ms")), rounded(c.get("launches_per_step")), rounded(c.get("gpu_idle_ms_per_step"))]
+            for c in (report.get("profile") or {}).get("configs", [])},
+        "profile_fields": "step_ms, launches_per_step, gpu_idle_ms_per_step",
         "qin_epoch_s": {w: round(v["epoch_seconds"], 3) for w, v in epoch.items()},
         "qin_test_predict_s": {w: round(v["test_predict_seconds"], 3) for w, v in epoch.items()},
         "run_sh_full_projected_s": report["projection"].get("total_seconds"),

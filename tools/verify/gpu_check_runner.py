@@ -27,7 +27,8 @@ class Runner:
     """Runs commands as subprocesses with per-command limits inside one overall deadline; every
     command's stdout and stderr go to logs/<name>.out|.err."""
 
-    def __init__(self, logs: Path, budget_s: float, step_limits: dict[str, float]):
+    def __init__(self, logs: Path, budget_s: float, step_limits: dict[str, float], name: str = "gpu_check"):
+        self.name = name  # what its progress lines start with
         self.started = time.monotonic()
         self.deadline = self.started + budget_s
         self.logs = logs
@@ -47,7 +48,7 @@ class Runner:
         return self.deadline - RESERVE_S - time.monotonic()
 
     def say(self, text: str) -> None:
-        print(f"[gpu_check {self.elapsed():5.0f} s] {text}", file=sys.stderr, flush=True)
+        print(f"[{self.name} {self.elapsed():5.0f} s] {text}", file=sys.stderr, flush=True)
 
     def record(self, step: dict) -> dict:
         with self.lock:

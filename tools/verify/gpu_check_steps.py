@@ -54,11 +54,18 @@ MODES = {
         # bench steps per config: QIN one whole epoch (the targets), the others enough for a rate
         "bench_steps": {"qin": "epoch", "dcnv2_tf": 60, "din_tf": 60, "transformer_dcn": 40, "simqin": 60},
         "warmup": 10, "budget": 470, "jobs": 6, "compile": True, "peak": [],
+        # bench_eager profiles each config (tools/bench.py --profile); bench_graphs is QIN's epoch
+        # with its step replayed from CUDA graphs
+        "profile_steps": 5, "graphs_flags": [],
         "limits": {"environment": 60, "check_data": 120, "bench_data": 300, "correctness_run": 150,
-                   "bench_eager": 180, "bench_compiled": 180},
+                   "bench_eager": 210, "bench_graphs": 120, "bench_compiled": 180},
     },
     "cpu": {  # the rehearsal: every GPU-mode path on small data (tests/test_gpu_check.py)
-        "device": "cpu", "check_preset": "tiny", "bench_preset": "demo", "folds": 3,
+        "device": "cpu", "check_preset": "tiny", "bench_preset": "tiny", "folds": 3,
+        # the bench data in a folder of its own under the data root (GPU mode: the data root
+        # itself): the same preset as the check data, still generated and preprocessed by the
+        # bench data step, beside the check data, as the full preset is on a GPU
+        "bench_root": "bench",
         "models": {"qin": "qin_small", "dcnv2_tf": "dcnv2_tf_small", "din_tf": "din_tf_small",
                    "transformer_dcn": "transformer_dcn_small", "simqin": "simqin_small"},
         "check_sets": ["train.batch_size=128", "train.max_epochs=2"],
@@ -68,12 +75,25 @@ MODES = {
         "model_sets": {"qin": ["model.dropout=0.0"]},
         "variants": {"qin": ("fp32", "compile", "rerun")},
         "bench_steps": {"qin": "epoch", "dcnv2_tf": 2, "din_tf": 2, "transformer_dcn": 2, "simqin": 2},
+        # the compiled bench builds the very QIN of the compiled correctness run (its model_sets):
+        # the same graphs, so that run loads them from the inductor cache (TORCHINDUCTOR_CACHE_DIR)
+        # instead of compiling them again (a CPU compiles for half a minute; the rows dimension is
+        # dynamic, so the batch sizes may differ)
+        "bench_sets": {"compiled": ["model.dropout=0.0"]},
         "warmup": 1, "budget": 600, "jobs": 2, "compile": True, "peak": ["--peak-tflops", "matmul"],
+        # a CPU has no CUDA graphs: fit's graph path runs with every capture a call of the function
+        "profile_steps": 1, "graphs_flags": ["--rehearse-cuda-graphs"],
         "limits": {"environment": 60, "check_data": 90, "bench_data": 120, "correctness_run": 300,
-                   "bench_eager": 240, "bench_compiled": 300},
+                   "bench_eager": 240, "bench_graphs": 120, "bench_compiled": 300},
     },
 }
 PUBLISHED = ("qin", "dcnv2_tf", "din_tf")
+# the bench steps' figures per model: eager (every config), compiled and graphs (QIN's epoch with
+# train.compile=true, with train.cuda_graphs=true); each step's --set
+BENCH_KINDS = ("eager", "compiled", "graphs")
+BENCH_SETS = {"eager": [], "compiled": ["train.compile=true"], "graphs": ["train.cuda_graphs=true"]}
+BENCH_LABELS = {"eager": "eager", "compiled": "compiled", "graphs": "CUDA graphs"}
+PROFILE_FILE = "profile.json"  # bench_eager's --profile, written into the output folder
 VARIANT_SETS = {"fp32": ["train.bf16=false"], "compile": ["train.compile=true"], "rerun": []}
 COMPARISONS = {"fp32": "bf16 autocast vs float32 (TF32 matmuls on CUDA)",
                "compile": "torch.compile vs eager", "rerun": "eager vs eager rerun (run-to-run noise)"}
@@ -140,6 +160,11 @@ def step_environment(r: Runner, py: str, mode_name: str, limit: float) -> dict:
 
 def data_dirs(root: Path, preset: str) -> tuple[Path, Path]:
     return root / preset, root / "work" / preset  # run.sh's and bench.py's layout
+
+
+def bench_root(mode: dict, root: Path) -> Path:
+    """Where the bench preset lives: the data root, or the mode's folder under it."""
+    return root / mode["bench_root"] if mode.get("bench_root") else root
 
 
 def data_sets(root: Path, preset: str) -> list[str]:
@@ -305,15 +330,20 @@ def parse_lines(path: Path) -> tuple[list[str], list[dict]]:
 
 
 BENCH_FIELDS = ("rows", "seconds", "rows_per_s", "flops_per_row", "achieved_tflops", "peak_tflops",
-                "fraction_of_peak", "peak_memory_bytes", "dtype", "batch_size", "steps", "params")
+                "fraction_of_peak", "peak_memory_bytes", "dtype", "batch_size", "steps", "params", "cuda_graphs")
 
 
-def bench_argv(mode: dict, py: str, root: Path, device: str, models: list[str], sets: list[str]) -> list[str]:
-    argv = [py, "tools/bench.py", "--preset", mode["bench_preset"], "--data-root", str(root),
+def bench_argv(mode: dict, py: str, root: Path, device: str, models: list[str], sets: list[str],
+               extra: list[str] = ()) -> list[str]:
+    argv = [py, "tools/bench.py", "--preset", mode["bench_preset"], "--data-root", str(bench_root(mode, root)),
             "--device", device, "--warmup", str(mode["warmup"]), *mode["peak"]]
     for model in models:
         argv += ["--config", f"configs/{mode['models'][model]}.yaml@{mode['bench_steps'][model]}"]
-    return argv + [a for s in sets for a in ("--set", s)]
+    return argv + [a for s in sets for a in ("--set", s)] + list(extra)
+
+
+def empty_bench(mode: dict, model: str) -> dict:
+    return {"model": model, "config": mode["models"][model], **{kind: {} for kind in BENCH_KINDS}, "status": {}}
 
 
 def step_bench(r: Runner, name: str, argv: list[str], limit: float, benches: dict, mode: dict,
@@ -327,29 +357,49 @@ def step_bench(r: Runner, name: str, argv: list[str], limit: float, benches: dic
         model = by_config.get(rec.get("config"))
         if model is None or rec.get("measure") not in ("train", "predict"):
             continue
-        entry = benches.setdefault(model, {"model": model, "config": mode["models"][model], "eager": {},
-                                           "compiled": {}, "status": {}})
-        entry[which][rec["measure"]] = {k: rec.get(k) for k in BENCH_FIELDS}
+        entry = benches.setdefault(model, empty_bench(mode, model))
+        entry[which][rec["measure"]] = {k: rec.get(k) for k in BENCH_FIELDS if k in rec}
         entry["device_name"] = rec.get("device_name")
     for model in models:  # the step's status for every config it was meant to measure
-        entry = benches.setdefault(model, {"model": model, "config": mode["models"][model],
-                                           "eager": {}, "compiled": {}, "status": {}})
+        entry = benches.setdefault(model, empty_bench(mode, model))
         entry["status"][which] = step["status"] if entry[which].get("predict") else (
             "not measured: " + step["status"])
     return raw
 
 
-def compile_ratio(bench: dict) -> dict | None:
-    eager, compiled = bench.get("eager", {}), bench.get("compiled", {})
-    if not all(part.get(m) for part in (eager, compiled) for m in ("train", "predict")):
+def ratio_to_eager(bench: dict, which: str) -> dict | None:
+    eager, other = bench.get("eager", {}), bench.get(which, {})
+    if not all(part.get(m) for part in (eager, other) for m in ("train", "predict")):
         return None
-    return {m: compiled[m]["rows_per_s"] / eager[m]["rows_per_s"] for m in ("train", "predict")}
+    return {m: other[m]["rows_per_s"] / eager[m]["rows_per_s"] for m in ("train", "predict")}
+
+
+def compile_ratio(bench: dict) -> dict | None:
+    return ratio_to_eager(bench, "compiled")
+
+
+def profile_report(path: Path) -> dict:
+    """The profile bench_eager wrote (tools/bench.py --profile), per config the figures the report
+    shows: step time, launches and the GPU's idle time per step, the three top kernels or ops."""
+    try:
+        profile = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {"file": path.name, "status": f"not written ({type(exc).__name__})", "configs": []}
+    configs = []
+    for c in profile.get("configs", []):
+        configs.append({k: c.get(k) for k in ("config", "variant", "run", "device", "batch_size", "profiled_steps",
+                                              "step_ms", "unprofiled_step_ms", "launches_per_step", "launches_what",
+                                              "launch_calls_per_step", "gpu_busy_ms_per_step",
+                                              "gpu_idle_ms_per_step", "cpu_self_ms_per_step")}
+                       | {"top3": [{k: t.get(k) for k in ("name", "calls_per_step", "ms_per_step", "pct_of_step")}
+                                   for t in c.get("top", [])[:3]]})
+    return {"file": path.name, "status": "ok", "torch": profile.get("torch"), "configs": configs}
 
 
 def qin_full_epoch(bench: dict, rows: dict) -> dict:
     n_train, n_test = rows["train"], rows["test"]
     out = {"train_rows": n_train, "test_rows": n_test, "variants": {}}
-    for which in ("eager", "compiled"):
+    for which in BENCH_KINDS:
         train, predict = bench.get(which, {}).get("train"), bench.get(which, {}).get("predict")
         if not train or not predict:
             continue

@@ -22,6 +22,12 @@ step (BCE from the logits, the L2 added by Adam after the clip); docs/REPRODUCTI
 both. bfloat16 autocast on CUDA and ``torch.compile`` are switches; on the CPU everything runs in
 float32 with deterministic kernels, so the same seed gives the same predictions bit for bit.
 
+Speed options, all off by default (docs/BENCHMARKS.md, "The speed options"), each the same function as
+the default step up to float rounding (tests/test_fit.py measures how close): ``cuda_graphs``
+replays the whole step (gather, forward, loss, backward, L2 gradient, clip, Adam) as one CUDA graph
+per batch size (CUDA only: on a CPU the plain loop runs); ``foreach_l2`` adds the embedding L2's
+gradient with one foreach op; ``adam_impl`` picks Adam's implementation.
+
 Under torch.distributed (``torchrun``: one process per GPU, or gloo processes on a CPU) every rank
 calls fit with the same arguments and data and trains one model: each rank draws the same shuffle,
 takes its slice of every global batch (the batch size and learning rate stay those of one device),
@@ -36,6 +42,7 @@ import contextlib
 import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
@@ -80,6 +87,13 @@ class FitSettings:
     bf16: bool = True                                        # bfloat16 autocast on CUDA (the CPU: float32)
     compile: bool = False                                    # torch.compile the model's loss and forward
     log_every: int = field(default=50, metadata=AT_LEAST_1)  # steps between progress reports (a host sync each)
+    # speed options: the same function as the default step (up to float rounding), off by default.
+    # cuda_graphs: on CUDA (one process, not compiled) the whole step is captured in a CUDA graph
+    # per batch size and replayed (Adam capturable, its lr a device tensor); elsewhere the plain loop
+    cuda_graphs: bool = False
+    foreach_l2: bool = False  # the embedding L2's gradient added by one torch._foreach_add_, not a loop
+    # Adam's implementation: auto = fused on CUDA, the for-loop on CPU (torch's defaults there)
+    adam_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
 
 
 @dataclass
@@ -121,10 +135,13 @@ def bf16_enabled(settings: FitSettings, device: torch.device) -> bool:
     return settings.bf16 and device.type == "cuda"  # the CPU always trains in float32
 
 
-def autocast_for(bf16: bool, device: torch.device):
+def autocast_for(bf16: bool, device: torch.device, cache: bool = True):
     """bfloat16 autocast on CUDA when asked for; otherwise no context at all (an autocast with
-    enabled=False would switch off an autocast the caller opened around the call)."""
+    enabled=False would switch off an autocast the caller opened around the call). ``cache=False``:
+    no cache of the weights' casts, as a CUDA graph capture needs (the same values, recast)."""
     if bf16 and device.type == "cuda":  # the CPU always runs float32
+        if not cache:
+            return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=False)
         return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -149,19 +166,47 @@ def make_optimizer(model: nn.Module, settings: FitSettings) -> torch.optim.Adam:
     groups = [{"params": embedding_weights, "embedding_l2": True,
                "weight_decay": 0.0 if settings.emb_l2_in_loss else settings.emb_l2},
               {"params": other, "weight_decay": 0.0}]
-    return torch.optim.Adam([g for g in groups if g["params"]], lr=settings.lr,
-                            fused=device_of(model).type == "cuda")
+    device = device_of(model)
+    if settings.adam_impl == "auto":  # today's choice, argument for argument
+        impl = {"fused": device.type == "cuda"}
+    else:
+        impl = {"fused": settings.adam_impl == "fused", "foreach": settings.adam_impl == "foreach"}
+    lr = settings.lr
+    graphs = graph_mode(settings, device)
+    if graphs == "capture" or (graphs == "rehearse" and settings.adam_impl != "foreach"):
+        # a captured step reads the lr from device memory: a float would be baked into the graph, so
+        # the lr is a tensor that set_lr fills in place (float32: what fused Adam's kernel computes
+        # in anyway). The rehearsal on a CPU uses the same tensor (torch refuses a tensor lr to a
+        # foreach Adam that is not capturable, and capturable only on CUDA)
+        lr = torch.tensor(settings.lr, dtype=torch.float32, device=device)
+        impl["capturable"] = graphs == "capture"
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, **impl)
 
 
-def add_embedding_l2_gradient(optimizer: torch.optim.Optimizer, emb_l2: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's learning rate; a tensor lr (cuda_graphs) is filled in place, so that a captured
+    step reads the new value."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def add_embedding_l2_gradient(optimizer: torch.optim.Optimizer, emb_l2: float, foreach: bool = False) -> None:
     """grad += emb_l2 * W on the embedding group: the gradient of the penalty emb_l2/2 * ||W||^2,
-    as if it were part of the loss (then the clip scales it with the data gradient, as FuxiCTR's)."""
+    as if it were part of the loss (then the clip scales it with the data gradient, as FuxiCTR's).
+    ``foreach``: one torch._foreach_add_ over the group (one multi-tensor kernel on CUDA)."""
     for group in optimizer.param_groups:
         if group.get("embedding_l2"):
             for p in group["params"]:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                p.grad.add_(p.detach(), alpha=emb_l2)
+                if not foreach:
+                    p.grad.add_(p.detach(), alpha=emb_l2)
+            if foreach:
+                torch._foreach_add_([p.grad for p in group["params"]], [p.detach() for p in group["params"]],
+                                    alpha=emb_l2)
 
 
 def compiled_for_batches(fn: Callable) -> Callable:
@@ -201,8 +246,44 @@ def make_step_parts(model: nn.Module, settings: FitSettings):
             loss_fn = ddp(broadcast_buffers=False)
     loss_fn = compiled_for_batches(loss_fn) if settings.compile else loss_fn
     forward = compiled_for_batches(model) if settings.compile else model
-    autocast = autocast_for(settings.bf16, device_of(model))
+    autocast = autocast_for(settings.bf16, device, cache=graph_mode(settings, device) != "capture")
     return loss_fn, forward, make_optimizer(model, settings), autocast
+
+
+def make_train_step(model, loss_fn, optimizer, columns, settings, autocast) -> Callable:
+    """step(batch_rows) -> the batch's mean loss (detached): the whole training step of one global
+    batch of row indices (this rank's slice of it under torch.distributed): gather, forward, loss,
+    backward, the embedding L2's gradient, the clip and Adam's step. train_one_epoch calls it, and
+    with cuda_graphs it is the function a CUDA graph captures."""
+    rank, world = rank_and_world()
+    params = [p for p in model.parameters() if p.requires_grad]
+    labels = columns["label"]
+
+    def train_step(batch_rows: torch.Tensor) -> torch.Tensor:
+        rows_here = batch_rows.tensor_split(world)[rank]  # with one process, the whole batch
+        with autocast():
+            loss, _ = loss_fn(gather(columns, rows_here), labels[rows_here])
+        optimizer.zero_grad(set_to_none=True)
+        # DDP averages the ranks' gradients: weighting each rank's mean loss by world x its share of
+        # the batch turns that average into the gradient of the global batch's mean loss, also when
+        # the batch does not split evenly (with one process the weight is exactly 1)
+        (loss * (world * rows_here.numel() / batch_rows.numel())).backward()
+        if settings.emb_l2_in_loss:
+            add_embedding_l2_gradient(optimizer, settings.emb_l2, settings.foreach_l2)
+        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip, foreach=True)
+        optimizer.step()
+        return loss.detach()
+    return train_step
+
+
+def training_step(model, loss_fn, optimizer, columns, settings, autocast) -> Callable:
+    """The step train_one_epoch runs: make_train_step's, replayed from CUDA graphs with cuda_graphs
+    (the graphs are kept with the optimizer, so every epoch replays the same ones)."""
+    step = make_train_step(model, loss_fn, optimizer, columns, settings, autocast)
+    mode = graph_mode(settings, device_of(model))
+    if mode is None:
+        return step
+    return graphed_steps(optimizer, step, mode, device_of(model), (columns, loss_fn, autocast, settings))
 
 
 def train_one_epoch(model, loss_fn, optimizer, columns, rows, generator, settings, autocast,
@@ -215,34 +296,23 @@ def train_one_epoch(model, loss_fn, optimizer, columns, rows, generator, setting
     start = time.time()
     model.train()
     rank, world = rank_and_world()
-    params = [p for p in model.parameters() if p.requires_grad]
-    labels = columns["label"]
     # the permutation is drawn on the CPU so that the shuffle is the same on every device and rank
     order = rows[torch.randperm(rows.numel(), generator=generator).to(rows.device)]
     # near-equal batches instead of full ones plus a remainder: no tiny last batch for BatchNorm
     batches = order.tensor_split(math.ceil(rows.numel() / settings.batch_size))
     if batches[-1].numel() < world:
         raise ValueError(f"batches of {batches[-1].numel()} rows cannot be split among {world} ranks")
+    step = training_step(model, loss_fn, optimizer, columns, settings, autocast)
     loss_sum = torch.zeros((), dtype=torch.float64, device=rows.device)
     seen = seen_here = 0  # rows of the global batches, rows of this rank's slices
     if progress is not None:
         progress(0, rows.numel(), float("nan"))  # the epoch starts: a rate is measured from here
-    for step, batch_rows in enumerate(batches, 1):
-        rows_here = batch_rows.tensor_split(world)[rank]  # with one process, the whole batch
-        with autocast():
-            loss, _ = loss_fn(gather(columns, rows_here), labels[rows_here])
-        optimizer.zero_grad(set_to_none=True)
-        # DDP averages the ranks' gradients: weighting each rank's mean loss by world x its share of
-        # the batch turns that average into the gradient of the global batch's mean loss, also when
-        # the batch does not split evenly (with one process the weight is exactly 1)
-        (loss * (world * rows_here.numel() / batch_rows.numel())).backward()
-        if settings.emb_l2_in_loss:
-            add_embedding_l2_gradient(optimizer, settings.emb_l2)
-        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip, foreach=True)
-        optimizer.step()
-        loss_sum += loss.detach() * rows_here.numel()
-        seen, seen_here = seen + batch_rows.numel(), seen_here + rows_here.numel()
-        if progress is not None and step % settings.log_every == 0:
+    for step_number, batch_rows in enumerate(batches, 1):
+        loss = step(batch_rows)
+        n_here = batch_rows.tensor_split(world)[rank].numel()
+        loss_sum += loss * n_here
+        seen, seen_here = seen + batch_rows.numel(), seen_here + n_here
+        if progress is not None and step_number % settings.log_every == 0:
             progress(seen, rows.numel(), loss_sum.item() / seen_here)  # the loop's only host sync
     if world > 1:
         dist.all_reduce(loss_sum)  # the loss summed over every rank's rows
@@ -250,6 +320,134 @@ def train_one_epoch(model, loss_fn, optimizer, columns, rows, generator, setting
     if progress is not None:
         progress(seen, rows.numel(), mean_loss)
     return mean_loss, time.time() - start
+
+
+# ---------------------------------------------------------------------------------------------
+# cuda_graphs: the training step captured once per batch size and replayed
+# ---------------------------------------------------------------------------------------------
+
+# What cuda_graphs does on a CPU: "eager" runs the plain loop (graphs are CUDA-only); "rehearse" runs
+# the graph path with each capture replaced by the captured function, called at every replay on
+# the static rows buffer (tests/test_fit.py, tools/bench.py --rehearse-cuda-graphs)
+CPU_GRAPHS: Literal["eager", "rehearse"] = "eager"
+
+
+def graph_mode(settings: FitSettings, device: torch.device) -> Optional[str]:
+    """How settings.cuda_graphs runs: "capture" (CUDA, one process, not compiled: torch.compile has
+    its own graphs), "rehearse" (a CPU under CPU_GRAPHS = "rehearse"), or None: the plain loop."""
+    if not settings.cuda_graphs or settings.compile or rank_and_world()[1] > 1:
+        return None
+    if device.type == "cuda":
+        return "capture"
+    return "rehearse" if CPU_GRAPHS == "rehearse" else None
+
+
+class _CudaGraphs:
+    """Warm-up on a side stream, capture into a graph pool that every size's graph shares (they
+    never run at once, and each writes what it reads first), replay on the current stream."""
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.pool = torch.cuda.graph_pool_handle()
+
+    @contextlib.contextmanager
+    def side_stream(self):
+        current = torch.cuda.current_stream(self.stream.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            yield
+        current.wait_stream(self.stream)
+
+    def capture(self, fn: Callable) -> Callable:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()  # recorded, not run
+
+        def replay():
+            graph.replay()
+            return out
+        return replay
+
+
+class _Rehearsal:
+    """The CPU's stand-in: a "capture" keeps the function, a "replay" calls it (on the static rows)."""
+
+    @staticmethod
+    def side_stream():
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def capture(fn: Callable) -> Callable:
+        return fn
+
+
+class GraphedSteps:
+    """step(batch_rows) run from CUDA graphs. Per batch size: WARMUP_STEPS eager steps (real steps of
+    real batches, on a side stream: lazy initialisation and Adam's state happen outside a capture),
+    then the step is captured reading its rows from a static buffer, and every later batch of that
+    size is copied into the buffer and replayed. tensor_split makes at most two sizes per epoch
+    (n and n + 1 rows); a size beyond MAX_GRAPHS runs eagerly. A capture that fails (an op that
+    syncs with the host) is reported once and the steps run eagerly from then on."""
+    WARMUP_STEPS = 3
+    MAX_GRAPHS = 2
+
+    def __init__(self, step: Callable, mode: str, device: torch.device, key: tuple):
+        self.step, self.mode, self.key = step, mode, key
+        self.backend = _CudaGraphs(device) if mode == "capture" else _Rehearsal()
+        self.graphs: dict = {}      # rows -> (static rows buffer, replay)
+        self.eager_steps: dict = {}  # rows -> eager steps run so far
+        self.replays = 0
+        self.failed: Optional[str] = None
+
+    def __call__(self, batch_rows: torch.Tensor) -> torch.Tensor:
+        n = batch_rows.numel()
+        if n in self.graphs:
+            static_rows, replay = self.graphs[n]
+            static_rows.copy_(batch_rows)
+            self.replays += 1
+            return replay()
+        done = self.eager_steps.get(n, 0)
+        self.eager_steps[n] = done + 1
+        if self.failed or len(self.graphs) >= self.MAX_GRAPHS:
+            return self.step(batch_rows)
+        if done < self.WARMUP_STEPS:
+            with self.backend.side_stream():
+                return self.step(batch_rows)
+        static_rows = batch_rows.clone()
+        try:
+            replay = self.backend.capture(lambda: self.step(static_rows))
+        except Exception as exc:  # noqa: BLE001 - the step itself is sound: it ran eagerly just before
+            self.failed = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            warnings.warn(f"train.cuda_graphs: capturing the training step failed ({self.failed}); "
+                          f"training goes on eagerly", RuntimeWarning, stacklevel=2)
+            if self.mode == "capture":
+                torch.cuda.synchronize()
+            self.eager_steps[n] -= 1
+            return self(batch_rows)
+        self.eager_steps[n] -= 1  # this batch is the first replay
+        self.graphs[n] = (static_rows, replay)
+        self.replays += 1
+        return replay()
+
+    def status(self) -> dict:
+        return {"mode": self.mode, "graphs": sorted(self.graphs), "replays": self.replays,
+                "eager_steps": sum(self.eager_steps.values()), "failed": self.failed}
+
+
+def graphed_steps(optimizer, step: Callable, mode: str, device: torch.device, key: tuple) -> GraphedSteps:
+    """The optimizer's GraphedSteps (its graphs live as long as it does and serve every epoch), new
+    when the columns, loss function, autocast or settings differ from the ones it was built for."""
+    runner = getattr(optimizer, "_graphed_steps", None)
+    if runner is None or len(runner.key) != len(key) or any(a is not b for a, b in zip(runner.key, key)):
+        runner = GraphedSteps(step, mode, device, key)
+        optimizer._graphed_steps = runner
+    return runner
+
+
+def graph_status(optimizer) -> Optional[dict]:
+    """What cuda_graphs did with this optimizer's steps (None: the plain loop ran)."""
+    runner = getattr(optimizer, "_graphed_steps", None)
+    return None if runner is None else runner.status()
 
 
 @torch.inference_mode()
@@ -428,8 +626,7 @@ def fit(model: nn.Module, data: dict, train_rows: torch.Tensor, eval_sets: dict,
             on_epoch(record)
         if not improved:
             lr = max(lr * settings.lr_decay, settings.lr_min)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             if bad_epochs >= settings.patience:
                 break
 

@@ -88,6 +88,7 @@ def bce(logits, label, form="logits", reduction="mean"):
 # (src/mmctr/model_config.py) checks a config's values against them
 Fraction = Annotated[float, {"range": (0, 1)}]   # a dropout rate, a weight in [0, 1]
 NonNegative = Annotated[float, {"min": 0}]
+Count = Annotated[int, {"min": 0}]   # a number of layers where 0 switches the part off
 
 
 class CTRModel(nn.Module):
@@ -196,19 +197,25 @@ class FeatureEmbedding(nn.Module):
 
     The input of DCNv2 and DIN, and the embedder TF4CTR's SSEM builds for them.
     make_pool(I) gives the history pooling, a module (x_t [B, I], x_b [B, L, I], mask [B, L]) -> [B, I].
+    make_mhta(I), when given, a second such module whose output is appended (width 2E + 3I): DIN's
+    optional multi-head target attention (TargetAttention) beside its own pooling.
     """
 
-    def __init__(self, tables, emb_dim, make_pool, table_mode="auto", mm_dim=None):
+    def __init__(self, tables, emb_dim, make_pool, table_mode="auto", mm_dim=None, make_mhta=None):
         super().__init__()
         self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim)
         self.levels = LevelEmbedding(tables["n_levels"], emb_dim)
         self.pool = make_pool(self.items.out_dim)
-        self.out_dim = 2 * emb_dim + 2 * self.items.out_dim
+        self.mhta = make_mhta(self.items.out_dim) if make_mhta is not None else None
+        self.out_dim = 2 * emb_dim + (2 if self.mhta is None else 3) * self.items.out_dim
 
-    def forward(self, batch):  # -> [B, 2E + 2I]
+    def forward(self, batch):  # -> [B, 2E + 2I] (+ I with the MHTA)
         x_t, x_b = self.items(batch["item_id"], batch["item_seq"])
-        pooled = self.pool(x_t, x_b, batch["item_seq"] > 0)
-        return torch.cat([self.levels(batch["likes_level"], batch["views_level"]), x_t, pooled], -1)
+        mask = batch["item_seq"] > 0
+        parts = [self.levels(batch["likes_level"], batch["views_level"]), x_t, self.pool(x_t, x_b, mask)]
+        if self.mhta is not None:
+            parts.append(self.mhta(x_t, x_b, mask))
+        return torch.cat(parts, -1)
 
 
 class MeanPooling(nn.Module):
@@ -320,6 +327,102 @@ class DINAttention(nn.Module):
         s = self.score(self.mlp(self.act(h))).squeeze(-1)  # [B, L]
         a = masked_softmax(s, mask) if self.softmax else s * mask
         return torch.einsum("bl,bli->bi", a, x_b)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean_i x_i^2 + eps) * g (Zhang & Sennrich 2019): LayerNorm without the centring and
+    the bias. Computed in float32 at least (a bfloat16 mean of squares loses the scale), returned in
+    x's dtype. Own module: torch's nn.RMSNorm is not in every torch this repo supports."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))  # g
+        self.eps = eps
+
+    def forward(self, x):  # [..., dim] -> [..., dim]
+        y = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight).to(x.dtype)
+
+
+class TargetAttentionLayer(nn.Module):
+    """One layer of multi-head target attention: the target (one query token) reads the history.
+
+        h = RMSNorm_kv(x_b)                                        pre-norm, keys and values only
+        a = MHA(q = W_q x, k = W_k h, v = W_v h), W_o on the heads, padding masked
+        x = RMSNorm_out(x + Dropout(a))                            post-norm
+        out = x + Dropout(FFN(x)),  FFN = Linear -> ReLU -> Dropout -> Linear  (I -> I -> I)
+
+    Heads: H of width d = I / H, scores q_h . k_hj / sqrt(d), a softmax per head over the real
+    history items (masked_softmax: an all-padding row gets zero weights, so a = W_o's bias, finite in
+    forward and backward), dropout on the weights. W_k has no bias: q_h . b_k,h is the same for every
+    j and cancels in the softmax. The two norms are separate modules (the reference solution shares
+    one): the gain that shapes what the attention reads then need not be the gain of what the layer
+    writes, for I parameters more.
+
+    fast (default) never projects the L history items: per head q_h . W_k,h h_j = (W_k,h^T q_h) . h_j
+    and sum_j a_hj (W_v,h h_j + b_v,h) = W_v,h (sum_j a_hj h_j) + b_v,h sum_j a_hj, so the history is
+    only read by two einsums of B H L I multiply-adds, not projected by two of B L I^2 (H = 4, I = 256:
+    64 times fewer; as ASTA's fast form); fast=False is the literal form, the same function, for checking.
+    """
+
+    def __init__(self, dim, n_heads=4, dropout=0.1, fast=True):
+        super().__init__()
+        if n_heads < 1 or dim % n_heads:
+            raise ValueError(f"target_attention_heads: {n_heads} heads do not divide the item width {dim}")
+        self.n_heads, self.head_dim, self.fast = n_heads, dim // n_heads, fast
+        self.norm_kv, self.norm_out = RMSNorm(dim), RMSNorm(dim)
+        self.W_q = nn.Linear(dim, dim)
+        self.W_k = nn.Linear(dim, dim, bias=False)
+        self.W_v = nn.Linear(dim, dim)
+        self.W_o = nn.Linear(dim, dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim))
+        self.dropout = nn.Dropout(dropout)  # on the attention weights and both residual branches
+
+    def forward(self, x, x_b, mask):  # query [B, I], history [B, L, I], mask [B, L] bool -> [B, I]
+        B, I = x.shape
+        H, d = self.n_heads, self.head_dim
+        h = self.norm_kv(x_b)  # [B, L, I]
+        q = self.W_q(x).view(B, H, d)  # [B, H, d]
+        if self.fast:
+            q_k = torch.einsum("bhd,hdi->bhi", q, self.W_k.weight.view(H, d, I))  # W_k,h^T q_h [B, H, I]
+            s = torch.einsum("bhi,bli->bhl", q_k, h)  # [B, H, L]
+        else:
+            k = self.W_k(h).view(B, -1, H, d)  # [B, L, H, d]
+            s = torch.einsum("bhd,blhd->bhl", q, k)
+        a = self.dropout(masked_softmax(s / math.sqrt(d), mask.unsqueeze(1)))  # [B, H, L]
+        if self.fast:
+            ctx = torch.einsum("bhl,bli->bhi", a, h)  # [B, H, I]
+            o = torch.einsum("bhi,hdi->bhd", ctx, self.W_v.weight.view(H, d, I))  # [B, H, d]
+            o = o + self.W_v.bias.view(H, d) * a.sum(-1, keepdim=True)
+        else:
+            v = self.W_v(h).view(B, -1, H, d)  # [B, L, H, d]
+            o = torch.einsum("bhl,blhd->bhd", a, v)
+        x = self.norm_out(x + self.dropout(self.W_o(o.reshape(B, I))))  # [B, I]
+        return x + self.dropout(self.ffn(x))
+
+
+class TargetAttention(nn.Module):
+    """MHTA: a stack of TargetAttentionLayer, the target x_t the first query, each next layer's query
+    the previous output, every layer reading the same un-normalised history x_b.
+
+    After the 0.9853 valid-AUC Task 2 solution (Gavin113/WWW2025_MMCTR, DIN_att6.py: 2 layers, 4
+    heads, dropout 0.1, RMSNorm eps 1e-6), whose output joins DIN's MLP input. It projects q, k and
+    v twice (its own Linears, then nn.MultiheadAttention's in-projection): here once per layer, the
+    same function class (two stacked affine maps are one) with fewer parameters. Per layer:
+    6 I^2 + 7 I parameters (W_q, W_v, W_o with bias, W_k without; FFN 2 (I^2 + I); the two gains).
+    """
+
+    def __init__(self, dim, n_layers=2, n_heads=4, dropout=0.1, fast=True):
+        super().__init__()
+        self.layers = nn.ModuleList(TargetAttentionLayer(dim, n_heads, dropout, fast) for _ in range(n_layers))
+        self.out_dim = dim
+
+    def forward(self, x_t, x_b, mask):  # [B, I], [B, L, I], [B, L] bool -> [B, I]
+        x = x_t
+        for layer in self.layers:
+            x = layer(x, x_b, mask)
+        return x
 
 
 class CrossNet(nn.Module):

@@ -17,6 +17,8 @@ X_0 = [user (E), likes/views (2E), target x_t (I), ASTA output o (I), history me
 goes through QIN's QNN. Every part has a switch (similarity, mean_pool, use_user_id) for the
 ablation in docs/OWN_MODEL.md; semantic_codes (off) adds the 1st-place team's other future-work
 idea, learned embeddings of residual k-means codes of the multimodal vectors, measured there too.
+target_attention_layers > 0 (off: 0) adds a multi-head target attention's output (layers.TargetAttention,
+MHTA, I wide) after o, a softmax reading of the history beside ASTA's sparse one.
 """
 import math
 from typing import Literal
@@ -25,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import (Fraction, ASTA, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding, init_weights,
-                    masked_mean)
+from .layers import (Count, Fraction, ASTA, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding,
+                     TargetAttention, init_weights, masked_mean)
 
 
 class SimilarityCounts(nn.Module):
@@ -102,7 +104,8 @@ class SimQIN(CTRModel):
                  qnn_activation: Literal["prelu", "relu"] = "prelu", dropout: Fraction = 0.1, batch_norm=True,
                  similarity=True, n_counts=8, mean_pool=True, use_user_id=True, semantic_codes=False,
                  n_codes=256, code_levels=2, asta_bias=False,
-                 table_mode: Literal["auto", "gather", "table"] = "auto"):
+                 table_mode: Literal["auto", "gather", "table"] = "auto", target_attention_layers: Count = 0,
+                 target_attention_heads: int = 4, target_attention_dropout: Fraction = 0.1):
         super().__init__()
         self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim)
         self.levels = LevelEmbedding(tables["n_levels"], emb_dim)
@@ -110,11 +113,16 @@ class SimQIN(CTRModel):
         self.codes = SemanticCodes(tables["item_emb"], emb_dim, n_codes, code_levels) if semantic_codes else None
         item_dim = self.items.out_dim + (emb_dim if semantic_codes else 0)
         self.asta = ASTA(item_dim, out_bias=asta_bias)
+        self.mhta = None
+        if target_attention_layers > 0:
+            self.mhta = TargetAttention(item_dim, target_attention_layers, target_attention_heads,
+                                        target_attention_dropout)
         self.mean_pool = mean_pool
         self.counts = SimilarityCounts(tables["item_emb"], n_counts) if similarity else None
         # user 0 is the padding index, as FuxiCTR builds every categorical feature
         self.user = nn.Embedding(tables["n_users"], emb_dim, padding_idx=0) if use_user_id else None
-        dim = (2 * emb_dim + (3 if mean_pool else 2) * item_dim + (emb_dim if use_user_id else 0)
+        n_item_parts = 2 + int(mean_pool) + int(self.mhta is not None)  # x_t, o (, m) (, MHTA)
+        dim = (2 * emb_dim + n_item_parts * item_dim + (emb_dim if use_user_id else 0)
                + (n_counts if similarity else 0))
         self.interaction = QNN(dim, qnn_layers, qnn_m, dropout, batch_norm, qnn_activation)
         self.out = Float32Linear(self.interaction.out_dim, 1)
@@ -129,6 +137,8 @@ class SimQIN(CTRModel):
             x_b = torch.cat([x_b, self.codes(seq).to(x_b.dtype)], -1)
         features = [self.levels(batch["likes_level"], batch["views_level"]), x_t,  # [B, 2E], [B, I]
                     self.asta(x_t, x_b, mask)]  # [B, I]
+        if self.mhta is not None:
+            features.append(self.mhta(x_t, x_b, mask))  # [B, I]
         if self.mean_pool:
             features.append(masked_mean(x_b, mask))  # [B, I]
         if self.counts is not None:
