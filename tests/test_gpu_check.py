@@ -9,9 +9,11 @@ holds finite numbers, every step ran, and the markdown carries bench.py's lines 
 import ast
 import json
 import math
+import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -29,16 +31,68 @@ def is_finite(value) -> bool:
 
 
 KILLED = "train_gpucheck_qin_rerun"  # the rehearsal kills this step at a 1 s limit
+REHEARSALS = {  # fixture -> (its folder, its command given that folder): each CPU rehearsal
+    "cpu_run": ("gpu_check", lambda tmp: ["bash", "tools/gpu_check.sh", "--cpu", "--out", str(tmp / "out"),
+                                          "--data-root", str(tmp / "data"), "--step-limit", f"{KILLED}=1"]),
+    "speed_run": ("gpu_speed", lambda tmp: ["bash", "tools/gpu_speed.sh", "--cpu", "--out", str(tmp / "out"),
+                                            "--data-root", str(tmp / "data")]),
+}
+REHEARSAL_TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
-def cpu_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpu_check")
-    out = tmp / "out"
-    result = subprocess.run(["bash", "tools/gpu_check.sh", "--cpu", "--out", str(out),
-                             "--data-root", str(tmp / "data"), "--step-limit", f"{KILLED}=1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
-    return result, out
+def rehearsals(request, tmp_path_factory):
+    """rehearsal(fixture) -> (the finished command, its output folder). The first call starts every
+    rehearsal the selected tests of this module use, side by side: each runs its steps mostly one
+    process at a time (the benches, the compile), so two keep 2 cores busy where one after the
+    other would leave one idle. Under pytest-xdist a worker runs only some of the tests: there
+    each rehearsal starts when its own tests need it. Left running at the end (a test run cut
+    short): stopped (SIGTERM: the check stops the commands it started)."""
+    started = {}
+
+    def start(name: str) -> None:
+        if name in started:
+            return
+        folder, command = REHEARSALS[name]
+        tmp = tmp_path_factory.mktemp(folder)
+        with open(tmp / "stdout.txt", "wb") as stdout, open(tmp / "stderr.txt", "wb") as stderr:
+            proc = subprocess.Popen(command(tmp), cwd=REPO, stdout=stdout, stderr=stderr)
+        started[name] = (proc, tmp, command(tmp), time.monotonic())
+
+    def rehearsal(name: str):
+        start(name)
+        if "PYTEST_XDIST_WORKER" not in os.environ:
+            for other in REHEARSALS:
+                if any(other in item.fixturenames for item in request.session.items):
+                    start(other)
+        proc, tmp, command, t0 = started[name]
+        try:
+            proc.wait(timeout=max(1.0, REHEARSAL_TIMEOUT_S - (time.monotonic() - t0)))
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            raise
+        result = subprocess.CompletedProcess(command, proc.returncode, (tmp / "stdout.txt").read_text(),
+                                             (tmp / "stderr.txt").read_text())
+        return result, tmp / "out"
+
+    yield rehearsal
+    for proc, *_ in started.values():
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cpu_run(rehearsals):
+    return rehearsals("cpu_run")
 
 
 def report_of(cpu_run) -> dict:
@@ -284,12 +338,8 @@ def test_step_limit_argument():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def speed_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gpu_speed")
-    out = tmp / "out"
-    result = subprocess.run(["bash", "tools/gpu_speed.sh", "--cpu", "--out", str(out), "--data-root", str(tmp / "data")],
-                            cwd=REPO, capture_output=True, text=True, timeout=900)
-    return result, out
+def speed_run(rehearsals):
+    return rehearsals("speed_run")
 
 
 @pytest.mark.slow

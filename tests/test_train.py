@@ -301,8 +301,8 @@ def test_the_training_step_is_its_literal_form(emb_l2_in_loss):
     torch.manual_seed(1)
     net = TinyCTR()
     literal = {form: TinyCTR() for form in ("in_loss", "after_clip")}
-    for copy in literal.values():
-        copy.load_state_dict(net.state_dict())
+    for twin in literal.values():
+        twin.load_state_dict(net.state_dict())
     optimizers = {"in_loss": torch.optim.Adam(literal["in_loss"].parameters(), lr=lr),
                   "after_clip": torch.optim.Adam([
                       {"params": [literal["after_clip"].item.weight, literal["after_clip"].mm.weight],
@@ -314,13 +314,13 @@ def test_the_training_step_is_its_literal_form(emb_l2_in_loss):
     for _ in range(3):
         fit.train_one_epoch(net, loss_fn, optimizer, columns, rows, shuffle, settings, autocast)
         order = rows[torch.randperm(n, generator=literal_shuffle)]  # train_one_epoch's shuffle
-        for form, copy in literal.items():
-            loss = layers.bce(copy({"item_id": columns["item_id"][order]}), columns["label"][order], "fuxictr")
+        for form, twin in literal.items():
+            loss = layers.bce(twin({"item_id": columns["item_id"][order]}), columns["label"][order], "fuxictr")
             if form == "in_loss":
-                loss = loss + emb_l2 / 2 * (copy.item.weight.square().sum() + copy.mm.weight.square().sum())
+                loss = loss + emb_l2 / 2 * (twin.item.weight.square().sum() + twin.mm.weight.square().sum())
             optimizers[form].zero_grad()
             loss.backward()
-            norms.append(float(nn.utils.clip_grad_norm_(copy.parameters(), clip)))
+            norms.append(float(nn.utils.clip_grad_norm_(twin.parameters(), clip)))
             optimizers[form].step()
     assert min(norms) > 2 * clip  # the clip acts at every step, with and without the penalty
     expected, other = ("in_loss", "after_clip") if emb_l2_in_loss else ("after_clip", "in_loss")

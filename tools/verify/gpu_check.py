@@ -48,19 +48,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 import shlex
 import shutil
 import signal
 import sys
-import tarfile
 import threading
 import traceback
 from pathlib import Path
 
-from gpu_check_report import markdown, summary, targets
+from gpu_check_report import markdown, summary, targets, write_outputs
 from gpu_check_runner import Runner
 from gpu_check_steps import (BENCH_SETS, FOLD_OVERHEAD_S, MAX_OUT_FILES, MODES, PROCESS_OVERHEAD_S, PROFILE_FILE,
                              SUMMARY_PREFIX, bench_argv, bench_root, correctness_report, correctness_runs, data_dirs,
@@ -273,20 +271,9 @@ class Check:
         return 0 if steps_ok and checks_ok else 1
 
     def write_files(self, md: str) -> None:
-        files = {"gpu_check.json": json.dumps(self.report, indent=1, default=str) + "\n",
-                 "gpu_check.md": md, "bench_lines.jsonl": "".join(line + "\n" for line in self.raw_lines)}
-        for name, text in files.items():
-            tmp = self.out / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(self.out / name)
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            if self.r.logs.is_dir():
-                for path in sorted(self.r.logs.iterdir()):  # a log still being written: as far as it goes
-                    tar.add(path, arcname=f"logs/{path.name}")
-        tmp = self.out / ".logs.tgz.tmp"
-        tmp.write_bytes(buffer.getvalue())
-        tmp.replace(self.out / "logs.tgz")
+        write_outputs(self.out, {"gpu_check.json": json.dumps(self.report, indent=1, default=str) + "\n",
+                                 "gpu_check.md": md,
+                                 "bench_lines.jsonl": "".join(line + "\n" for line in self.raw_lines)}, self.r.logs)
 
 
 def interrupted(signum, frame):

@@ -2,8 +2,11 @@
 (tools/verify/gpu_check.py)."""
 from __future__ import annotations
 
+import io
 import json
 import math
+import tarfile
+from pathlib import Path
 
 from gpu_check_steps import (AUC_ABOVE_CHANCE, AUC_TOLERANCE, BENCH_KINDS, BENCH_LABELS, MEAN_PRED_TOLERANCE,
                              ratio_to_eager)
@@ -160,14 +163,7 @@ def markdown(report: dict) -> str:
 
     lines += profile_section(report.get("profile") or {})
 
-    lines += ["#### Steps", "", "| step | status | seconds | limit s |", "|---|---|---:|---:|"]
-    for s in report["steps"]:
-        why = f": {cell(first_line(s.get('error'))[:160])}" if s.get("error") else ""
-        lines.append(f"| {s['name']} | {s['status']}{why} | {fmt(s.get('seconds'))} | {fmt(s.get('timeout_s'))} |")
-    lines += ["", "Raw lines printed by `tools/bench.py`, as printed:", "", "```"]
-    lines += report["raw_bench_lines"] or ["(none)"]
-    lines += ["```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + steps_and_raw_lines(report))
 
 
 def graphs_note(field) -> str:
@@ -182,20 +178,50 @@ def graphs_note(field) -> str:
 
 
 def profile_section(profile: dict) -> list[str]:
-    lines = ["#### 5. Profile of one training step", "",
-             f"`tools/bench.py --profile` after each config's eager measurements ({profile.get('file')}, "
-             f"{profile.get('status')}): torch.profiler over a few more steps; the step time is the profiled "
-             "wall time per step (the profiler's overhead included), launches are CUDA kernels per step (on "
-             "a CPU: leaf aten ops), GPU idle is the sum of the gaps between kernels per step.", "",
-             "| config | step ms (unprofiled) | launches per step | launch calls per step | GPU busy ms | "
-             "GPU idle ms | top 3 by self time (% of the step) |", "|---|---:|---:|---:|---:|---:|---|"]
+    return profile_table(profile, "#### 5. Profile of one training step",
+                         f"`tools/bench.py --profile` after each config's eager measurements ({profile.get('file')}, "
+                         f"{profile.get('status')}): torch.profiler over a few more steps")
+
+
+def profile_table(profile: dict, heading: str, intro: str, variants: bool = False) -> list[str]:
+    """The markdown table of bench.py's profile file (one row per config, and per variant)."""
+    lines = [heading, "", intro + "; the step time is the profiled wall time per step (the profiler's overhead "
+             "included), launches are CUDA kernels per step (on a CPU: leaf aten ops), launch calls the CPU's "
+             "cudaLaunchKernel/cudaGraphLaunch calls, GPU idle the sum of the gaps between kernels per step.", "",
+             "| config | " + ("variant | " if variants else "") + "step ms (unprofiled) | launches per step | "
+             "launch calls per step | GPU busy ms | GPU idle ms | top 3 by self time (% of the step) |",
+             "|---|" + ("---|" if variants else "") + "---:|---:|---:|---:|---:|---|"]
     for c in profile.get("configs", []):
         top = "; ".join(f"{t['name'][:60]} {fmt(t.get('pct_of_step'), 3)} %" for t in c.get("top3", []))
-        lines.append(f"| {c.get('config')} | {fmt(c.get('step_ms'), 4)} ({fmt(c.get('unprofiled_step_ms'), 4)}) | "
+        lines.append(f"| {c.get('config')} | " + (f"{c.get('variant')} | " if variants else "")
+                     + f"{fmt(c.get('step_ms'), 4)} ({fmt(c.get('unprofiled_step_ms'), 4)}) | "
                      f"{fmt(c.get('launches_per_step'), 4)} | {fmt(c.get('launch_calls_per_step'), 4)} | "
                      f"{fmt(c.get('gpu_busy_ms_per_step'), 4)} | {fmt(c.get('gpu_idle_ms_per_step'), 4)} | "
                      f"{cell(top)} |")
     return lines + [""]
+
+
+def steps_and_raw_lines(report: dict) -> list[str]:
+    """The steps table and bench.py's lines as printed: the end of both checks' markdown."""
+    lines = ["#### Steps", "", "| step | status | seconds | limit s |", "|---|---|---:|---:|"]
+    for s in report["steps"]:
+        why = f": {cell(first_line(s.get('error'))[:160])}" if s.get("error") else ""
+        lines.append(f"| {s['name']} | {s['status']}{why} | {fmt(s.get('seconds'))} | {fmt(s.get('timeout_s'))} |")
+    lines += ["", "Raw lines printed by `tools/bench.py`, as printed:", "", "```"]
+    return lines + (report["raw_bench_lines"] or ["(none)"]) + ["```", ""]
+
+
+def write_outputs(out: Path, texts: dict[str, str], logs: Path) -> None:
+    """Each text to out/NAME, and every log under ``logs`` to out/logs.tgz, each file replaced whole
+    (a temporary beside it, then a rename): a check cut off mid-write leaves the last complete set."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted(logs.iterdir()) if logs.is_dir() else []:  # a log being written: as far as it goes
+            tar.add(path, arcname=f"logs/{path.name}")
+    for name, data in {**{k: v.encode() for k, v in texts.items()}, "logs.tgz": buffer.getvalue()}.items():
+        tmp = out / f".{name}.tmp"
+        tmp.write_bytes(data)
+        tmp.replace(out / name)
 
 
 def targets(report: dict) -> list[dict]:

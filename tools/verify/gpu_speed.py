@@ -36,19 +36,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import json
 import os
 import shlex
 import signal
 import statistics
 import sys
-import tarfile
 import threading
 import traceback
 from pathlib import Path
 
-from gpu_check_report import cell, fmt, verdict
+from gpu_check_report import cell, fmt, profile_table, steps_and_raw_lines, verdict, write_outputs
 from gpu_check_runner import Runner
 from gpu_check_steps import MAX_OUT_FILES, parse_lines, prepare_preset, profile_report, step_environment
 
@@ -285,27 +283,10 @@ def markdown(report: dict) -> str:
                      + (f" {cell(r['problem'])}" if r.get("problem") else "") + " |")
     lines.append("")
     profile = report.get("profile") or {}
-    lines += ["#### Profile of one training step: the default step and its cuda_graphs variant", "",
-              f"`tools/bench.py --profile` ({PROFILE_FILE}, {profile.get('status')}): torch.profiler over a few "
-              "steps after the measurements; step ms is the profiled wall time per step (the profiler's "
-              "overhead included), launches are CUDA kernels per step (on a CPU: leaf aten ops), launch "
-              "calls the CPU's cudaLaunchKernel/cudaGraphLaunch calls, GPU idle the gaps between kernels.", "",
-              "| config | variant | step ms (unprofiled) | launches per step | launch calls per step | GPU busy ms "
-              "| GPU idle ms | top 3 by self time (% of the step) |", "|---|---|---:|---:|---:|---:|---:|---|"]
-    for c in profile.get("configs", []):
-        top = "; ".join(f"{t['name'][:60]} {fmt(t.get('pct_of_step'), 3)} %" for t in c.get("top3", []))
-        lines.append(f"| {c.get('config')} | {c.get('variant')} | {fmt(c.get('step_ms'), 4)} "
-                     f"({fmt(c.get('unprofiled_step_ms'), 4)}) | {fmt(c.get('launches_per_step'), 4)} | "
-                     f"{fmt(c.get('launch_calls_per_step'), 4)} | {fmt(c.get('gpu_busy_ms_per_step'), 4)} | "
-                     f"{fmt(c.get('gpu_idle_ms_per_step'), 4)} | {cell(top)} |")
-    lines.append("")
-    lines += ["#### Steps", "", "| step | status | seconds | limit s |", "|---|---|---:|---:|"]
-    for s in report["steps"]:
-        why = f": {cell(str(s.get('error') or '').splitlines()[0][:160])}" if s.get("error") else ""
-        lines.append(f"| {s['name']} | {s['status']}{why} | {fmt(s.get('seconds'))} | {fmt(s.get('timeout_s'))} |")
-    lines += ["", "Raw lines printed by `tools/bench.py`, as printed:", "", "```"]
-    lines += report["raw_bench_lines"] or ["(none)"]
-    return "\n".join(lines + ["```", ""])
+    lines += profile_table(profile, "#### Profile of one training step: the default step and its cuda_graphs variant",
+                           f"`tools/bench.py --profile` ({PROFILE_FILE}, {profile.get('status')}): torch.profiler over "
+                           "a few steps after the measurements", variants=True)
+    return "\n".join(lines + steps_and_raw_lines(report))
 
 
 def summary(report: dict) -> dict:
@@ -445,18 +426,8 @@ class SpeedCheck:
         agree = bool(report["same_function"]) and all(x.get("passed", True) for x in report["same_function"])
         report["all_steps_ok"], report["same_function_ok"] = steps_ok, agree
         md = guarded(r, "markdown", lambda: markdown(report), "### GPU speed check: see gpu_speed.json\n")
-        files = {"gpu_speed.json": json.dumps(report, indent=1, default=str) + "\n", "gpu_speed.md": md,
-                 "bench_lines.jsonl": "".join(line + "\n" for line in self.raw_lines)}
-        for name, text in files.items():
-            tmp = self.out / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(self.out / name)
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            for path in sorted(r.logs.iterdir()) if r.logs.is_dir() else []:
-                tar.add(path, arcname=f"logs/{path.name}")
-        (self.out / ".logs.tgz.tmp").write_bytes(buffer.getvalue())
-        (self.out / ".logs.tgz.tmp").replace(self.out / "logs.tgz")
+        write_outputs(self.out, {"gpu_speed.json": json.dumps(report, indent=1, default=str) + "\n", "gpu_speed.md": md,
+                                 "bench_lines.jsonl": "".join(line + "\n" for line in self.raw_lines)}, r.logs)
         if final:
             r.say(f"wrote {self.out}: steps {'all ok' if steps_ok else 'NOT all ok'}, "
                   f"same function {'PASS' if agree else 'FAIL'}")

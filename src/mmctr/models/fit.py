@@ -121,6 +121,9 @@ def configure_backend(device: torch.device) -> None:
         # the same call twice gives bit-identical predictions on CPU (CUDA keeps its fast,
         # atomics-based kernels: a GPU run is reproducible only up to float rounding)
         torch.use_deterministic_algorithms(True)
+        # ...without its debugging aid of filling every new tensor with NaN before use: no kernel
+        # here reads memory it has not written, and the fills were 5 % of a CPU step (docs/BENCHMARKS.md)
+        torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def device_of(model: nn.Module) -> torch.device:
