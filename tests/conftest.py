@@ -72,6 +72,23 @@ def pytest_configure(config):
     # .ci/run runs everything; `python3 -m pytest -q -m "not slow" tests` is the quick tier
     config.addinivalue_line("markers", "slow: end to end, subprocesses, kills, fuzzing or compile "
                                        "(skipped by -m 'not slow')")
+    config.addinivalue_line("markers", "xdist_group(name): pytest-xdist --dist loadgroup runs the group on one worker")
+
+
+# module fixtures that take a minute or more to build: under pytest-xdist (.ci/run: --dist
+# loadgroup) the tests that use one share a worker, which builds it once
+EXPENSIVE_FIXTURES = ("cpu_run", "speed_run", "sequential")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests of one expensive fixture in one xdist group; the slow tier first, so that on two
+    workers the long tests start early and the quick ones fill the gaps at the end (every worker
+    collects the same order, as xdist requires). Without xdist both change nothing a test sees."""
+    for item in items:
+        for name in EXPENSIVE_FIXTURES:
+            if name in item.fixturenames:
+                item.add_marker(pytest.mark.xdist_group(name))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within each tier
 
 
 @pytest.fixture
