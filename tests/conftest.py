@@ -23,6 +23,14 @@ from scipy.special import expit, logit
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
     tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 
+# Under pytest-xdist (.ci/run: one worker per core) a worker and every command it starts get one
+# core's worth, one thread: two threads per worker on as many cores as workers spin in OpenMP
+# barriers and run several times slower. The suite holds on any thread count.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+    torch.set_num_threads(1)  # in case a plugin imported torch before this file
+
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "src"
 # pytest puts src/ and tools/ on this process's path (pyproject.toml); the commands tests start
