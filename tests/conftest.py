@@ -88,6 +88,7 @@ def pytest_configure(config):
 EXPENSIVE_FIXTURES = ("cpu_run", "speed_run", "sequential")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """The tests of one expensive fixture in one xdist group; the slow tier first, so that on two
     workers the long tests start early and the quick ones fill the gaps at the end (every worker
