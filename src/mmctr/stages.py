@@ -26,7 +26,6 @@ on which worker trained it. Train stages on CUDA, with --devices, --refit or --f
 from __future__ import annotations
 
 import importlib
-import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -73,9 +72,11 @@ def parse(argv: list[str]) -> tuple[float, int, list[tuple[str, list[str]]]]:
 
 def header(name: str, args: list[str], started: float) -> str:
     """'=== train qin_small (refit) (12 s)': a training stage names its model config, every stage its time."""
-    configs = [Path(args[i + 1]).stem for i, arg in enumerate(args[:-1]) if arg == "--config" and name == "train"]
-    what = " ".join([name, *configs, *(["(refit)"] if "--refit" in args else [])])
-    return f"\n=== {what} ({time.time() - started:.0f} s)"
+    parts = [name]
+    if name == "train":
+        parts += [Path(args[i + 1]).stem for i, arg in enumerate(args[:-1]) if arg == "--config"]
+        parts += ["(refit)"] if "--refit" in args else []
+    return f"\n=== {' '.join(parts)} ({time.time() - started:.0f} s)"
 
 
 def shared_folds(train_args: list[list[str]]) -> list[list[str]]:
@@ -104,18 +105,12 @@ def fold_worker(train_args: list[list[str]]) -> None:
 def train_in_fold_workers(train_args: list[list[str]], workers: int) -> None:
     """Every fold of these train stages, trained by ``workers`` one-thread processes; returns when
     all have ended (a failed worker's folds are left to the train stages)."""
-    spawn = multiprocessing.get_context("spawn")
-    processes = [spawn.Process(target=fold_worker, args=(train_args,), name=f"fold worker {i}")
-                 for i in range(workers)]
+    from mmctr import train
     common.log(f"{workers} fold workers, one thread each, train the folds of "
                f"{', '.join(Path(a[a.index('--config') + 1]).stem for a in train_args)}")
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join()
-    failed = [p.name for p in processes if p.exitcode != 0]
+    failed = train.run_worker_processes(fold_worker, {f"fold worker {i}": (train_args,) for i in range(workers)})
     if failed:
-        common.log(f"{', '.join(failed)} ended with an error: the train stages train what is left")
+        common.log(f"{'; '.join(failed)}: the train stages train what is left")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -123,7 +123,7 @@ def checked_config(cfg: dict, device: str | None) -> dict:
 # Keys added after runs were first made, with the value that switches them off (and the keys that
 # only matter when on): a run made before such a key existed computed what its off value computes,
 # so at that value the keys are left out of the fingerprint and the run's finished folds stay valid.
-ADDED_LATER_OFF = {("data", "item_emb"): (None, ()),
+ADDED_LATER_OFF = {**{("data", key): (None, ()) for key in processed_data.OPTIONAL_SETTINGS},
                    ("model", "target_attention_layers"): (0, ("target_attention_heads", "target_attention_dropout")),
                    ("train", "cuda_graphs"): (False, ()), ("train", "foreach_l2"): (False, ()),
                    ("train", "adam_impl"): ("auto", ())}
@@ -381,22 +381,29 @@ def train_on_devices(todo: list, cfg: dict, train_cfg: TrainConfig, processed: P
     claiming the next unclaimed fold until none is left; returns once every worker has ended. A
     worker that dies leaves its fold unfinished (its claim names a dead process): the next run
     redoes it."""
-    spawn = multiprocessing.get_context("spawn")  # CUDA cannot be initialised again in a forked child
-    workers = [spawn.Process(target=fold_worker, name=f"fold worker {i} ({device})",
-                             args=(cfg, train_cfg, processed, str(device), run_dir, todo, refit_epochs,
-                                   torch.get_num_threads()))
-               for i, device in enumerate(devices[:len(todo)])]
-    common.log(f"training folds {todo} with {len(workers)} workers on {', '.join(map(str, devices[:len(todo)]))}")
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    failed = [f"{w.name} exited with {w.exitcode}" + (" (killed by a signal)" if w.exitcode < 0 else "")
-              for w in workers if w.exitcode != 0]
+    used = devices[:len(todo)]
+    common.log(f"training folds {todo} with {len(used)} workers on {', '.join(map(str, used))}")
+    failed = run_worker_processes(fold_worker, {
+        f"fold worker {i} ({device})": (cfg, train_cfg, processed, str(device), run_dir, todo, refit_epochs,
+                                        torch.get_num_threads())
+        for i, device in enumerate(used)})
     if failed:
         unfinished = [k for k in todo if not runs.fold_done(run_dir, k)]
         raise UserError(f"{'; '.join(failed)}: folds {unfinished} are not done; rerun the same command "
                         f"to train them (finished folds are kept)")
+
+
+def run_worker_processes(target: Callable, args_of: dict[str, tuple]) -> list[str]:
+    """One spawned process per name, running target(*args); returns once all have ended, with a line
+    for each that failed. Spawned, not forked: CUDA cannot be initialised again in a forked child."""
+    spawn = multiprocessing.get_context("spawn")
+    workers = [spawn.Process(target=target, name=name, args=args) for name, args in args_of.items()]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return [f"{w.name} exited with {w.exitcode}" + (" (killed by a signal)" if w.exitcode < 0 else "")
+            for w in workers if w.exitcode != 0]
 
 
 def start_torchrun_process(requested: str) -> str:
