@@ -16,7 +16,7 @@ from mmctr.models import fit
 from mmctr import model_config
 from mmctr import processed_data
 from mmctr.models import layers
-from mmctr.models.layers import (ASTA, DINAttention, ItemEncoder, RMSNorm, TargetAttention, masked_mean,
+from mmctr.models.layers import (ASTA, DINAttention, ItemEncoder, RMSNorm, SENet, TargetAttention, masked_mean,
                                  masked_softmax)
 from mmctr.models.simqin import SemanticCodes, SimilarityCounts
 from mmctr.models.schema import ITEM_TABLES
@@ -57,6 +57,8 @@ CONFIGS = {
                          semantic_codes=True, n_codes=6, code_levels=2),
     "simqin_mhta": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4,
                         target_attention_layers=2),
+    "simqin_senet": dict(name="simqin", emb_dim=8, mm_dim=M, qnn_layers=2, qnn_m=2, n_counts=4,
+                         target_attention_layers=1, senet=True, senet_activation="sigmoid"),
 }
 
 
@@ -342,6 +344,39 @@ def test_fast_target_attention_equals_its_literal_form(train):
 def test_target_attention_heads_must_divide_the_item_width():
     with pytest.raises(ValueError, match=r"^target_attention_heads: 5 heads do not divide the item width 12"):
         TargetAttention(12, n_heads=5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "sigmoid"])
+def test_senet_formula_on_fields_of_different_widths(activation):
+    """z_f = mean of field f, A = act(W_2 ReLU(W_1 z)), field f scaled by A_f: by hand."""
+    torch.manual_seed(0)
+    se = SENet(5, reduction_ratio=2, activation=activation).double()
+    fields = [torch.randn(4, d, dtype=torch.double) for d in (3, 1, 8, 8, 2)]
+    W_1, W_2 = se.excitation[0].weight, se.excitation[2].weight
+    assert W_1.shape == (2, 5) and W_2.shape == (5, 2)  # max(1, 5 // 2) wide, no biases
+    z = torch.stack([f.mean(-1) for f in fields], -1)
+    pre = torch.relu(z @ W_1.T) @ W_2.T
+    A = torch.relu(pre) if activation == "relu" else torch.sigmoid(pre)
+    for i, (out, f) in enumerate(zip(se(fields), fields)):
+        torch.testing.assert_close(out, f * A[:, i:i + 1], rtol=0, atol=1e-15)
+    assert model_config.count_parameters(SENet(7, 3)) == 2 * 7 * 2
+    assert model_config.count_parameters(SENet(2, 3)) == 2 * 2 * 1  # at least one unit
+
+
+def test_senet_in_simqin_gates_every_field_and_is_off_by_default():
+    """On: 2 F max(1, F // 3) parameters more (F: likes, views, x_t, o, m, counts, user = 7) and
+    gradients reach them; off: no module, the state dict of a model built before the option."""
+    count = model_config.count_parameters
+    base = build(CONFIGS["simqin"])
+    on = build({**CONFIGS["simqin"], "senet": True})
+    assert count(on) == count(base) + 2 * 7 * 2
+    assert not any(isinstance(m, SENet) for m in base.modules())
+    assert {k for k in on.state_dict() if "senet" not in k} == set(base.state_dict())
+    batch = make_batch()
+    on.train()
+    on(batch).sum().backward()
+    for name, p in on.senet.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
 def test_rms_norm_formula():
@@ -639,6 +674,8 @@ def test_model_loss_takes_the_loss_form(name):
     ({**DIN, "attention_hidden": []}, "model.attention_hidden"),
     ({**DIN, "target_attention_layers": 1, "target_attention_heads": 5}, "model.target_attention_heads"),
     ({**DIN, "target_attention_layers": -1}, "model.target_attention_layers"),
+    ({**CONFIGS["simqin"], "senet": True, "senet_activation": "tanh"}, "model.senet_activation"),
+    ({**CONFIGS["simqin"], "senet": True, "senet_reduction": 0}, "model.senet_reduction"),
     ({**DCN, "tf4ctr": {"enabled": True, "c": 1.5}}, "model.tf4ctr.c"),
 ])
 def test_bad_model_config_is_a_one_line_user_error(cfg, key):

@@ -182,19 +182,21 @@ def test_changed_config_moves_stale_outputs_aside(tiny_cfg):
 
 
 def test_keys_added_later_leave_the_fingerprint_while_off():
-    """A run made before data.item_emb, the target-attention keys or the speed options existed keeps
+    """A run made before data.item_emb, the target-attention or SENet keys or the speed options existed keeps
     its fingerprint (its folds stay valid) while they are off; switched on, they change it."""
     cfg = train.checked_config(common.load_config(common.CONFIG_DIR / "simqin_small.yaml"), "cpu")
     manifest = {"fingerprint": "data"}
     before = copy.deepcopy(cfg)
     del before["data"]["item_emb"]
-    for key in ("target_attention_layers", "target_attention_heads", "target_attention_dropout"):
+    for key in ("target_attention_layers", "target_attention_heads", "target_attention_dropout", "senet",
+                "senet_reduction", "senet_activation"):
         del before["model"][key]
     for key in ("cuda_graphs", "foreach_l2", "adam_impl"):
         del before["train"][key]
     assert train.fingerprint_of(cfg, manifest) == train.fingerprint_of(before, manifest)
     for section, key, value in (("data", "item_emb", {"file": "item_emb.parquet", "column": "v3"}),
-                                ("model", "target_attention_layers", 2), ("train", "cuda_graphs", True),
+                                ("model", "target_attention_layers", 2), ("model", "senet", True),
+                                ("train", "cuda_graphs", True),
                                 ("train", "foreach_l2", True), ("train", "adam_impl", "fused")):
         on = copy.deepcopy(cfg)
         on[section][key] = value

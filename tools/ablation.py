@@ -3,14 +3,16 @@ or more synthetic datasets, scored on the hidden test labels.
 
     PYTHONPATH=src python tools/ablation.py --data-root /tmp/ablation --datasets demo:default,demo:broad \
         --variant qin_small=qin_small --variant "simqin_small -counts=simqin_small,model.similarity=false" \
-        --seeds 1,2,3 [--device cpu] [--set KEY=VALUE ...]
+        --seeds 1,2,3 [--workers 2] [--device cpu] [--set KEY=VALUE ...]
 
 Each dataset PRESET:PROCESS (a make_synthetic.py preset and click process: default, broad, or heavy, whose users
 have ~100 train rows each and a taste a user table can learn) is generated once (make_synthetic.py --seed 20242025)
 into {data-root}/{preset}_{process} and preprocessed with configs/data.yaml. Each variant LABEL=CONFIG[,KEY=VALUE...]
-is trained by `src/train.py --config configs/CONFIG.yaml --refit` (one model on every train row, early
-stopping on the valid split, as the prize-eligible submission is made) once per seed (train.seed),
-as run LABEL-slug_sSEED. One JSON line per run goes to {data-root}/ablation.jsonl as it finishes; a
+is trained by `src/train.py --config configs/CONFIG.yaml --refit --set train.refit_epochs=valid` (one
+model on every train row, early stopping on the valid split, as the prize-eligible submission is made)
+once per seed (train.seed), as run LABEL-slug_sSEED. --workers N trains N runs at a time, each on one
+thread (on a small CPU, one-thread processes side by side finish more runs per hour than one process on
+every core: src/stages.py). One JSON line per run goes to {data-root}/ablation.jsonl as it finishes; a
 rerun skips the runs already there, so an interrupted study resumes. At the end a markdown table
 per dataset: test AUC mean, min..max over the seeds, valid AUC mean, epochs, train seconds per epoch
 (train rows / the refit's train rows/s), parameters.
@@ -19,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,13 +84,15 @@ def prepare(root: Path, dataset: str, py: str) -> list[str]:
 
 
 def run_one(root: Path, dataset: str, label: str, config: str, sets: list[str], seed: int, data_sets: list[str],
-            extra: list[str], device: str, py: str) -> dict:
+            extra: list[str], device: str, py: str, one_thread: bool = False) -> dict:
     raw, work = dataset_paths(root, dataset)
     name = f"{slug(label)}_s{seed}"
-    overrides = [*sets, *extra, f"train.seed={seed}", f"run.name={name}"]
+    # early stopping on the valid split: a `_small` config's refit_epochs=folds needs fold runs first
+    overrides = ["train.refit_epochs=valid", *sets, *extra, f"train.seed={seed}", f"run.name={name}"]
     argv = [py, "src/train.py", "--config", f"configs/{config}.yaml", *data_sets,
             *[a for s in overrides for a in ("--set", s)], "--refit", "--device", device]
-    subprocess.run(argv, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if one_thread else None
+    subprocess.run(argv, cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=env)
     refit = work / "runs" / name / runs.REFIT
     done = common.read_json(refit / "done.json")
     labels = common.read_test_labels(raw)
@@ -132,6 +138,8 @@ def main() -> None:
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="an override for every run")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs trained at a time; above 1 each run gets one thread")
     args = parser.parse_args()
     py = sys.executable
     root = args.data_root.resolve()
@@ -140,22 +148,33 @@ def main() -> None:
     results = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     seeds = [int(s) for s in args.seeds.split(",")]
     datasets = args.datasets
-    for dataset in datasets:
-        data_sets = prepare(root, dataset, py)
-        for seed in seeds:  # seed by seed: a partial study already compares every variant
-            for label, config, sets in args.variant:
-                key = (dataset, label, seed)
-                if any((r["dataset"], r["variant"], r["seed"]) == key for r in results):
-                    continue
-                result = run_one(root, dataset, label, config, sets, seed, data_sets, args.extra, args.device, py)
-                results.append(result)
-                with log.open("a") as f:
-                    f.write(json.dumps(result) + "\n")
-                print(f"{dataset} {label} seed {seed}: test AUC {result['test_auc']:.4f}, valid "
-                      f"{result['valid_auc']:.4f}, {result['epochs']} epochs, "
-                      f"{result['seconds_per_epoch']:.1f} s/epoch", flush=True)
+    data_sets = {dataset: prepare(root, dataset, py) for dataset in datasets}
+    done = {(r["dataset"], r["variant"], r["seed"]) for r in results}
+    # seed by seed: a partial study already compares every variant on every dataset
+    todo = [(dataset, seed, variant) for seed in seeds for dataset in datasets for variant in args.variant
+            if (dataset, variant[0], seed) not in done]
+    failed = []
+    with ThreadPoolExecutor(max(1, args.workers)) as pool:
+        futures = [pool.submit(run_one, root, dataset, label, config, sets, seed, data_sets[dataset], args.extra,
+                               args.device, py, args.workers > 1)
+                   for dataset, seed, (label, config, sets) in todo]
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except subprocess.CalledProcessError as e:  # the other runs go on; their results are kept
+                failed.append(" ".join(e.cmd[1:]))
+                print(f"FAILED (exit {e.returncode}): {failed[-1]}", file=sys.stderr, flush=True)
+                continue
+            results.append(result)
+            with log.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+            print(f"{result['dataset']} {result['variant']} seed {result['seed']}: test AUC "
+                  f"{result['test_auc']:.4f}, valid {result['valid_auc']:.4f}, {result['epochs']} epochs, "
+                  f"{result['seconds_per_epoch']:.1f} s/epoch", flush=True)
     labels = [label for label, _, _ in args.variant]
     print("\n".join(line for dataset in datasets for line in table(results, dataset, labels)))
+    if failed:
+        sys.exit(f"{len(failed)} runs failed (above); rerun the same command to retry them")
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ def checked_config(cfg: dict, device: str | None) -> dict:
 # so at that value the keys are left out of the fingerprint and the run's finished folds stay valid.
 ADDED_LATER_OFF = {**{("data", key): (None, ()) for key in processed_data.OPTIONAL_SETTINGS},
                    ("model", "target_attention_layers"): (0, ("target_attention_heads", "target_attention_dropout")),
+                   ("model", "senet"): (False, ("senet_reduction", "senet_activation")),
                    ("train", "cuda_graphs"): (False, ()), ("train", "foreach_l2"): (False, ()),
                    ("train", "adam_impl"): ("auto", ())}
 

@@ -425,6 +425,34 @@ class TargetAttention(nn.Module):
         return x
 
 
+class SENet(nn.Module):
+    """Squeeze-and-excitation over feature fields (FiBiNET's SENET layer, FuxiCTR's
+    SqueezeExcitation; the Task 2 award paper puts one on DIN beside its multi-head target
+    attention): every field squeezed to its mean, a bottleneck without biases turns the F means
+    into F gates, every field scaled by its own gate.
+
+        z_f = mean_i v_f,i                                       [B, F]
+        A = act(W_2 ReLU(W_1 z)),  W_1: F -> max(1, F // r), W_2: back to F
+        v_f <- A_f v_f
+
+    Fields may differ in width (SimQIN's X_0 has fields of E, I and K); each is squeezed over its
+    own width. act: ReLU as FuxiCTR's default (a gate can shut a field for a row), or sigmoid.
+    """
+
+    def __init__(self, n_fields, reduction_ratio=3, activation="relu"):
+        super().__init__()
+        check_choice("senet_activation", activation, ("relu", "sigmoid"))
+        hidden = max(1, n_fields // reduction_ratio)
+        self.excitation = nn.Sequential(nn.Linear(n_fields, hidden, bias=False), nn.ReLU(),
+                                        nn.Linear(hidden, n_fields, bias=False),
+                                        nn.ReLU() if activation == "relu" else nn.Sigmoid())
+
+    def forward(self, fields):  # F tensors [B, d_f] -> the same F, gated
+        z = torch.stack([f.mean(-1) for f in fields], -1)  # [B, F]
+        a = self.excitation(z).to(fields[0].dtype)  # [B, F]
+        return [f * a[:, i:i + 1] for i, f in enumerate(fields)]
+
+
 class CrossNet(nn.Module):
     """DCNv2 cross network, full rank: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l."""
 

@@ -18,7 +18,9 @@ goes through QIN's QNN. Every part has a switch (similarity, mean_pool, use_user
 ablation in docs/OWN_MODEL.md; semantic_codes (off) adds the 1st-place team's other future-work
 idea, learned embeddings of residual k-means codes of the multimodal vectors, measured there too.
 target_attention_layers > 0 (off: 0) adds a multi-head target attention's output (layers.TargetAttention,
-MHTA, I wide) after o, a softmax reading of the history beside ASTA's sparse one.
+MHTA, I wide) after o, a softmax reading of the history beside ASTA's sparse one; senet (off) gates the
+fields of X_0 (user, likes, views, x_t, o, MHTA, m, counts) by squeeze-and-excitation (layers.SENet)
+before the QNN.
 """
 import math
 from typing import Literal
@@ -28,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .layers import (Count, Fraction, ASTA, QNN, CTRModel, Float32Linear, ItemEncoder, LevelEmbedding,
-                     TargetAttention, init_weights, masked_mean)
+                     SENet, TargetAttention, init_weights, masked_mean)
 
 
 class SimilarityCounts(nn.Module):
@@ -105,7 +107,8 @@ class SimQIN(CTRModel):
                  similarity=True, n_counts=8, mean_pool=True, use_user_id=True, semantic_codes=False,
                  n_codes=256, code_levels=2, asta_bias=False,
                  table_mode: Literal["auto", "gather", "table"] = "auto", target_attention_layers: Count = 0,
-                 target_attention_heads: int = 4, target_attention_dropout: Fraction = 0.1):
+                 target_attention_heads: int = 4, target_attention_dropout: Fraction = 0.1, senet=False,
+                 senet_reduction: int = 3, senet_activation: Literal["relu", "sigmoid"] = "relu"):
         super().__init__()
         self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim)
         self.levels = LevelEmbedding(tables["n_levels"], emb_dim)
@@ -122,6 +125,8 @@ class SimQIN(CTRModel):
         # user 0 is the padding index, as FuxiCTR builds every categorical feature
         self.user = nn.Embedding(tables["n_users"], emb_dim, padding_idx=0) if use_user_id else None
         n_item_parts = 2 + int(mean_pool) + int(self.mhta is not None)  # x_t, o (, m) (, MHTA)
+        n_fields = 2 + n_item_parts + int(similarity) + int(use_user_id)  # likes, views, items (, counts) (, user)
+        self.senet = SENet(n_fields, senet_reduction, senet_activation) if senet else None
         dim = (2 * emb_dim + n_item_parts * item_dim + (emb_dim if use_user_id else 0)
                + (n_counts if similarity else 0))
         self.interaction = QNN(dim, qnn_layers, qnn_m, dropout, batch_norm, qnn_activation)
@@ -135,7 +140,7 @@ class SimQIN(CTRModel):
         if self.codes is not None:  # items I + E wide
             x_t = torch.cat([x_t, self.codes(batch["item_id"]).to(x_t.dtype)], -1)
             x_b = torch.cat([x_b, self.codes(seq).to(x_b.dtype)], -1)
-        features = [self.levels(batch["likes_level"], batch["views_level"]), x_t,  # [B, 2E], [B, I]
+        features = [*self.levels(batch["likes_level"], batch["views_level"]).chunk(2, -1), x_t,  # 2 [B, E], [B, I]
                     self.asta(x_t, x_b, mask)]  # [B, I]
         if self.mhta is not None:
             features.append(self.mhta(x_t, x_b, mask))  # [B, I]
@@ -145,5 +150,7 @@ class SimQIN(CTRModel):
             features.append(self.counts(batch["item_id"], seq).to(x_t.dtype))  # [B, K]
         if self.user is not None:
             features.insert(0, self.user(batch["user_id"]))  # [B, E]
+        if self.senet is not None:
+            features = self.senet(features)
         x = torch.cat(features, -1)  # [B, D]
         return self.out(self.interaction(x)).squeeze(-1)
