@@ -36,7 +36,8 @@ device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # %% the data: item tables and each split's columns, on the device
 frames = {split: pd.read_parquet(os.path.join(DATA, f"{split}.parquet")) for split in ("train", "valid", "test")}
-tables = to_device(item_tables(pd.read_parquet(os.path.join(DATA, "item_info.parquet")), frames.values()), device)
+tables = to_device(item_tables(pd.read_parquet(os.path.join(DATA, "item_info.parquet")), frames.values(),
+                               train=frames["train"]), device)
 data = {split: to_device(row_arrays(frame), device) for split, frame in frames.items()}
 print({split: len(frame) for split, frame in frames.items()}, "items:", tables["n_items"])
 

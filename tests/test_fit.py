@@ -281,7 +281,7 @@ FUNCTION_REFERENCE = {
 def memory_data(tiny_raw):
     frames = {split: pd.read_parquet(tiny_raw / f"{split}.parquet") for split in ("train", "valid", "test")}
     tables = item_tables(pd.read_parquet(tiny_raw / "item_info.parquet"), frames.values(),
-                         item_feature=pd.read_parquet(tiny_raw / "item_feature.parquet"))
+                         item_feature=pd.read_parquet(tiny_raw / "item_feature.parquet"), train=frames["train"])
     data = {split: to_device(row_arrays(frame), "cpu") for split, frame in frames.items()}
     return frames, tables, data
 
@@ -294,6 +294,9 @@ def test_tables_helper_builds_what_preprocess_writes(memory_data, tiny_processed
     vocab = manifest["vocab"]
     assert (tables["n_items"], tables["n_tags"], tables["n_users"], tables["n_levels"]) == \
         (vocab["item"], vocab["tag"], vocab["user"], vocab["level"])
+    from_processed = train.item_tables(arrays, manifest, torch.device("cpu"))["user_rows"]
+    torch.testing.assert_close(tables["user_rows"], from_processed, rtol=0, atol=0)
+    assert tables["user_rows"].sum() == len(frames["train"]) and tables["user_rows"][0] == 0
     for split in ("train", "valid", "test"):
         for name, column in data[split].items():
             np.testing.assert_array_equal(column.numpy(), arrays[f"{split}_{name}"], err_msg=f"{split} {name}")

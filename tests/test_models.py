@@ -246,6 +246,34 @@ def test_simqin_is_qin_plus_its_parts_in_parameters():
     assert count(build(CONFIGS["simqin_counts_only"])) == count(build(QIN)) - qnn(D) + qnn(D + K) + K + 2 * K
 
 
+def test_simqin_user_min_rows_gives_rows_only_to_users_with_that_many_train_rows():
+    """user_min_rows = 3: the kept users (at least 3 train rows; never user 0) get rows 1..n in id
+    order, every other user the zero padding row, so two rare users score alike; 0 (off) is QIN's
+    table of every user. Without user_rows in the tables, a one-line error."""
+    tables = make_tables()
+    rows = torch.zeros(tables["n_users"], dtype=torch.int64)
+    rows[[0, 3, 5, 8]] = torch.tensor([9, 3, 7, 1])  # user 0 (padding) never gets a row; 8 has too few
+    cfg = {**CONFIGS["simqin"], "user_min_rows": 3}
+    model = build(cfg, tables={**tables, "user_rows": rows}).eval()
+    assert model.user.weight.shape == (3, 8)  # padding + users 3 and 5
+    assert model.user_row.tolist() == [0, 0, 0, 1, 0, 2] + [0] * (tables["n_users"] - 6)
+    count = model_config.count_parameters
+    assert count(model) == count(build(CONFIGS["simqin"])) - (tables["n_users"] - 3) * 8
+    with torch.no_grad():
+        model.user.weight[1:].normal_()  # the kept users' rows away from their tiny start
+    batch = make_batch(b=4)
+    batch["user_id"] = torch.tensor([8, 12, 3, 5], dtype=torch.int32)
+    out = model(batch)
+    rare = {**batch, "user_id": torch.tensor([12, 8, 3, 5], dtype=torch.int32)}
+    torch.testing.assert_close(model(rare), out, rtol=0, atol=0)  # rare users: the same zero row
+    kept = {**batch, "user_id": torch.tensor([8, 12, 5, 3], dtype=torch.int32)}
+    assert not torch.equal(model(kept)[2:], out[2:])
+    off = build(CONFIGS["simqin"], tables={**tables, "user_rows": rows})
+    assert off.user.weight.shape[0] == tables["n_users"] and off.user_row is None
+    with pytest.raises(common.UserError, match=r"^model.user_min_rows: the tables carry no user_rows"):
+        build(cfg, tables=tables)
+
+
 def mhta_parameters(dim, n_layers):
     """Per layer: W_q, W_v, W_o with bias, W_k without (3 (I^2 + I) + I^2), the FFN 2 (I^2 + I),
     the two RMSNorm gains 2 I: 6 I^2 + 7 I."""

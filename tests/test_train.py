@@ -189,13 +189,14 @@ def test_keys_added_later_leave_the_fingerprint_while_off():
     before = copy.deepcopy(cfg)
     del before["data"]["item_emb"]
     for key in ("target_attention_layers", "target_attention_heads", "target_attention_dropout", "senet",
-                "senet_reduction", "senet_activation"):
+                "senet_reduction", "senet_activation", "user_min_rows"):
         del before["model"][key]
     for key in ("cuda_graphs", "foreach_l2", "adam_impl"):
         del before["train"][key]
     assert train.fingerprint_of(cfg, manifest) == train.fingerprint_of(before, manifest)
     for section, key, value in (("data", "item_emb", {"file": "item_emb.parquet", "column": "v3"}),
                                 ("model", "target_attention_layers", 2), ("model", "senet", True),
+                                ("model", "user_min_rows", 20),
                                 ("train", "cuda_graphs", True),
                                 ("train", "foreach_l2", True), ("train", "adam_impl", "fused")):
         on = copy.deepcopy(cfg)

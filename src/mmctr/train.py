@@ -58,6 +58,7 @@ from mmctr import runs
 from mmctr.common import UserError
 from mmctr.models.fit import FitSettings, bf16_enabled, fit, from_rank0, predict, rank_and_world
 from mmctr.models.schema import FEATURES, ITEM_TABLES
+from mmctr.models.tables import user_row_counts
 from mmctr.models.metrics import log_loss, roc_auc
 
 
@@ -126,6 +127,7 @@ def checked_config(cfg: dict, device: str | None) -> dict:
 ADDED_LATER_OFF = {**{("data", key): (None, ()) for key in processed_data.OPTIONAL_SETTINGS},
                    ("model", "target_attention_layers"): (0, ("target_attention_heads", "target_attention_dropout")),
                    ("model", "senet"): (False, ("senet_reduction", "senet_activation")),
+                   ("model", "user_min_rows"): (0, ()),
                    ("train", "cuda_graphs"): (False, ()), ("train", "foreach_l2"): (False, ()),
                    ("train", "adam_impl"): ("auto", ())}
 
@@ -173,11 +175,13 @@ def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def item_tables(arrays: dict, manifest: dict, device: torch.device) -> dict:
-    """The item tables and vocabulary sizes model_config.build_model takes."""
+    """The item tables, the train rows of each user (user_rows) and the vocabulary sizes
+    model_config.build_model takes."""
     tables = {name: upload(arrays[name], device) for name in ITEM_TABLES}
     vocab = manifest["vocab"]
     tables.update(n_items=vocab["item"], n_tags=vocab["tag"], n_users=vocab["user"],
                   n_levels=vocab["level"])
+    tables["user_rows"] = upload(user_row_counts(arrays["train_user_id"], vocab["user"]), device)
     return tables
 
 

@@ -11,7 +11,9 @@ after the deadline or left as future work:
 - the plain mean of the history items: the user's taste as a whole, which a target attention reads
   only through the items it attends to;
 - the user_id embedding of QIN's stronger variant (its authors' 0.9838 valid AUC run after the
-  deadline).
+  deadline); user_min_rows > 0 gives a row only to the users with at least that many train rows
+  (tables["user_rows"]), every other user the zero padding row: a user table where a user's rows
+  can teach it something, and none where they cannot.
 
 X_0 = [user (E), likes/views (2E), target x_t (I), ASTA output o (I), history mean m (I), counts (K)]
 goes through QIN's QNN. Every part has a switch (similarity, mean_pool, use_user_id) for the
@@ -107,7 +109,8 @@ class SimQIN(CTRModel):
                  similarity=True, n_counts=8, mean_pool=True, use_user_id=True, semantic_codes=False,
                  n_codes=256, code_levels=2, asta_bias=False,
                  table_mode: Literal["auto", "gather", "table"] = "auto", target_attention_layers: Count = 0,
-                 target_attention_heads: int = 4, target_attention_dropout: Fraction = 0.1, senet=False,
+                 target_attention_heads: int = 4, target_attention_dropout: Fraction = 0.1, user_min_rows: Count = 0,
+                 senet=False,
                  senet_reduction: int = 3, senet_activation: Literal["relu", "sigmoid"] = "relu"):
         super().__init__()
         self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim)
@@ -123,7 +126,18 @@ class SimQIN(CTRModel):
         self.mean_pool = mean_pool
         self.counts = SimilarityCounts(tables["item_emb"], n_counts) if similarity else None
         # user 0 is the padding index, as FuxiCTR builds every categorical feature
-        self.user = nn.Embedding(tables["n_users"], emb_dim, padding_idx=0) if use_user_id else None
+        self.user = None
+        self.register_buffer("user_row", None, persistent=False)  # [U] when user_min_rows > 0
+        if use_user_id and user_min_rows > 0:
+            if "user_rows" not in tables:
+                raise ValueError("user_min_rows: the tables carry no user_rows (the train rows of each user)")
+            kept = tables["user_rows"] >= user_min_rows  # [U]
+            kept[0] = False
+            # user -> its row: 1..n kept users in id order, 0 (padding, zeros) for the others
+            self.user_row = torch.cumsum(kept, 0) * kept  # [U]
+            self.user = nn.Embedding(int(kept.sum()) + 1, emb_dim, padding_idx=0)
+        elif use_user_id:
+            self.user = nn.Embedding(tables["n_users"], emb_dim, padding_idx=0)
         n_item_parts = 2 + int(mean_pool) + int(self.mhta is not None)  # x_t, o (, m) (, MHTA)
         n_fields = 2 + n_item_parts + int(similarity) + int(use_user_id)  # likes, views, items (, counts) (, user)
         self.senet = SENet(n_fields, senet_reduction, senet_activation) if senet else None
@@ -149,7 +163,8 @@ class SimQIN(CTRModel):
         if self.counts is not None:
             features.append(self.counts(batch["item_id"], seq).to(x_t.dtype))  # [B, K]
         if self.user is not None:
-            features.insert(0, self.user(batch["user_id"]))  # [B, E]
+            user = batch["user_id"] if self.user_row is None else self.user_row[batch["user_id"]]
+            features.insert(0, self.user(user))  # [B, E]
         if self.senet is not None:
             features = self.senet(features)
         x = torch.cat(features, -1)  # [B, D]

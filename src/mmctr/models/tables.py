@@ -2,7 +2,8 @@
 
     frames = {split: pd.read_parquet(f"{split}.parquet") for split in ("train", "valid", "test")}
     tables = item_tables(pd.read_parquet("item_info.parquet"), frames.values(),
-                         item_feature=pd.read_parquet("item_feature.parquet"))  # optional
+                         item_feature=pd.read_parquet("item_feature.parquet"),  # optional
+                         train=frames["train"])  # optional: train rows per user (SimQIN's user_min_rows)
     data = {split: to_device(row_arrays(frame), device) for split, frame in frames.items()}
     tables = to_device(tables, device)
 
@@ -56,12 +57,13 @@ def item_levels(n_items, frames, item_feature=None):
     return levels.astype(np.int32)
 
 
-def item_tables(item_info, frames, emb_dtype=np.float32, item_feature=None):
+def item_tables(item_info, frames, emb_dtype=np.float32, item_feature=None, train=None):
     """The ``tables`` dict every model takes: item tables as tensors [V, ...] and vocabulary sizes.
 
     item_info: item_id (= row number), item_tags (5 ids, 0 = padding), item_emb_d128 (128 floats);
     frames: every split (their user ids size the user vocabulary, their levels the level tables
-    unless item_feature, the optional item_feature.parquet, gives them).
+    unless item_feature, the optional item_feature.parquet, gives them); train, when given, the
+    train split, whose rows per user give user_rows [U] (what SimQIN's user_min_rows reads).
     """
     frames = list(frames)
     item_id = np.asarray(item_info["item_id"])
@@ -69,6 +71,8 @@ def item_tables(item_info, frames, emb_dtype=np.float32, item_feature=None):
         raise ValueError("item_info: item_id must equal the row number")
     tags = list_column(item_info["item_tags"], TAG_SLOTS).astype(np.int32)
     likes, views = item_levels(len(item_id), frames, item_feature)
+    n_users = max(int(np.asarray(f["user_id"]).max()) for f in frames) + 1
+    user_rows = {} if train is None else {"user_rows": torch.from_numpy(user_row_counts(train["user_id"], n_users))}
     return {
         "item_tags": torch.from_numpy(tags),
         "item_emb": torch.from_numpy(list_column(item_info["item_emb_d128"], EMB_DIM).astype(emb_dtype)),
@@ -76,9 +80,15 @@ def item_tables(item_info, frames, emb_dtype=np.float32, item_feature=None):
         "item_views_level": torch.from_numpy(views),
         "n_items": len(item_id),
         "n_tags": int(tags.max()) + 1,
-        "n_users": max(int(np.asarray(f["user_id"]).max()) for f in frames) + 1,
+        "n_users": n_users,
         "n_levels": N_LEVELS,
+        **user_rows,
     }
+
+
+def user_row_counts(user_id, n_users):
+    """The number of rows of each user id 0..n_users-1 (int64 [U]): a count, no label is read."""
+    return np.bincount(np.asarray(user_id, dtype=np.int64), minlength=n_users)
 
 
 def to_device(arrays, device):
