@@ -110,8 +110,7 @@ class SimQIN(CTRModel):
                  n_codes=256, code_levels=2, asta_bias=False,
                  table_mode: Literal["auto", "gather", "table"] = "auto", target_attention_layers: Count = 0,
                  target_attention_heads: int = 4, target_attention_dropout: Fraction = 0.1, user_min_rows: Count = 0,
-                 senet=False,
-                 senet_reduction: int = 3, senet_activation: Literal["relu", "sigmoid"] = "relu"):
+                 senet=False, senet_reduction: int = 3, senet_activation: Literal["relu", "sigmoid"] = "relu"):
         super().__init__()
         self.items = ItemEncoder(tables, emb_dim, table_mode, mm_dim)
         self.levels = LevelEmbedding(tables["n_levels"], emb_dim)
