@@ -53,9 +53,12 @@ def truncate(path: Path) -> None:
 # processes and threads
 # ---------------------------------------------------------------------------------------------
 
+TOOL_SCRIPTS = ("bench", "ablation")  # in tools/, every other script in src/
+
+
 def run_script(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
-    """``python src/<script>.py ARGS`` (``bench``: tools/bench.py) with one thread, as a user runs it."""
-    path = TOOLS / "bench.py" if script == "bench" else SRC / (script if script.endswith(".py") else f"{script}.py")
+    """``python src/<script>.py ARGS`` (``bench``, ``ablation``: tools/) with one thread, as a user runs it."""
+    path = TOOLS / f"{script}.py" if script in TOOL_SCRIPTS else SRC / (script if script.endswith(".py") else f"{script}.py")
     return subprocess.run([sys.executable, str(path), *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=300, env=ONE_THREAD_ENV)
 

@@ -2,23 +2,18 @@
 test labels, one JSON line per finished run, a failed run reported while the others finish, and a
 rerun that trains only what is missing."""
 import json
-import subprocess
-import sys
 
 import pytest
 
-from helpers import ONE_THREAD_ENV, SRC, TOOLS
+from helpers import run_script
 
 pytestmark = pytest.mark.slow
 
 
 def ablation(root, *variants):
-    args = [sys.executable, str(TOOLS / "ablation.py"), "--data-root", str(root),
-            "--datasets", "tiny:heavy", "--seeds", "1", "--workers", "2"]
-    for variant in variants:
-        args += ["--variant", variant]
-    return subprocess.run(args, cwd=TOOLS.parent, capture_output=True, text=True, timeout=600,
-                          env={**ONE_THREAD_ENV, "PYTHONPATH": str(SRC)})
+    variant_args = [arg for variant in variants for arg in ("--variant", variant)]
+    return run_script("ablation", "--data-root", root, "--datasets", "tiny:heavy", "--seeds", "1", "--workers", "2",
+                      *variant_args, cwd=root)
 
 
 def test_ablation_records_each_run_reports_failures_and_resumes(tmp_path):

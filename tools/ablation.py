@@ -141,6 +141,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="runs trained at a time; above 1 each run gets one thread")
     args = parser.parse_args()
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     py = sys.executable
     root = args.data_root.resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -154,7 +156,7 @@ def main() -> None:
     todo = [(dataset, seed, variant) for seed in seeds for dataset in datasets for variant in args.variant
             if (dataset, variant[0], seed) not in done]
     failed = []
-    with ThreadPoolExecutor(max(1, args.workers)) as pool:
+    with ThreadPoolExecutor(args.workers) as pool:
         futures = [pool.submit(run_one, root, dataset, label, config, sets, seed, data_sets[dataset], args.extra,
                                args.device, py, args.workers > 1)
                    for dataset, seed, (label, config, sets) in todo]
