@@ -90,10 +90,14 @@ def test_per_item_levels_come_from_item_feature_when_it_is_there(loaded, tiny_ra
     assert manifest["item_levels"]["source"] == "item_feature"
 
 
-def test_per_item_levels_fall_back_to_rounded_means_over_all_splits(copy_raw, tmp_path):
+def test_per_item_levels_fall_back_to_rounded_means_over_all_splits(copy_raw, tmp_path, capsys):
     raw = copy_raw()
-    (raw / "item_feature.parquet").unlink()
+    # where the real download keeps it: one folder up, not read, and the summary says so
+    (raw / "item_feature.parquet").rename(raw.parent / "item_feature.parquet")
     arrays, manifest = processed_data.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
+    printed = capsys.readouterr().out
+    assert f"item levels: {preprocess.LEVEL_SOURCES['rows']}" in printed
+    assert f"{raw.parent / 'item_feature.parquet'} was not read: copy it into {raw}" in printed
     rows = pd.concat([pd.read_parquet(raw / f"{split}.parquet", columns=["item_id", "likes_level", "views_level"])
                       for split in SPLITS])
     means = rows.groupby("item_id").mean()

@@ -474,7 +474,13 @@ def run_preprocess(cfg: dict, force: bool = False) -> Path:
     common.log(f"preprocess: wrote {processed} in {time.time() - started:.1f} s")
     print(f"  rows: {rows}\n  vocab: {vocab}\n  positive rate: {rates}\n"
           f"  folds: {manifest['n_folds']} (seed {manifest['fold_seed']}), "
-          f"item_emb {manifest['emb_dtype']}{item_emb_text(manifest)}", flush=True)
+          f"item_emb {manifest['emb_dtype']}{item_emb_text(manifest)}\n"
+          f"  item levels: {manifest['item_levels']['from']}", flush=True)
+    raw_dir = Path(cfg["data"]["raw_dir"])
+    if manifest["item_levels"]["source"] == "rows" and (raw_dir.parent / ITEM_FEATURE_FILE).is_file():
+        # the real download keeps item_feature.parquet one folder above MicroLens_1M_x1/
+        common.log(f"preprocess: note: {raw_dir.parent / ITEM_FEATURE_FILE} was not read: copy it into "
+                   f"{raw_dir} (data.raw_dir) for the items' own levels, then rerun preprocess.py --force")
     return processed
 
 
