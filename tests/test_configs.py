@@ -26,6 +26,37 @@ def test_every_config_loads():
         assert "data" in common.load_config(path), path
 
 
+CONFIG_FILE_CASES = {
+    # a config file's text (after base: qin_small.yaml), the one-line error's fragments
+    "a misspelt section": ("trian:\n  lr: 1.0e-3\n", ["unknown section 'trian'", "known: base, data"]),
+    "a section that is not a mapping": ("data: 5\n", ["section 'data' must be a mapping of keys, got 5"]),
+    "a key written twice": ("train:\n  lr: 1.0e-3\n  batch_size: 64\n  lr: 5.0e-3\n",
+                            ["not valid YAML", "key 'lr' written twice on lines 6 and 8"]),
+    "a key written twice in a flow mapping": ("train: {lr: 1.0e-3, lr: 5.0e-3}\n",
+                                              ["key 'lr' written twice on line 5"]),
+    "a base that is not a file name": ("", ["base must be the file name of another config, got 3"]),
+    "a config file that is a folder": (None, ["a folder, not a config file"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_FILE_CASES))
+def test_a_bad_config_file_is_one_line_naming_it(case, tmp_path):
+    text, fragments = CONFIG_FILE_CASES[case]
+    path = tmp_path / "bad.yaml"
+    if text is None:
+        path.mkdir()
+    else:  # three comment lines first: the line numbers in the message are the file's
+        base = "base: 3" if "base" in case else f"base: {common.CONFIG_DIR / 'qin_small.yaml'}"
+        path.write_text(f"# a\n# b\n# c\n{base}\n{text}")
+    assert_user_error(lambda: common.load_config(path), str(path), *fragments)
+
+
+def test_an_empty_section_takes_the_base_values(tmp_path):
+    path = tmp_path / "empty_train.yaml"
+    path.write_text(f"base: {common.CONFIG_DIR / 'qin_small.yaml'}\ntrain:\n")
+    assert common.load_config(path)["train"] == common.load_config(common.CONFIG_DIR / "qin_small.yaml")["train"]
+
+
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.stem)
 def test_run_name_is_the_file_name(path: Path):
     # run.sh and configs/blend.yaml name runs by their config file

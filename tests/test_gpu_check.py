@@ -368,7 +368,7 @@ def test_speed_rehearsal_measures_every_option_and_returns_five_files(speed_run)
     # speed: every config, the default step and each option, the repeats' medians
     assert list(report["speed"]) == list(gpu_speed.MODES["cpu"]["configs"])
     for model, s in report["speed"].items():
-        expected = ["baseline", *gpu_speed.OPTIONS] + (gpu_speed.MODES["cpu"]["qin_options"] if model == "qin" else [])
+        expected = ["baseline", *gpu_speed.OPTIONS] + gpu_speed.MODES["cpu"]["model_options"].get(model, [])
         assert s["status"] == "ok" and list(s["variants"]) == expected
         for label, v in s["variants"].items():
             assert v["repeats"] == 2 and v["train_rows_per_s"] > 0 and v["predict_seconds"] > 0
@@ -407,7 +407,8 @@ def test_speed_plan_fits_the_device_call():
         argv = gpu_speed.speed_argv(mode, "python3", root, model, 3)
         assert argv[argv.index("--preset") + 1] == "full" and argv[argv.index("--repeats") + 1] == "3"
         compared = [argv[i + 1] for i, a in enumerate(argv) if a == "--compare"]
-        assert compared == gpu_speed.OPTIONS + (["train.eval_batch_size=393216"] if model == "qin" else [])
+        own = {"qin": ["train.eval_batch_size=393216"], "transformer_dcn": ["train.batch_size=4096"]}
+        assert compared == gpu_speed.OPTIONS + own.get(model, [])
         assert ("--predict-rows" in argv) == (model != "qin")  # QIN: the 379,142 test rows, timed
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--profile-variant"] == gpu_speed.PROFILED
         assert argv[argv.index("--profile") + 1] == f"/data/profile_{model}.json"

@@ -317,6 +317,14 @@ def float_ids_of(column: str):
     return corrupt
 
 
+def nan_id_of(column: str):
+    def corrupt(path: Path) -> None:
+        values = pq.read_table(path, columns=[column])[column].to_numpy().astype(np.float64)
+        values[4] = np.nan
+        replace_column(path, column, pa.array(values))
+    return corrupt
+
+
 def int_embeddings(path: Path) -> None:
     emb = as_matrix(pq.read_table(path, columns=["item_emb_d128"])["item_emb_d128"])
     replace_column(path, "item_emb_d128", fixed_list(np.round(emb).astype(np.int64)))
@@ -341,6 +349,7 @@ def missing_test_id(path: Path) -> None:
 BAD_INPUTS = {
     # kind: (file, how to break it, expected message fragments)
     "missing_file": ("valid.parquet", lambda p: p.unlink(), ["valid.parquet", "file not found"]),
+    "folder_for_file": ("train.parquet", lambda p: (p.unlink(), p.mkdir()), ["train.parquet", "a folder, not a file"]),
     "corrupt": ("train.parquet", lambda p: p.write_bytes(b"not parquet at all" * 50),
                 ["train.parquet", "not a readable parquet file"]),
     "truncated": ("test.parquet", truncate, ["test.parquet", "not a readable parquet file"]),
@@ -352,6 +361,9 @@ BAD_INPUTS = {
                       ["train.parquet", "column 'label'", "missing"]),
     "non_integer_ids": ("train.parquet", float_ids_of("user_id"),
                         ["train.parquet", "column 'user_id'", "expected integer ids"]),
+    "nan_in_ids": ("valid.parquet", nan_id_of("user_id"),  # what pandas writes for a missing id
+                   ["valid.parquet", "column 'user_id'", "expected integer ids, found double",
+                    "a null or NaN makes an integer column float"]),
     "non_float_embeddings": ("item_info.parquet", int_embeddings,
                              ["item_info.parquet", "column 'item_emb_d128'", "expected a list of floats"]),
     "wrong_list_length": ("train.parquet", short_history,
@@ -446,6 +458,7 @@ def test_a_failed_rebuild_leaves_the_good_folder_untouched(copy_raw, tmp_path):
     ("emb_dtype", "float64", "config: data.emb_dtype must be float32 or float16, got 'float64'"),
     ("n_folds", 1, "config: data.n_folds must be at least 2, got 1"),
     ("n_folds", 2.5, "config: data.n_folds must be an integer, got 2.5"),
+    ("fold_seed", -1, "config: data.fold_seed must be at least 0, got -1"),  # numpy refuses it
     ("fold_seed", True, "config: data.fold_seed must be an integer, got True"),
     ("raw_dir", None, "config: data.raw_dir must be a string, got None"),
     ("nfolds", 3, "config: unknown key data.nfolds (known: raw_dir, work_dir, n_folds, fold_seed, emb_dtype, "

@@ -189,6 +189,31 @@ def test_score_and_validate_command_lines(tiny_raw, tmp_path):
     assert len(wrong_column.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("cfg, column, fragments", [
+    ({"data": {"raw_dir": 123, "work_dir": "w"}}, None, ["config: data.raw_dir must be a string, got 123"]),
+    ({"data": 5}, None, ["config: data must be a mapping of keys, got 5"]),
+    ({"blend": {"submission": 5}}, None, ["config: blend.submission must be a mapping of keys, got 5"]),
+    ({"blend": {"submission": {"column": ["a"]}}}, None, ["blend.submission.column must be a string, got ['a']"]),
+    ({"blend": {"submission": {"column": "ID"}}}, None, ["blend.submission.column cannot be 'ID'"]),
+    ({"blend": {"submission": {"colum": "x"}}}, None, ["unknown key blend.submission.colum"]),
+    ({}, "", ["--column must name the prediction column", "got ''"]),
+    ({}, "ID", ["--column must name the prediction column", "got 'ID'"]),
+])
+def test_what_a_submission_is_checked_against_is_type_checked(cfg, column, fragments):
+    base = {"data": {"raw_dir": "raw", "work_dir": "work"}}
+    assert_user_error(lambda: submission.check_target({**base, **cfg}, column), *fragments)
+
+
+def test_the_prediction_column_is_the_flag_else_the_config_else_task2():
+    base = {"data": {"raw_dir": "raw", "work_dir": "work"}}
+    configured = {**base, "blend": {"runs": ["x"], "submission": {"column": "ctr"}}}
+    assert submission.check_target(base)[1] == "Task2"
+    assert submission.check_target(configured)[1] == "ctr"
+    assert submission.check_target(configured, "Task1")[1] == "Task1"
+    checked = submission.check_target(base)[0]
+    assert checked["data"]["n_folds"] == 3 and checked["data"]["raw_dir"] == "raw"  # the defaults filled in
+
+
 def test_score_without_an_oracle_says_no_labels(copy_raw, tmp_path):
     raw = copy_raw()
     for path in (raw / "oracle").iterdir():

@@ -430,6 +430,15 @@ def test_folds_out_of_range_is_a_user_error(tiny_cfg):
         train.run_training(make_cfg(tiny_cfg, FASTEST, "bad_folds"), folds=[2], device="cpu")
 
 
+@pytest.mark.parametrize("text", ["", " ", ",", "0,a"])
+def test_folds_that_name_no_fold_are_refused_by_the_parser(text, capsys):
+    # an empty --folds used to train nothing and exit 0
+    with pytest.raises(SystemExit) as stopped:
+        train.parse_cli(["--config", str(common.CONFIG_DIR / "qin_small.yaml"), "--folds", text])
+    assert stopped.value.code == 2 and "expected comma-separated fold numbers" in capsys.readouterr().err
+    assert train.parse_folds("0, 2,") == [0, 2]
+
+
 @pytest.mark.slow
 def test_cli_unknown_key_is_one_line_error():
     result = subprocess.run(
@@ -527,6 +536,10 @@ TRAIN_CASES = {
                                      ["unknown key train.learning_rate"]),
     "unknown key on the command line": (None, ["train.learnig_rate=1e-3"], ["unknown config key 'learnig_rate'"]),
     "NaN learning rate": (None, ["train.lr=.nan"], ["train.lr must be positive, got nan"]),
+    "infinite learning rate": (None, ["train.lr=.inf"], ["train.lr must be a finite number, got inf"]),
+    # the test trains with device="cpu" (--device): the config's own value is still checked
+    "a device --device replaces": (None, ["train.device=gpu"],
+                                   ["train.device must be auto, cpu, cuda or cuda:N, got 'gpu'"]),
     "negative embedding L2": (None, ["train.emb_l2=-1"], ["train.emb_l2 must be at least 0, got -1"]),
     "lr decay above 1": (None, ["train.lr_decay=1.5"], ["train.lr_decay must be at most 1, got 1.5"]),
     "negative min_delta": (None, ["train.min_delta=-1"], ["train.min_delta must be at least 0, got -1"]),

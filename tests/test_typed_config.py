@@ -88,6 +88,9 @@ def test_float_takes_ints_but_not_bools_or_text():
     assert loaded.scale == 3.0 and type(loaded.scale) is float
     assert str(error(scale=False)) == "config: sec.scale must be a number, got False"
     assert str(error(scale="1e-3")) == "config: sec.scale must be a number, got '1e-3'"
+    # .inf passes every bound (NaN fails them all: test_metadata_constraints)
+    assert str(error(budget=float("inf"))) == "config: sec.budget must be a finite number, got inf"
+    assert str(error(scale=float("-inf"))) == "config: sec.scale must be a finite number, got -inf"
 
 
 def test_str():

@@ -40,7 +40,7 @@ from mmctr.blend_methods import (METHODS, ROW_FEATURES, AucWeightsConfig, BlendD
 from mmctr.common import UserError
 from mmctr.reports import auc_text, markdown_table, picture_lines
 from mmctr.runs import PROCESSED_SPLIT, SPLITS, read_predictions
-from mmctr.submission import ID_COLUMN, submission_paths, write_submission
+from mmctr.submission import SubmissionConfig, submission_paths, write_submission
 from mmctr.models.metrics import roc_auc
 
 BEST_SINGLE = "best_single"
@@ -55,14 +55,6 @@ CANDIDATES_PNG, CALIBRATION_PNG = "candidates.png", "calibration.png"  # report.
 # ---------------------------------------------------------------------------------------------
 
 Method = Literal[tuple(METHODS)]  # blend.methods' type: a name of the registry
-
-
-@dataclass
-class SubmissionConfig:
-    """blend.submission: <dir>/<name>.csv and .zip, predictions in column <column>."""
-    dir: str = field(default="submissions", metadata={"nonempty": True})
-    name: str = "submission"
-    column: str = field(default="Task2", metadata={"nonempty": True})
 
 
 @dataclass
@@ -100,8 +92,6 @@ def checked_settings(cfg: dict) -> BlendConfig:
     name = settings.submission.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise UserError(f"config: blend.submission.name must be a plain file stem, got {name!r}")
-    if settings.submission.column == ID_COLUMN:
-        raise UserError(f"config: blend.submission.column cannot be '{ID_COLUMN}' (that column holds the IDs)")
     return settings
 
 

@@ -14,6 +14,7 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -42,7 +43,20 @@ class UserError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 class _ConfigLoader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as a string: read it as a float, as YAML 1.2 does."""
+    """PyYAML follows YAML 1.1, which reads 1e-3 (no dot) as a string: read it as a float, as YAML 1.2 does.
+    A key written twice in one mapping is an error (PyYAML would keep the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                where = f"on line {line}" if seen[key] == line else f"on lines {seen[key]} and {line}"
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} written twice {where}",
+                                                        key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _ConfigLoader.add_implicit_resolver(
@@ -69,9 +83,13 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+# The sections a config file may hold (besides base:); each stage checks the keys of those it reads
+CONFIG_SECTIONS = ("data", "run", "model", "train", "blend", "single", "tune")
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+        raise UserError(f"{path}: {missing_file_text(path, 'config file')}")
     try:
         data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -79,7 +97,15 @@ def _read_yaml(path: Path) -> dict:
         raise UserError(f"{path}: not valid YAML ({first})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: top level must be a mapping of sections")
-    return data
+    for key, value in data.items():  # a misspelt section must not silently leave its keys at the defaults
+        if key == "base":
+            if not isinstance(value, str) or not value:
+                raise UserError(f"{path}: base must be the file name of another config, got {_shown(value)}")
+        elif key not in CONFIG_SECTIONS:
+            raise UserError(f"{path}: unknown section {_shown(key)} (known: base, {', '.join(CONFIG_SECTIONS)})")
+        elif value is not None and not isinstance(value, dict):
+            raise UserError(f"{path}: section '{key}' must be a mapping of keys, got {_shown(value)}")
+    return {key: {} if value is None else value for key, value in data.items()}
 
 
 def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
@@ -103,7 +129,7 @@ def apply_override(cfg: dict, assignment: str) -> None:
     for depth, key in enumerate(keys):
         if not isinstance(node, dict) or key not in node:
             where = ".".join(keys[:depth]) or "top level"
-            known = ", ".join(sorted(node)) if isinstance(node, dict) else "nothing (not a section)"
+            known = (", ".join(sorted(node)) or "none") if isinstance(node, dict) else "nothing (not a section)"
             raise UserError(f"--set {dotted}: unknown config key '{key}' under {where} (known: {known})")
         if depth == len(keys) - 1:
             try:
@@ -192,6 +218,8 @@ def _typed_value(annotation: Any, value: Any, where: str) -> Any:
             return int(value)
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isinf(value):  # .inf would pass every bound; NaN fails them (_check_constraints)
+                raise _must_be(where, "a finite number", value)
             return float(value)
     elif annotation is str:
         if isinstance(value, str):
@@ -449,11 +477,16 @@ def first_line(what: BaseException | str | None) -> str:
     return type(what).__name__ if isinstance(what, BaseException) else ""
 
 
+def missing_file_text(path: str | os.PathLike, what: str = "file") -> str:
+    """Why ``path``, which should be a file, cannot be read as one: missing, or a folder."""
+    return f"a folder, not a {what}" if Path(path).is_dir() else f"{what} not found"
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """A JSON file's content; a missing or unreadable file is a one-line UserError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: {missing_file_text(path)}")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -467,7 +500,7 @@ def read_parquet(path: str | os.PathLike, columns: list[str], filters=None):
     import pyarrow.parquet as pq
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: {missing_file_text(path)}")
     try:
         names = pq.read_schema(path).names
     except Exception as exc:  # pyarrow raises many types for a damaged file; all mean the same here

@@ -59,7 +59,7 @@ LEVEL_SOURCES = {"item_feature": f"{ITEM_FEATURE_FILE} (the item's own levels)",
 def open_parquet(path: Path, columns: dict[str, str]) -> pq.ParquetFile:
     """Open ``path`` and check it has rows and every expected column with a usable type."""
     if not path.is_file():
-        raise common.UserError(f"{path}: file not found")
+        raise common.UserError(f"{path}: {common.missing_file_text(path)}")
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -83,7 +83,8 @@ def _type_problem(arrow_type: pa.DataType, kind: str) -> str | None:
     is_list = (pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type)
                or pa.types.is_fixed_size_list(arrow_type))
     if kind == "int" and not pa.types.is_integer(arrow_type):
-        return f"expected integer ids, found {arrow_type}"
+        floats = " (a null or NaN makes an integer column float)" if pa.types.is_floating(arrow_type) else ""
+        return f"expected integer ids, found {arrow_type}{floats}"
     if kind == "number" and not (pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
                                  or pa.types.is_boolean(arrow_type)):
         return f"expected 0/1 numbers, found {arrow_type}"

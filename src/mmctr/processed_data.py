@@ -66,7 +66,7 @@ def raw_records(raw_dir: Path, known: dict | None = None, item_emb: dict | None 
     for name, path in input_files(Path(raw_dir), item_emb).items():
         if not path.is_file():
             named_by = " (named by data.item_emb.file, relative to data.raw_dir)" if name == "item_emb" else ""
-            raise common.UserError(f"{path}: file not found{named_by}")
+            raise common.UserError(f"{path}: {common.missing_file_text(path)}{named_by}")
         stat = path.stat()
         old = (known or {}).get(name) or {}
         same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns
@@ -179,7 +179,7 @@ class DataConfig:
     raw_dir: str                      # train/valid/test/item_info.parquet, real or synthetic
     work_dir: str                     # processed arrays, runs and blends for this dataset
     n_folds: int = field(default=3, metadata={"min": 2})  # stratified folds over train, for OOF predictions
-    fold_seed: int = 20242025
+    fold_seed: int = field(default=20242025, metadata={"min": 0})  # numpy seeds are non-negative
     emb_dtype: EmbDtype = "float32"   # float16 halves the multimodal table in memory
     item_emb: ItemEmbSource | None = None  # null: item_info's item_emb_d128
 

@@ -15,7 +15,7 @@ import os
 
 from mmctr import common
 from mmctr.common import UserError
-from mmctr.submission import checked_predictions, configured_column, expected_test_ids, read_submission
+from mmctr.submission import check_target, checked_predictions, expected_test_ids, read_submission
 from mmctr.models.metrics import roc_auc
 
 
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--column", default=None,
                         help="prediction column (default: blend.submission.column, else Task2)")
     args = parser.parse_args(argv)
-    cfg = common.config_from_args(args)
-    result = score_submission(args.submission, cfg, configured_column(cfg, args.column))
+    cfg, column = check_target(common.config_from_args(args), args.column)
+    result = score_submission(args.submission, cfg, column)
     print(f"{args.submission}: valid submission, {result['rows']:,} rows")
     if result["auc"] is None:
         print(f"no labels: {common.data_paths(cfg)['oracle']}/test_labels.parquet does not exist (real "

@@ -16,6 +16,7 @@ import io
 import os
 import zipfile
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmctr import common
+from mmctr import processed_data
 from mmctr.common import UserError, first_line
 
 ID_COLUMN = "ID"
@@ -61,7 +63,7 @@ def read_submission(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: file not found")
+        raise UserError(f"{path}: {common.missing_file_text(path)}")
     if not zipfile.is_zipfile(path):
         if path.suffix.lower() == ".zip":
             raise UserError(f"{path}: not a readable zip file")
@@ -107,12 +109,31 @@ def expected_test_ids(cfg: dict) -> np.ndarray:
                     f"(set data.raw_dir, e.g. --set data.raw_dir=data/demo)")
 
 
-def configured_column(cfg: dict, override: str | None = None) -> str:
-    """--column if given, else blend.submission.column of the config, else Task2."""
-    if override:
-        return override
-    submission = (cfg.get("blend") or {}).get("submission") or {}
-    return submission.get("column") or DEFAULT_COLUMN
+@dataclass
+class SubmissionConfig:
+    """blend.submission: <dir>/<name>.csv and .zip, predictions in column <column>."""
+    dir: str = field(default="submissions", metadata={"nonempty": True})
+    name: str = "submission"
+    column: str = field(default=DEFAULT_COLUMN, metadata={"nonempty": True})
+
+    def __post_init__(self):
+        if self.column == ID_COLUMN:
+            raise UserError(f"config: blend.submission.column cannot be '{ID_COLUMN}' (that column holds the IDs)")
+
+
+def check_target(cfg: dict, column: str | None = None) -> tuple[dict, str]:
+    """What validate_submission.py and score.py check a file against, from the config they read:
+    (``cfg`` with its data section type-checked, the prediction column: ``column`` (--column) when
+    given, else blend.submission.column, type-checked, else Task2)."""
+    checked = {**cfg, "data": processed_data.checked_data(cfg)}
+    if column is None:
+        blend = cfg.get("blend") or {}
+        if not isinstance(blend, dict):
+            raise UserError(f"config: blend must be a mapping of keys, got {blend!r}")
+        return checked, common.typed_section(SubmissionConfig, blend.get("submission", {}), "blend.submission").column
+    if not column.strip() or column == ID_COLUMN:
+        raise UserError(f"--column must name the prediction column (not empty, not '{ID_COLUMN}'), got {column!r}")
+    return checked, column
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,6 +107,9 @@ def parse_config(cfg: dict, device: str | None) -> tuple[dict, TrainConfig]:
     cfg["run"] = asdict(common.typed_section(RunConfig, cfg["run"], "run"))
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg["run"]["name"]):
         raise UserError(f"config: run.name must be a plain folder name, got {cfg['run']['name']!r}")
+    configured = cfg["train"].get("device", "auto")  # checked even when --device replaces it
+    if not (isinstance(configured, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", configured)):
+        raise UserError(f"config: train.device must be auto, cpu, cuda or cuda:N, got {configured!r}")
     if device is not None:
         cfg["train"]["device"] = device
     train_cfg = common.typed_section(TrainConfig, cfg["train"], "train")
@@ -534,9 +537,12 @@ def print_summary(run_dir: Path, done: list[int], missing: list[int], metrics: d
 
 def parse_folds(text: str) -> list[int]:
     try:
-        return [int(part) for part in text.split(",") if part.strip()]
+        folds = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated fold numbers, got {text!r}") from None
+        folds = []
+    if not folds:  # an empty --folds would train nothing and succeed
+        raise argparse.ArgumentTypeError(f"expected comma-separated fold numbers, got {text!r}")
+    return folds
 
 
 def parse_devices(text: str) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from mmctr import common
-from mmctr.submission import DEFAULT_COLUMN, configured_column, expected_test_ids, validate_submission
+from mmctr.submission import DEFAULT_COLUMN, check_target, expected_test_ids, validate_submission
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--column", default=None,
                         help=f"prediction column (default: blend.submission.column, else {DEFAULT_COLUMN})")
     args = parser.parse_args(argv)
-    cfg = common.config_from_args(args)
+    cfg, column = check_target(common.config_from_args(args), args.column)
     expected_ids = expected_test_ids(cfg)
-    validate_submission(args.file, expected_ids, configured_column(cfg, args.column))
+    validate_submission(args.file, expected_ids, column)
     print(f"OK: {len(expected_ids)} rows")
 
 
