@@ -143,6 +143,28 @@ def test_write_submission_makes_a_zip_with_exactly_prediction_csv_at_its_root(tm
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mine.csv", "mine.zip"]  # no temporaries left
 
 
+def test_an_earlier_submission_of_other_predictions_is_moved_aside_never_overwritten(tmp_path, capsys):
+    settings = (tmp_path, "mine", "Task2")
+    first = np.linspace(0, 1, len(IDS))
+    csv_path, zip_path = submission.write_submission(IDS, first, *settings)
+    earlier_zip, earlier_csv = zip_path.read_bytes(), csv_path.read_bytes()
+    submission.write_submission(IDS, first[::-1], *settings)
+    [aside_zip] = tmp_path.glob("mine.old-*.zip")
+    assert aside_zip.read_bytes() == earlier_zip and aside_zip.with_suffix(".csv").read_bytes() == earlier_csv
+    assert zip_path.read_bytes() != earlier_zip
+    assert f"moved to {aside_zip}" in capsys.readouterr().out
+    submission.write_submission(IDS, first[::-1], *settings)  # the same predictions again: nothing moves
+    assert len(list(tmp_path.iterdir())) == 4
+
+
+def test_a_submission_folder_inside_a_folder_the_stage_replaces_is_refused(tmp_path):
+    assert_user_error(lambda: submission.require_outside(tmp_path / "blend" / "subs", tmp_path / "blend"),
+                      "blend.submission.dir", "lies inside", "replaces whole")
+    assert_user_error(lambda: submission.require_outside(tmp_path / "blend", tmp_path / "blend"), "lies inside")
+    submission.require_outside(tmp_path / "submissions", tmp_path / "blend")
+    submission.require_outside(tmp_path / "blend2", tmp_path / "blend")
+
+
 def test_write_submission_refuses_an_invalid_submission(tmp_path):
     with pytest.raises(UserError, match="outside"):
         submission.write_submission(IDS, np.full(len(IDS), 1.5), tmp_path, "bad", "Task2")

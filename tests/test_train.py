@@ -181,6 +181,33 @@ def test_changed_config_moves_stale_outputs_aside(tiny_cfg):
 
 
 
+def test_moving_the_data_or_the_work_folder_keeps_finished_folds(tiny_cfg, tmp_path, capsys):
+    """A fingerprint holds content, not paths: the same data and work folder under other paths (here
+    symlinks; a moved folder or a relative path alike) reuse the finished folds. A run stamped in the
+    older form, with the paths in its hash, is restamped, not retrained."""
+    cfg = make_cfg(tiny_cfg, FASTEST, "moved", "train.max_epochs=1")
+    run_dir = train.run_training(cfg, folds=[0], device="cpu")
+    done = run_dir / "fold0" / "done.json"
+    stamp = done.stat().st_mtime_ns
+    fingerprint = common.read_json(run_dir / "fingerprint.json")
+    (tmp_path / "raw_elsewhere").symlink_to(cfg["data"]["raw_dir"])
+    (tmp_path / "work_elsewhere").symlink_to(cfg["data"]["work_dir"])
+    moved = copy.deepcopy(cfg)
+    moved["data"].update(raw_dir=str(tmp_path / "raw_elsewhere"), work_dir=str(tmp_path / "work_elsewhere"))
+    train.run_training(moved, folds=[0], device="cpu")
+    assert done.stat().st_mtime_ns == stamp and common.read_json(run_dir / "fingerprint.json") == fingerprint
+
+    _, _, manifest = processed_data.load_current(cfg)
+    legacy = train.fingerprint_of(train.checked_config(cfg, "cpu"), manifest, legacy=True)
+    assert legacy != fingerprint
+    common.write_json(run_dir / "fingerprint.json", legacy)
+    capsys.readouterr()
+    train.run_training(cfg, folds=[0], device="cpu")
+    assert done.stat().st_mtime_ns == stamp and common.read_json(run_dir / "fingerprint.json") == fingerprint
+    assert "restamped" in capsys.readouterr().out
+    assert not list(run_dir.parent.glob("moved.old-*"))
+
+
 def test_keys_added_later_leave_the_fingerprint_while_off():
     """A run made before data.item_emb, the target-attention or SENet keys or the speed options existed keeps
     its fingerprint (its folds stay valid) while they are off; switched on, they change it."""
@@ -491,6 +518,28 @@ def test_refit_of_the_folds_median_best_epoch(tiny_cfg):
     done = common.read_json(run_dir / "refit" / "done.json")
     assert done["epochs"] == done["best_epoch"] == int(np.floor(np.mean(best) + 0.5))
     assert "valid_auc" in done and "median best epoch" in done["early_stopping"]
+    assert done["refit_epochs"] == "folds"
+    folds = {p: p.stat().st_mtime_ns for k in (0, 1) for p in (run_dir / f"fold{k}").iterdir()}
+
+    # a refit command that must fail fails before anything moves: its folds would be another config's
+    other = make_cfg(tiny_cfg, FASTEST, "refit_folds", "train.refit_epochs=folds", "train.max_epochs=3",
+                     "train.patience=3", "train.lr=5e-4")
+    def outputs():  # the lock's record of its holders changes with every process that holds it
+        return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")
+                if p.is_file() and not p.name.startswith(runs.LOCK_FILE)}
+    before = outputs()
+    with pytest.raises(common.UserError, match="folds were made with another config"):
+        train.run_training(other, device="cpu", refit=True)
+    assert outputs() == before
+
+    # a refit-only setting redoes the refit alone: the folds stay, the old refit waits beside them
+    valid = make_cfg(tiny_cfg, FASTEST, "refit_folds", "train.refit_epochs=valid", "train.max_epochs=3",
+                     "train.patience=3")
+    train.run_training(valid, device="cpu", refit=True)
+    assert {p: p.stat().st_mtime_ns for p in folds} == folds
+    assert common.read_json(run_dir / "refit" / "done.json")["refit_epochs"] == "valid"
+    [aside] = run_dir.glob("refit.old-*")
+    assert common.read_json(aside / "done.json") == done
 
 
 def test_compiled_step_and_prediction_compile_once_for_every_batch_size(processed, monkeypatch):

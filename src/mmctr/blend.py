@@ -40,7 +40,7 @@ from mmctr.blend_methods import (METHODS, ROW_FEATURES, AucWeightsConfig, BlendD
 from mmctr.common import UserError
 from mmctr.reports import auc_text, markdown_table, picture_lines
 from mmctr.runs import PROCESSED_SPLIT, SPLITS, read_predictions
-from mmctr.submission import SubmissionConfig, submission_paths, write_submission
+from mmctr.submission import SubmissionConfig, require_outside, submission_paths, write_submission
 from mmctr.models.metrics import roc_auc
 
 BEST_SINGLE = "best_single"
@@ -334,6 +334,7 @@ def run_blend(cfg: dict) -> dict:
 
     blend_dir = common.data_paths(cfg)["work"] / "blend"
     sub = settings.submission
+    require_outside(sub.dir, blend_dir)
     common.require_writable_folder(sub.dir, "blend.submission.dir")
     oracle = oracle_probs(cfg, data)
     chosen_name = f"{BEST_SINGLE} ({best_single.name})" if chosen is best_single else chosen.name

@@ -477,6 +477,19 @@ def first_line(what: BaseException | str | None) -> str:
     return type(what).__name__ if isinstance(what, BaseException) else ""
 
 
+def aside_path(path: Path) -> Path:
+    """A free name beside ``path`` for it to be moved aside to, never deleted: <name>.old-<time> for
+    a folder, <stem>.old-<time><suffix> for a file (submission.zip -> submission.old-<time>.zip)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    suffix = path.suffix if path.is_file() else ""
+    stem = path.name[:len(path.name) - len(suffix)]
+    aside, n = path.with_name(f"{stem}.old-{stamp}{suffix}"), 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{stem}.old-{stamp}-{n}{suffix}")
+    return aside
+
+
 def missing_file_text(path: str | os.PathLike, what: str = "file") -> str:
     """Why ``path``, which should be a file, cannot be read as one: missing, or a folder."""
     return f"a folder, not a {what}" if Path(path).is_dir() else f"{what} not found"

@@ -17,7 +17,6 @@ import fcntl
 import os
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -91,12 +90,7 @@ def read_fingerprint(run: Path) -> dict | None:
 
 def move_aside(run: Path) -> Path:
     """Move the run's outputs (everything but claims) into a new folder <run>.old-<time> beside it."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = run.parent / f"{run.name}.old-{stamp}"
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = run.parent / f"{run.name}.old-{stamp}-{n}"
+    aside = common.aside_path(run)
     aside.mkdir()
     for path in sorted(run.iterdir()):
         if not path.name.endswith(".claim") and not path.name.startswith(LOCK_FILE):
@@ -104,12 +98,16 @@ def move_aside(run: Path) -> Path:
     return aside
 
 
-def prepare(run: Path, fingerprint: dict, cfg: dict) -> None:
+def prepare(run: Path, fingerprint: dict, cfg: dict, legacy: dict | None = None) -> None:
     """Move outputs made under another fingerprint aside (never delete them), then record this
-    fingerprint and config."""
+    fingerprint and config. ``legacy``: the same config's fingerprint in an older form; a run
+    stamped with it keeps its outputs and is restamped."""
     previous = read_fingerprint(run)
     has_outputs = bool(fold_dirs(run)) or any((run / name).exists() for name in AGGREGATE_FILES)
-    if previous != fingerprint and has_outputs:
+    if previous is not None and previous == legacy and previous != fingerprint:
+        common.log(f"{run}: fingerprint.json restamped in the form that leaves out paths and refit-only "
+                   f"settings; its outputs are kept")
+    elif previous != fingerprint and has_outputs:
         aside = move_aside(run)
         common.log(f"{run}: its outputs were made with another config or other data (fingerprint "
                    f"{previous} != {fingerprint}): moved to {aside}, delete that when no longer needed")
@@ -122,6 +120,27 @@ def prepare(run: Path, fingerprint: dict, cfg: dict) -> None:
         written = None
     if written != cfg:  # an unchanged config.yaml stays untouched
         common.write_yaml(config_path, cfg)
+
+
+def refit_setting(metrics: dict) -> str:
+    """train.refit_epochs of a finished refit: done.json records it; one written before it did says
+    how the refit stopped ("N epochs, as the folds' median best epoch", or "valid")."""
+    if "refit_epochs" in metrics:
+        return metrics["refit_epochs"]
+    return "folds" if "median best epoch" in str(metrics.get("early_stopping")) else "valid"
+
+
+def retire_other_refit(run: Path, refit_epochs: str) -> None:
+    """A finished refit made with another train.refit_epochs is moved aside to refit.old-<time>/ in
+    the run folder (the folds stay: the setting does not touch them), so that it is trained again."""
+    if not fold_done(run, REFIT):
+        return
+    made_with = refit_setting(fold_metrics(run, REFIT))
+    if made_with != refit_epochs:
+        aside = common.aside_path(fold_dir(run, REFIT))
+        fold_dir(run, REFIT).replace(aside)
+        common.log(f"{run}: its refit was made with train.refit_epochs={made_with}, not {refit_epochs}: moved "
+                   f"to {aside}, delete that when no longer needed")
 
 
 def remove_aggregates(run: Path) -> None:

@@ -26,7 +26,7 @@ from mmctr import common
 from mmctr import processed_data
 from mmctr import runs
 from mmctr.common import UserError
-from mmctr.submission import submission_paths, write_submission
+from mmctr.submission import require_outside, submission_paths, write_submission
 from mmctr.models.metrics import roc_auc
 
 AUTO = "auto"
@@ -87,10 +87,10 @@ def run_single(cfg: dict) -> dict:
     preds = refit_predictions(cfg, name, arrays)
     test_ids = np.asarray(arrays["test_ID"], np.int64)
     sub = blend_settings.submission
+    out = common.data_paths(cfg)["work"] / "single"
+    require_outside(sub.dir, out)
     common.require_writable_folder(sub.dir, "blend.submission.dir")
     csv_path, zip_path = submission_paths(sub.dir, f"{sub.name}-single-{name}")
-
-    out = common.data_paths(cfg)["work"] / "single"
     refit = runs.fold_metrics(runs.run_dir(cfg, name), runs.REFIT)
     valid_label = np.asarray(arrays["valid_label"], np.float64)
     labels = common.read_test_labels(common.data_paths(cfg)["raw"])

@@ -252,4 +252,27 @@ def write_submission(test_ids: np.ndarray, preds: np.ndarray, folder: str | os.P
         with zipfile.ZipFile(zip_tmp, "w") as archive:
             archive.writestr(member, text)
         validate_submission(zip_tmp, test_ids, column)
+        keep_earlier_submission(zip_path, zip_tmp.read_bytes())
     return csv_path, zip_path
+
+
+def require_outside(folder: str | os.PathLike, replaced: Path) -> None:
+    """blend.submission.dir must not lie inside a folder its stage replaces whole once written
+    (work_dir/blend, work_dir/single): the swap would delete the submission it had just written."""
+    if Path(folder).resolve().is_relative_to(Path(replaced).resolve()):
+        raise UserError(f"config: blend.submission.dir {folder} lies inside {replaced}, which this stage "
+                        f"replaces whole: choose a folder outside it")
+
+
+def keep_earlier_submission(zip_path: Path, new_zip: bytes) -> None:
+    """A submission of other predictions at ``zip_path`` is a user's earlier result: it and its .csv
+    are moved aside (<name>.old-<time>.zip and .csv), never overwritten. The same predictions give
+    the same zip bytes, so a rerun that changes nothing moves nothing."""
+    if not zip_path.is_file() or zip_path.read_bytes() == new_zip:
+        return
+    aside = common.aside_path(zip_path)
+    zip_path.replace(aside)
+    if zip_path.with_suffix(".csv").is_file():
+        zip_path.with_suffix(".csv").replace(aside.with_suffix(".csv"))
+    common.log(f"{zip_path}: the earlier submission there has other predictions: moved to {aside} (and its "
+               f".csv), delete those when no longer needed")

@@ -65,6 +65,11 @@ from mmctr.models.metrics import log_loss, roc_auc
 # Keys that change where or how visibly a run happens, not what it computes: left out of the
 # fingerprint, so that e.g. finishing a run's last folds on another device reuses the others.
 RUN_TIME_ONLY_KEYS = (("train", "device"), ("train", "log_every"))
+# Where the data is, not what it is (the data fingerprint holds its content): moving the data or
+# the work folder, or naming either by a relative path, keeps every finished run
+LOCATION_KEYS = (("data", "raw_dir"), ("data", "work_dir"))
+# Read by the refit alone, which records it in its done.json: changing it redoes the refit, not the folds
+REFIT_ONLY_KEYS = (("train", "refit_epochs"),)
 
 
 @dataclass
@@ -135,11 +140,13 @@ ADDED_LATER_OFF = {**{("data", key): (None, ()) for key in processed_data.OPTION
                    ("train", "adam_impl"): ("auto", ())}
 
 
-def fingerprint_of(cfg: dict, manifest: dict) -> dict:
-    """What the outputs depend on: the config (minus run-time-only keys and added keys that are
-    off) and the processed data."""
+def fingerprint_of(cfg: dict, manifest: dict, legacy: bool = False) -> dict:
+    """What the folds depend on: the config (minus run-time-only, location and refit-only keys, and
+    added keys that are off) and the processed data's fingerprint. ``legacy``: the fingerprint as
+    it was computed before location and refit-only keys were left out, which a run folder stamped
+    then still carries (runs.prepare restamps it rather than retrain its finished folds)."""
     relevant = copy.deepcopy(cfg)
-    for section, key in RUN_TIME_ONLY_KEYS:
+    for section, key in RUN_TIME_ONLY_KEYS + (() if legacy else LOCATION_KEYS + REFIT_ONLY_KEYS):
         relevant[section].pop(key, None)
     for (section, key), (off, only_when_on) in ADDED_LATER_OFF.items():
         if key in relevant.get(section, {}) and relevant[section][key] == off:
@@ -301,7 +308,7 @@ def train_fold(fold: int | str, cfg: dict, train_cfg: TrainConfig, data: dict, t
         scores.update(valid_auc=roc_auc(labels, predictions["valid"]), valid_logloss=log_loss(labels, predictions["valid"]))
     test_probs = predict(result.model, data["test"], batch_size=settings.eval_batch_size, bf16=settings.bf16)
     metrics = {"fold": fold, "best_epoch": result.best_epoch, "epochs": len(result.history),
-               "early_stopping": stopping, **scores,
+               "early_stopping": stopping, **({"refit_epochs": train_cfg.refit_epochs} if refit else {}), **scores,
                "train_rows": int(train_rows.numel()), "rows_per_s": result.rows_per_s,
                "seconds": time.time() - fold_start, "device": where, "numerics": numerics(device)}
     preds = {} if refit else {"oof": (holdout_host, predictions["fold"])}
@@ -472,10 +479,18 @@ def train_in_run_folder(cfg: dict, train_cfg: TrainConfig, arrays: dict, manifes
     main = rank_and_world()[0] == 0
     todo, refit_epochs = [], None
     if main:
-        runs.prepare(run_dir, fingerprint, cfg)
-        runs.remove_stale_claims(run_dir)
-        if refit and train_cfg.refit_epochs == "folds":
+        legacy = fingerprint_of(cfg, manifest, legacy=True)
+        if refit and train_cfg.refit_epochs == "folds":  # before the folder is touched: it may fail
+            if runs.read_fingerprint(run_dir) not in (None, fingerprint, legacy):
+                raise UserError(f"{run_dir}: train.refit_epochs is folds, but the run's folds were made with "
+                                f"another config or other data: train this config's folds first (src/train.py "
+                                f"without --refit, which moves the old ones aside), or refit with "
+                                f"--set train.refit_epochs=valid")
             refit_epochs = refit_epochs_from_folds(run_dir, n_folds)
+        runs.prepare(run_dir, fingerprint, cfg, legacy)
+        runs.remove_stale_claims(run_dir)
+        if refit:
+            runs.retire_other_refit(run_dir, train_cfg.refit_epochs)
         todo = [k for k in folds if not runs.fold_done(run_dir, k)]
         skipped = [k for k in folds if k not in todo]
         if skipped:
