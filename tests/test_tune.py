@@ -147,6 +147,8 @@ def test_a_study_of_three_trials_gives_runs_rows_and_a_config_train_takes(tiny_r
 
     # the best trial as a config: train.py trains it and gets the best trial's fold 0
     assert out.read_text().startswith(tune.TUNED_MARK)
+    fingerprint = common.read_json(work / "processed" / "manifest.json")["fingerprint"]
+    assert f"{tune.TUNED_DATA}{fingerprint}\n" in out.read_text()
     cfg = common.load_config(out, [f"data.raw_dir={tiny_raw}", f"data.work_dir={work}"])
     best = study.best_trial
     assert cfg["run"]["name"] == "s_tuned" and cfg["train"]["max_epochs"] == 2
@@ -159,6 +161,21 @@ def test_a_study_of_three_trials_gives_runs_rows_and_a_config_train_takes(tiny_r
     again = run_tune(tune_file(tmp_path, tiny_raw, work, study="three"), "--out", out)
     assert again.returncode == 0 and "tune: trial" not in again.stdout + again.stderr
     assert len(study_of(work, "three").get_trials()) == 3
+
+
+def test_a_tuned_config_of_another_study_or_data_is_never_replaced(tmp_path):
+    out = tmp_path / "s_tuned.yaml"
+    tune.check_out(out, "s", "abc")  # nothing there yet
+    out.write_text("base: qin_small.yaml\n")
+    assert_user_error(lambda: tune.check_out(out, "s", "abc"), "not written by src/tune.py", "--out")
+    out.write_text(f"{tune.TUNED_MARK}: the best of study 's' (trial 1, ...)\n# searched ...\n{tune.TUNED_DATA}abc\n")
+    tune.check_out(out, "s", "abc")  # the same study on the same data: its newer best may replace it
+    assert_user_error(lambda: tune.check_out(out, "s", "xyz"), "study 's' on data abc", "on data xyz", "--out")
+    assert_user_error(lambda: tune.check_out(out, "t", "abc"), "study 's'", "this search is study 't'")
+    out.write_text(f"{tune.TUNED_MARK}: the best of study 's' (trial 1, ...)\n")  # written before data was recorded
+    assert_user_error(lambda: tune.check_out(out, "s", "abc"), "on data (not recorded)")
+    # the shipped result is the demo's (docs/TUNING.md), so only the demo search may move it on
+    tune.check_out(common.CONFIG_DIR / "qin_small_tuned.yaml", "qin_small", "607a15ce0353d120")
 
 
 def test_the_same_seed_gives_the_same_trials_and_another_seed_others(tiny_raw, work, tmp_path):

@@ -32,6 +32,7 @@ import argparse
 import copy
 import multiprocessing
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from mmctr import train
 from mmctr.common import UserError
 
 TUNED_MARK = "# Written by src/tune.py"
+TUNED_DATA = "# on processed data "  # + the data fingerprint the trials trained on
 
 
 @dataclass
@@ -317,15 +319,32 @@ def worker(settings: TuneConfig, space: dict, model_cfg: dict, storage_url: str,
 # the result
 # ---------------------------------------------------------------------------------------------
 
+def check_out(out: Path, study: str, data_fingerprint: str) -> None:
+    """``out`` may be written: it does not exist, or tune.py wrote it for this study on this data
+    (the study has moved on). Another file there, or another study's or data's best, is the user's
+    result: never replaced (checked before the search and again before the write)."""
+    if not out.exists():
+        return
+    text = out.read_text()
+    if not text.startswith(TUNED_MARK):
+        raise UserError(f"{out}: exists and was not written by src/tune.py; give --out another path")
+    study_there = re.search(r"the best of study '([^']*)'", text)
+    data_there = re.search(rf"^{re.escape(TUNED_DATA)}(\S+)", text, re.M)
+    there = (study_there and study_there.group(1), data_there and data_there.group(1))
+    if there != (study, data_fingerprint):
+        raise UserError(f"{out}: holds the best of study '{there[0]}' on data {there[1] or '(not recorded)'}, and "
+                        f"this search is study '{study}' on data {data_fingerprint}: give --out another path, "
+                        f"or delete that file to replace it")
+
+
 def write_best_config(study: optuna.Study, settings: TuneConfig, config_file: Path, overrides: list[str],
-                      out: Path) -> Path:
+                      out: Path, data_fingerprint: str) -> Path:
     """The best trial as a config: the tune config's own sections but tune and data (data is the
     caller's, --set at run time), the search's --set values but data's, its best parameters, and
-    run.name = the file's stem."""
+    run.name = the file's stem. Its header names the study and the processed data's fingerprint."""
     best = study.best_trial
     raw = common.parse_yaml(config_file.read_text()) or {}
-    if out.exists() and not out.read_text().startswith(TUNED_MARK):
-        raise UserError(f"{out}: exists and was not written by src/tune.py; give --out another path")
+    check_out(out, settings.study, data_fingerprint)
     body = {key: value for key, value in raw.items() if key not in ("tune", "data")}
     if "base" in body:
         body["base"] = os.path.relpath((config_file.parent / body["base"]).resolve(), out.parent.resolve())
@@ -342,7 +361,7 @@ def write_best_config(study: optuna.Study, settings: TuneConfig, config_file: Pa
     header = (f"{TUNED_MARK}: the best of study '{settings.study}' (trial {best.number}, "
               f"{'fold 0 valid' if settings.objective == 'fold0' else 'OOF'} AUC {best.value:.6f}, "
               f"{finished_trials(study)} finished trials)\n# searched with {shown_path(config_file)}; "
-              f"python src/train.py --config {shown_path(out)} trains it\n")
+              f"python src/train.py --config {shown_path(out)} trains it\n{TUNED_DATA}{data_fingerprint}\n")
     common.write_text(out, header + yaml.safe_dump(cfg, sort_keys=False))
     return out
 
@@ -390,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")))
     storage_url = args.storage or default_storage(model_cfg, settings.study)
     out = args.out or common.CONFIG_DIR / f"{settings.study}_tuned.yaml"
+    check_out(out, settings.study, manifest["fingerprint"])  # before hours of search, not after
     study = open_study(settings, storage_url)  # created (or checked) once, before any worker; its
     # trials are read from the database at every call, the workers' included
     deadline = None if settings.timeout_s is None else started + settings.timeout_s
@@ -411,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
         if failed:
             raise UserError(f"{'; '.join(failed)}: rerun the same command to continue the search")
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    written = write_best_config(study, settings, Path(args.config), overrides, out) if completed else None
+    written = (write_best_config(study, settings, Path(args.config), overrides, out, manifest["fingerprint"])
+               if completed else None)
     print_summary(study, settings, storage_url, written, time.time() - started)
 
 
