@@ -3,7 +3,9 @@ trials from the same seed, pruning, a SIGKILL mid-trial resumed without a lost o
 two workers on one SQLite study, and the best trial as a config train.py takes."""
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import socket
 import signal
@@ -161,6 +163,24 @@ def test_a_study_of_three_trials_gives_runs_rows_and_a_config_train_takes(tiny_r
     again = run_tune(tune_file(tmp_path, tiny_raw, work, study="three"), "--out", out)
     assert again.returncode == 0 and "tune: trial" not in again.stdout + again.stderr
     assert len(study_of(work, "three").get_trials()) == 3
+
+
+def test_a_trial_stopped_by_ctrl_c_or_a_user_error_is_logged_without_a_traceback():
+    tune.quiet_optuna()
+    tune.quiet_optuna()  # twice (the main process, then a worker's call): one filter
+    [handler] = [h for h in logging.getLogger("optuna").handlers]
+    assert sum(isinstance(f, tune._NoTracebackOfKnownFailures) for f in handler.filters) == 1
+    stream = handler.setStream(io.StringIO())  # optuna's handler writes to the stderr it found first
+    try:
+        for error in (KeyboardInterrupt(), UserError("train.lr must be positive"), ValueError("a bug")):
+            try:
+                raise error
+            except BaseException:
+                logging.getLogger("optuna.study._optimize").warning(f"Trial 1 failed: {error!r}", exc_info=True)
+    finally:
+        said = handler.setStream(stream).getvalue()
+    assert said.count("Traceback") == 1 and "ValueError: a bug" in said  # a bug keeps its traceback
+    assert "KeyboardInterrupt()" in said and "UserError('train.lr must be positive')" in said
 
 
 def test_a_tuned_config_of_another_study_or_data_is_never_replaced(tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import multiprocessing
 import os
 import re
@@ -308,9 +309,30 @@ def optimize(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: dict,
                        show_progress_bar=False)
 
 
+class _NoTracebackOfKnownFailures(logging.Filter):
+    """Optuna logs a failed trial with its traceback. For a Ctrl-C, or a UserError (whose one line
+    tune already printed), the line "Trial N failed ... because of the following error: ..." says
+    it all: the traceback is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (KeyboardInterrupt, UserError)):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_optuna() -> None:
+    """Optuna's warnings only (the trials' own lines say what happens), without the tracebacks of
+    known failures; in the main process and in every worker."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:  # optuna's own handler: every record of its modules
+        if not any(isinstance(f, _NoTracebackOfKnownFailures) for f in handler.filters):
+            handler.addFilter(_NoTracebackOfKnownFailures())
+
+
 def worker(settings: TuneConfig, space: dict, model_cfg: dict, storage_url: str, device: str, config_file: str,
            overrides: list[str], deadline: float | None, threads: int) -> None:
     torch.set_num_threads(threads)
+    quiet_optuna()
     common.run_main(lambda: optimize(settings, space, model_cfg, storage_url, device, config_file, overrides,
                                      deadline))
 
@@ -400,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="the best trial's config (default: configs/<study>_tuned.yaml)")
     args = parser.parse_args(argv)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trials' own lines say what happens
+    quiet_optuna()
     if args.device and args.devices:
         parser.error("give --device or --devices, not both")
     started = time.time()
