@@ -51,6 +51,17 @@ def test_a_bad_config_file_is_one_line_naming_it(case, tmp_path):
     assert_user_error(lambda: common.load_config(path), str(path), *fragments)
 
 
+def test_a_merge_key_may_be_overridden_and_a_list_key_is_one_line(tmp_path):
+    path = tmp_path / "anchors.yaml"  # YAML's merge key: keys written after it override the merged ones
+    path.write_text(f"base: {common.CONFIG_DIR / 'qin_small.yaml'}\n"
+                    "train: &fast\n  lr: 1.0e-3\n  batch_size: 64\nmodel:\n  <<: *fast\n  lr: 5.0e-3\n")
+    assert common.load_config(path)["model"]["lr"] == 5.0e-3
+    path.write_text(f"base: {common.CONFIG_DIR / 'qin_small.yaml'}\ntrain:\n  ? [1]\n  : 2\n")
+    assert_user_error(lambda: common.load_config(path), "not valid YAML")
+    assert_user_error(lambda: common.load_config(common.CONFIG_DIR / "qin_small.yaml", ["train.lr={[1]: 2}"]),
+                      "--set train.lr: cannot parse value")
+
+
 def test_an_empty_section_takes_the_base_values(tmp_path):
     path = tmp_path / "empty_train.yaml"
     path.write_text(f"base: {common.CONFIG_DIR / 'qin_small.yaml'}\ntrain:\n")

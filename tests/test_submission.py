@@ -152,9 +152,14 @@ def test_an_earlier_submission_of_other_predictions_is_moved_aside_never_overwri
     [aside_zip] = tmp_path.glob("mine.old-*.zip")
     assert aside_zip.read_bytes() == earlier_zip and aside_zip.with_suffix(".csv").read_bytes() == earlier_csv
     assert zip_path.read_bytes() != earlier_zip
-    assert f"moved to {aside_zip}" in capsys.readouterr().out
+    assert f"moved to {aside_zip.with_suffix('')}.*" in capsys.readouterr().out
     submission.write_submission(IDS, first[::-1], *settings)  # the same predictions again: nothing moves
     assert len(list(tmp_path.iterdir())) == 4
+    zip_path.unlink()  # a csv alone, of other predictions, is kept too
+    earlier_csv = csv_path.read_bytes()
+    submission.write_submission(IDS, first, *settings)
+    assert [p.read_bytes() for p in tmp_path.glob("mine.old-*.csv") if p != aside_zip.with_suffix(".csv")] == [
+        earlier_csv]
 
 
 def test_a_submission_folder_inside_a_folder_the_stage_replaces_is_refused(tmp_path):

@@ -208,6 +208,22 @@ def test_moving_the_data_or_the_work_folder_keeps_finished_folds(tiny_cfg, tmp_p
     assert not list(run_dir.parent.glob("moved.old-*"))
 
 
+def test_the_older_fingerprint_form_is_the_one_older_code_stamped():
+    """Hashes a run folder of the older form carries (computed by the code before paths and
+    refit_epochs left the fingerprint), one per refit_epochs value: recognised, so restamped."""
+    cfg = train.checked_config({"data": {"raw_dir": "/data/raw", "work_dir": "/data/work"}, "run": {"name": "x"},
+                                "model": {"name": "qin"}, "train": {}}, "cpu")
+    older = [f["config_hash"] for f in train.legacy_fingerprints(cfg, {"fingerprint": "d"})]
+    assert older == ["184ae4150f77d997", "19c2cc6732e4f3f1"]  # refit_epochs valid, folds
+    assert train.fingerprint_of(cfg, {"fingerprint": "d"})["config_hash"] not in older
+
+
+def test_a_refit_done_before_it_recorded_its_setting_is_read_from_how_it_stopped():
+    assert runs.refit_setting({"early_stopping": "3 epochs, as the folds' median best epoch"}) == "folds"
+    assert runs.refit_setting({"early_stopping": "valid"}) == "valid"
+    assert runs.refit_setting({"early_stopping": "valid", "refit_epochs": "folds"}) == "folds"
+
+
 def test_keys_added_later_leave_the_fingerprint_while_off():
     """A run made before data.item_emb, the target-attention or SENet keys or the speed options existed keeps
     its fingerprint (its folds stay valid) while they are off; switched on, they change it."""
@@ -507,7 +523,7 @@ def test_refit_trains_one_model_on_every_row_beside_the_folds(tiny_cfg, processe
     assert [(p / "refit" / "done.json").is_file() for p in run_dir.parent.glob("refit.old-*")] == [True]
 
 
-def test_refit_of_the_folds_median_best_epoch(tiny_cfg):
+def test_refit_of_the_folds_median_best_epoch(tiny_cfg, monkeypatch):
     cfg = make_cfg(tiny_cfg, FASTEST, "refit_folds", "train.refit_epochs=folds", "train.max_epochs=3",
                    "train.patience=3")
     with pytest.raises(common.UserError, match="folds .0, 1. are not done"):
@@ -524,13 +540,19 @@ def test_refit_of_the_folds_median_best_epoch(tiny_cfg):
     # a refit command that must fail fails before anything moves: its folds would be another config's
     other = make_cfg(tiny_cfg, FASTEST, "refit_folds", "train.refit_epochs=folds", "train.max_epochs=3",
                      "train.patience=3", "train.lr=5e-4")
-    def outputs():  # the lock's record of its holders changes with every process that holds it
+    def run_files():  # the lock's record of its holders changes with every process that holds it
         return {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")
                 if p.is_file() and not p.name.startswith(runs.LOCK_FILE)}
-    before = outputs()
+    before = run_files()
     with pytest.raises(common.UserError, match="folds were made with another config"):
         train.run_training(other, device="cpu", refit=True)
-    assert outputs() == before
+    assert run_files() == before
+    stamp = (run_dir / "fingerprint.json").read_bytes()  # nor can it tell whose folds these are
+    (run_dir / "fingerprint.json").unlink()
+    with pytest.raises(common.UserError, match="fingerprint.json is unreadable"):
+        train.run_training(cfg, device="cpu", refit=True)
+    (run_dir / "fingerprint.json").write_bytes(stamp)
+    assert run_files().keys() == before.keys()
 
     # a refit-only setting redoes the refit alone: the folds stay, the old refit waits beside them
     valid = make_cfg(tiny_cfg, FASTEST, "refit_folds", "train.refit_epochs=valid", "train.max_epochs=3",
@@ -540,6 +562,11 @@ def test_refit_of_the_folds_median_best_epoch(tiny_cfg):
     assert common.read_json(run_dir / "refit" / "done.json")["refit_epochs"] == "valid"
     [aside] = run_dir.glob("refit.old-*")
     assert common.read_json(aside / "done.json") == done
+
+    # a refit another process trained meanwhile with the other setting is not taken for this one
+    monkeypatch.setattr(runs, "retire_other_refit", lambda run, refit_epochs: None)  # it finished after the check
+    with pytest.raises(common.UserError, match="trained meanwhile by another process, with train.refit_epochs=valid"):
+        train.run_training(cfg, device="cpu", refit=True)
 
 
 def test_compiled_step_and_prediction_compile_once_for_every_batch_size(processed, monkeypatch):

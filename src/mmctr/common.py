@@ -49,8 +49,14 @@ class _ConfigLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # <<: *anchor: keys written after it override it
+                continue
             key = self.construct_object(key_node, deep=deep)
             line = key_node.start_mark.line + 1
+            try:
+                hash(key)
+            except TypeError:  # a list as a key: PyYAML's own error says so
+                continue
             if key in seen:
                 where = f"on line {line}" if seen[key] == line else f"on lines {seen[key]} and {line}"
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} written twice {where}",
@@ -481,7 +487,7 @@ def aside_path(path: Path) -> Path:
     """A free name beside ``path`` for it to be moved aside to, never deleted: <name>.old-<time> for
     a folder, <stem>.old-<time><suffix> for a file (submission.zip -> submission.old-<time>.zip)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    suffix = path.suffix if path.is_file() else ""
+    suffix = "" if path.is_dir() else path.suffix
     stem = path.name[:len(path.name) - len(suffix)]
     aside, n = path.with_name(f"{stem}.old-{stamp}{suffix}"), 1
     while aside.exists():

@@ -4,7 +4,8 @@ Layout (docs/DESIGN.md "Run directory"): config.yaml, fingerprint.json, fold{k}/
 history.json, oof.parquet, valid.parquet, test.parquet, done.json}, once every fold is done the
 aggregates oof.parquet, valid.parquet, test.parquet, metrics.json, report.md with its pictures
 curves.png and (synthetic data) calibration.png, and optionally refit/ (one model on every train
-row: best.pt, history.json, valid.parquet, test.parquet, done.json). Every file is written
+row: best.pt, history.json, valid.parquet, test.parquet, done.json) and refits of another
+train.refit_epochs moved aside (refit.old-<time>/). Every file is written
 atomically; a fold is done when its done.json (written last) reads back as a mapping. While a
 process trains fold k, fold{k}.claim (refit.claim) holds its pid.
 Predictions are stored with their row ids (``row_id`` for train and valid rows, ``ID`` for test),
@@ -98,16 +99,19 @@ def move_aside(run: Path) -> Path:
     return aside
 
 
-def prepare(run: Path, fingerprint: dict, cfg: dict, legacy: dict | None = None) -> None:
+def has_outputs(run: Path) -> bool:
+    return bool(fold_dirs(run)) or any((run / name).exists() for name in AGGREGATE_FILES)
+
+
+def prepare(run: Path, fingerprint: dict, cfg: dict, legacy: list[dict] = ()) -> None:
     """Move outputs made under another fingerprint aside (never delete them), then record this
-    fingerprint and config. ``legacy``: the same config's fingerprint in an older form; a run
-    stamped with it keeps its outputs and is restamped."""
+    fingerprint and config. ``legacy``: the same config's fingerprints in an older form; a run
+    stamped with one keeps its outputs and is restamped."""
     previous = read_fingerprint(run)
-    has_outputs = bool(fold_dirs(run)) or any((run / name).exists() for name in AGGREGATE_FILES)
-    if previous is not None and previous == legacy and previous != fingerprint:
+    if previous is not None and previous in legacy and previous != fingerprint:
         common.log(f"{run}: fingerprint.json restamped in the form that leaves out paths and refit-only "
                    f"settings; its outputs are kept")
-    elif previous != fingerprint and has_outputs:
+    elif previous != fingerprint and has_outputs(run):
         aside = move_aside(run)
         common.log(f"{run}: its outputs were made with another config or other data (fingerprint "
                    f"{previous} != {fingerprint}): moved to {aside}, delete that when no longer needed")

@@ -252,7 +252,7 @@ def write_submission(test_ids: np.ndarray, preds: np.ndarray, folder: str | os.P
         with zipfile.ZipFile(zip_tmp, "w") as archive:
             archive.writestr(member, text)
         validate_submission(zip_tmp, test_ids, column)
-        keep_earlier_submission(zip_path, zip_tmp.read_bytes())
+        keep_earlier_submission({zip_path: zip_tmp.read_bytes(), csv_path: csv_tmp.read_bytes()})
     return csv_path, zip_path
 
 
@@ -264,15 +264,16 @@ def require_outside(folder: str | os.PathLike, replaced: Path) -> None:
                         f"replaces whole: choose a folder outside it")
 
 
-def keep_earlier_submission(zip_path: Path, new_zip: bytes) -> None:
-    """A submission of other predictions at ``zip_path`` is a user's earlier result: it and its .csv
-    are moved aside (<name>.old-<time>.zip and .csv), never overwritten. The same predictions give
-    the same zip bytes, so a rerun that changes nothing moves nothing."""
-    if not zip_path.is_file() or zip_path.read_bytes() == new_zip:
+def keep_earlier_submission(new: dict[Path, bytes]) -> None:
+    """A submission of other predictions at the pair's paths (``new``: path -> the bytes about to be
+    written there) is a user's earlier result: what is there is moved aside (<name>.old-<time>.zip
+    and .csv), never overwritten. The same predictions give the same bytes, so a rerun that changes
+    nothing moves nothing."""
+    there = [path for path in new if path.is_file()]
+    if all(path.read_bytes() == new[path] for path in there):
         return
-    aside = common.aside_path(zip_path)
-    zip_path.replace(aside)
-    if zip_path.with_suffix(".csv").is_file():
-        zip_path.with_suffix(".csv").replace(aside.with_suffix(".csv"))
-    common.log(f"{zip_path}: the earlier submission there has other predictions: moved to {aside} (and its "
-               f".csv), delete those when no longer needed")
+    aside = common.aside_path(next(path for path in new if path.suffix == ".zip"))
+    for path in there:
+        path.replace(aside.with_suffix(path.suffix))
+    common.log(f"{', '.join(map(str, there))}: the earlier submission there has other predictions: moved to "
+               f"{aside.with_suffix('')}.*, delete that when no longer needed")

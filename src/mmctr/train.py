@@ -28,7 +28,8 @@ Outputs: {work_dir}/runs/<run.name>/ exactly as docs/DESIGN.md ("Run directory")
 complete once fold{k}/done.json reads back; a rerun skips complete folds and redoes the others from
 scratch with the same seed, so an interrupted run ends with the same predictions as an
 uninterrupted one. Outputs made under another config or other data are moved aside to
-runs/<run.name>.old-<time>/, never reused and never deleted.
+runs/<run.name>.old-<time>/, never reused and never deleted; a refit made with another
+train.refit_epochs (the folds do not read it) is moved aside alone, to refit.old-<time>/.
 The processed data must exist and match the config's data section (src/preprocess.py builds it).
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ import multiprocessing
 import os
 import re
 import time
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Literal
@@ -138,6 +140,14 @@ ADDED_LATER_OFF = {**{("data", key): (None, ()) for key in processed_data.OPTION
                    ("model", "user_min_rows"): (0, ()),
                    ("train", "cuda_graphs"): (False, ()), ("train", "foreach_l2"): (False, ()),
                    ("train", "adam_impl"): ("auto", ())}
+
+
+def legacy_fingerprints(cfg: dict, manifest: dict) -> list[dict]:
+    """The fingerprints this config had in the older form, one per train.refit_epochs (which that
+    form hashed): a run stamped with one of them keeps its outputs (runs.prepare restamps it). The
+    older form also hashed the paths, so a run moved since then is not recognised."""
+    return [fingerprint_of({**cfg, "train": {**cfg["train"], "refit_epochs": value}}, manifest, legacy=True)
+            for value in typing.get_args(typing.get_type_hints(TrainConfig)["refit_epochs"])]
 
 
 def fingerprint_of(cfg: dict, manifest: dict, legacy: bool = False) -> dict:
@@ -479,13 +489,13 @@ def train_in_run_folder(cfg: dict, train_cfg: TrainConfig, arrays: dict, manifes
     main = rank_and_world()[0] == 0
     todo, refit_epochs = [], None
     if main:
-        legacy = fingerprint_of(cfg, manifest, legacy=True)
+        legacy = legacy_fingerprints(cfg, manifest)
         if refit and train_cfg.refit_epochs == "folds":  # before the folder is touched: it may fail
-            if runs.read_fingerprint(run_dir) not in (None, fingerprint, legacy):
+            if runs.has_outputs(run_dir) and runs.read_fingerprint(run_dir) not in (fingerprint, *legacy):
                 raise UserError(f"{run_dir}: train.refit_epochs is folds, but the run's folds were made with "
-                                f"another config or other data: train this config's folds first (src/train.py "
-                                f"without --refit, which moves the old ones aside), or refit with "
-                                f"--set train.refit_epochs=valid")
+                                f"another config or other data, or its fingerprint.json is unreadable: train "
+                                f"this config's folds first (src/train.py without --refit, which moves the old "
+                                f"ones aside), or refit with --set train.refit_epochs=valid")
             refit_epochs = refit_epochs_from_folds(run_dir, n_folds)
         runs.prepare(run_dir, fingerprint, cfg, legacy)
         runs.remove_stale_claims(run_dir)
@@ -510,6 +520,12 @@ def train_in_run_folder(cfg: dict, train_cfg: TrainConfig, arrays: dict, manifes
                             epoch_hook)
     if not main:
         return run_dir
+    if refit and runs.fold_done(run_dir, runs.REFIT):  # another process may have claimed and trained it
+        made_with = runs.refit_setting(runs.fold_metrics(run_dir, runs.REFIT))
+        if made_with != train_cfg.refit_epochs:
+            raise UserError(f"{run_dir}: its refit was trained meanwhile by another process, with "
+                            f"train.refit_epochs={made_with}, not {train_cfg.refit_epochs}: rerun this command "
+                            f"to train this one (the other is then moved aside)")
 
     done = [k for k in range(n_folds) if runs.fold_done(run_dir, k)]
     missing = [k for k in range(n_folds) if k not in done]
