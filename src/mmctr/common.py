@@ -94,8 +94,7 @@ CONFIG_SECTIONS = ("data", "run", "model", "train", "blend", "single", "tune")
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise UserError(f"{path}: {missing_file_text(path, 'config file')}")
+    require_file(path, "config file")
     try:
         data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -496,16 +495,17 @@ def aside_path(path: Path) -> Path:
     return aside
 
 
-def missing_file_text(path: str | os.PathLike, what: str = "file") -> str:
-    """Why ``path``, which should be a file, cannot be read as one: missing, or a folder."""
-    return f"a folder, not a {what}" if Path(path).is_dir() else f"{what} not found"
+def require_file(path: str | os.PathLike, what: str = "file", note: str = "") -> None:
+    """A one-line UserError naming ``path`` unless it is a file: missing, or a folder (+ ``note``)."""
+    if not Path(path).is_file():
+        problem = f"a folder, not a {what}" if Path(path).is_dir() else f"{what} not found"
+        raise UserError(f"{path}: {problem}{note}")
 
 
 def read_json(path: str | os.PathLike) -> Any:
     """A JSON file's content; a missing or unreadable file is a one-line UserError naming it."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {missing_file_text(path)}")
+    require_file(path)
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -518,8 +518,7 @@ def read_parquet(path: str | os.PathLike, columns: list[str], filters=None):
     import pandas as pd
     import pyarrow.parquet as pq
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {missing_file_text(path)}")
+    require_file(path)
     try:
         names = pq.read_schema(path).names
     except Exception as exc:  # pyarrow raises many types for a damaged file; all mean the same here

@@ -58,8 +58,7 @@ LEVEL_SOURCES = {"item_feature": f"{ITEM_FEATURE_FILE} (the item's own levels)",
 
 def open_parquet(path: Path, columns: dict[str, str]) -> pq.ParquetFile:
     """Open ``path`` and check it has rows and every expected column with a usable type."""
-    if not path.is_file():
-        raise common.UserError(f"{path}: {common.missing_file_text(path)}")
+    common.require_file(path)
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:

@@ -64,9 +64,8 @@ def raw_records(raw_dir: Path, known: dict | None = None, item_emb: dict | None 
     the mtime is still seen)."""
     records = {}
     for name, path in input_files(Path(raw_dir), item_emb).items():
-        if not path.is_file():
-            named_by = " (named by data.item_emb.file, relative to data.raw_dir)" if name == "item_emb" else ""
-            raise common.UserError(f"{path}: {common.missing_file_text(path)}{named_by}")
+        common.require_file(path, note=" (named by data.item_emb.file, relative to data.raw_dir)"
+                            if name == "item_emb" else "")
         stat = path.stat()
         old = (known or {}).get(name) or {}
         same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns

@@ -108,7 +108,7 @@ def prepare(run: Path, fingerprint: dict, cfg: dict, legacy: list[dict] = ()) ->
     fingerprint and config. ``legacy``: the same config's fingerprints in an older form; a run
     stamped with one keeps its outputs and is restamped."""
     previous = read_fingerprint(run)
-    if previous is not None and previous in legacy and previous != fingerprint:
+    if previous in legacy:  # an older form's stamp differs from every current one: it hashed the paths
         common.log(f"{run}: fingerprint.json restamped in the form that leaves out paths and refit-only "
                    f"settings; its outputs are kept")
     elif previous != fingerprint and has_outputs(run):

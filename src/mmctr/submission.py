@@ -62,8 +62,7 @@ def read_submission(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
     A zip must hold exactly one file, prediction.csv, at its root.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: {common.missing_file_text(path)}")
+    common.require_file(path)
     if not zipfile.is_zipfile(path):
         if path.suffix.lower() == ".zip":
             raise UserError(f"{path}: not a readable zip file")
