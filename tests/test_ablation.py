@@ -37,3 +37,4 @@ def test_ablation_records_each_run_reports_failures_and_resumes(tmp_path):
     assert len((tmp_path / "ablation.jsonl").read_text().splitlines()) == 1  # nothing trained again
     assert done.stat().st_mtime_ns == stamp
     assert f"| qin_small | {result['test_auc']:.4f} |" in again.stdout
+    assert result["params"] > 0 and f"| {result['params']:,} | 1 |" in again.stdout  # parameters, seeds

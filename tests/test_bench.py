@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import bench
 from mmctr import common
@@ -167,6 +168,42 @@ def test_profile_writes_one_file_with_each_configs_step(tiny_cfg, tiny_processed
             assert t["ms_per_step"] == pytest.approx(t["total_ms"] / 2, rel=1e-3)
             assert t["pct_of_step"] == pytest.approx(100 * t["ms_per_step"] / c["step_ms"], rel=1e-3)
         assert sum(t["pct_of_step"] for t in top) <= 105
+        # the traffic model of one step of the batch, in the dtypes of CUDA (bf16: the configs' default)
+        traffic = c["traffic"]
+        assert traffic["dtype"] == "bfloat16" and traffic["rows"] == 256
+        assert traffic["ops_per_step"] > 0 and traffic["no_traffic_ops_per_step"] > 0
+        assert traffic["gb_per_step"] > 0 and traffic["tflop_per_step"] > 0
+        assert 1 <= len(traffic["top"]) <= bench.TRAFFIC_TOP_N
+        assert sum(t["gb"] for t in traffic["top"]) <= traffic["gb_per_step"] * 1.0001
+        assert set(traffic["floors"]) == set(bench.FLOOR_GPUS)
+        h200 = traffic["floors"]["NVIDIA H200"]
+        assert h200["memory_ms"] == pytest.approx(traffic["gb_per_step"] / 4.8, rel=1e-3)
+        assert h200["matmul_ms"] == pytest.approx(1000 * traffic["tflop_per_step"] / 989.0, rel=1e-3)
+
+
+def test_traffic_counts_each_ops_tensors_once_in_place_updates_twice_and_gathered_rows():
+    a, b, table = torch.ones(1000), torch.ones(1000), torch.ones(50, 8)
+    ids, first = torch.tensor([1, 2]), torch.tensor([0])
+    with bench.EagerTraffic() as counter:
+        a + b                                  # reads 2, writes 1: 3 x 4,000 bytes
+        a.add_(b)                              # a read and written, b read
+        torch.empty(1000).zero_()              # an allocation moves nothing; zero_ only writes
+        a.view(10, 100).t()                    # views move nothing
+        torch.nn.functional.embedding(ids, table)  # 2 rows of 8 floats read and written; the ids
+        ids[first]                             # 1 id read and written, 1 index read
+    assert counter.moved == {"add": 12_000, "add_": 12_000, "zero_": 4_000, "embedding": 2 * 2 * 8 * 4 + 2 * 8,
+                             "index": 2 * 8 + 8}
+    assert counter.calls == {"add": 1, "add_": 1, "zero_": 1, "embedding": 1, "index": 1}
+    assert counter.no_traffic_ops == 3  # empty, view, t
+
+
+@pytest.mark.parametrize("name, bandwidth", [
+    ("NVIDIA H100 80GB HBM3", 3.35), ("NVIDIA H100 PCIe", 2.0), ("NVIDIA H100 NVL", 3.9), ("NVIDIA H200", 4.8),
+    ("NVIDIA A100-SXM4-80GB", 2.039), ("NVIDIA A100 80GB PCIe", 1.935), ("NVIDIA A100-SXM4-40GB", 1.555),
+    ("NVIDIA GeForce GTX 1080", None),
+])
+def test_datasheet_bandwidths(name, bandwidth):
+    assert bench.datasheet_memory_tb_s(name) == bandwidth
 
 
 def test_gpu_idle_time_is_the_gaps_between_busy_stretches():

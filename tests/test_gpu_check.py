@@ -23,7 +23,7 @@ import gpu_check_steps
 import gpu_speed
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = ["qin", "dcnv2_tf", "din_tf", "transformer_dcn", "simqin"]
+MODELS = ["qin", "qin_plus", "dcnv2_tf", "din_tf", "transformer_dcn", "simqin"]
 
 
 def is_finite(value) -> bool:
@@ -134,9 +134,11 @@ def test_rehearsal_writes_at_most_eight_files_and_ends_on_the_summary_line(cpu_r
     assert all(is_finite(v) for v in [*line["qin_epoch_s"].values(), line["run_sh_full_projected_s"]])
     assert set(line["bench"]) == {f"{c}/eager" for c in gpu_check.MODES["cpu"]["models"].values()} | {
         "qin_small/compiled", "qin_small/graphs"}
-    # step ms, launches per step, GPU idle ms per step (none on a CPU) of every config's profile
+    # step ms, launches per step, GPU idle ms per step (none on a CPU), the traffic model's GB per step
+    # and the H200's memory floor of that traffic, of every config's profile
     assert set(line["profile"]) == set(gpu_check.MODES["cpu"]["models"].values())
-    assert all(step_ms > 0 and launches > 0 and idle is None for step_ms, launches, idle in line["profile"].values())
+    assert all(step_ms > 0 and launches > 0 and idle is None and gb > 0 and floor == pytest.approx(gb / 4.8, rel=1e-2)
+               for step_ms, launches, idle, gb, floor in line["profile"].values())
     assert line["steps_not_ok"] == [f"{KILLED}: timeout (killed at its 1 s limit)"]
     assert len(last) < 4000  # short enough for the end of a reply
 
@@ -234,7 +236,13 @@ def test_projection_arithmetic():
     assert qin["epoch_seconds"] == pytest.approx(per_epoch)
     per_fold = 41 * per_epoch + 379_142 / 2e6 + gpu_check.FOLD_OVERHEAD_S
     assert qin["model_seconds"] == pytest.approx(5 * per_fold + gpu_check.PROCESS_OVERHEAD_S)
-    assert result["total_seconds"] == pytest.approx(410.0 + sum(m["model_seconds"] for m in result["models"]))
+    # the refit: every train row an epoch, early stopping on valid, then the test rows
+    refit = 41 * (3_600_000 / 1e6 + 10_000 / 2e6) + 379_142 / 2e6 + gpu_check.FOLD_OVERHEAD_S
+    assert qin["refit_seconds"] == pytest.approx(refit + gpu_check.PROCESS_OVERHEAD_S)
+    # at equal rates the longest schedule (QIN's and SimQIN's 41 epochs) is the slowest refit
+    assert result["refit_model"] == "qin" and result["refit_seconds"] == qin["refit_seconds"]
+    assert result["total_seconds"] == pytest.approx(
+        410.0 + sum(m["model_seconds"] for m in result["models"]) + qin["refit_seconds"])
     del benches["din_tf"]
     incomplete = gpu_check.projection(benches, mode, data, blend_s=300.0)
     assert incomplete["total_seconds"] is None and "din_tf" in incomplete["problem"]
@@ -284,7 +292,7 @@ def test_gpu_shaped_report_compiled_rows_and_verdicts(tmp_path):
         assert [json.loads(line) for line in raw] == lines
     assert benches["qin"]["status"] == {"eager": "ok", "compiled": "ok"}
     assert benches["din_tf"]["status"] == {"eager": "ok"}
-    assert gpu_check_steps.compile_ratio(benches["qin"]) == pytest.approx({"train": 2.0, "predict": 2.0})
+    assert gpu_check_steps.ratio_to_eager(benches["qin"], "compiled") == pytest.approx({"train": 2.0, "predict": 2.0})
     epoch = gpu_check.qin_full_epoch(benches["qin"], rows)
     assert epoch["variants"]["eager"]["pass"] == {"train_rows_per_s": False, "epoch_seconds": True,
                                                   "test_predict_seconds": True}
@@ -292,7 +300,7 @@ def test_gpu_shaped_report_compiled_rows_and_verdicts(tmp_path):
     data = {"preset": "full", "rows": rows, "generate_seconds": 90.0, "preprocess_seconds": 8.0,
             "generate_workers": 16, "status": "ok"}
     projected = gpu_check.projection(benches, mode, data, 300.0, "compiled")
-    assert [m["rows_per_s"] for m in projected["models"]] == ["compiled"] + ["eager"] * 4
+    assert [m["rows_per_s"] for m in projected["models"]] == ["compiled"] + ["eager"] * 5
     report = {"mode": "gpu", "command": "bash tools/gpu_check.sh", "started_utc": "2026-11-28T00:00:00+00:00",
               "wall_seconds": 400.0, "budget_seconds": 470, "bench_preset": "full", "models": mode["models"],
               "environment": {"device_name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0"},
@@ -462,12 +470,15 @@ def test_speed_targets_verdicts_and_summary_from_gpu_shaped_lines():
               "speed": speed, "same_function": same, "targets": gpu_speed.targets(speed, 379_142),
               "profile": {"status": "ok", "configs": [{"config": "configs/qin.yaml", "variant": "baseline",
                                                        "step_ms": 12.0, "launches_per_step": 900.0,
-                                                       "gpu_idle_ms_per_step": 4.0, "top3": []}]},
+                                                       "gpu_idle_ms_per_step": 4.0, "top3": [],
+                                                       "traffic_gb_per_step": 17.0, "memory_floor_ms": 5.07,
+                                                       "floor_gpu": "NVIDIA H100 80GB HBM3"}]},
               "steps": [{"name": "speed_qin", "status": "ok", "seconds": 60.0}], "raw_bench_lines": ["{}"]}
     md = gpu_speed.markdown(report)
     assert "### GPU speed check 2026-12-06: NVIDIA H100 80GB HBM3" in md
-    assert "| configs/qin.yaml | baseline | 12 (—) | 900 | — | — | 4 |" in md
+    assert "| configs/qin.yaml | baseline | 12 (—) | 900 | — | — | 4 | 17 | 5.07 (NVIDIA H100 80GB HBM3) |" in md
     line = gpu_speed.summary(report)
     assert line["train_rows_s_and_ratios"]["qin"]["cuda_graphs=true"] == pytest.approx(1_616_000 / 909_000, rel=1e-3)
-    assert line["profile"] == {"qin/baseline": [12.0, 900.0, 4.0]} and line["qin_predict_s"] == {"65536": 0.06}
+    assert line["profile"] == {"qin/baseline": [12.0, 900.0, 4.0, 17.0, 5.07]}
+    assert line["qin_predict_s"] == {"65536": 0.06}
     assert len(json.dumps(line)) < 4000

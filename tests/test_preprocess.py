@@ -176,7 +176,11 @@ def test_extra_columns_are_ignored(copy_raw, tmp_path):
     table = pq.read_table(raw / "test.parquet")
     pq.write_table(table.append_column("label", pa.array(np.zeros(table.num_rows, np.int64))),
                    raw / "test.parquet")
-    preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work"))
+    processed = preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work"))
+    # a test label is no input of the model: it must not become one (nor a test label file)
+    assert not (processed / "test_label.npy").exists()
+    assert sorted(p.name for p in processed.glob("test_*")) == sorted(
+        f"test_{name}.npy" for name in ("ID", "item_id", "item_seq", "likes_level", "user_id", "views_level"))
 
 
 # --- cache -----------------------------------------------------------------------------------

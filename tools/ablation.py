@@ -110,11 +110,17 @@ def parameters(refit: Path) -> int | None:
                                            and "running_" not in k)
 
 
+def parameter_cell(runs: list[dict]) -> str:
+    """A variant's parameter count: one number (every seed builds the same model), n/a if unread."""
+    counts = {r.get("params") for r in runs} - {None}
+    return ", ".join(f"{c:,}" for c in sorted(counts)) or "n/a"
+
+
 def table(results: list[dict], dataset: str, labels: list[str]) -> list[str]:
     rows = [r for r in results if r["dataset"] == dataset]
     lines = [f"#### {dataset}", "",
-             "| variant | test AUC, mean | min..max | valid AUC | epochs | s / epoch | seeds |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| variant | test AUC, mean | min..max | valid AUC | epochs | s / epoch | parameters | seeds |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label in labels:
         mine = [r for r in rows if r["variant"] == label]
         if not mine:
@@ -123,7 +129,8 @@ def table(results: list[dict], dataset: str, labels: list[str]) -> list[str]:
         lines.append(f"| {label} | {statistics.mean(test):.4f} | {min(test):.4f}..{max(test):.4f} | "
                      f"{statistics.mean(r['valid_auc'] for r in mine):.4f} | "
                      f"{statistics.mean(r['epochs'] for r in mine):.1f} | "
-                     f"{statistics.median(r['seconds_per_epoch'] for r in mine):.1f} | {len(mine)} |")
+                     f"{statistics.median(r['seconds_per_epoch'] for r in mine):.1f} | "
+                     f"{parameter_cell(mine)} | {len(mine)} |")
     return lines + [""]
 
 

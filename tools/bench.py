@@ -54,9 +54,11 @@ preset first if it is not there.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -68,6 +70,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 try:
@@ -97,6 +101,20 @@ GPU_PEAK_TFLOPS = (
     (r"\bL40S\b", {"bfloat16": 362.0, "float32": 183.0}),
     (r"\bL4\b", {"bfloat16": 121.0, "float32": 60.0}),
 )
+# Memory bandwidth from the same datasheets, TB/s (the traffic model's floors); first match wins
+GPU_MEMORY_TB_S = (
+    (r"\bH200\b", 4.8),
+    (r"\bH100\b.*\bNVL\b", 3.9),
+    (r"\bH100\b.*\bPCIe\b", 2.0),
+    (r"\bH100\b", 3.35),
+    (r"\bA100\b.*\b80GB\b.*\bPCIe\b", 1.935),
+    (r"\bA100\b.*\b80GB\b", 2.039),
+    (r"\bA100\b", 1.555),
+    (r"\bL40S\b", 0.864),
+    (r"\bL4\b", 0.3),
+)
+# The GPUs every traffic model states its floors for (on a CPU too): the two this repo is measured on
+FLOOR_GPUS = ("NVIDIA H100 80GB HBM3", "NVIDIA H200")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +162,13 @@ def datasheet_peak_tflops(name: str, dtype: str) -> float | None:
     for pattern, peaks in GPU_PEAK_TFLOPS:
         if re.search(pattern, name):
             return peaks[dtype]
+    return None
+
+
+def datasheet_memory_tb_s(name: str) -> float | None:
+    for pattern, bandwidth in GPU_MEMORY_TB_S:
+        if re.search(pattern, name):
+            return bandwidth
     return None
 
 
@@ -335,7 +360,9 @@ def measure_model(cfg: dict, data: dict, tables: dict, device: torch.device, ste
                    "unprofiled_step_ms": 1000 * seconds_per_step(train_record),
                    **profile_training(model, loss_fn, optimizer, columns, train_rows(profile_steps), generator,
                                       settings, autocast, device, profile_steps),
-                   "cuda_graphs": cuda_graphs_field(settings, device, optimizer)}
+                   "cuda_graphs": cuda_graphs_field(settings, device, optimizer),
+                   "traffic": eager_traffic(model, loss_fn, optimizer, columns, train_rows(1), settings, device,
+                                            train_flops_per_row)}
     return train_record, predict_record, profile
 
 
@@ -459,6 +486,141 @@ class ProfileFile:
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text(json.dumps(self.report, indent=1) + "\n")
         tmp.replace(self.path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the traffic model (with --profile): what one eager step moves through memory, and its floors
+# ---------------------------------------------------------------------------------------------
+
+TRAFFIC_TOP_N = 10
+# ops that move no data: views and aliases (torch tags most of them is_view), allocations, markers
+NO_TRAFFIC_OPS = frozenset({"detach", "_unsafe_view", "alias", "lift_fresh", "empty", "empty_like", "empty_strided",
+                            "new_empty", "new_empty_strided", "_record_function_enter_new",
+                            "_record_function_exit"})
+# gathers read only the rows they take (an embedding table is far larger than what a batch reads)
+GATHER_OPS = frozenset({"index", "index_select", "gather", "embedding", "_embedding_bag"})
+# in-place ops that write their argument without reading it
+WRITE_ONLY_OPS = frozenset({"zero_", "fill_", "copy_", "bernoulli_", "uniform_", "normal_", "random_"})
+TRAFFIC_WHAT = ("every op one eager training step dispatches below autograd and autocast (eager mode runs each "
+                "as one or a few kernels), and the bytes each reads and writes: every distinct tensor argument "
+                "and result once, an argument an op updates in place twice (read and written), a gather twice "
+                "the rows it takes and its indices; a lower bound on the step's memory traffic")
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def updated_in_place(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an op reads and then writes: the arguments its schema marks as written (Tensor(a!)),
+    unless the op only writes them."""
+    if func.overloadpacket.__name__ in WRITE_ONLY_OPS:
+        return []
+    updated = []
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(argument.name)
+            updated += [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
+    return updated
+
+
+class EagerTraffic(TorchDispatchMode):
+    """Counts what each dispatched op moves (TRAFFIC_WHAT), by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls, self.moved = collections.Counter(), collections.Counter()
+        self.no_traffic_ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if func.is_view or torch.Tag.inplace_view in func.tags or name in NO_TRAFFIC_OPS:
+            self.no_traffic_ops += 1
+            return out
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if name in GATHER_OPS:  # the source (the first argument) is read only where the indices point
+            moved = 2 * sum(map(tensor_bytes, outputs)) + sum(map(tensor_bytes, inputs[1:]))
+        else:  # an in-place op returns its argument: the same tensor, read and written
+            touched = {id(t): t for t in inputs + outputs}
+            updated = {id(t): t for t in updated_in_place(func, args, kwargs)}
+            moved = sum(map(tensor_bytes, touched.values())) + sum(map(tensor_bytes, updated.values()))
+        self.calls[name] += 1
+        self.moved[name] += moved
+        return out
+
+
+def traffic_floors(gb: float, tflop: float, dtype: str, device: torch.device) -> dict:
+    """ms per step that the traffic alone (at the datasheet bandwidth) and the matmuls alone (at the
+    datasheet peak) take on each of FLOOR_GPUS and on this GPU: no step of that GPU can be faster."""
+    names = list(FLOOR_GPUS) + ([device_name(device)] if device.type == "cuda" else [])
+    floors = {}
+    for name in dict.fromkeys(names):
+        bandwidth, peak = datasheet_memory_tb_s(name), datasheet_peak_tflops(name, dtype)
+        floors[name] = {"memory_ms": None if bandwidth is None else gb / bandwidth,
+                        "matmul_ms": None if peak is None else 1000 * tflop / peak}
+    return floors
+
+
+@contextlib.contextmanager
+def dropout_as_on_cuda():
+    """On a CPU, F.dropout (nn.Dropout's) as CUDA runs it: one fused op that writes the output and
+    the mask (native_dropout), where the CPU draws the mask, scales it and multiplies, three passes."""
+    original = torch.nn.functional.dropout
+
+    def fused(input, p=0.5, training=True, inplace=False):
+        if training and 0 < p < 1 and not inplace:
+            return torch.native_dropout(input, p, True)[0]
+        return original(input, p, training, inplace)
+    torch.nn.functional.dropout = fused
+    try:
+        yield
+    finally:
+        torch.nn.functional.dropout = original
+
+
+def eager_traffic(model, loss_fn, optimizer, columns, rows, settings, device: torch.device,
+                  flops_per_row: float) -> dict:
+    """The traffic model of fit's training step (make_train_step, eager) on one batch of ``rows``,
+    counted at the second of two steps (Adam's state exists).
+
+    In the ops and dtypes the step has on CUDA. On a CPU: a config that trains in bfloat16 there
+    runs under the CPU's bfloat16 autocast (whose op lists are nearly CUDA's: CUDA keeps sum and
+    softmax in float32), dropout as CUDA's one fused op, and adam_impl auto as CUDA's fused Adam.
+    A compiled model is not modelled (its kernels are fused)."""
+    if settings.compile:
+        return {"what": "not modelled: a compiled step fuses its ops"}
+    bf16 = settings.bf16  # as on CUDA, where fit trains in bfloat16 when asked
+    on_cpu = device.type != "cuda"
+    if not on_cpu:
+        autocast = fit.autocast_for(bf16, device)
+    elif bf16:
+        autocast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
+    if on_cpu and settings.adam_impl == "auto":
+        optimizer = fit.make_optimizer(model, dataclasses.replace(settings, adam_impl="fused"))
+    step = fit.make_train_step(model, loss_fn, optimizer, columns, settings, autocast)
+    counter = EagerTraffic()
+    with dropout_as_on_cuda() if on_cpu else contextlib.nullcontext():
+        step(rows)
+        with counter:
+            step(rows)
+    synchronize(device)
+    gb = sum(counter.moved.values()) / 1e9
+    tflop = flops_per_row * rows.numel() / 1e12
+    dtype = "bfloat16" if bf16 else "float32"
+    top = counter.moved.most_common(TRAFFIC_TOP_N)
+    return {"what": TRAFFIC_WHAT, "dtype": dtype, "rows": rows.numel(),
+            "ops_per_step": sum(counter.calls.values()), "no_traffic_ops_per_step": counter.no_traffic_ops,
+            "gb_per_step": gb, "tflop_per_step": tflop,
+            "top": [{"op": name, "calls": counter.calls[name], "gb": moved / 1e9,
+                     "pct_of_gb": 100 * moved / 1e9 / gb} for name, moved in top],
+            "floors": traffic_floors(gb, tflop, dtype, device),
+            # whose floors a one-line summary quotes: this GPU's, or on a CPU the H200's
+            "floor_gpu": device_name(device) if device.type == "cuda" else FLOOR_GPUS[-1]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,9 +834,11 @@ def bench_config(args: argparse.Namespace, path: str, base_cfg: dict, steps: int
                 emit({"measure": record["measure"], "variant": label, **context, **record})
             if profile is not None:
                 args.profile_file.add({"config": path, "variant": label, "overrides": args.overrides, **profile})
+                traffic = profile["traffic"]
+                moved = f", {traffic['gb_per_step']:.3g} GB moved" if "gb_per_step" in traffic else ""
                 common.log(f"bench: profiled {path} ({label}): {profile['step_ms']:.4g} ms per step, "
                            f"{profile['launches_per_step']:.0f} launches per step, GPU idle "
-                           f"{profile['gpu_idle_ms_per_step']} ms per step -> {args.profile_file.path}")
+                           f"{profile['gpu_idle_ms_per_step']} ms per step{moved} -> {args.profile_file.path}")
             train_rates[label].append(train_record["rows_per_s"])
             predict_rates[label].append(predict_record["rows_per_s"])
             gc.collect()  # the finished model's memory must not count toward the next peak

@@ -14,9 +14,10 @@ The official valid holdout is scored for every candidate and used for nothing el
 whether the OOF choice carries over. A run's valid and test predictions average its fold models, so
 they are a little smoother than its OOF ones; the holdout column is where that would show.
 
-Writes {work_dir}/blend/ (oof/valid/test.parquet, report.md with its pictures candidates.png and,
-on synthetic data, calibration.png, then metrics.json last: the folder is complete once it exists)
-and <submission.dir>/<name>.csv and .zip, each validated before it is renamed into place. The
+Writes {work_dir}/blend/ (oof/valid/test.parquet, metrics.json, report.md with its pictures
+candidates.png and, on synthetic data, calibration.png; staged and swapped in whole: the folder is
+complete once it exists) and <submission.dir>/<submission.name>-blend.csv and .zip, each validated
+before it is renamed into place. The
 command line (not run_blend) appends the blend's row to the experiment log (src/experiments.py).
 """
 from __future__ import annotations

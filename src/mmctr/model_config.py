@@ -3,10 +3,11 @@
 model_cfg = {name: qin | dcnv2 | din | transformer_dcn | simqin, <the model's keyword arguments>, tf4ctr: {enabled, ssem,
 dfm, c, gamma, alpha}}. The keys a model takes, their types (Literal choices in the signatures,
 otherwise the default's type) and their defaults are its builder's keyword arguments (QIN, DCNv2,
-DIN, and dcnv2_tf4ctr / din_tf4ctr when tf4ctr.enabled), and the tf4ctr keys are TF4CTR's, so the
-configs and the classes cannot drift apart. Both are checked by common.typed_section. A key only
-the other form takes (structure: plain DCNv2; simple_hidden: DIN in TF4CTR) is an error, as is any
-unknown key. Absent keys, and keys set to null, take the builder's defaults.
+DIN, TransformerDCN, SimQIN, and dcnv2_tf4ctr / din_tf4ctr when tf4ctr.enabled), and the tf4ctr
+keys are TF4CTR's, so the configs and the classes cannot drift apart. Both are checked by
+common.typed_section. A key only the other form takes (structure: plain DCNv2; simple_hidden: DIN in
+TF4CTR) is an error, as is any unknown key. Absent keys, and keys set to null, take the builder's
+defaults.
 """
 import dataclasses
 import functools

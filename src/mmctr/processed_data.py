@@ -140,7 +140,7 @@ def load_current(cfg: dict) -> tuple[Path, dict, dict]:
     """(folder, arrays, manifest) of the processed data the config's data section describes.
 
     For the stages after preprocessing (train, bench, blend, summary), which never build or rebuild
-    it: a missing folder, one built with other fold or dtype settings, or one whose raw files
+    it: a missing folder, one built with other fold, dtype or item_emb settings, or one whose raw files
     changed since is a one-line error naming the command to run, so a stage can never make another
     model's finished runs stale behind the user's back.
     """

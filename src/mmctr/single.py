@@ -10,7 +10,8 @@ train row, early stopping as its config says) and writes that one model's test p
 <submission.dir>/<submission.name>-single-<run>.csv and .zip, validated. --choose only prints the
 run it would pick (run.sh trains that run's refit first).
 
-Writes {work_dir}/single/test.parquet (ID, pred) and metrics.json (last: the folder is complete).
+Writes {work_dir}/single/test.parquet (ID, pred) and metrics.json (staged and swapped in whole: the
+folder is complete once it exists).
 """
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ def run_single(cfg: dict) -> dict:
     }
     with common.staged_folder(out) as staged:  # a failure leaves the previous single/ whole
         common.write_parquet(staged / "test.parquet", pd.DataFrame({"ID": test_ids, "pred": preds["test"]}))
-        metrics["test_auc"] = None if labels is None else runs.hidden_test_auc(staged / "test.parquet", labels)
+        metrics["test_auc"] = runs.hidden_test_auc(staged / "test.parquet", labels)
         metrics["seconds"] = time.time() - started
         common.write_json(staged / "metrics.json", metrics)
         write_submission(test_ids, preds["test"], sub.dir, f"{sub.name}-single-{name}", sub.column)

@@ -110,7 +110,8 @@ def expected_test_ids(cfg: dict) -> np.ndarray:
 
 @dataclass
 class SubmissionConfig:
-    """blend.submission: <dir>/<name>.csv and .zip, predictions in column <column>."""
+    """blend.submission: where the submissions go, <dir>/<name>-blend.* (src/blend.py) and
+    <dir>/<name>-single-<run>.* (src/single.py), each a .csv and a .zip, predictions in column <column>."""
     dir: str = field(default="submissions", metadata={"nonempty": True})
     name: str = "submission"
     column: str = field(default=DEFAULT_COLUMN, metadata={"nonempty": True})

@@ -82,7 +82,7 @@ class TrainConfig(FitSettings):
     # how long the refit (--refit: one model on every train row) trains: early stopping on the valid
     # split (as released) or the median best epoch of the run's folds
     refit_epochs: Literal["valid", "folds"] = "valid"
-    device: str = "auto"  # auto (CUDA when present), cpu or cuda
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda or cuda:N
 
     def fit_settings(self, seed: int) -> FitSettings:
         """fit.py's part of the section, with a fold's own seed."""

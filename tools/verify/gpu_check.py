@@ -15,15 +15,16 @@ Steps, in the order of what the figures are worth (GPU mode; --cpu rehearses the
 1. environment: Python, torch, CUDA, the device.
 2. data: the full preset generated (make_synthetic.py, one process per core) and preprocessed in
    the background while the demo preset is made and step 3 runs on it.
-3. correctness, default runs: fold 0 of every model of `run.sh --preset full` on the demo preset
+3. correctness, default runs: fold 0 of every model of `run.sh --preset full` (qin, qin_plus,
+   dcnv2_tf, din_tf, transformer_dcn_gpu, simqin) on the demo preset
    (batch 1024, 3 epochs) by train.py: every epoch's train loss finite, fold and valid AUC above
    AUC_ABOVE_CHANCE, test predictions probabilities. (The GPU is idle while the full preset is
    generated, so these cost the bench nothing.)
 4. bench, eager: ONE tools/bench.py process, data uploaded once: qin for one whole epoch of the
-   3.6M train rows and the whole 379,142-row test split (the targets), then dcnv2_tf, din_tf,
-   transformer_dcn_gpu and simqin for a few steps (the projection); each config then profiled
-   over a few more steps (bench.py --profile: top kernels, launches and GPU idle time per step)
-   into PROFILE_FILE.
+   3.6M train rows and the whole 379,142-row test split (the targets), then qin_plus, dcnv2_tf,
+   din_tf, transformer_dcn_gpu and simqin for a few steps (the projection); each config then
+   profiled over a few more steps (bench.py --profile: top kernels, launches and GPU idle time per
+   step, the traffic model of one step) into PROFILE_FILE.
 5. bench, QIN with CUDA graphs: the same epoch with train.cuda_graphs=true (the whole step replayed
    from a CUDA graph; the CPU rehearsal runs fit's graph path with --rehearse-cuda-graphs), then
    compiled QIN: the same epoch with train.compile=true (ratios to eager).
@@ -32,7 +33,8 @@ Steps, in the order of what the figures are worth (GPU mode; --cpu rehearses the
    when its fold and valid AUCs are within AUC_TOLERANCE and its mean test prediction within
    MEAN_PRED_TOLERANCE (two trainings, not one set of weights predicted twice: single predictions
    drift apart and are recorded, not judged).
-7. projection of `run.sh --preset full` from the measured rows/s and EPOCH_ASSUMPTIONS.
+7. projection of `run.sh --preset full` (every model's folds, the slowest refit, the blend) from
+   the measured rows/s and EPOCH_ASSUMPTIONS.
 
 A step that does not run is recorded as skipped with the reason. Outputs, at most MAX_OUT_FILES
 files in --out (default $OUT when set, else gpu_check_out/), rewritten after every step so a run

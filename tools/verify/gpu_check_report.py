@@ -109,19 +109,20 @@ def markdown(report: dict) -> str:
 
     p = report["projection"]
     lines += [f"#### 3. Projected `run.sh --preset {report['bench_preset']}` "
-              f"({p['folds']} folds x all models + blend)", "",
+              f"({p['folds']} folds x all models + the single network's refit + blend)", "",
               f"{p['formula']}. Assumed: {fmt(p['process_overhead_s'])} s per train.py process, "
               f"{fmt(p['fold_overhead_s'])} s per fold, blend {fmt(p['blend_seconds'])} s ({p['blend_note']}). "
               "Eager rows/s, as the configs run (train.compile: false).", "",
               "| config | epochs per fold (assumption) | max_epochs / patience | s per epoch | s per fold "
-              "| s per model | s per model at max_epochs |", "|---|---|---|---:|---:|---:|---:|"]
+              "| s per model | s per model at max_epochs | s per refit |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for m in p["models"]:
         lines.append(f"| {m['config']} | {m['epochs']} ({cell(m['epochs_source'])}) | "
                      f"{m['max_epochs']} / {m['patience']} | {fmt(m.get('epoch_seconds'), 3)} | "
                      f"{fmt(m.get('fold_seconds'), 3)} | {fmt(m.get('model_seconds'))} | "
-                     f"{fmt(m.get('model_seconds_max_epochs'))} |")
+                     f"{fmt(m.get('model_seconds_max_epochs'))} | {fmt(m.get('refit_seconds'))} |")
     lines += ["", f"Total (generate {fmt(p.get('generate_seconds'))} s + preprocess "
-              f"{fmt(p.get('preprocess_seconds'))} s + models + blend): **{fmt(p.get('total_seconds'))} s** "
+              f"{fmt(p.get('preprocess_seconds'))} s + models + the slowest refit, {p.get('refit_model')}'s "
+              f"{fmt(p.get('refit_seconds'))} s, + blend): **{fmt(p.get('total_seconds'))} s** "
               f"against 3,600 s: {verdict(p.get('pass'))}; "
               f"only qin, dcnv2_tf, din_tf: {fmt(p.get('total_seconds_published_only'))} s; every fold at max_epochs: "
               f"{fmt(p.get('total_seconds_max_epochs'))} s." + (f" {p['problem']}." if p.get("problem") else ""), ""]
@@ -187,17 +188,21 @@ def profile_table(profile: dict, heading: str, intro: str, variants: bool = Fals
     """The markdown table of bench.py's profile file (one row per config, and per variant)."""
     lines = [heading, "", intro + "; the step time is the profiled wall time per step (the profiler's overhead "
              "included), launches are CUDA kernels per step (on a CPU: leaf aten ops), launch calls the CPU's "
-             "cudaLaunchKernel/cudaGraphLaunch calls, GPU idle the sum of the gaps between kernels per step.", "",
+             "cudaLaunchKernel/cudaGraphLaunch calls, GPU idle the sum of the gaps between kernels per step; GB "
+             "the traffic model's bytes moved by one eager step, floor ms that traffic at the datasheet bandwidth "
+             "of the GPU named (on a CPU the H200's): no eager step is faster.", "",
              "| config | " + ("variant | " if variants else "") + "step ms (unprofiled) | launches per step | "
-             "launch calls per step | GPU busy ms | GPU idle ms | top 3 by self time (% of the step) |",
-             "|---|" + ("---|" if variants else "") + "---:|---:|---:|---:|---:|---|"]
+             "launch calls per step | GPU busy ms | GPU idle ms | GB moved | memory floor ms | "
+             "top 3 by self time (% of the step) |",
+             "|---|" + ("---|" if variants else "") + "---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in profile.get("configs", []):
         top = "; ".join(f"{t['name'][:60]} {fmt(t.get('pct_of_step'), 3)} %" for t in c.get("top3", []))
         lines.append(f"| {c.get('config')} | " + (f"{c.get('variant')} | " if variants else "")
                      + f"{fmt(c.get('step_ms'), 4)} ({fmt(c.get('unprofiled_step_ms'), 4)}) | "
                      f"{fmt(c.get('launches_per_step'), 4)} | {fmt(c.get('launch_calls_per_step'), 4)} | "
                      f"{fmt(c.get('gpu_busy_ms_per_step'), 4)} | {fmt(c.get('gpu_idle_ms_per_step'), 4)} | "
-                     f"{cell(top)} |")
+                     f"{fmt(c.get('traffic_gb_per_step'), 4)} | {fmt(c.get('memory_floor_ms'), 4)} "
+                     f"({cell(c.get('floor_gpu') or 'n/a')}) | {cell(top)} |")
     return lines + [""]
 
 
@@ -241,7 +246,8 @@ def targets(report: dict) -> list[dict]:
             {"target": f"QIN ({which}) prediction of the {fmt(report['qin_full_epoch']['test_rows'])} test rows < 1 s",
              "measured": f"{fmt(v['test_predict_seconds'], 3)} s", "pass": v["pass"]["test_predict_seconds"]}]
     p = report["projection"]
-    out.append({"target": f"run.sh --preset {report['bench_preset']} ({p['folds']} folds x all models + blend) < 1 h, projected",
+    out.append({"target": f"run.sh --preset {report['bench_preset']} ({p['folds']} folds x all models + refit + "
+                          "blend) < 1 h, projected",
                 "measured": f"{fmt(p.get('total_seconds'))} s", "pass": p.get("pass")})
     c = report["correctness"]
     out.append({"target": "every model trains fold 0: finite loss, AUC above chance",
@@ -274,9 +280,10 @@ def summary(report: dict) -> dict:
         "bench": {f"{b['config']}/{which}": short(b[which]) for b in report["bench"]
                   for which in BENCH_KINDS if b.get(which)},
         "profile": {c["config"].rsplit("/", 1)[-1].removesuffix(".yaml"): [
-            rounded(c.get("step_ms")), rounded(c.get("launches_per_step")), rounded(c.get("gpu_idle_ms_per_step"))]
+            rounded(c.get("step_ms")), rounded(c.get("launches_per_step")), rounded(c.get("gpu_idle_ms_per_step")),
+            rounded(c.get("traffic_gb_per_step")), rounded(c.get("memory_floor_ms"))]
             for c in (report.get("profile") or {}).get("configs", [])},
-        "profile_fields": "step_ms, launches_per_step, gpu_idle_ms_per_step",
+        "profile_fields": "step_ms, launches_per_step, gpu_idle_ms_per_step, traffic_gb_per_step, memory_floor_ms",
         "qin_epoch_s": {w: round(v["epoch_seconds"], 3) for w, v in epoch.items()},
         "qin_test_predict_s": {w: round(v["test_predict_seconds"], 3) for w, v in epoch.items()},
         "run_sh_full_projected_s": report["projection"].get("total_seconds"),

@@ -311,9 +311,10 @@ def summary(report: dict) -> dict:
                           [short(r.get(k)) for k in ("loss_rel_diff", "grad_rel_diff", "update_rel_diff")]
                           + ([r["passed"]] if "passed" in r else []) for r in report["same_function"]},
         "profile": {f"{c['config'].rsplit('/', 1)[-1].removesuffix('.yaml')}/{c.get('variant')}":
-                    [short(c.get("step_ms")), short(c.get("launches_per_step")), short(c.get("gpu_idle_ms_per_step"))]
+                    [short(c.get("step_ms")), short(c.get("launches_per_step")), short(c.get("gpu_idle_ms_per_step")),
+                     short(c.get("traffic_gb_per_step")), short(c.get("memory_floor_ms"))]
                     for c in (report.get("profile") or {}).get("configs", [])},
-        "profile_fields": "step_ms, launches_per_step, gpu_idle_ms_per_step",
+        "profile_fields": "step_ms, launches_per_step, gpu_idle_ms_per_step, traffic_gb_per_step, memory_floor_ms",
         "targets_pass": {t["target"]: t["pass"] for t in report["targets"]},
         "steps_not_ok": [f"{s['name']}: {s['status']}" for s in report["steps"] if s["status"] != "ok"],
     }

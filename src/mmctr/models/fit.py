@@ -55,9 +55,6 @@ from torch.nn.parallel import DistributedDataParallel
 from .metrics import log_loss, roc_auc
 from .schema import FEATURES
 
-# The columns a model's batch holds (user_id only for models that use it)
-
-
 # bounds on a setting, for config loaders (common.typed_section checks them)
 AT_LEAST_1, POSITIVE, NON_NEGATIVE, FACTOR = {"min": 1}, {"positive": True}, {"min": 0}, {"positive": True, "max": 1}
 

@@ -1,8 +1,8 @@
 """Building blocks shared by every model: the item encoder, MLPs, attention and interaction layers.
 
-Imports torch alone, so the model files (layers, qin, tf4ctr, dcnv2, din) can be pasted into a
-notebook as they are. Shapes: B batch, L history length (64), E embedding width, I = 2E + M item width
-(M: the multimodal width, 128 as released).
+Imports torch alone, as every model file does (layers, qin, tf4ctr, dcnv2, din, transformer_dcn,
+simqin), so they can be pasted into a notebook as they are. Shapes: B batch, L history length (64),
+E embedding width, I = 2E + M item width (M: the multimodal width, 128 as released).
 """
 import math
 from typing import Annotated
@@ -267,17 +267,18 @@ class ASTA(nn.Module):
     """Adaptive Sparse Target Attention (QIN): single-head target attention, ReLU instead of softmax.
 
     s_j = m_j (q . k_j) / sqrt(A), o = W_o sum_j ReLU(s_j) v_j + x_t, with q = W_q x_t, k_j = W_k x_bj,
-    v_j = W_v x_bj, no biases (out_bias: W_o with a bias, the authors' later variant), A = 2I by default. The padding mask multiplies the scores before the
-    activation, as released. Single-head projections reassociate: q . k_j = (W_k^T q) . x_bj and
-    sum_j a_j v_j = W_v (sum_j a_j x_bj), so the fast form (default) never projects the L history
-    items; fast=False is the literal form (same function, for checking).
+    v_j = W_v x_bj, A = 2I, no biases (out_bias: W_o with a bias, the authors' later variant). The
+    padding mask multiplies the scores before the activation, as released. Single-head projections
+    reassociate: q . k_j = (W_k^T q) . x_bj and sum_j a_j v_j = W_v (sum_j a_j x_bj), so the fast form
+    (default) never projects the L history items; fast=False is the literal form (same function, for
+    checking).
     activation 'softmax' is the paper's ablation; dropout (on the weights) another.
     """
 
-    def __init__(self, dim, attn_dim=None, activation="relu", dropout=0.0, fast=True, out_bias=False):
+    def __init__(self, dim, activation="relu", dropout=0.0, fast=True, out_bias=False):
         super().__init__()
         check_choice("attention", activation, ("relu", "softmax"))
-        attn_dim = attn_dim or 2 * dim
+        attn_dim = 2 * dim  # A, as released
         self.W_q = nn.Linear(dim, attn_dim, bias=False)
         self.W_k = nn.Linear(dim, attn_dim, bias=False)
         self.W_v = nn.Linear(dim, attn_dim, bias=False)
@@ -512,6 +513,8 @@ class QNN(nn.Module):
 
     def forward(self, x):  # [B, D] -> [B, D]
         for linear, norm, act in zip(self.linears, self.norms, self.acts):
-            h = self.dropout(linear(x)).view(x.shape[0], self.m, -1).sum(1)  # [B, D]
+            # dropout on the [B, M, D] view, not before it: the sum's gradient, broadcast over M, then
+            # meets the mask as it is, where a view after the dropout had it copied to [B, M*D] first
+            h = self.dropout(linear(x).view(x.shape[0], self.m, -1)).sum(1)  # [B, M, D] -> [B, D]
             x = self.dropout(act(norm(x * h))) + x
         return x
