@@ -371,7 +371,7 @@ def test_single_submits_the_best_runs_refit_alone(workspace, tiny_processed):
     arrays, manifest = processed_data.load_processed(tiny_processed)
     work = Path(cfg["data"]["work_dir"])
     assert single.fold_oof_aucs(cfg, ["good", "fair", "noise"]).keys() == {"good", "fair", "noise"}
-    with pytest.raises(UserError, match=r"run 'good' has no finished refit .*--config configs/good.yaml --refit"):
+    with pytest.raises(UserError, match=r"run 'good' has no finished refit .*--config \S*/runs/good/config.yaml --refit"):
         single.run_single(cfg)
     refit = {split: np.clip(runs["good"][split] + 0.01, 0, 1) for split in ("valid", "test")}
     write_run(work / "runs" / "good", runs["good"], arrays, manifest, refit=refit)

@@ -3,6 +3,7 @@ again, concurrent appends that neither interleave nor duplicate, and the leaderb
 import csv
 import multiprocessing
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +101,11 @@ def test_a_blend_adds_a_row_once_per_result(workspace):
     [row] = read_rows(log)
     assert row["kind"] == "blend" and row["name"].endswith("of good+fair+noise")
     assert row["overrides"] == "blend.lightgbm.n_estimators=60"
+    # the submission written elsewhere is the same blend: where it goes is no setting
+    elsewhere = str(Path(cfg["data"]["work_dir"]) / "elsewhere")
+    moved = {**cfg, "blend": {**cfg["blend"], "submission": {**cfg["blend"].get("submission", {}), "dir": elsewhere}}}
+    experiments.record_blend(moved, blend.run_blend(moved), common.CONFIG_DIR / "blend.yaml", overrides)
+    assert len(read_rows(log)) == 1
 
     cfg["blend"].update(methods=["logit_mean"], select="logit_mean")  # other settings: another row
     experiments.record_blend(cfg, blend.run_blend(cfg), common.CONFIG_DIR / "blend.yaml", overrides)

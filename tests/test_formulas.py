@@ -137,6 +137,33 @@ def test_qnn_is_the_released_quadratic_layer(batch_norm, activation):
     assert_close(qnn(x_in), expected)
 
 
+def test_qnn_in_training_drops_each_of_the_m_products_as_released():
+    """Training: Dropout on Linear(x)'s M*D outputs, then the sum over M, as released. The layer
+    drops the [B, M, D] view of them (its gradient needs no copy): the same masks in the same order,
+    so the same outputs and gradients bit for bit as dropping before the view."""
+    D, M = 6, 3
+    qnn = randomize_(QNN(D, n_layers=2, m=M, dropout=0.3).float()).train()
+    x_in = randn(B, D).float().requires_grad_()
+
+    def released(x):
+        for linear, norm, act in zip(qnn.linears, qnn.norms, qnn.acts):
+            h = qnn.dropout(linear(x)).view(x.shape[0], M, -1).sum(1)
+            x = qnn.dropout(act(norm(x * h))) + x
+        return x
+
+    results = []
+    for forward in (qnn, released):
+        torch.manual_seed(7)
+        qnn.zero_grad()
+        x_in.grad = None
+        out = forward(x_in)
+        out.square().sum().backward()
+        results.append([out.detach(), x_in.grad, *(p.grad.clone() for p in qnn.parameters())])
+    for got, expected in zip(*results):
+        assert torch.equal(got, expected)
+    assert not torch.equal(results[0][0], qnn.eval()(x_in))  # the masks did drop something
+
+
 # ---------------------------------------------------------------------------------------------
 # TF4CTR: SSEM (docs/spec/tf4ctr.md, part 1)
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,74 @@ def test_a_claim_is_taken_once_and_a_dead_processs_claim_is_removed(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.claim")) == ["fold0.claim"]  # ours: alive
 
 
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl are Linux's")
+
+
+@LINUX
+def test_a_zombie_is_no_live_process():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])  # ends, and stays a zombie until waited for
+    try:
+        deadline = time.time() + 30
+        while common.process_alive(child.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not common.process_alive(child.pid)
+        assert os.waitpid(child.pid, os.WNOHANG) == (child.pid, 0)  # it was a zombie: still ours to reap
+    finally:
+        child.poll()
+    assert common.process_alive(os.getpid())
+
+
+def test_the_first_holder_of_a_run_frees_every_claim_whatever_its_pid_names_now(tmp_path):
+    """Every claiming process holds the run: once nobody does, every claim is stale, also one whose
+    pid now names another live process (pid 1: a reused pid; a folder copied from another machine)."""
+    runs.claim_path(tmp_path, 1).write_text("1\n")
+    runs.remove_stale_claims(tmp_path)
+    assert runs.claim_path(tmp_path, 1).exists()  # by its pid alone it looks alive
+    with runs.hold(tmp_path, {"config_hash": "a"}):
+        assert not list(tmp_path.glob("*.claim"))
+        assert runs.claim_fold(tmp_path, 1)
+        with runs.hold(tmp_path, {"config_hash": "a"}):  # a second holder joins: the claims stay
+            assert runs.claim_path(tmp_path, 1).exists()
+
+
+PARENT_OF_A_WORKER = """
+import os, sys, time
+from mmctr import train
+
+def sleeper(pid_file):
+    open(pid_file, "w").write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    train.run_worker_processes(sleeper, {"sleeper": (sys.argv[1],)})
+"""
+
+
+@LINUX
+def test_a_worker_dies_with_the_process_that_started_it(tmp_path):
+    """A killed run leaves no worker behind: it would train on into a folder a rerun takes over."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT_OF_A_WORKER)
+    pid_file = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)], env=ONE_THREAD_ENV)
+    try:
+        deadline = time.time() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        worker = int(pid_file.read_text())
+        assert common.process_alive(worker)
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 30
+        while common.process_alive(worker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not common.process_alive(worker)
+    finally:
+        parent.kill()
+        if pid_file.exists() and pid_file.read_text() and common.process_alive(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_two_workers_train_each_fold_once_into_the_sequential_runs_files(three_folds, sequential, capfd):
     with single_thread():
@@ -125,7 +193,8 @@ def test_a_worker_killed_mid_fold_costs_a_rerun_of_its_fold_only(three_folds, se
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=ONE_THREAD_ENV)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
-    assert "is gone: the fold is free again" in rerun.stdout
+    # the rerun holds the run alone: the killed worker's claim is of a run that has ended
+    assert f"fold{killed}.claim: left by a run that has ended: the fold is free again" in rerun.stdout
     assert len(re.findall(r"fold \d done:", rerun.stdout)) == 1, rerun.stdout  # only the killed fold
     assert_same_bytes(run_dir, sequential)
     assert not list(run_dir.glob("*.claim"))

@@ -3,6 +3,7 @@ run with other settings is refused while the first trains, damaged run metadata 
 reuse, and no stage ever reads the leftover temporaries of killed writers (on the shared
 `pipeline`, conftest)."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -116,6 +117,21 @@ def test_damaged_run_metadata_means_redo_never_reuse(pipeline, tmp_path):
     runs.prepare(copy, stamp, common.load_config(copy / "config.yaml"))
     assert runs.fold_dirs(copy) == [] and not (copy / "oof.parquet").exists()
     assert common.read_json(copy / "fingerprint.json") == stamp
+
+
+def test_a_damaged_aggregate_is_written_again_from_the_finished_folds(pipeline, one_thread, capsys):
+    p = pipeline
+    with restored(p.run_dir):
+        before = runs.read_metrics(p.run_dir)
+        oof = (p.run_dir / "oof.parquet").read_bytes()
+        folds = snapshot(p.run_dir / "fold0", p.run_dir / "fold1")
+        (p.run_dir / "metrics.json").write_text("")  # a disk that filled, an editor that crashed
+        train.run_training(p.model_cfg, device="cpu")
+        assert re.search(r"metrics.json: not a readable JSON file .*: the aggregates are written again from the folds",
+                         capsys.readouterr().out)
+        assert snapshot(p.run_dir / "fold0", p.run_dir / "fold1") == folds  # nothing retrained
+        assert runs.read_metrics(p.run_dir)["oof_auc"] == before["oof_auc"]
+        assert (p.run_dir / "oof.parquet").read_bytes() == oof
 
 
 def test_leftover_temporaries_of_killed_writers_are_never_read(pipeline, one_thread):

@@ -71,6 +71,9 @@ def study_of(work: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{work / 'tune' / f'{name}.db'}")
 
 
+FIXED = {"config_hash": "c0", "data_fingerprint": "d0"}  # what a test's trials have in common
+
+
 def params_of(study: optuna.Study) -> list[dict]:
     return [t.params for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))]
 
@@ -204,7 +207,7 @@ def test_the_same_seed_gives_the_same_trials_and_another_seed_others(tiny_raw, w
 
     def draws(storage: str, seed: int) -> list[dict]:
         settings.seed = seed
-        study = tune.open_study(settings, storage)
+        study = tune.open_study(settings, storage, FIXED)
         for _ in range(4):  # ask and tell a fixed value: the sampler alone decides the parameters
             trial = study.ask()
             params = {key: tune.suggest(trial, key, spec) for key, spec in space.items()}
@@ -216,7 +219,35 @@ def test_the_same_seed_gives_the_same_trials_and_another_seed_others(tiny_raw, w
     assert draws(f"sqlite:///{tmp_path / 'c.db'}", 12) != first
     # one study is searched one way: another seed on the same storage is refused
     with pytest.raises(UserError, match="another objective, space or seed"):
-        tune.open_study(settings, f"sqlite:///{tmp_path / 'a.db'}")
+        tune.open_study(settings, f"sqlite:///{tmp_path / 'a.db'}", FIXED)
+
+
+def test_a_study_takes_no_trials_of_other_fixed_settings_or_data(tiny_raw, work, tmp_path):
+    """The trials of a study share every setting the search does not vary and the processed data:
+    a search with another --set value or on other data is refused before its first trial."""
+    config = tune_file(tmp_path, tiny_raw, work, study="fixed")
+    settings, _, model_cfg = tune.split_config(common.load_config(config))
+    manifest = processed_data.load_current(model_cfg)[2]
+    fixed = tune.trials_fingerprint(model_cfg, manifest)
+    storage = f"sqlite:///{tmp_path / 'fixed.db'}"
+    assert tune.open_study(settings, storage, fixed).user_attrs["fixed"] == fixed
+    tune.open_study(settings, storage, fixed)  # the same search again: taken
+    # where the data is and which device trains are no settings of the trials
+    moved = {**model_cfg, "data": {**model_cfg["data"], "raw_dir": "elsewhere"}, "train": {
+        **model_cfg["train"], "device": "cpu"}}
+    assert tune.trials_fingerprint(moved, manifest) == fixed
+    other_setting = tune.trials_fingerprint(tune.split_config(common.load_config(config, ["train.max_epochs=1"]))[2],
+                                            manifest)
+    other_data = tune.trials_fingerprint(model_cfg, {**manifest, "fingerprint": "other"})
+    for other in (other_setting, other_data):
+        assert other != fixed
+        with pytest.raises(UserError, match="other fixed settings or on other data"):
+            tune.open_study(settings, storage, other)
+    # a study made before tune recorded this takes it from the next search on
+    old = f"sqlite:///{tmp_path / 'old.db'}"
+    optuna.create_study(study_name="fixed", storage=old).set_user_attr("tune", {
+        "seed": settings.seed, "objective": settings.objective, "space": settings.space})
+    assert tune.open_study(settings, old, fixed).user_attrs["fixed"] == fixed
 
 
 def test_a_trial_worse_than_the_median_is_pruned_after_its_first_epoch(tiny_raw, work, tmp_path):
@@ -227,7 +258,8 @@ def test_a_trial_worse_than_the_median_is_pruned_after_its_first_epoch(tiny_raw,
                        prune_startup_trials=2, prune_warmup_epochs=0)
     settings, space, model_cfg = tune.split_config(common.load_config(config))
     storage = f"sqlite:///{tmp_path / 'pruned.db'}"
-    study = tune.open_study(settings, storage)
+    fixed = tune.trials_fingerprint(model_cfg, processed_data.load_current(model_cfg)[2])
+    study = tune.open_study(settings, storage, fixed)
     distributions = {key: optuna.distributions.FloatDistribution(1e-3, 5e-3, log=True) if key == "train.lr" else
                      optuna.distributions.IntDistribution(8, 16, step=8) if key == "model.emb_dim" else
                      optuna.distributions.CategoricalDistribution([512, 1024]) for key in space}
@@ -235,7 +267,7 @@ def test_a_trial_worse_than_the_median_is_pruned_after_its_first_epoch(tiny_raw,
         study.add_trial(optuna.trial.create_trial(
             params={"train.lr": 2e-3, "model.emb_dim": 8, "train.batch_size": 512}, distributions=distributions,
             value=0.99, intermediate_values={1: 0.99, 2: 0.99}))
-    tune.optimize(settings, space, model_cfg, storage, "cpu", str(config), [], None)
+    tune.optimize(settings, space, model_cfg, storage, fixed, "cpu", str(config), [], None)
     trials = optuna.load_study(study_name="pruned", storage=storage).get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
     for t in trials[2:]:
@@ -297,7 +329,7 @@ def test_the_dashboard_serves_the_study_and_its_trials(tiny_raw, work, tmp_path)
     study and every trial with its value and parameters."""
     settings, space, _ = tune.split_config(common.load_config(tune_file(tmp_path, tiny_raw, work, study="shown")))
     storage = f"sqlite:///{tmp_path / 'shown.db'}"
-    study = tune.open_study(settings, storage)
+    study = tune.open_study(settings, storage, FIXED)
     for value in (0.61, 0.63):
         trial = study.ask()
         for key, spec in space.items():

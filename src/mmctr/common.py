@@ -360,13 +360,36 @@ FILE_MODE, DIR_MODE = 0o666 & ~UMASK, 0o777 & ~UMASK
 
 
 def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not ended: a zombie (ended, not yet reaped by its
+    parent, which a container's init may never do) counts as ended."""
     try:
         os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
         pass
+    with contextlib.suppress(OSError, IndexError):  # Linux: the state follows the name in parentheses
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+            return False
     return True
+
+
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal this process gets when its parent dies
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process end when ``parent_pid``, its parent, ends (Linux: prctl PR_SET_PDEATHSIG):
+    a worker process must not outlive the run that started it, training on into a folder that a
+    rerun may have taken over. Exits at once if the parent has ended already. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not allowed here (a sandbox): the worker lives as before
+    if os.getppid() != parent_pid:  # the parent died before the prctl took effect
+        os._exit(1)
 
 
 def _sweep_left_overs(final: Path, suffix_glob: str, pattern: str) -> None:

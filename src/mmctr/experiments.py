@@ -147,13 +147,16 @@ def blend_row(cfg: dict, metrics: dict, config_file, overrides: list[str]) -> di
     predictions = [file_hash(blend_dir / f"{split}.parquet") for split in runs.SPLITS]
     data_fingerprint = (runs.read_fingerprint(runs.run_dir(cfg, names[0])) or {}).get("data_fingerprint", "")
     labels = common.read_test_labels(paths["raw"])
+    # where the submission files go is no setting of the blend (a copied or moved folder, a relative path)
+    settings = {**cfg["blend"], "submission": {k: v for k, v in (cfg["blend"].get("submission") or {}).items()
+                                               if k != "dir"}}
     return dict(kind="blend", name=f"{metrics['chosen']} of {'+'.join(names)}",
-                config_hash=common.config_hash(cfg["blend"]), overrides=changed_overrides(config_file, overrides),
+                config_hash=common.config_hash(settings), overrides=changed_overrides(config_file, overrides),
                 folds=str(metrics["n_folds"]), epochs="", oof_auc=auc_cell(metrics["chosen_oof_auc"]),
                 holdout_auc=auc_cell(metrics["chosen_valid_auc"]),
                 test_auc=auc_cell(hidden_test_auc(blend_dir / "test.parquet", labels)),
                 seconds=f"{metrics['seconds']:.1f}", device="cpu", data_fingerprint=data_fingerprint,
-                result_id=common.config_hash({"blend": cfg["blend"], "predictions": predictions}))
+                result_id=common.config_hash({"blend": settings, "predictions": predictions}))
 
 
 # ---------------------------------------------------------------------------------------------

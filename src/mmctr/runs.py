@@ -176,7 +176,8 @@ def hold(run: Path, fingerprint: dict) -> Iterator[None]:
             recorded = _read_holders(run)
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                holders = {}  # nobody holds it: what run.lock.json says is of processes long gone
+                holders = {}  # nobody holds it: what run.lock.json says is of processes long gone,
+                remove_claims(run)  # and so are the claims (every claiming process holds the run)
             except BlockingIOError:
                 holders = recorded
                 if holders.get("fingerprint") != fingerprint:
@@ -209,7 +210,8 @@ def _mutex(run: Path) -> Iterator[None]:
 
 
 # Claims: which process trains which fold, so that workers training the folds of one run at once
-# (train.py --devices) take each fold exactly once. Between processes of one machine (pids).
+# (train.py --devices, stages.py --fold-workers) take each fold exactly once. Between processes of
+# one machine (pids); only a process that holds the run (hold) claims a fold.
 
 def claim_path(run: Path, fold: int | str) -> Path:
     return run / f"{fold_dir(run, fold).name}.claim"
@@ -241,6 +243,13 @@ def claim_owner(path: Path) -> int | None:
         return int(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def remove_claims(run: Path) -> None:
+    """Remove every claim: of processes that held the run and are gone, whatever their pids now name."""
+    for path in run.glob("*.claim"):
+        common.log(f"{path}: left by a run that has ended: the fold is free again")
+        path.unlink(missing_ok=True)
 
 
 def remove_stale_claims(run: Path) -> None:

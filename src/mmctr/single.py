@@ -69,7 +69,8 @@ def refit_predictions(cfg: dict, name: str, arrays: dict) -> dict[str, np.ndarra
     run = runs.run_dir(cfg, name)
     if not runs.fold_done(run, runs.REFIT):
         raise UserError(f"{run}: run '{name}' has no finished refit ({runs.REFIT}/done.json missing): train "
-                        f"it with `python src/train.py --config configs/{name}.yaml --refit` (run.sh does)")
+                        f"it with `python src/train.py --config {run / 'config.yaml'} --refit` (the run's own "
+                        f"config, its --set values included; run.sh does)")
     expected = {"valid": np.arange(len(arrays["valid_label"])), "test": np.asarray(arrays["test_ID"], np.int64)}
     preds = {}
     for split, ids in expected.items():

@@ -392,12 +392,17 @@ def train_claimed_folds(todo: list, cfg: dict, train_cfg: TrainConfig, arrays: d
 
 def fold_worker(cfg: dict, train_cfg: TrainConfig, processed: Path, device: str, run_dir: Path, todo: list,
                 refit_epochs: int | None, threads: int) -> None:
-    """The body of a worker process (train_on_devices): its own copy of the data on ``device``."""
+    """The body of a worker process (train_on_devices): its own copy of the data on ``device``. It
+    holds the run folder as its parent does (runs.hold), so that while it lives no run of another
+    config can take the folder over."""
     # the parent's thread count: a fold's CPU float results depend on it, not on how it was run
     torch.set_num_threads(threads)
     arrays, manifest = processed_data.load_processed(processed)
-    common.run_main(lambda: train_claimed_folds(todo, cfg, train_cfg, arrays, manifest, torch.device(device), run_dir,
-                                                refit_epochs))
+
+    def train_held_folds():
+        with runs.hold(run_dir, fingerprint_of(cfg, manifest)):
+            train_claimed_folds(todo, cfg, train_cfg, arrays, manifest, torch.device(device), run_dir, refit_epochs)
+    common.run_main(train_held_folds)
 
 
 def train_on_devices(todo: list, cfg: dict, train_cfg: TrainConfig, processed: Path, devices: list[torch.device], run_dir: Path,
@@ -420,15 +425,22 @@ def train_on_devices(todo: list, cfg: dict, train_cfg: TrainConfig, processed: P
 
 def run_worker_processes(target: Callable, args_of: dict[str, tuple]) -> list[str]:
     """One spawned process per name, running target(*args); returns once all have ended, with a line
-    for each that failed. Spawned, not forked: CUDA cannot be initialised again in a forked child."""
+    for each that failed. Spawned, not forked: CUDA cannot be initialised again in a forked child.
+    A worker dies with this process (common.die_with_parent): a killed run leaves none behind."""
     spawn = multiprocessing.get_context("spawn")
-    workers = [spawn.Process(target=target, name=name, args=args) for name, args in args_of.items()]
+    workers = [spawn.Process(target=_worker_main, name=name, args=(os.getpid(), target, args))
+               for name, args in args_of.items()]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
     return [f"{w.name} exited with {w.exitcode}" + (" (killed by a signal)" if w.exitcode < 0 else "")
             for w in workers if w.exitcode != 0]
+
+
+def _worker_main(parent_pid: int, target: Callable, args: tuple) -> None:
+    common.die_with_parent(parent_pid)
+    target(*args)
 
 
 def start_torchrun_process(requested: str) -> str:
@@ -531,8 +543,11 @@ def train_in_run_folder(cfg: dict, train_cfg: TrainConfig, arrays: dict, manifes
     missing = [k for k in range(n_folds) if k not in done]
     metrics = None
     if not missing and (refit or not todo) and all((run_dir / name).is_file() for name in runs.AGGREGATE_FILES):
-        metrics = runs.read_metrics(run_dir)  # nothing changed: the aggregates stay as they are
-    elif not missing:
+        try:
+            metrics = runs.read_metrics(run_dir)  # nothing changed: the aggregates stay as they are
+        except UserError as exc:  # damaged: the folds are all there to write them again
+            common.log(f"{common.first_line(exc)}: the aggregates are written again from the folds")
+    if metrics is None and not missing:
         raw_dir = Path(cfg["data"]["raw_dir"])
         labels = {split: np.asarray(arrays[f"{split}_label"], dtype=np.float64) for split in ("train", "valid")}
         oracle = {split: common.read_oracle_prob(raw_dir, split) for split in ("train", "valid")}

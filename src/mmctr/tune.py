@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import multiprocessing
 import os
 import re
 import socket
@@ -215,7 +214,14 @@ def default_storage(model_cfg: dict, study: str) -> str:
     return f"sqlite:///{(folder / f'{study}.db').resolve()}"
 
 
-def open_study(settings: TuneConfig, storage_url: str) -> optuna.Study:
+def trials_fingerprint(model_cfg: dict, manifest: dict) -> dict:
+    """What every trial of a search has in common: the config and --set values it does not vary (a
+    run's fingerprint, train.fingerprint_of) and the processed data. Trials are comparable, and the
+    best one a config to train, only under one."""
+    return train.fingerprint_of(train.parse_config(model_cfg, None)[0], manifest)
+
+
+def open_study(settings: TuneConfig, storage_url: str, fixed: dict) -> optuna.Study:
     # a generous SQLite timeout: several workers write to one file
     engine = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
     try:
@@ -232,6 +238,15 @@ def open_study(settings: TuneConfig, storage_url: str) -> optuna.Study:
     elif recorded != ours:
         raise UserError(f"{storage_url}: study '{settings.study}' was searched with another objective, space or "
                         f"seed ({recorded}); give this search another tune.study name")
+    recorded_fixed = study.user_attrs.get("fixed")
+    if recorded_fixed is None:  # a new study, or one made before tune recorded it: from now on, this
+        study.set_user_attr("fixed", fixed)
+    elif recorded_fixed != fixed:
+        raise UserError(f"{storage_url}: study '{settings.study}' was searched with other fixed settings or on "
+                        f"other data (config {recorded_fixed.get('config_hash')}, data "
+                        f"{recorded_fixed.get('data_fingerprint')}; this search: config {fixed['config_hash']}, "
+                        f"data {fixed['data_fingerprint']}): its trials would not compare; give this search another "
+                        f"tune.study name")
     return study
 
 
@@ -293,10 +308,10 @@ def objective_for(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: 
     return objective
 
 
-def optimize(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: dict, storage_url: str,
+def optimize(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: dict, storage_url: str, fixed: dict,
              device: str, config_file: str, overrides: list[str], deadline: float | None) -> None:
     """One worker's loop: run trials until the study has tune.n_trials finished ones or time is up."""
-    study = open_study(settings, storage_url)
+    study = open_study(settings, storage_url, fixed)
     retry_abandoned_trials(study)
     objective = objective_for(settings, space, model_cfg, device, config_file, overrides)
     # one trial per call, so the count (shared by every worker) and the time budget are looked at
@@ -329,11 +344,11 @@ def quiet_optuna() -> None:
             handler.addFilter(_NoTracebackOfKnownFailures())
 
 
-def worker(settings: TuneConfig, space: dict, model_cfg: dict, storage_url: str, device: str, config_file: str,
-           overrides: list[str], deadline: float | None, threads: int) -> None:
+def worker(settings: TuneConfig, space: dict, model_cfg: dict, storage_url: str, fixed: dict, device: str,
+           config_file: str, overrides: list[str], deadline: float | None, threads: int) -> None:
     torch.set_num_threads(threads)
     quiet_optuna()
-    common.run_main(lambda: optimize(settings, space, model_cfg, storage_url, device, config_file, overrides,
+    common.run_main(lambda: optimize(settings, space, model_cfg, storage_url, fixed, device, config_file, overrides,
                                      deadline))
 
 
@@ -432,24 +447,19 @@ def main(argv: list[str] | None = None) -> None:
     storage_url = args.storage or default_storage(model_cfg, settings.study)
     out = args.out or common.CONFIG_DIR / f"{settings.study}_tuned.yaml"
     check_out(out, settings.study, manifest["fingerprint"])  # before hours of search, not after
-    study = open_study(settings, storage_url)  # created (or checked) once, before any worker; its
+    fixed = trials_fingerprint(model_cfg, manifest)
+    study = open_study(settings, storage_url, fixed)  # created (or checked) once, before any worker; its
     # trials are read from the database at every call, the workers' included
     deadline = None if settings.timeout_s is None else started + settings.timeout_s
     overrides = [o for o in args.overrides if not o.startswith("tune.")]
     devices = args.devices or [args.device or train.parse_config(model_cfg, None)[1].device]
     if len(devices) == 1:
-        optimize(settings, space, model_cfg, storage_url, devices[0], args.config, overrides, deadline)
+        optimize(settings, space, model_cfg, storage_url, fixed, devices[0], args.config, overrides, deadline)
     else:
-        spawn = multiprocessing.get_context("spawn")  # CUDA cannot be initialised again in a forked child
         threads = max(1, torch.get_num_threads() // len(devices))
-        workers = [spawn.Process(target=worker, name=f"tune worker {i} ({d})", args=(
-            settings, space, model_cfg, storage_url, d, args.config, overrides, deadline, threads))
-            for i, d in enumerate(devices)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        failed = [f"{w.name} exited with {w.exitcode}" for w in workers if w.exitcode != 0]
+        failed = train.run_worker_processes(worker, {
+            f"tune worker {i} ({d})": (settings, space, model_cfg, storage_url, fixed, d, args.config, overrides,
+                                       deadline, threads) for i, d in enumerate(devices)})
         if failed:
             raise UserError(f"{'; '.join(failed)}: rerun the same command to continue the search")
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
