@@ -27,8 +27,10 @@ config its own step count, and a step count of ``epoch`` means one pass over the
   torch.profiler over --profile-steps more training steps of the warmed model (CPU activity, and
   CUDA on CUDA); FILE, one JSON object rewritten after each, holds per config: the top 15 kernels
   (CUDA) or ops (CPU) by self time with calls, total ms and % of the step, kernel launches per step
-  (on a CPU, which launches none: the leaf aten ops per step, labelled so), the step time, and on
-  CUDA the GPU's idle time between kernels per step (null on CPU). No line on stdout.
+  (on a CPU, which launches none: the leaf aten ops per step, labelled so), the step time, on
+  CUDA the GPU's idle time between kernels per step (null on CPU), and the traffic model of one
+  more step (eager_traffic: the ops it dispatches, the bytes they move, the memory and matmul
+  floors on an H100 and an H200; on a CPU in CUDA's ops and dtypes). No line on stdout.
 - same_function (--same-function): before measuring, each variant and a rerun of the baseline
   train SAME_FUNCTION_STEPS steps beside the baseline from the same weights, the variant's weights,
   buffers and Adam state set to the baseline's before every step: the largest relative difference
