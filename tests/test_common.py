@@ -85,6 +85,24 @@ def test_leftover_temporaries_of_dead_writers_are_swept_by_the_next_write(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live_file.name, "metrics.json", "blend"])
 
 
+def test_a_staged_folder_keeps_an_earlier_result_of_other_bytes_aside(tmp_path):
+    final = tmp_path / "blend"
+
+    def publish(pred: str, report: str):
+        with common.staged_folder(final, result_files=("test.parquet",)) as staged:
+            (staged / "test.parquet").write_text(pred)
+            (staged / "report.md").write_text(report)
+
+    publish("p1", "first")
+    publish("p1", "same predictions, another report")  # the same result: replaced
+    assert [p.name for p in tmp_path.iterdir()] == ["blend"]
+    assert (final / "report.md").read_text() == "same predictions, another report"
+    publish("p2", "other predictions")  # another result: the earlier one is kept aside, whole
+    [aside] = [p for p in tmp_path.iterdir() if p.name.startswith("blend.old-")]
+    assert (aside / "test.parquet").read_text() == "p1" and (aside / "report.md").read_text().startswith("same")
+    assert (final / "test.parquet").read_text() == "p2"
+
+
 def test_outputs_in_a_file_or_an_unwritable_place_are_one_line_before_any_work(pipeline, tmp_path, one_thread):
     p = pipeline
     a_file = tmp_path / "a_file"

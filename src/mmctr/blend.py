@@ -366,8 +366,9 @@ def run_blend(cfg: dict) -> dict:
         common.log(f"warning: {warning}: OOF much better than the holdout, a leak? (see report.md)")
     rows = table_rows(runs, methods, best_single, chosen)
     # every output goes into a staged folder that replaces blend/ whole once the submission is
-    # written: a failure anywhere leaves the previous blend complete, never a mix
-    with common.staged_folder(blend_dir) as staged:
+    # written: a failure anywhere leaves the previous blend complete, never a mix; a previous blend
+    # of other predictions is moved aside
+    with common.staged_folder(blend_dir, result_files=("oof.parquet", "valid.parquet", "test.parquet")) as staged:
         common.write_parquet(staged / "oof.parquet", pd.DataFrame(
             {"row_id": np.arange(len(data.oof_label)), "fold": data.fold.astype(np.int8), "pred": chosen.preds["oof"]}))
         common.write_parquet(staged / "valid.parquet", pd.DataFrame(

@@ -429,12 +429,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
+def staged_folder(final: str | os.PathLike, result_files: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a new empty folder beside ``final``; on success it replaces ``final`` whole.
 
     A stage writes every output into it, so a failure (full disk, kill, error) leaves the previous
     complete ``final`` and no mix. Scratch folders of dead processes (``.<name>-tmp-<pid>-*``,
     ``.<name>-old-<pid>-*``) are removed first: a killed full-size build leaves gigabytes.
+    ``result_files``: the files whose bytes are the folder's result. A previous ``final`` with other
+    bytes in any of them is another finished result: it is moved aside (aside_path), not deleted.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -443,7 +445,11 @@ def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
     try:
         yield staging
         old = None
-        if final.exists():
+        if final.exists() and not same_files(final, staging, result_files):
+            aside = aside_path(final)
+            final.replace(aside)
+            log(f"{final}: the earlier result (other predictions) is kept as {aside}")
+        elif final.exists():
             old = _scratch_folder(final, "old")
             final.replace(old / final.name)
         staging.replace(final)
@@ -452,6 +458,14 @@ def staged_folder(final: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def same_files(folder: Path, other: Path, names: tuple[str, ...]) -> bool:
+    """Whether each named file holds the same bytes in both folders (a file missing in both counts as
+    the same)."""
+    def content(path: Path) -> bytes | None:
+        return path.read_bytes() if path.is_file() else None
+    return all(content(folder / name) == content(other / name) for name in names)
 
 
 def _scratch_folder(final: Path, kind: str) -> Path:

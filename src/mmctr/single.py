@@ -106,7 +106,8 @@ def run_single(cfg: dict) -> dict:
         "refit": {key: refit.get(key) for key in ("epochs", "best_epoch", "early_stopping", "seconds")},
         "submission": {"csv": str(csv_path), "zip": str(zip_path), "rows": len(test_ids), "column": sub.column},
     }
-    with common.staged_folder(out) as staged:  # a failure leaves the previous single/ whole
+    # a failure leaves the previous single/ whole; one of other predictions is moved aside
+    with common.staged_folder(out, result_files=("test.parquet",)) as staged:
         common.write_parquet(staged / "test.parquet", pd.DataFrame({"ID": test_ids, "pred": preds["test"]}))
         metrics["test_auc"] = runs.hidden_test_auc(staged / "test.parquet", labels)
         metrics["seconds"] = time.time() - started
