@@ -240,7 +240,7 @@ def test_a_moved_or_copied_data_and_work_folder_keeps_its_fingerprint(copy_raw, 
     assert manifest["fingerprint"] == built == processed_data.fingerprint(moved_cfg)
     # other files at the configured place are refused, even at the same path
     edit_ints(moved / "raw" / "test.parquet", "item_id", 0, 5)
-    with pytest.raises(common.UserError, match="are not those it was built from"):
+    with pytest.raises(common.UserError, match=r"are not those it was built from \(test.parquet changed since"):
         processed_data.load_current(moved_cfg)
 
 

@@ -714,7 +714,7 @@ def test_changed_data_or_config_is_recomputed_and_blend_refuses_stale_runs(copy_
     level = pq.read_table(raw / "valid.parquet")["likes_level"][0].as_py()
     edit_value(raw / "valid.parquet", "likes_level", 0, (level + 1) % 11)
     assert_user_error(lambda: blend.run_blend(common.load_config(blend_yaml)),
-                      "raw files", "changed since it was built")
+                      "raw files", "(valid.parquet changed since it was built)")
     assert snapshot(tmp_path / "subs") == submission
     # so does train, naming the command that rebuilds; after it, train retrains every fold
     assert_user_error(lambda: train.run_training(common.load_config(model_yaml), device="cpu"),

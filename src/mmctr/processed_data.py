@@ -92,25 +92,36 @@ def fingerprint(cfg: dict) -> str:
     return fingerprint_of(raw_records(Path(data["raw_dir"]), item_emb=data["item_emb"]), data)
 
 
-def raw_files_changed(manifest: dict, raw_dir: str | os.PathLike) -> bool:
-    """Whether the files at ``raw_dir`` differ from those the processed folder was built from
-    (False when they are gone: there is nothing to compare with). Files whose size and mtime match
-    the folder's record are not read again."""
+def raw_files_changed(manifest: dict, raw_dir: str | os.PathLike) -> list[str] | None:
+    """None when the files at ``raw_dir`` are those the processed folder was built from (or are gone:
+    there is nothing to compare with); else what differs, e.g. ["train.parquet changed"]. Files whose
+    size and mtime match the folder's record are not read again."""
     data = {key: manifest.get(key) for key in BUILD_SETTINGS + OPTIONAL_SETTINGS}
     try:
         records = raw_records(Path(raw_dir), known=manifest.get("raw_files"), item_emb=data["item_emb"])
     except common.UserError:
-        return False
-    return fingerprint_of(records, data) != manifest.get("fingerprint")
+        return None
+    if fingerprint_of(records, data) == manifest.get("fingerprint"):
+        return None
+    known = manifest.get("raw_files") or {}
+    paths = input_files(Path(raw_dir), data["item_emb"])
+
+    def content(record: dict | None) -> list | None:
+        return None if record is None else [record.get("size"), record.get("blake2b")]
+    changes = [f"{paths[name].name if name in paths else name} "
+               f"{'added' if name not in known else 'removed' if name not in records else 'changed'}"
+               for name in sorted(set(known) | set(records)) if content(known.get(name)) != content(records.get(name))]
+    return changes or ["the processed folder's record of them is incomplete"]
 
 
 def require_current(processed: Path, manifest: dict, raw_dir: str | os.PathLike) -> None:
     """A UserError if the raw files at ``raw_dir`` are not those ``processed`` was built from:
     whatever was made from it (runs, blend) describes other data."""
-    if raw_files_changed(manifest, raw_dir):
+    changes = raw_files_changed(manifest, raw_dir)
+    if changes:
         raise common.UserError(f"{processed}: the raw files in {raw_dir} are not those it was built from "
-                               f"(they changed since it was built): rerun src/preprocess.py, then retrain "
-                               f"the runs")
+                               f"({', '.join(changes)} since it was built): rerun src/preprocess.py, then "
+                               f"retrain the runs")
 
 
 # the data settings a processed folder is built with, which every later stage must share
