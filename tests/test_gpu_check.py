@@ -421,6 +421,13 @@ def test_speed_plan_fits_the_device_call():
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "--profile-variant"] == gpu_speed.PROFILED
         assert argv[argv.index("--profile") + 1] == f"/data/profile_{model}.json"
     assert 393216 >= 379_142  # one eval batch holds the whole full test split
+    # while time remains: din_tf and dcnv2_tf compiled, each in a process of its own, one repeat
+    assert mode["compiled"] == ["din_tf", "dcnv2_tf"]
+    for model in mode["compiled"]:
+        argv = gpu_speed.compiled_argv(mode, "python3", root, model)
+        assert argv[argv.index("--set") + 1] == "train.compile=true" and argv[argv.index("--repeats") + 1] == "1"
+        assert argv[argv.index("--config") + 1] == f"configs/{model}.yaml@40" and "--compare" not in argv
+        assert gpu_speed.COMPILED_MIN_LEFT <= mode["limits"][f"compiled_{model}"]
 
 
 def fake_speed_lines(config: str, rates: dict, predict_s: dict, rows: int = 379_142, graphs=None) -> list[dict]:
@@ -453,6 +460,15 @@ def test_speed_targets_verdicts_and_summary_from_gpu_shaped_lines():
     assert got["qin best option >= 1,500,000 train rows/s"] == (True, "train.cuda_graphs=true")  # not the eval batch
     # a failed capture ran the default step: its rate is not an option's
     assert got["din_tf best option >= 1,000,000 train rows/s"] == (False, "train.foreach_l2=true")
+    # the compiled process's lines (its baseline, train.compile set) filed as din_tf's compiled variant
+    compiled = fake_speed_lines("configs/din_tf.yaml", {"baseline": 1_100_000.0}, {"baseline": 0.2})[:2]
+    gpu_speed.file_compiled(speed["din_tf"], compiled)
+    filed = speed["din_tf"]["variants"]["train.compile=true"]
+    assert filed["repeats"] == 1 and filed["train_ratio"] == pytest.approx(1_100_000 / 303_000)
+    assert filed["predict_ratio"] == pytest.approx(0.3 / 0.2)
+    got = {t["target"]: (t["pass"], t.get("variant")) for t in gpu_speed.targets(speed, 379_142)}
+    assert got["din_tf best option >= 1,000,000 train rows/s"] == (True, "train.compile=true")
+    assert got["din_tf default step >= 1,000,000 train rows/s"] == (False, None)
     assert got["qin test prediction of 379,142 rows < 0.1 s"] == (True, "train.eval_batch_size=393216")
     assert got["simqin: train rows/s"] == (None, None)
 

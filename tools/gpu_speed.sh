@@ -5,8 +5,9 @@
 # default step (same loss, gradients and update from the same weights, beside a rerun of the
 # default step: the device's noise), then measures QIN, DIN-TF, DCNv2-TF, SimQIN and Transformer +
 # DCNv2 (GPU config) train rows/s with the default step and with each option (bench.py --compare,
-# --repeats 3, medians), QIN's prediction of the 379,142 test rows (also in one eval batch), and a
-# profile of each config's default step and its CUDA-graph variant.
+# --repeats 3, medians), QIN's prediction of the 379,142 test rows (also in one eval batch), a
+# profile of each config's default step and its CUDA-graph variant, and, while time remains, DIN-TF
+# and DCNv2-TF compiled.
 #
 #   bash tools/gpu_speed.sh          # GPU: writes $OUT (or gpu_speed_out/); data and logs in ${TMPDIR:-/tmp}/gpu_speed_data
 #   bash tools/gpu_speed.sh --cpu    # the CPU rehearsal of every path (tiny preset; tests/test_gpu_check.py)

@@ -24,7 +24,13 @@ that fails or runs out of time is recorded and the next one still runs. Steps, i
    379,142-row test split, the others --predict-rows (prediction is not their target). Each profiles its
    baseline and its cuda_graphs variant (bench.py --profile: top kernels, launches and GPU idle
    time per step), merged into PROFILE_FILE.
-5. the targets of issue 31 from the medians (reported, not enforced).
+5. compiled, while at least COMPILED_MIN_LEFT seconds of the budget remain: din_tf and dcnv2_tf
+   with train.compile=true, one bench.py process each (one repeat, the compile in its warm-up),
+   filed as their config's "train.compile=true" variant: the traffic model (docs/BENCHMARKS.md)
+   puts din_tf's 1M rows/s below any eager step's memory floor, and dcnv2_tf runs at 9x its floor,
+   so fused kernels are what may reach their targets.
+6. the targets of issue 31 from the medians (reported, not enforced); a compiled variant counts as
+   an option.
 
 Outputs, at most MAX_OUT_FILES files in --out (default $OUT when set, else gpu_speed_out/),
 rewritten after every step: gpu_speed.json (everything), gpu_speed.md (tables for
@@ -56,6 +62,8 @@ PROFILE_FILE = "profile.json"
 OUT_FILES = ("gpu_speed.json", "gpu_speed.md", PROFILE_FILE, "bench_lines.jsonl", "logs.tgz")
 assert len(OUT_FILES) <= MAX_OUT_FILES  # what a device call brings back
 OPTIONS = ["train.cuda_graphs=true", "train.foreach_l2=true"]  # fit.py's training-step options
+COMPILED = "train.compile=true"  # measured in a process of its own (the compile), after the others
+COMPILED_MIN_LEFT = 150.0  # seconds of the budget a compiled step needs to start
 PROFILED = ["baseline", "train.cuda_graphs=true"]
 NOISE_FACTOR = 10.0
 # the CPU's tolerances (tests/test_fit.py, SAME_STEP_UPDATE_TOL: loss and gradients bit for bit on a
@@ -77,9 +85,10 @@ MODES = {
         # a config's own variants: not training-step options, so no "best option" of the targets
         "model_options": {"qin": ["train.eval_batch_size=393216"],  # the whole test split in one batch
                           "transformer_dcn": ["train.batch_size=4096"]},
+        "compiled": ["din_tf", "dcnv2_tf"],
         "limits": {"environment": 60, "check_data": 60, "bench_data": 300, "same_function": 200,
                    "speed_qin": 120, "speed_din_tf": 90, "speed_dcnv2_tf": 90, "speed_simqin": 110,
-                   "speed_transformer_dcn": 150},
+                   "speed_transformer_dcn": 150, "compiled_din_tf": 180, "compiled_dcnv2_tf": 180},
     },
     "cpu": {  # the rehearsal: every GPU-mode path on the tiny preset (tests/test_gpu_check.py)
         # the smallest sizes that still run every path: batches of 128 rows (a CPU steps through
@@ -91,6 +100,9 @@ MODES = {
         "configs": {"qin": ("qin_small", 2), "din_tf": ("din_tf_small", 2), "dcnv2_tf": ("dcnv2_tf_small", 2),
                     "simqin": ("simqin_small", 2), "transformer_dcn": ("transformer_dcn_small", 2)},
         "model_options": {"qin": ["train.eval_batch_size=600"], "transformer_dcn": ["train.batch_size=256"]},
+        # a CPU compile takes a minute a model: the compiled step is not rehearsed (the GPU check's
+        # rehearsal compiles qin_small; tests/test_gpu_check.py files fake compiled lines)
+        "compiled": [],
         "limits": {"environment": 60, "check_data": 60, "bench_data": 60, "same_function": 200,
                    "speed_qin": 120, "speed_din_tf": 120, "speed_dcnv2_tf": 120, "speed_simqin": 120,
                    "speed_transformer_dcn": 120},
@@ -136,6 +148,27 @@ def speed_argv(mode: dict, py: str, root: Path, model: str, repeats: int) -> lis
         "--profile", str(root / f"profile_{model}.json"), "--profile-steps", str(mode["profile_steps"]),
         *[a for v in PROFILED for a in ("--profile-variant", v)]]
     return argv + ([] if model == "qin" else ["--predict-rows", str(mode["predict_rows"])])
+
+
+def compiled_argv(mode: dict, py: str, root: Path, model: str) -> list[str]:
+    config, steps = mode["configs"][model]
+    return bench_base(mode, py, root, mode["bench_preset"]) + [
+        "--config", f"configs/{config}.yaml@{steps}", "--warmup", str(mode["warmup"]), "--repeats", "1",
+        "--set", COMPILED, "--predict-rows", str(mode["predict_rows"])]
+
+
+def file_compiled(speed: dict, records: list[dict]) -> None:
+    """A compiled process's lines (its only variant is its baseline, with train.compile set) as the
+    config's COMPILED variant, its ratios to the config's eager baseline median."""
+    compiled = speed_of(records, speed.get("test_rows"))["variants"].get("baseline")
+    if not compiled:
+        return
+    base = speed.get("variants", {}).get("baseline", {})
+    if base.get("train_rows_per_s"):
+        compiled["train_ratio"] = compiled["train_rows_per_s"] / base["train_rows_per_s"]
+        if compiled["predict_rows_per_s"] and base.get("predict_rows_per_s"):
+            compiled["predict_ratio"] = compiled["predict_rows_per_s"] / base["predict_rows_per_s"]
+    speed.setdefault("variants", {})[COMPILED] = compiled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +242,7 @@ def targets(speed: dict, test_rows: int | None) -> list[dict]:
         # the default step or a training-step option that did what it says (a failed capture ran the
         # default step: its rate is noise; QIN's eval-batch variant trains the default step too)
         candidates = [(label, v["train_rows_per_s"]) for label, v in variants.items()
-                      if label == "baseline" or (label in OPTIONS and option_ran(label, v))]
+                      if label in ("baseline", COMPILED) or (label in OPTIONS and option_ran(label, v))]
         best_label, best = max(candidates, key=lambda x: x[1])
         out.append({"model": model, "target": f"{model} default step >= {default_target:,} train rows/s",
                     "measured": base["train_rows_per_s"], "pass": base["train_rows_per_s"] >= default_target})
@@ -397,6 +430,14 @@ class SpeedCheck:
                 r.skip(f"speed_{model}", f"no {mode['bench_preset']} data ({bench_data.get('status')})")
                 self.report["speed"][model] = {"config": mode["configs"][model][0], "status": "not run", "variants": {}}
             self.write()
+        for model in mode["compiled"]:
+            if bench_data.get("status") != "ok":
+                r.skip(f"compiled_{model}", f"no {mode['bench_preset']} data ({bench_data.get('status')})")
+            elif r.left() < COMPILED_MIN_LEFT:
+                r.skip(f"compiled_{model}", f"{r.left():.0f} s of the budget left, {COMPILED_MIN_LEFT:.0f} needed")
+            else:
+                self.compiled(model)
+            self.write()
         return self.write(final=True)
 
     def same_function(self) -> None:
@@ -416,6 +457,15 @@ class SpeedCheck:
         self.report["speed"][model] = {"config": self.mode["configs"][model][0], "status": step["status"],
                                        **speed_of(records, test_rows)}
         merge_profiles(self.root, list(self.mode["configs"]), self.out)
+
+    def compiled(self, model: str) -> None:
+        name = f"compiled_{model}"
+        step = self.r.run(name, compiled_argv(self.mode, self.py, self.root, model), self.mode["limits"][name])
+        raw, records = parse_lines(self.r.logs / f"{name}.out")
+        self.raw_lines += raw
+        speed = self.report["speed"].setdefault(model, {"config": self.mode["configs"][model][0], "variants": {}})
+        speed["compiled_status"] = step["status"]
+        file_compiled(speed, records)
 
     def write(self, final: bool = False) -> int:
         r, report = self.r, self.report
