@@ -195,6 +195,14 @@ def test_traffic_counts_each_ops_tensors_once_in_place_updates_twice_and_gathere
                              "index": 2 * 8 + 8}
     assert counter.calls == {"add": 1, "add_": 1, "zero_": 1, "embedding": 1, "index": 1}
     assert counter.no_traffic_ops == 3  # empty, view, t
+    # fused Adam reads and writes the weights and both moments, and only reads the gradients
+    weight = torch.nn.Parameter(torch.ones(100))
+    weight.grad = torch.ones(100)
+    adam = torch.optim.Adam([weight], fused=True)
+    adam.step()  # its state made
+    with bench.EagerTraffic() as counter:
+        adam.step()
+    assert counter.moved["_fused_adam_"] == 7 * 400 + 4  # and the 4 bytes of the step count
 
 
 @pytest.mark.parametrize("name, bandwidth", [

@@ -243,6 +243,10 @@ def test_projection_arithmetic():
     assert result["refit_model"] == "qin" and result["refit_seconds"] == qin["refit_seconds"]
     assert result["total_seconds"] == pytest.approx(
         410.0 + sum(m["model_seconds"] for m in result["models"]) + qin["refit_seconds"])
+    # every fold and the refit at max_epochs: the bound
+    refit_max = 100 * (3_600_000 / 1e6 + 10_000 / 2e6) + 379_142 / 2e6 + gpu_check.FOLD_OVERHEAD_S
+    assert result["total_seconds_max_epochs"] == pytest.approx(
+        410.0 + sum(m["model_seconds_max_epochs"] for m in result["models"]) + refit_max + gpu_check.PROCESS_OVERHEAD_S)
     del benches["din_tf"]
     incomplete = gpu_check.projection(benches, mode, data, blend_s=300.0)
     assert incomplete["total_seconds"] is None and "din_tf" in incomplete["problem"]

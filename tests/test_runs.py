@@ -132,6 +132,10 @@ def test_a_damaged_aggregate_is_written_again_from_the_finished_folds(pipeline, 
         assert snapshot(p.run_dir / "fold0", p.run_dir / "fold1") == folds  # nothing retrained
         assert runs.read_metrics(p.run_dir)["oof_auc"] == before["oof_auc"]
         assert (p.run_dir / "oof.parquet").read_bytes() == oof
+        (p.run_dir / "metrics.json").write_text("{}")  # JSON, but not a run's aggregates
+        train.run_training(p.model_cfg, device="cpu")
+        assert "not the aggregates of a run: the aggregates are written again" in capsys.readouterr().out
+        assert runs.read_metrics(p.run_dir)["oof_auc"] == before["oof_auc"]
 
 
 def test_leftover_temporaries_of_killed_writers_are_never_read(pipeline, one_thread):

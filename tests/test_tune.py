@@ -226,19 +226,20 @@ def test_a_study_takes_no_trials_of_other_fixed_settings_or_data(tiny_raw, work,
     """The trials of a study share every setting the search does not vary and the processed data:
     a search with another --set value or on other data is refused before its first trial."""
     config = tune_file(tmp_path, tiny_raw, work, study="fixed")
-    settings, _, model_cfg = tune.split_config(common.load_config(config))
+    settings, space, model_cfg = tune.split_config(common.load_config(config))
     manifest = processed_data.load_current(model_cfg)[2]
-    fixed = tune.trials_fingerprint(model_cfg, manifest)
+    fixed = tune.trials_fingerprint(model_cfg, space, manifest)
     storage = f"sqlite:///{tmp_path / 'fixed.db'}"
     assert tune.open_study(settings, storage, fixed).user_attrs["fixed"] == fixed
     tune.open_study(settings, storage, fixed)  # the same search again: taken
-    # where the data is and which device trains are no settings of the trials
-    moved = {**model_cfg, "data": {**model_cfg["data"], "raw_dir": "elsewhere"}, "train": {
-        **model_cfg["train"], "device": "cpu"}}
-    assert tune.trials_fingerprint(moved, manifest) == fixed
-    other_setting = tune.trials_fingerprint(tune.split_config(common.load_config(config, ["train.max_epochs=1"]))[2],
-                                            manifest)
-    other_data = tune.trials_fingerprint(model_cfg, {**manifest, "fingerprint": "other"})
+    # where the data is, which device trains, the run name and the base's values of the searched keys
+    # (every trial sets its own) are no settings of the trials
+    for same in (["data.raw_dir=elsewhere", "train.device=cpu"], ["run.name=other", "train.lr=0.001"],
+                 ["tune.n_trials=50"]):
+        assert tune.trials_fingerprint(tune.split_config(common.load_config(config, same))[2], space, manifest) == fixed
+    other_setting = tune.trials_fingerprint(
+        tune.split_config(common.load_config(config, ["train.max_epochs=1"]))[2], space, manifest)
+    other_data = tune.trials_fingerprint(model_cfg, space, {**manifest, "fingerprint": "other"})
     for other in (other_setting, other_data):
         assert other != fixed
         with pytest.raises(UserError, match="other fixed settings or on other data"):
@@ -258,7 +259,7 @@ def test_a_trial_worse_than_the_median_is_pruned_after_its_first_epoch(tiny_raw,
                        prune_startup_trials=2, prune_warmup_epochs=0)
     settings, space, model_cfg = tune.split_config(common.load_config(config))
     storage = f"sqlite:///{tmp_path / 'pruned.db'}"
-    fixed = tune.trials_fingerprint(model_cfg, processed_data.load_current(model_cfg)[2])
+    fixed = tune.trials_fingerprint(model_cfg, space, processed_data.load_current(model_cfg)[2])
     study = tune.open_study(settings, storage, fixed)
     distributions = {key: optuna.distributions.FloatDistribution(1e-3, 5e-3, log=True) if key == "train.lr" else
                      optuna.distributions.IntDistribution(8, 16, step=8) if key == "model.emb_dim" else

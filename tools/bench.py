@@ -515,11 +515,16 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def updated_in_place(func, args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The tensors an op reads and then writes: the arguments its schema marks as written (Tensor(a!)),
-    unless the op only writes them."""
-    if func.overloadpacket.__name__ in WRITE_ONLY_OPS:
+    unless the op only writes them. A fused optimizer's schema marks its gradients as written for the
+    unscaling it does with a grad_scale; without one it only reads them."""
+    name = func.overloadpacket.__name__
+    if name in WRITE_ONLY_OPS:
         return []
+    read_only = {"grads"} if name.startswith("_fused_") and kwargs.get("grad_scale") is None else set()
     updated = []
     for i, argument in enumerate(func._schema.arguments):
+        if argument.name in read_only:
+            continue
         if argument.alias_info is not None and argument.alias_info.is_write:
             value = args[i] if i < len(args) else kwargs.get(argument.name)
             updated += [t for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
@@ -590,8 +595,10 @@ def eager_traffic(model, loss_fn, optimizer, columns, rows, settings, device: to
 
     In the ops and dtypes the step has on CUDA. On a CPU: a config that trains in bfloat16 there
     runs under the CPU's bfloat16 autocast (whose op lists are nearly CUDA's: CUDA keeps sum and
-    softmax in float32), dropout as CUDA's one fused op, and adam_impl auto as CUDA's fused Adam.
-    A compiled model is not modelled (its kernels are fused)."""
+    softmax in float32), dropout as CUDA's one fused op, and adam_impl auto as CUDA's fused Adam. Not
+    the attention's dropout inside scaled_dot_product_attention (nn.MultiheadAttention), which runs
+    the CPU's math path: [B, H, L, L] masks, under 2 % of transformer_dcn_gpu's bytes. A compiled
+    model is not modelled (its kernels are fused)."""
     if settings.compile:
         return {"what": "not modelled: a compiled step fuses its ops"}
     bf16 = settings.bf16  # as on CUDA, where fit trains in bfloat16 when asked

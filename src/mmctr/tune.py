@@ -214,11 +214,14 @@ def default_storage(model_cfg: dict, study: str) -> str:
     return f"sqlite:///{(folder / f'{study}.db').resolve()}"
 
 
-def trials_fingerprint(model_cfg: dict, manifest: dict) -> dict:
-    """What every trial of a search has in common: the config and --set values it does not vary (a
-    run's fingerprint, train.fingerprint_of) and the processed data. Trials are comparable, and the
-    best one a config to train, only under one."""
-    return train.fingerprint_of(train.parse_config(model_cfg, None)[0], manifest)
+def trials_fingerprint(model_cfg: dict, space: dict[str, ParamSpec], manifest: dict) -> dict:
+    """What every trial of a search has in common: the config and --set values it does not vary and
+    the processed data (a run's fingerprint, train.fingerprint_of, of the config with every searched
+    key at one value and one run name: the base's values of those keys reach no trial). Trials are
+    comparable, and the best one a config to train, only under one."""
+    anchor = {key: spec.choices[0] if spec.type == "categorical" else int(spec.low) if spec.type == "int"
+              else spec.low for key, spec in space.items()}
+    return train.fingerprint_of(train.parse_config(trial_config(model_cfg, anchor, "trial"), None)[0], manifest)
 
 
 def open_study(settings: TuneConfig, storage_url: str, fixed: dict) -> optuna.Study:
@@ -447,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
     storage_url = args.storage or default_storage(model_cfg, settings.study)
     out = args.out or common.CONFIG_DIR / f"{settings.study}_tuned.yaml"
     check_out(out, settings.study, manifest["fingerprint"])  # before hours of search, not after
-    fixed = trials_fingerprint(model_cfg, manifest)
+    fixed = trials_fingerprint(model_cfg, space, manifest)
     study = open_study(settings, storage_url, fixed)  # created (or checked) once, before any worker; its
     # trials are read from the database at every call, the workers' included
     deadline = None if settings.timeout_s is None else started + settings.timeout_s

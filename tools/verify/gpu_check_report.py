@@ -120,9 +120,10 @@ def markdown(report: dict) -> str:
                      f"{m['max_epochs']} / {m['patience']} | {fmt(m.get('epoch_seconds'), 3)} | "
                      f"{fmt(m.get('fold_seconds'), 3)} | {fmt(m.get('model_seconds'))} | "
                      f"{fmt(m.get('model_seconds_max_epochs'))} | {fmt(m.get('refit_seconds'))} |")
+    refit = (f"the slowest refit, {p['refit_model']}'s {fmt(p.get('refit_seconds'))} s" if p.get("refit_model")
+             else "the slowest refit")
     lines += ["", f"Total (generate {fmt(p.get('generate_seconds'))} s + preprocess "
-              f"{fmt(p.get('preprocess_seconds'))} s + models + the slowest refit, {p.get('refit_model')}'s "
-              f"{fmt(p.get('refit_seconds'))} s, + blend): **{fmt(p.get('total_seconds'))} s** "
+              f"{fmt(p.get('preprocess_seconds'))} s + models + {refit} + blend): **{fmt(p.get('total_seconds'))} s** "
               f"against 3,600 s: {verdict(p.get('pass'))}; "
               f"only qin, dcnv2_tf, din_tf: {fmt(p.get('total_seconds_published_only'))} s; every fold at max_epochs: "
               f"{fmt(p.get('total_seconds_max_epochs'))} s." + (f" {p['problem']}." if p.get("problem") else ""), ""]
