@@ -368,7 +368,11 @@ def draw_pictures(run: Path, folds: list[dict], preds: dict[str, pd.DataFrame],
 # ---------------------------------------------------------------------------------------------
 
 def read_metrics(run: Path) -> dict:
-    return common.read_json(run / "metrics.json")
+    """A run's aggregate metrics.json; an unreadable one, or JSON of another shape, is a UserError."""
+    metrics = common.read_json(run / "metrics.json")
+    if not isinstance(metrics, dict) or "oof_auc" not in metrics:
+        raise UserError(f"{run / 'metrics.json'}: not the aggregates of a run")
+    return metrics
 
 
 def require_finished(run: Path, name: str, data_fingerprint: str, n_folds: int) -> None:

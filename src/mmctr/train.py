@@ -545,11 +545,8 @@ def train_in_run_folder(cfg: dict, train_cfg: TrainConfig, arrays: dict, manifes
     if not missing and (refit or not todo) and all((run_dir / name).is_file() for name in runs.AGGREGATE_FILES):
         try:
             metrics = runs.read_metrics(run_dir)  # nothing changed: the aggregates stay as they are
-            if not isinstance(metrics, dict) or "oof_auc" not in metrics:
-                raise UserError(f"{run_dir / 'metrics.json'}: not the aggregates of a run")
         except UserError as exc:  # damaged: the folds are all there to write them again
             common.log(f"{common.first_line(exc)}: the aggregates are written again from the folds")
-            metrics = None
     if metrics is None and not missing:
         raw_dir = Path(cfg["data"]["raw_dir"])
         labels = {split: np.asarray(arrays[f"{split}_label"], dtype=np.float64) for split in ("train", "valid")}

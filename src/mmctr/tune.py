@@ -147,13 +147,19 @@ def trial_config(model_cfg: dict, params: dict, run_name: str) -> dict:
     return cfg
 
 
+def range_ends(spec: ParamSpec) -> list:
+    """The values at the ends of a parameter's range, as a trial gets them: every choice of a
+    categorical, else low and high (whole numbers for an int)."""
+    if spec.type == "categorical":
+        return list(spec.choices)
+    return [int(v) if spec.type == "int" else v for v in (spec.low, spec.high)]
+
+
 def check_space(model_cfg: dict, space: dict[str, ParamSpec], tables: dict) -> None:
     """Every key exists in the model config and each end of its range (every choice) passes the
     config's own checks: one line now, not a failure at trial 7."""
     for key, spec in space.items():
-        ends = spec.choices if spec.type == "categorical" else [spec.low, spec.high]
-        for value in ends:
-            value = int(value) if spec.type == "int" else value
+        for value in range_ends(spec):
             try:
                 cfg = trial_config(model_cfg, {key: value}, "space-check")
                 cfg = train.checked_config(cfg, "cpu")
@@ -219,8 +225,7 @@ def trials_fingerprint(model_cfg: dict, space: dict[str, ParamSpec], manifest: d
     the processed data (a run's fingerprint, train.fingerprint_of, of the config with every searched
     key at one value and one run name: the base's values of those keys reach no trial). Trials are
     comparable, and the best one a config to train, only under one."""
-    anchor = {key: spec.choices[0] if spec.type == "categorical" else int(spec.low) if spec.type == "int"
-              else spec.low for key, spec in space.items()}
+    anchor = {key: range_ends(spec)[0] for key, spec in space.items()}
     return train.fingerprint_of(train.parse_config(trial_config(model_cfg, anchor, "trial"), None)[0], manifest)
 
 

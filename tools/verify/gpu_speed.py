@@ -164,11 +164,7 @@ def file_compiled(speed: dict, records: list[dict]) -> None:
     compiled = speed_of(records, speed.get("test_rows"))["variants"].get("baseline")
     if not compiled:
         return
-    base = speed.get("variants", {}).get("baseline", {})
-    if base.get("train_rows_per_s"):
-        compiled["train_ratio"] = compiled["train_rows_per_s"] / base["train_rows_per_s"]
-        if compiled["predict_rows_per_s"] and base.get("predict_rows_per_s"):
-            compiled["predict_ratio"] = compiled["predict_rows_per_s"] / base["predict_rows_per_s"]
+    add_ratios(compiled, speed.get("variants", {}).get("baseline", {}))
     speed.setdefault("variants", {})[COMPILED] = compiled
 
 
@@ -218,11 +214,17 @@ def speed_of(records: list[dict], test_rows: int | None) -> dict:
             "cuda_graphs": graphs.get(label)}
     base = variants.get("baseline", {})
     for label, v in variants.items():
-        if base.get("train_rows_per_s") and label != "baseline":
-            v["train_ratio"] = v["train_rows_per_s"] / base["train_rows_per_s"]
-            if v["predict_rows_per_s"] and base.get("predict_rows_per_s"):
-                v["predict_ratio"] = v["predict_rows_per_s"] / base["predict_rows_per_s"]
+        if label != "baseline":
+            add_ratios(v, base)
     return {"variants": variants, "test_rows": test_rows}
+
+
+def add_ratios(variant: dict, base: dict) -> None:
+    """The variant's train and predict rows/s over the baseline's (where both are measured)."""
+    if base.get("train_rows_per_s"):
+        variant["train_ratio"] = variant["train_rows_per_s"] / base["train_rows_per_s"]
+        if variant["predict_rows_per_s"] and base.get("predict_rows_per_s"):
+            variant["predict_ratio"] = variant["predict_rows_per_s"] / base["predict_rows_per_s"]
 
 
 def option_ran(label: str, figures: dict) -> bool:
