@@ -73,6 +73,7 @@ class FakePip:
         self.unavailable = unavailable  # names pip finds no distribution for (no network)
 
     def __call__(self, cmd, **kwargs):
+        assert cmd[1:4] == ["-m", "pip", "install"] and "--no-compile" in cmd  # bytecode on first import
         constraints = Path(cmd[cmd.index("-c") + 1]).read_text().split()
         specs = cmd[cmd.index("-c") + 2:]
         self.calls.append((specs, constraints))

@@ -202,8 +202,11 @@ def pip_install(todo: list[Decision], decisions: list[Decision], lock: dict[str,
     with tempfile.NamedTemporaryFile("w", prefix="constraints.", suffix=".txt") as file:
         file.write("\n".join(constraints(decisions, lock, installed)) + "\n")
         file.flush()
+        # --no-compile: pip's bytecode for every module of every package is 45 of a fresh venv's
+        # 70 s on 2 cores (docs/TIMINGS.md); Python compiles only the modules a stage imports, on
+        # its first import (~5 s), and keeps them
         return subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                               "-c", file.name, *(d.requirement.text for d in todo)],
+                               "--no-compile", "-c", file.name, *(d.requirement.text for d in todo)],
                               env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"}).returncode  # root in CI
 
 
