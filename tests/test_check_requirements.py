@@ -1,6 +1,7 @@
 """tools/check_requirements.py: per package missing / in range / out of range, judged on fake installed
 versions, and what --install hands to pip (never an in-range torch), with pip faked."""
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,8 @@ class FakePip:
         self.unavailable = unavailable  # names pip finds no distribution for (no network)
 
     def __call__(self, cmd, **kwargs):
-        assert cmd[1:4] == ["-m", "pip", "install"] and "--no-compile" in cmd  # bytecode on first import
+        assert cmd[1:4] == ["-m", "pip", "install"]
+        assert ("--no-compile" in cmd) == (not sys.dont_write_bytecode)  # bytecode on first import
         constraints = Path(cmd[cmd.index("-c") + 1]).read_text().split()
         specs = cmd[cmd.index("-c") + 2:]
         self.calls.append((specs, constraints))
@@ -100,6 +102,17 @@ def test_install_hands_pip_only_what_is_missing_or_out_of_range(requirements, mo
     out = capsys.readouterr().out
     assert out == ("requirements: installing matplotlib>=3.8,<4 (missing), numpy>=1.26,<3 (out of range, "
                    "found 1.21.0)\n")
+
+
+@pytest.mark.parametrize("dont_write_bytecode", [False, True])
+def test_pip_leaves_bytecode_to_the_first_import_unless_python_keeps_none(requirements, monkeypatch,
+                                                                          dont_write_bytecode):
+    monkeypatch.setattr(sys, "dont_write_bytecode", dont_write_bytecode)  # PYTHONDONTWRITEBYTECODE, -B
+    commands = []
+    monkeypatch.setattr(cr.subprocess, "run", lambda cmd, **kwargs: commands.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 1))
+    cr.install(cr.decide(requirements, {}.get), LOCK, {}.get)
+    assert commands and all(("--no-compile" in cmd) != dont_write_bytecode for cmd in commands)
 
 
 def test_nothing_to_install_runs_no_pip(requirements, monkeypatch, capsys):

@@ -197,16 +197,21 @@ def install(decisions: list[Decision], lock: dict[str, str],
     return 0
 
 
+def bytecode_option() -> list[str]:
+    """pip's bytecode for every module of every package is 45 of a fresh venv's 70 s on 2 cores
+    (docs/TIMINGS.md): --no-compile leaves it to Python, which compiles only the modules a stage
+    imports, on their first import (~5 s), and keeps them. Not where Python keeps no bytecode
+    (PYTHONDONTWRITEBYTECODE, -B): every process would compile its imports again."""
+    return [] if sys.dont_write_bytecode else ["--no-compile"]
+
+
 def pip_install(todo: list[Decision], decisions: list[Decision], lock: dict[str, str],
                 installed: Callable[[str], str | None]) -> int:
     with tempfile.NamedTemporaryFile("w", prefix="constraints.", suffix=".txt") as file:
         file.write("\n".join(constraints(decisions, lock, installed)) + "\n")
         file.flush()
-        # --no-compile: pip's bytecode for every module of every package is 45 of a fresh venv's
-        # 70 s on 2 cores (docs/TIMINGS.md); Python compiles only the modules a stage imports, on
-        # its first import (~5 s), and keeps them
         return subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q",
-                               "--no-compile", "-c", file.name, *(d.requirement.text for d in todo)],
+                               *bytecode_option(), "-c", file.name, *(d.requirement.text for d in todo)],
                               env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"}).returncode  # root in CI
 
 
