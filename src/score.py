@@ -1,6 +1,5 @@
 """python src/score.py --help: runs mmctr.score (src/mmctr/score.py)."""
-from mmctr.score import main
 from mmctr.common import run_main
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main("mmctr.score")  # imported inside: a Ctrl-C while torch loads is one line too

@@ -1,6 +1,5 @@
 """python src/validate_submission.py --help: runs mmctr.validate_submission (src/mmctr/validate_submission.py)."""
-from mmctr.validate_submission import main
 from mmctr.common import run_main
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main("mmctr.validate_submission")  # imported inside: a Ctrl-C while torch loads is one line too

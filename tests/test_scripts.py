@@ -65,3 +65,22 @@ def test_every_script_stops_with_one_line_and_touches_nothing(pipeline, script):
         assert snapshot(p.raw, p.root / "data.yaml", *outputs(p)) == before, "earlier outputs changed"
         assert sorted(q.name for q in p.work.iterdir()) == ["blend", "processed", "runs"], \
             "no temporary folder left in the work dir"
+
+
+def test_a_stage_module_is_imported_inside_run_main_so_an_interrupt_there_is_one_line(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """src/<stage>.py hands run_main its module's name: a Ctrl-C while the module imports (torch
+    takes seconds) ends like one while it runs, 'interrupted' and exit 130, not a traceback."""
+    from mmctr import common
+    (tmp_path / "interrupted_on_import.py").write_text("raise KeyboardInterrupt\n")
+    (tmp_path / "a_stage.py").write_text("def main():\n    raise common.UserError('a stage error')\n"
+                                         "from mmctr import common\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module, code, line in (("interrupted_on_import", 130, "interrupted"), ("a_stage", 2, "error: a stage error")):
+        with pytest.raises(SystemExit) as exit_:
+            common.run_main(module)
+        assert exit_.value.code == code and capsys.readouterr().err == line + "\n"
+    for script in sorted((Path(__file__).parent.parent / "src").glob("*.py")):  # each imports nothing else
+        text = script.read_text()
+        assert f'run_main("mmctr.{script.stem}")' in text and [line for line in text.splitlines() if line.startswith(("import", "from"))] == [
+            "from mmctr.common import run_main"], script

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import glob
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -587,9 +588,13 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_main(main: Callable[[], Any]) -> None:
-    """Entry point wrapper: user errors become one line on stderr and exit code 2."""
+def run_main(main: Callable[[], Any] | str) -> None:
+    """Entry point wrapper: user errors become one line on stderr and exit code 2, a Ctrl-C one
+    line and exit code 130. ``main`` may be a module's name (src/<stage>.py): its ``main`` is
+    imported in here, so that an interrupt during the imports (torch: seconds) is one line too."""
     try:
+        if isinstance(main, str):
+            main = importlib.import_module(main).main
         main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
