@@ -1,5 +1,7 @@
 """python src/blend.py --help: runs mmctr.blend (src/mmctr/blend.py)."""
-from mmctr.common import run_main
+from mmctr.common import interrupt_ends_in_one_line, run_main
 
 if __name__ == "__main__":
-    run_main("mmctr.blend")  # imported inside: a Ctrl-C while torch loads is one line too
+    with interrupt_ends_in_one_line():  # a Ctrl-C while torch loads: one line, as while the stage runs
+        from mmctr.blend import main
+    run_main(main)

@@ -1,5 +1,7 @@
 """python src/score.py --help: runs mmctr.score (src/mmctr/score.py)."""
-from mmctr.common import run_main
+from mmctr.common import interrupt_ends_in_one_line, run_main
 
 if __name__ == "__main__":
-    run_main("mmctr.score")  # imported inside: a Ctrl-C while torch loads is one line too
+    with interrupt_ends_in_one_line():  # a Ctrl-C while torch loads: one line, as while the stage runs
+        from mmctr.score import main
+    run_main(main)

@@ -1,5 +1,7 @@
 """python src/train.py --help: runs mmctr.train (src/mmctr/train.py)."""
-from mmctr.common import run_main
+from mmctr.common import interrupt_ends_in_one_line, run_main
 
 if __name__ == "__main__":
-    run_main("mmctr.train")  # imported inside: a Ctrl-C while torch loads is one line too
+    with interrupt_ends_in_one_line():  # a Ctrl-C while torch loads: one line, as while the stage runs
+        from mmctr.train import main
+    run_main(main)

@@ -13,7 +13,6 @@ import dataclasses
 import errno
 import glob
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -588,20 +587,26 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run_main(main: Callable[[], Any] | str) -> None:
-    """Entry point wrapper: user errors become one line on stderr and exit code 2, a Ctrl-C one
-    line and exit code 130. ``main`` may be a module's name (src/<stage>.py): its ``main`` is
-    imported in here, so that an interrupt during the imports (torch: seconds) is one line too."""
+@contextlib.contextmanager
+def interrupt_ends_in_one_line() -> Iterator[None]:
+    """A Ctrl-C inside ends the program with one line, 'interrupted', and exit code 130. The
+    src/<stage>.py wrappers import their stage under it: torch takes seconds to import."""
     try:
-        if isinstance(main, str):
-            main = importlib.import_module(main).main
-        main()
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        yield
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Entry point wrapper: user errors become one line on stderr and exit code 2, a Ctrl-C one
+    line and exit code 130."""
+    try:
+        with interrupt_ends_in_one_line():
+            main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except OSError as exc:
         if exc.errno not in DISK_ERRORS:
             raise
