@@ -164,3 +164,13 @@ def test_leftover_temporaries_of_killed_writers_are_never_read(pipeline, one_thr
         assert snapshot(p.run_dir / "fold0", p.run_dir / "fold1") == folds
         blend.run_blend(p.blend_cfg)
         pd.testing.assert_frame_equal(pd.read_csv(p.submission), submission)
+
+
+def test_the_stages_that_only_read_run_folders_start_without_torch():
+    """blend, single, summary, score, validate_submission and the experiment log read run folders
+    and predictions: none imports torch (1.5-2 s of each such process's start); runs imports it
+    only to write a fold's checkpoint."""
+    stages = ("blend", "single", "summary", "experiments", "score", "validate_submission")
+    code = f"import sys; import {', '.join('mmctr.' + s for s in stages)}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out == "False\n"

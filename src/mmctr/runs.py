@@ -23,7 +23,6 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 
 from mmctr import common
@@ -280,6 +279,8 @@ def write_history(run: Path, fold: int | str, history: list[dict]) -> None:
 def write_fold(run: Path, fold: int | str, state: dict, preds: dict[str, tuple[np.ndarray, np.ndarray]],
                metrics: dict) -> None:
     """A finished fold: its checkpoint, its predictions (split -> (ids, probabilities)), done.json last."""
+    import torch  # here, not at the top: blend, single's choice, summary and the experiment log read
+    # run folders without torch (1.5-2 s of every such process's start)
     folder = fold_dir(run, fold)
     with common.atomic_path(folder / "best.pt") as tmp:
         torch.save({k: v.cpu() for k, v in state.items()}, tmp)
