@@ -160,18 +160,18 @@ def device_name(device: torch.device) -> str:
     return f"cpu, {os.cpu_count()} cores"
 
 
+def datasheet_entry(table: tuple, name: str):
+    """The value of the first (pattern, value) row of a datasheet table whose pattern the GPU's name matches."""
+    return next((value for pattern, value in table if re.search(pattern, name)), None)
+
+
 def datasheet_peak_tflops(name: str, dtype: str) -> float | None:
-    for pattern, peaks in GPU_PEAK_TFLOPS:
-        if re.search(pattern, name):
-            return peaks[dtype]
-    return None
+    peaks = datasheet_entry(GPU_PEAK_TFLOPS, name)
+    return None if peaks is None else peaks[dtype]
 
 
 def datasheet_memory_tb_s(name: str) -> float | None:
-    for pattern, bandwidth in GPU_MEMORY_TB_S:
-        if re.search(pattern, name):
-            return bandwidth
-    return None
+    return datasheet_entry(GPU_MEMORY_TB_S, name)
 
 
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:

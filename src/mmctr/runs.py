@@ -279,8 +279,9 @@ def write_history(run: Path, fold: int | str, history: list[dict]) -> None:
 def write_fold(run: Path, fold: int | str, state: dict, preds: dict[str, tuple[np.ndarray, np.ndarray]],
                metrics: dict) -> None:
     """A finished fold: its checkpoint, its predictions (split -> (ids, probabilities)), done.json last."""
-    import torch  # here, not at the top: blend, single's choice, summary and the experiment log read
-    # run folders without torch (1.5-2 s of every such process's start)
+    # torch here, not at the top: blend, single, summary and the experiment log read run folders
+    # without it (1.5-2 s of each such process's start)
+    import torch
     folder = fold_dir(run, fold)
     with common.atomic_path(folder / "best.pt") as tmp:
         torch.save({k: v.cpu() for k, v in state.items()}, tmp)

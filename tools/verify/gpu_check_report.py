@@ -264,6 +264,15 @@ def rounded(value):
     return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
+# a profiled step's figures in both checks' summary lines, in this order
+PROFILE_FIELDS = ("step_ms", "launches_per_step", "gpu_idle_ms_per_step", "traffic_gb_per_step", "memory_floor_ms")
+
+
+def profile_summary(profile: dict | None, label) -> dict:
+    """The summary line's profile entry: label(config) -> its PROFILE_FIELDS, rounded."""
+    return {label(c): [rounded(c.get(field)) for field in PROFILE_FIELDS] for c in (profile or {}).get("configs", [])}
+
+
 def summary(report: dict) -> dict:
     """Every target figure in one compact object: the last line of stdout."""
     def short(figures: dict) -> dict:
@@ -280,11 +289,8 @@ def summary(report: dict) -> dict:
         "data_s": {k: report["data"].get(k) for k in ("generate_seconds", "preprocess_seconds")},
         "bench": {f"{b['config']}/{which}": short(b[which]) for b in report["bench"]
                   for which in BENCH_KINDS if b.get(which)},
-        "profile": {c["config"].rsplit("/", 1)[-1].removesuffix(".yaml"): [
-            rounded(c.get("step_ms")), rounded(c.get("launches_per_step")), rounded(c.get("gpu_idle_ms_per_step")),
-            rounded(c.get("traffic_gb_per_step")), rounded(c.get("memory_floor_ms"))]
-            for c in (report.get("profile") or {}).get("configs", [])},
-        "profile_fields": "step_ms, launches_per_step, gpu_idle_ms_per_step, traffic_gb_per_step, memory_floor_ms",
+        "profile": profile_summary(report.get("profile"), lambda c: c["config"].rsplit("/", 1)[-1].removesuffix(".yaml")),
+        "profile_fields": ", ".join(PROFILE_FIELDS),
         "qin_epoch_s": {w: round(v["epoch_seconds"], 3) for w, v in epoch.items()},
         "qin_test_predict_s": {w: round(v["test_predict_seconds"], 3) for w, v in epoch.items()},
         "run_sh_full_projected_s": report["projection"].get("total_seconds"),

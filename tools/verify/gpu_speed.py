@@ -54,7 +54,8 @@ import threading
 import traceback
 from pathlib import Path
 
-from gpu_check_report import cell, fmt, profile_table, steps_and_raw_lines, verdict, write_outputs
+from gpu_check_report import (PROFILE_FIELDS, cell, fmt, profile_summary, profile_table, rounded, steps_and_raw_lines,
+                               verdict, write_outputs)
 from gpu_check_runner import Runner
 from gpu_check_steps import MAX_OUT_FILES, parse_lines, prepare_preset, profile_report, step_environment
 
@@ -329,28 +330,24 @@ def markdown(report: dict) -> str:
 
 
 def summary(report: dict) -> dict:
-    def short(value):
-        return float(f"{value:.4g}") if isinstance(value, float) else value
     speed = {}
     for model, s in report["speed"].items():
         v = s.get("variants", {})
-        speed[model] = {"base": short((v.get("baseline") or {}).get("train_rows_per_s")),
-                        **{label.split(".", 1)[-1]: short(x.get("train_ratio")) for label, x in v.items()
+        speed[model] = {"base": rounded((v.get("baseline") or {}).get("train_rows_per_s")),
+                        **{label.split(".", 1)[-1]: rounded(x.get("train_ratio")) for label, x in v.items()
                            if label != "baseline"}}
     qin = (report["speed"].get("qin") or {}).get("variants", {})
     return {
         "mode": report["mode"], "device": report["environment"].get("device_name"),
         "torch": report["environment"].get("torch"), "commit": report["environment"].get("git_commit"),
         "wall_s": report["wall_seconds"], "train_rows_s_and_ratios": speed,
-        "qin_predict_s": {str(v.get("eval_batch_size")): short(v.get("predict_seconds")) for v in qin.values()},
+        "qin_predict_s": {str(v.get("eval_batch_size")): rounded(v.get("predict_seconds")) for v in qin.values()},
         "same_function": {f"{r['config'].rsplit('/', 1)[-1].removesuffix('.yaml')}/{r['variant'].split('.', 1)[-1]}":
-                          [short(r.get(k)) for k in ("loss_rel_diff", "grad_rel_diff", "update_rel_diff")]
+                          [rounded(r.get(k)) for k in ("loss_rel_diff", "grad_rel_diff", "update_rel_diff")]
                           + ([r["passed"]] if "passed" in r else []) for r in report["same_function"]},
-        "profile": {f"{c['config'].rsplit('/', 1)[-1].removesuffix('.yaml')}/{c.get('variant')}":
-                    [short(c.get("step_ms")), short(c.get("launches_per_step")), short(c.get("gpu_idle_ms_per_step")),
-                     short(c.get("traffic_gb_per_step")), short(c.get("memory_floor_ms"))]
-                    for c in (report.get("profile") or {}).get("configs", [])},
-        "profile_fields": "step_ms, launches_per_step, gpu_idle_ms_per_step, traffic_gb_per_step, memory_floor_ms",
+        "profile": profile_summary(report.get("profile"), lambda c: "{}/{}".format(
+            c["config"].rsplit("/", 1)[-1].removesuffix(".yaml"), c.get("variant"))),
+        "profile_fields": ", ".join(PROFILE_FIELDS),
         "targets_pass": {t["target"]: t["pass"] for t in report["targets"]},
         "steps_not_ok": [f"{s['name']}: {s['status']}" for s in report["steps"] if s["status"] != "ok"],
     }
