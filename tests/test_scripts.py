@@ -86,8 +86,8 @@ def test_a_ctrl_c_while_a_script_imports_its_stage_is_one_line(tmp_path, monkeyp
         importlib.import_module("unreadable_on_import")
 
     for script in sorted((Path(__file__).parent.parent / "src").glob("*.py")):
-        guarded = [node for node in ast.walk(ast.parse(script.read_text())) if isinstance(node, ast.With)
+        nodes = list(ast.walk(ast.parse(script.read_text())))
+        guarded = [node for node in nodes if isinstance(node, ast.With)
                    and ast.unparse(node.items[0].context_expr) == "interrupt_ends_in_one_line()"]
-        imports = [node.module for node in ast.walk(ast.parse(script.read_text()))
-                   if isinstance(node, ast.ImportFrom) and node.module != "mmctr.common"]
+        imports = [node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module != "mmctr.common"]
         assert imports == [f"mmctr.{script.stem}"] and guarded and guarded[0].body[0].module == imports[0], script
