@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.testing import assert_close
 
-from mmctr.models.layers import ASTA, QNN, CrossNet, CrossNetMix
+from mmctr.models.layers import ASTA, MLP, QNN, CrossNet, CrossNetMix, Dice
 from mmctr.models.tf4ctr import DFM, SSEM, TF4CTR
 
 B = 5  # batch rows
@@ -58,10 +58,11 @@ def test_cross_net_is_x0_times_wx_plus_b_plus_x():
 
 def test_cross_net_mix_is_dcn_mix():
     """Per layer l and expert k: E_k(x_l) = x_0 * (U_k tanh(C_k tanh(V_k^T x_l)) + b_l),
-    x_{l+1} = sum_k softmax(G_l x_l)_k E_k(x_l) + x_l, the softmax over the K experts.
+    x_{l+1} = sum_k softmax(G x_l)_k E_k(x_l) + x_l, the softmax over the K experts, G shared by
+    every layer (FuxiCTR's CrossNetMix).
 
     Layout: V[l, k] is V_k (D x r); C[l, k] and U[l, k] are stored as the maps a row vector is
-    right-multiplied by, so C_k = C[l, k]^T (r x r) and U_k = U[l, k]^T (D x r); G_l = gates[l].weight.
+    right-multiplied by, so C_k = C[l, k]^T (r x r) and U_k = U[l, k]^T (D x r); G = gate [K, D].
     """
     D, n_layers, rank, K = 6, 3, 3, 4
     net = randomize_(CrossNetMix(D, n_layers, rank=rank, n_experts=K).double(), scale=0.7)
@@ -70,7 +71,7 @@ def test_cross_net_mix_is_dcn_mix():
     for b in range(B):
         x = x0[b]
         for l in range(n_layers):
-            gate = torch.softmax(net.gates[l].weight @ x, dim=0)  # [K]
+            gate = torch.softmax(net.gate @ x, dim=0)  # [K]
             mixed = torch.zeros(D, dtype=torch.double)
             for k in range(K):
                 V_k, C_k, U_k = net.V[l, k], net.C[l, k].T, net.U[l, k].T
@@ -79,6 +80,32 @@ def test_cross_net_mix_is_dcn_mix():
             x = mixed + x
         expected[b] = x
     assert_close(net(x0), expected)
+
+
+def test_cross_net_mix_starts_as_fuxictrs():
+    """FuxiCTR's CrossNetMix draws each layer's U, V and C by xavier_normal_ over the stacked experts'
+    [K, D, r] and [K, r, r] tensors, and its gate as K Linear(D -> 1) (xavier-normal under FuxiCTR's
+    model init): the stds below, checked on enough draws to tell a per-matrix xavier (8x larger here)."""
+    D, rank, K = 512, 64, 4
+    torch.manual_seed(0)
+    net = CrossNetMix(D, 2, rank=rank, n_experts=K)
+    xavier_std = lambda *shape: math.sqrt(2 / sum(nn.init._calculate_fan_in_and_fan_out(torch.empty(shape))))
+    for weight, shape in [(net.V, (K, D, rank)), (net.U, (K, D, rank)), (net.C, (K, rank, rank)),
+                          (net.gate, (1, D))]:
+        assert weight.std().item() == pytest.approx(xavier_std(*shape), rel=0.05)
+    assert net.gate.shape == (K, D) and not net.bias.any()
+
+
+def test_mlp_activations_are_fuxictrs_and_qnns_the_released_qins():
+    """FuxiCTR's MLP_Block (DIN's MLP and attention unit): PReLU with one slope per unit at 0.1, Dice
+    with BatchNorm eps 1e-9 and momentum 0.01. The released QNN: one PReLU slope per layer, at 0.25."""
+    mlp = MLP(6, [5, 3], "prelu")
+    slopes = [m.weight for m in mlp if isinstance(m, nn.PReLU)]
+    assert [w.shape[0] for w in slopes] == [5, 3] and all((w == 0.1).all() for w in slopes)
+    dice = next(m for m in MLP(6, [5], "dice") if isinstance(m, Dice))
+    assert (dice.bn.eps, dice.bn.momentum, dice.bn.affine) == (1e-9, 0.01, False)
+    qnn_slopes = [act.weight for act in QNN(6, n_layers=2, m=2).acts]
+    assert [w.numel() for w in qnn_slopes] == [1, 1] and all((w == 0.25).all() for w in qnn_slopes)
 
 
 # ---------------------------------------------------------------------------------------------

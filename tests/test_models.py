@@ -210,7 +210,7 @@ def test_small_parameter_counts_by_hand():
 
     cross = 2 * (D * D + D)
     assert model_config.count_parameters(build(DCN)) == embed(E) + cross + mlp + (D + 16 + 1)
-    mix = 2 * (2 * (D * 4 + 4 * 4 + 4 * D) + D + D * 2)  # per layer: 2 experts' V, C, U; bias; gate
+    mix = 2 * (2 * (D * 4 + 4 * 4 + 4 * D) + D) + 2 * D  # per layer: 2 experts' V, C, U; bias; one gate
     assert model_config.count_parameters(build({**DCN, "cross": "mix"})) == embed(E) + mix + mlp + (D + 16 + 1)
 
     # SER: simple encoder (cross network) on the half-width embedder: x_0 = 2(E/2) + 2(E + M) = 48 wide

@@ -226,11 +226,12 @@ class MeanPooling(nn.Module):
 
 
 class Dice(nn.Module):
-    """DIN's data-adaptive activation: p = sigmoid(BN(x)), f(x) = p x + (1 - p) alpha x."""
+    """DIN's data-adaptive activation: p = sigmoid(BN(x)), f(x) = p x + (1 - p) alpha x. The
+    BatchNorm's eps and momentum are FuxiCTR's (1e-9, 0.01: slow running statistics for eval)."""
 
-    def __init__(self, dim, eps=1e-8):
+    def __init__(self, dim, eps=1e-9):
         super().__init__()
-        self.bn = nn.BatchNorm1d(dim, eps=eps, affine=False)
+        self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=0.01, affine=False)
         self.alpha = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):  # [..., dim]; statistics over every leading position
@@ -239,8 +240,10 @@ class Dice(nn.Module):
 
 
 def make_activation(name, dim):
+    """An MLP's hidden activation over dim units, as FuxiCTR builds it: PReLU with one slope per
+    unit starting at 0.1, Dice per unit. (QNN's PReLU is the released QIN's: one slope, at 0.25.)"""
     check_choice("activation", name, ("relu", "prelu", "dice"))
-    return {"relu": nn.ReLU, "prelu": nn.PReLU, "dice": lambda: Dice(dim)}[name]()
+    return {"relu": nn.ReLU, "prelu": lambda: nn.PReLU(dim, init=0.1), "dice": lambda: Dice(dim)}[name]()
 
 
 class MLP(nn.Sequential):
@@ -473,25 +476,31 @@ class CrossNetMix(nn.Module):
     """DCNv2's low-rank mixture of cross experts (DCN-Mix), per layer l and expert k:
 
     E_k(x_l) = x_0 * (U_k tanh(C_k tanh(V_k^T x_l)) + b_l),  x_{l+1} = sum_k softmax(G x_l)_k E_k(x_l) + x_l.
+
+    As FuxiCTR's CrossNetMix (which the released DCNv2 models import): one gate matrix G [K, D]
+    shared by every layer, and its initialisation: each layer's U, V and C xavier-normal over the
+    [K, D, r] and [K, r, r] tensors of all experts, G row by row as K Linear(D -> 1).
     """
 
     def __init__(self, dim, n_layers, rank=64, n_experts=4):
         super().__init__()
-        std_dr, std_rr = math.sqrt(2 / (dim + rank)), math.sqrt(1 / rank)  # xavier-normal per matrix
-        self.V = nn.Parameter(torch.randn(n_layers, n_experts, dim, rank) * std_dr)
-        self.C = nn.Parameter(torch.randn(n_layers, n_experts, rank, rank) * std_rr)
-        self.U = nn.Parameter(torch.randn(n_layers, n_experts, rank, dim) * std_dr)
+        std_uv = math.sqrt(2 / (rank * (dim + n_experts)))  # xavier-normal of a [K, D, r] tensor
+        std_c = math.sqrt(2 / (rank * (rank + n_experts)))  # of a [K, r, r] tensor
+        self.V = nn.Parameter(torch.randn(n_layers, n_experts, dim, rank) * std_uv)
+        self.C = nn.Parameter(torch.randn(n_layers, n_experts, rank, rank) * std_c)
+        self.U = nn.Parameter(torch.randn(n_layers, n_experts, rank, dim) * std_uv)
         self.bias = nn.Parameter(torch.zeros(n_layers, dim))
-        self.gates = nn.ModuleList(nn.Linear(dim, n_experts, bias=False) for _ in range(n_layers))
+        # a Parameter, not a Linear, so that init_weights leaves the Linear(D -> 1) scale alone
+        self.gate = nn.Parameter(torch.randn(n_experts, dim) * math.sqrt(2 / (dim + 1)))  # G
         self.out_dim = dim
 
     def forward(self, x0):  # [B, D] -> [B, D]
         x = x0
-        for V, C, U, b, gate in zip(self.V, self.C, self.U, self.bias, self.gates):
+        for V, C, U, b in zip(self.V, self.C, self.U, self.bias):
             h = torch.tanh(torch.einsum("bd,kdr->bkr", x, V))  # [B, K, r]
             h = torch.tanh(torch.einsum("bkr,krs->bks", h, C))
             experts = x0.unsqueeze(1) * (torch.einsum("bkr,krd->bkd", h, U) + b)  # [B, K, D]
-            x = torch.einsum("bk,bkd->bd", torch.softmax(gate(x), -1), experts) + x
+            x = torch.einsum("bk,bkd->bd", torch.softmax(F.linear(x, self.gate), -1), experts) + x
         return x
 
 
@@ -507,7 +516,8 @@ class QNN(nn.Module):
         self.linears = nn.ModuleList(nn.Linear(dim, m * dim) for _ in range(n_layers))
         self.norms = nn.ModuleList(nn.BatchNorm1d(dim) if batch_norm else nn.Identity()
                                    for _ in range(n_layers))
-        self.acts = nn.ModuleList(make_activation(activation, dim) for _ in range(n_layers))
+        # one PReLU slope per layer, as the released QNN (an MLP's PReLU has one per unit: make_activation)
+        self.acts = nn.ModuleList(nn.PReLU() if activation == "prelu" else nn.ReLU() for _ in range(n_layers))
         self.dropout = nn.Dropout(dropout)
         self.m, self.out_dim = m, dim
 
