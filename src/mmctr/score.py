@@ -1,6 +1,6 @@
 """Score a submission locally the way the leaderboard does: ROC AUC against the hidden test labels.
 
-    python src/score.py submissions/submission.zip [--config configs/blend.yaml] [--column Task2]
+    python src/score.py submissions/submission-blend.zip [--config configs/blend.yaml] [--column Task2]
 
 Only synthetic data has the hidden labels (raw_dir/oracle/test_labels.parquet); next to the
 submission's AUC it prints the oracle AUC, that of the true click probabilities on the same rows,
