@@ -140,7 +140,10 @@ WORK=$DATA_ROOT/work/$(basename "$RAW")
 if [ -z "$FOLDS" ]; then
   case "$DATA:$PRESET" in :tiny|:demo) FOLDS=3 ;; *) FOLDS=5 ;; esac
 fi
-DATA_SETS=(--set "data.raw_dir=$RAW" --set "data.work_dir=$WORK" --set "data.n_folds=$FOLDS")
+# text values go to --set quoted for YAML, so that a name like 2025 or yes stays a string
+yaml_text() { printf "'%s'" "${1//\'/\'\'}"; }
+DATA_SETS=(--set "data.raw_dir=$(yaml_text "$RAW")" --set "data.work_dir=$(yaml_text "$WORK")"
+           --set "data.n_folds=$FOLDS")
 
 # The stages run as `python src/stages.py :: STAGE ARGS :: STAGE ARGS ...`: each exactly as
 # `python src/STAGE.py ARGS`, all in one Python process (a dozen starts of Python and torch cost
@@ -165,9 +168,9 @@ done
 RUN_LIST=$(IFS=','; echo "${RUNS[*]}")
 "${STAGES[@]}" "${BEFORE_CHOICE[@]}"
 
-BLEND_SETS=("${DATA_SETS[@]}" --set "blend.runs=[${RUN_LIST}]" --set "blend.submission.name=$NAME"
-            --set "blend.submission.dir=$SUBMISSIONS" --set "blend.test_from=$TEST_FROM"
-            --set "single.run=$SINGLE")
+BLEND_SETS=("${DATA_SETS[@]}" --set "blend.runs=[${RUN_LIST}]" --set "blend.submission.name=$(yaml_text "$NAME")"
+            --set "blend.submission.dir=$(yaml_text "$SUBMISSIONS")" --set "blend.test_from=$TEST_FROM"
+            --set "single.run=$(yaml_text "$SINGLE")")
 
 # the prize-eligible submission is one network: the refit of the chosen run (with --refit every
 # model's refit is trained already); the blend is the leaderboard probe. Both write, validate and

@@ -1,7 +1,8 @@
 """python src/score.py --help: runs mmctr.score (src/mmctr/score.py)."""
-from mmctr.common import interrupt_ends_in_one_line, run_main
+from mmctr.interrupts import interrupt_ends_in_one_line
 
 if __name__ == "__main__":
-    with interrupt_ends_in_one_line():  # a Ctrl-C while torch loads: one line, as while the stage runs
+    with interrupt_ends_in_one_line():  # a Ctrl-C while numpy or torch loads: one line, as while the stage runs
+        from mmctr.common import run_main
         from mmctr.score import main
     run_main(main)

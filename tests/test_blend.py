@@ -9,6 +9,7 @@ given away by its holdout AUC while the blend fits on out-of-fold predictions on
 at the submission leaves the previous blend whole.
 """
 import errno
+import shlex
 import shutil
 import subprocess
 import sys
@@ -371,8 +372,13 @@ def test_single_submits_the_best_runs_refit_alone(workspace, tiny_processed):
     arrays, manifest = processed_data.load_processed(tiny_processed)
     work = Path(cfg["data"]["work_dir"])
     assert single.fold_oof_aucs(cfg, ["good", "fair", "noise"]).keys() == {"good", "fair", "noise"}
-    with pytest.raises(UserError, match=r"run 'good' has no finished refit .*--config \S*/runs/good/config.yaml --refit"):
+    with pytest.raises(UserError, match=r"run 'good' has no finished refit .*--config \S*/runs/good/config.yaml "
+                                        r"--set \S*data.raw_dir=\S+ --set \S*data.work_dir=\S+ --refit") as refused:
         single.run_single(cfg)
+    # the command trains with this call's data folders, whatever the run's config.yaml recorded last
+    sets = dict(word.split("=", 1) for word in shlex.split(str(refused.value).split("`")[1])[5:8:2])
+    assert {key: common.override_value(key, value) for key, value in sets.items()} == {
+        "data.raw_dir": str(cfg["data"]["raw_dir"]), "data.work_dir": str(cfg["data"]["work_dir"])}
     refit = {split: np.clip(runs["good"][split] + 0.01, 0, 1) for split in ("valid", "test")}
     write_run(work / "runs" / "good", runs["good"], arrays, manifest, refit=refit)
 

@@ -62,6 +62,23 @@ def test_a_merge_key_may_be_overridden_and_a_list_key_is_one_line(tmp_path):
                       "--set train.lr: cannot parse value")
 
 
+def test_a_set_value_is_yaml_but_a_path_is_the_path_as_typed(tmp_path):
+    """--set values are YAML scalars and flow collections; a command line holds no comments nor
+    block mappings, so a folder named with " #" or ": " is taken whole, not cut or made a mapping."""
+    values = {"1e-3": 0.001, "true": True, "null": None, "": None, "[1, 2]": [1, 2], "{column: x}": {"column": "x"},
+              "'2025'": "2025", "/tmp/d #1/work": "/tmp/d #1/work", "/tmp/k: v/raw": "/tmp/k: v/raw",
+              "#hash": "#hash", "a#b": "a#b", "- a": "- a", "'it''s #1: x'": "it's #1: x"}
+    assert {raw: common.override_value("data.work_dir", raw) for raw in values} == values
+    cfg = common.load_config(common.CONFIG_DIR / "data.yaml", ["data.work_dir=/tmp/d #1/work"])
+    assert cfg["data"]["work_dir"] == "/tmp/d #1/work"
+
+
+def test_a_config_not_in_utf8_is_one_line_naming_its_line(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(f"base: {common.CONFIG_DIR / 'qin_small.yaml'}\n# r\xe9glages\n".encode("latin-1"))
+    assert_user_error(lambda: common.load_config(path), str(path), "line 2: not UTF-8 text (byte 0xe9)")
+
+
 def test_an_empty_section_takes_the_base_values(tmp_path):
     path = tmp_path / "empty_train.yaml"
     path.write_text(f"base: {common.CONFIG_DIR / 'qin_small.yaml'}\ntrain:\n")

@@ -16,11 +16,12 @@ from mmctr.submission import validate_submission
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("qin_small", "dcnv2_tf_small", "din_tf_small")
+DATA_ROOT = "data #1: it's"  # a folder name YAML would cut at " #", read as a mapping, or end at "'"
 
 
 def run_sh(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     # called from tmp_path with relative paths: they are the caller's, not the repository's
-    cmd = ["bash", str(REPO / "run.sh"), "--preset", "tiny", "--data-root", "data", "--submissions", "sub",
+    cmd = ["bash", str(REPO / "run.sh"), "--preset", "tiny", "--data-root", DATA_ROOT, "--submissions", "sub",
            "--train-set", "train.max_epochs=2", "--models", ",".join(MODELS), *extra]
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
@@ -55,8 +56,8 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
     first = run_sh(tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
-    raw = tmp_path / "data" / "tiny"
-    work = tmp_path / "data" / "work" / "tiny"
+    raw = tmp_path / DATA_ROOT / "tiny"
+    work = tmp_path / DATA_ROOT / "work" / "tiny"
     test_ids = pd.read_parquet(raw / "test.parquet", columns=["ID"])["ID"].to_numpy()
     labels = common.read_test_labels(raw)
     zip_path = tmp_path / "sub" / "submission-blend.zip"
@@ -102,15 +103,16 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
     assert len(experiments.read_log(log)) == 5  # nothing new: no new row
 
     # --refit adds one model per config on every train row (the best one has its refit already)
-    # and blends their test predictions; the folds stay as they were
-    refit = run_sh(tmp_path, "--refit", "--name", "refit")
+    # and blends their test predictions; the folds stay as they were. A name YAML reads as a
+    # number stays the name
+    refit = run_sh(tmp_path, "--refit", "--name", "2025")
     assert refit.returncode == 0, refit.stdout[-3000:] + refit.stderr[-3000:]
     assert "fold 0 epoch" not in refit.stdout and refit.stdout.count("refit epoch   1") == 2
     runs = work / "runs"
     assert all((runs / model / "refit" / "done.json").is_file() for model in MODELS)
-    with zipfile.ZipFile(tmp_path / "sub" / "refit-blend.zip") as zf, zf.open("prediction.csv") as f:
+    with zipfile.ZipFile(tmp_path / "sub" / "2025-blend.zip") as zf, zf.open("prediction.csv") as f:
         refit_submission = pd.read_csv(f)
     assert roc_auc(labels, refit_submission["Task2"].to_numpy()) > 0.5
     assert not np.array_equal(refit_submission["Task2"], submission)
-    assert (tmp_path / "sub" / f"refit-single-{best}.zip").read_bytes() == single_zip.read_bytes()
+    assert (tmp_path / "sub" / f"2025-single-{best}.zip").read_bytes() == single_zip.read_bytes()
     assert [row["kind"] for row in experiments.read_log(log)][5:] == ["refit"] * 2 + ["blend"]

@@ -6,6 +6,9 @@ and leaves every earlier output byte for byte (and mtime for mtime) as it was.
 One real subprocess per script, on the shared `pipeline` (conftest); the bulk of the cases run
 in-process through common.UserError, in each stage's own test file.
 """
+import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from helpers import (RUN, assert_one_line_error, inf_prediction, outputs, replace_column, restored, run_script,
+from helpers import (RUN, SRC, assert_one_line_error, inf_prediction, outputs, replace_column, restored, run_script,
                      snapshot, truncate, typo_config)
 
 
@@ -68,10 +71,10 @@ def test_every_script_stops_with_one_line_and_touches_nothing(pipeline, script):
 
 
 def test_a_ctrl_c_while_a_script_imports_its_stage_is_one_line(tmp_path, monkeypatch, capsys):
-    """src/<stage>.py imports its stage under common.interrupt_ends_in_one_line: a Ctrl-C while
-    torch loads (seconds) ends like one while the stage runs, 'interrupted' and exit 130, not a
-    traceback. Any other error of an import is left as it was (a traceback, not a one-line
-    message meant for the stage's outputs)."""
+    """src/<stage>.py imports mmctr.common and its stage under interrupts.interrupt_ends_in_one_line:
+    a Ctrl-C while numpy or torch loads (seconds) ends like one while the stage runs, 'interrupted'
+    and exit 130, not a traceback. Any other error of an import is left as it was (a traceback, not
+    a one-line message meant for the stage's outputs)."""
     import ast
     import importlib
     from mmctr import common
@@ -86,8 +89,15 @@ def test_a_ctrl_c_while_a_script_imports_its_stage_is_one_line(tmp_path, monkeyp
         importlib.import_module("unreadable_on_import")
 
     for script in sorted((Path(__file__).parent.parent / "src").glob("*.py")):
-        nodes = list(ast.walk(ast.parse(script.read_text())))
+        tree = ast.parse(script.read_text())
+        nodes = list(ast.walk(tree))
         guarded = [node for node in nodes if isinstance(node, ast.With)
                    and ast.unparse(node.items[0].context_expr) == "interrupt_ends_in_one_line()"]
-        imports = [node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module != "mmctr.common"]
-        assert imports == [f"mmctr.{script.stem}"] and guarded and guarded[0].body[0].module == imports[0], script
+        outside = [node.module for node in tree.body if isinstance(node, ast.ImportFrom)]
+        inside = [node.module for node in guarded[0].body if isinstance(node, ast.ImportFrom)] if guarded else []
+        # outside the guard only mmctr.interrupts; mmctr.common (numpy, yaml) and the stage inside it
+        assert outside == ["mmctr.interrupts"] and inside == ["mmctr.common", f"mmctr.{script.stem}"], script
+    # ...and mmctr.interrupts itself loads nothing but the standard library
+    loaded = subprocess.run([sys.executable, "-c", "import sys, mmctr.interrupts; print(sorted(sys.modules))"],
+                            capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert not {"numpy", "yaml", "torch", "mmctr.common"} & set(eval(loaded.stdout)), loaded.stdout

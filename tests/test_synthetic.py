@@ -325,6 +325,22 @@ def test_make_synthetic_user_errors_write_nothing(tmp_path, args, fragments):
     assert (tmp_path / "a_file").read_text() == "keep"
 
 
+def test_a_generated_set_is_written_again_but_other_data_is_left_alone(tiny_raw, tmp_path):
+    """--out onto a folder make_synthetic wrote (its oracle/ there) writes the set again; onto the
+    competition's files without an oracle (the real data) it refuses, one line, before any work."""
+    import shutil
+    shutil.copytree(tiny_raw, tmp_path / "generated")
+    make_synthetic.generate("tiny", tmp_path / "generated", seed=0)
+    assert (tmp_path / "generated" / "train.parquet").read_bytes() == (tiny_raw / "train.parquet").read_bytes()
+    (tmp_path / "real").mkdir()
+    shutil.copy(tiny_raw / "item_feature.parquet", tmp_path / "real")
+    before = (tmp_path / "real" / "item_feature.parquet").read_bytes()
+    assert_user_error(lambda: make_synthetic.generate("tiny", tmp_path / "real", seed=1),
+                      "real", "holds item_feature.parquet but no oracle/test_labels.parquet", "left alone")
+    assert [q.name for q in (tmp_path / "real").iterdir()] == ["item_feature.parquet"]
+    assert (tmp_path / "real" / "item_feature.parquet").read_bytes() == before
+
+
 # --- the heavy process: users with ~100 rows each and a taste that a user table can learn ---------
 
 HEAVY_USERS = 40  # tiny's 4,000 train rows / 100

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import yaml
 
+from mmctr.interrupts import interrupt_ends_in_one_line
+
 REPO_ROOT = Path(__file__).resolve().parents[2]  # src/mmctr/common.py
 CONFIG_DIR = REPO_ROOT / "configs"
 
@@ -96,10 +98,14 @@ CONFIG_SECTIONS = ("data", "run", "model", "train", "blend", "single", "tune")
 def _read_yaml(path: Path) -> dict:
     require_file(path, "config file")
     try:
-        data = parse_yaml(path.read_text()) or {}
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise UserError(f"{path}: not valid YAML ({first})") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
+                        f"save the config as UTF-8") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: top level must be a mapping of sections")
     for key, value in data.items():  # a misspelt section must not silently leave its keys at the defaults
@@ -125,7 +131,7 @@ def _load_with_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def apply_override(cfg: dict, assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML (so 1e-3, true, [1,2])."""
+    """Apply one ``a.b.c=value`` override in place; the value as override_value reads it."""
     if "=" not in assignment:
         raise UserError(f"--set {assignment!r}: expected key=value")
     dotted, raw = assignment.split("=", 1)
@@ -137,12 +143,28 @@ def apply_override(cfg: dict, assignment: str) -> None:
             known = (", ".join(sorted(node)) or "none") if isinstance(node, dict) else "nothing (not a section)"
             raise UserError(f"--set {dotted}: unknown config key '{key}' under {where} (known: {known})")
         if depth == len(keys) - 1:
-            try:
-                node[key] = parse_yaml(raw) if raw.strip() else None
-            except yaml.YAMLError:
-                raise UserError(f"--set {dotted}: cannot parse value {raw!r}") from None
+            node[key] = override_value(dotted, raw)
         else:
             node = node[key]
+
+
+def override_value(dotted: str, raw: str) -> Any:
+    """A --set value: a YAML scalar (1e-3, true, null, 'quoted') or flow collection ([1, 2], {a: 1}).
+    A command line holds no YAML comments nor block mappings, so an unquoted value that YAML would
+    cut at a " #" or read as a mapping ("a: b", as in a folder name) is the text as typed: the path
+    given is the path used."""
+    if not raw.strip():
+        return None
+    written = raw.lstrip().startswith(("[", "{", "'", '"'))  # a flow collection or a quoted scalar
+    if not written and re.search(r"(^|\s)#", raw):
+        return raw
+    try:
+        value = parse_yaml(raw)
+    except yaml.YAMLError:
+        if written:
+            raise UserError(f"--set {dotted}: cannot parse value {raw!r}") from None
+        return raw
+    return raw if isinstance(value, (dict, list)) and not written else value
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> dict:
@@ -229,6 +251,8 @@ def _typed_value(annotation: Any, value: Any, where: str) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (bool, int, float)):  # YAML read 2025, 1e3 or yes as a number or boolean
+            raise _must_be(where, f"a string (quoted, as in {where.rsplit('.', 1)[-1]}: '2025')", value)
     elif origin is typing.Literal:
         for choice in args:  # the type too: true must not pass for 1, nor 1 for true
             if value == choice and type(value) is type(choice):
@@ -585,17 +609,6 @@ def seed_everything(seed: int) -> None:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-@contextlib.contextmanager
-def interrupt_ends_in_one_line() -> Iterator[None]:
-    """A Ctrl-C inside ends the program with one line, 'interrupted', and exit code 130. The
-    src/<stage>.py wrappers import their stage under it: torch takes seconds to import."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
 
 
 def run_main(main: Callable[[], Any]) -> None:

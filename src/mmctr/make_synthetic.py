@@ -473,6 +473,13 @@ def write_splits(splits: list[tuple[str, int]], staging: Path, workers: int) -> 
     return out
 
 
+# what generate writes, in the order it moves them into place: the oracle first (its test labels mark
+# a folder as generated), item_info.parquet last (its presence means the set is complete)
+ORACLE_MARK = "oracle/test_labels.parquet"
+OUTPUT_FILES = ("oracle/click_prob.parquet", ORACLE_MARK, "item_feature.parquet", "item_emb.parquet",
+                "train.parquet", "valid.parquet", "test.parquet", "item_info.parquet")
+
+
 def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str = "default") -> dict:
     """Write one synthetic dataset into ``out``; return a summary (rows, positive rate, oracle AUC).
 
@@ -491,6 +498,11 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str =
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise common.UserError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    # a generated set may be written again; data of any other origin (the real files) is never replaced
+    foreign = [name for name in OUTPUT_FILES if (out / name).exists()] if not (out / ORACLE_MARK).is_file() else []
+    if foreign:
+        raise common.UserError(f"--out {out}: holds {foreign[0]} but no {ORACLE_MARK}, so make_synthetic did not "
+                               f"write it (the real data?); it is left alone: choose another folder")
     started = time.time()
     items = make_items(p, np.random.default_rng([seed, 0]), click)
     users = make_users(p, items, np.random.default_rng([seed, 1]), click)
@@ -531,8 +543,7 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str =
                                 schema=TEST_LABEL_SCHEMA), staging / "oracle" / "test_labels.parquet")
 
         (out / "oracle").mkdir(exist_ok=True)
-        for name in ["oracle/click_prob.parquet", "oracle/test_labels.parquet", "item_feature.parquet",
-                     "item_emb.parquet", "train.parquet", "valid.parquet", "test.parquet", "item_info.parquet"]:
+        for name in OUTPUT_FILES:
             (staging / name).replace(out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

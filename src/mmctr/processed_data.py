@@ -138,13 +138,19 @@ def setting_text(value) -> str:
         return "null"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{key}: {setting_text(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, str) and common.override_value("", value) != value:  # a folder named 2025, or "null"
+        return "'" + value.replace("'", "''") + "'"
     return str(value)
+
+
+def data_set_args(data: dict, keys) -> str:
+    """The shell words `--set data.KEY=VALUE ...` that give a stage these data settings back."""
+    return " ".join(f"--set {shlex.quote(f'data.{key}={setting_text(data[key])}')}" for key in keys)
 
 
 def preprocess_command(data: dict) -> str:
     keys = ("raw_dir", "work_dir", *BUILD_SETTINGS, *(k for k in OPTIONAL_SETTINGS if data.get(k) is not None))
-    sets = " ".join(f"--set {shlex.quote(f'data.{key}={setting_text(data[key])}')}" for key in keys)
-    return f"python src/preprocess.py --config configs/data.yaml {sets}"
+    return f"python src/preprocess.py --config configs/data.yaml {data_set_args(data, keys)}"
 
 
 def load_current(cfg: dict) -> tuple[Path, dict, dict]:

@@ -16,6 +16,7 @@ folder is complete once it exists).
 from __future__ import annotations
 
 import argparse
+import shlex
 import time
 from dataclasses import dataclass, field
 
@@ -68,9 +69,12 @@ def refit_predictions(cfg: dict, name: str, arrays: dict) -> dict[str, np.ndarra
     """The refit's valid and test predictions, checked against the processed data."""
     run = runs.run_dir(cfg, name)
     if not runs.fold_done(run, runs.REFIT):
+        # the run's config.yaml holds the data folders of its last train.py: the ones here may
+        # differ (the work folder moved since), so the command names them
+        folders = processed_data.data_set_args(cfg["data"], ("raw_dir", "work_dir"))
         raise UserError(f"{run}: run '{name}' has no finished refit ({runs.REFIT}/done.json missing): train "
-                        f"it with `python src/train.py --config {run / 'config.yaml'} --refit` (the run's own "
-                        f"config, its --set values included; run.sh does)")
+                        f"it with `python src/train.py --config {shlex.quote(str(run / 'config.yaml'))} "
+                        f"{folders} --refit` (the run's own config, its --set values included; run.sh does)")
     expected = {"valid": np.arange(len(arrays["valid_label"])), "test": np.asarray(arrays["test_ID"], np.int64)}
     preds = {}
     for split, ids in expected.items():
