@@ -95,7 +95,8 @@ def test_float_takes_ints_but_not_bools_or_text():
 
 def test_str():
     assert load(name="x").name == "x"
-    assert str(error(name=3)) == "config: sec.name must be a string (quoted, as in name: '2025'), got 3"
+    assert str(error(name=3)) == ("config: sec.name must be a string, got 3 (YAML read a number or true/false: "
+                                  "quote the text, as in '2025')")
     assert str(error(name=["x"])) == "config: sec.name must be a string, got ['x']"
 
 

@@ -252,7 +252,8 @@ def _typed_value(annotation: Any, value: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, (bool, int, float)):  # YAML read 2025, 1e3 or yes as a number or boolean
-            raise _must_be(where, f"a string (quoted, as in {where.rsplit('.', 1)[-1]}: '2025')", value)
+            raise ConfigError(where, f"must be a string, got {_shown(value)} (YAML read a number or true/false: "
+                                     f"quote the text, as in '2025')")
     elif origin is typing.Literal:
         for choice in args:  # the type too: true must not pass for 1, nor 1 for true
             if value == choice and type(value) is type(choice):
