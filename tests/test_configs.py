@@ -71,6 +71,10 @@ def test_a_set_value_is_yaml_but_a_path_is_the_path_as_typed(tmp_path):
     assert {raw: common.override_value("data.work_dir", raw) for raw in values} == values
     cfg = common.load_config(common.CONFIG_DIR / "data.yaml", ["data.work_dir=/tmp/d #1/work"])
     assert cfg["data"]["work_dir"] == "/tmp/d #1/work"
+    # a command the stages print gives each folder back as it is, whatever YAML would make of it
+    from mmctr import processed_data
+    for folder in ["2025", "null", "[old] raw", "it's", "{a: 1} b", "/tmp/d #1/work"]:
+        assert common.override_value("data.raw_dir", processed_data.setting_text(folder)) == folder, folder
 
 
 def test_a_config_not_in_utf8_is_one_line_naming_its_line(tmp_path):

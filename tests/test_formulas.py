@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from torch.testing import assert_close
 
-from mmctr.models.layers import ASTA, MLP, QNN, CrossNet, CrossNetMix, Dice
+from mmctr.models.layers import ASTA, MLP, QNN, CrossNet, CrossNetMix, Dice, DINAttention
 from mmctr.models.tf4ctr import DFM, SSEM, TF4CTR
 
 B = 5  # batch rows
@@ -106,6 +106,17 @@ def test_mlp_activations_are_fuxictrs_and_qnns_the_released_qins():
     assert (dice.bn.eps, dice.bn.momentum, dice.bn.affine) == (1e-9, 0.01, False)
     qnn_slopes = [act.weight for act in QNN(6, n_layers=2, m=2).acts]
     assert [w.numel() for w in qnn_slopes] == [1, 1] and all((w == 0.25).all() for w in qnn_slopes)
+    # DIN's attention unit runs its MLP on [B * L, h] rows: a slope per unit, not per history position
+    I, n_hist = 4, 5
+    unit = randomize_(DINAttention(I, hidden=(6, 3), activation="prelu").double())
+    x_t, x_b, mask = randn(B, I), randn(B, n_hist, I, seed=2), torch.ones(B, n_hist, dtype=torch.bool)
+    w_q, w_k, w_diff, w_prod = unit.input.weight.chunk(4, dim=1)
+    h = torch.cat([x_t.unsqueeze(1).expand(-1, n_hist, -1), x_b, x_t.unsqueeze(1) - x_b, x_t.unsqueeze(1) * x_b],
+                  -1) @ unit.input.weight.T + unit.input.bias  # [B, L, 6]
+    prelu = lambda z, slope: torch.where(z > 0, z, slope * z)
+    z = prelu(h, unit.act[0].weight) @ unit.mlp[0].weight.T + unit.mlp[0].bias
+    s = (prelu(z, unit.mlp[1].weight) @ unit.score.weight.T + unit.score.bias).squeeze(-1)  # [B, L]
+    assert_close(unit(x_t, x_b, mask), torch.einsum("bl,bli->bi", s, x_b))
 
 
 # ---------------------------------------------------------------------------------------------

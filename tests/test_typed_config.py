@@ -95,8 +95,9 @@ def test_float_takes_ints_but_not_bools_or_text():
 
 def test_str():
     assert load(name="x").name == "x"
-    assert str(error(name=3)) == ("config: sec.name must be a string, got 3 (YAML read a number or true/false: "
-                                  "quote the text, as in '2025')")
+    assert str(error(name=3)) == ("config: sec.name must be a string, got 3 (YAML read a number, true/false or a "
+                                  "date: quote the text, name: '2025' in a file, \"sec.name='2025'\" after --set)")
+    assert "quote the text" in str(error(name=common.parse_yaml("2025-01-01")))
     assert str(error(name=["x"])) == "config: sec.name must be a string, got ['x']"
 
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import errno
 import glob
 import hashlib
@@ -251,9 +252,10 @@ def _typed_value(annotation: Any, value: Any, where: str) -> Any:
     elif annotation is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (bool, int, float)):  # YAML read 2025, 1e3 or yes as a number or boolean
-            raise ConfigError(where, f"must be a string, got {_shown(value)} (YAML read a number or true/false: "
-                                     f"quote the text, as in '2025')")
+        if isinstance(value, (bool, int, float, datetime.date)):  # YAML read 2025, yes or 2025-01-01
+            key = where.rsplit(".", 1)[-1]
+            raise ConfigError(where, f"must be a string, got {_shown(value)} (YAML read a number, true/false or "
+                                     f"a date: quote the text, {key}: '2025' in a file, \"{where}='2025'\" after --set)")
     elif origin is typing.Literal:
         for choice in args:  # the type too: true must not pass for 1, nor 1 for true
             if value == choice and type(value) is type(choice):

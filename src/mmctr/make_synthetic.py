@@ -476,7 +476,7 @@ def write_splits(splits: list[tuple[str, int]], staging: Path, workers: int) -> 
 # what generate writes, in the order it moves them into place: the oracle first (its test labels mark
 # a folder as generated), item_info.parquet last (its presence means the set is complete)
 ORACLE_MARK = "oracle/test_labels.parquet"
-OUTPUT_FILES = ("oracle/click_prob.parquet", ORACLE_MARK, "item_feature.parquet", "item_emb.parquet",
+OUTPUT_FILES = (ORACLE_MARK, "oracle/click_prob.parquet", "item_feature.parquet", "item_emb.parquet",
                 "train.parquet", "valid.parquet", "test.parquet", "item_info.parquet")
 
 

@@ -138,9 +138,16 @@ def setting_text(value) -> str:
         return "null"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{key}: {setting_text(item)}" for key, item in value.items()) + "}"
-    if isinstance(value, str) and common.override_value("", value) != value:  # a folder named 2025, or "null"
+    if isinstance(value, str) and not reads_back(value):  # a folder named 2025, null or '[old] raw'
         return "'" + value.replace("'", "''") + "'"
     return str(value)
+
+
+def reads_back(text: str) -> bool:
+    try:
+        return common.override_value("", text) == text
+    except common.UserError:
+        return False
 
 
 def data_set_args(data: dict, keys) -> str:

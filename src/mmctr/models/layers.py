@@ -328,7 +328,8 @@ class DINAttention(nn.Module):
         w_q, w_k, w_diff, w_prod = self.input.weight.chunk(4, dim=1)  # [h, I] each
         h = (F.linear(x_t, w_q + w_diff, self.input.bias).unsqueeze(1) + F.linear(x_b, w_k - w_diff)
              + F.linear(x_t.unsqueeze(1) * x_b, w_prod))  # [B, L, h]
-        s = self.score(self.mlp(self.act(h))).squeeze(-1)  # [B, L]
+        # the unit's MLP on [B * L, h] rows, as FuxiCTR's: a per-unit PReLU or Dice acts on the units
+        s = self.score(self.mlp(self.act(h.flatten(0, 1)))).view(mask.shape)  # [B, L]
         a = masked_softmax(s, mask) if self.softmax else s * mask
         return torch.einsum("bl,bli->bi", a, x_b)
 
