@@ -7,9 +7,10 @@ valid.parquet, test.parquet), checks that they come from the same processed data
 row, and fits each method of src/mmctr/blend_methods.py (rank_mean, logit_mean, auc_weights,
 logistic, lightgbm) on the out-of-fold (OOF) predictions only.
 
-A cross-fitted method predicts each fold's rows with a model that never saw that fold, so its OOF
-AUC is an honest estimate (auc_weights fits its few weights in sample). The best single run competes
-as a candidate too, so the blend chosen by OOF AUC (select: auto) never scores below it out of fold.
+Every method that fits anything (auc_weights, logistic, lightgbm) is cross-fitted: it predicts each
+fold's rows with weights or a model that never saw that fold, so its OOF AUC is an honest estimate;
+rank_mean and logit_mean fit nothing. The best single run competes as a candidate too, and a blend
+is chosen by OOF AUC (select: auto) only when it beats that run out of fold.
 The official valid holdout is scored for every candidate and used for nothing else: it shows
 whether the OOF choice carries over. A run's valid and test predictions average its fold models, so
 they are a little smoother than its OOF ones; the holdout column is where that would show.

@@ -8,7 +8,7 @@ section of the config, or None for a method without settings.
 * rank_mean    mean of the runs' normalised ranks (a run's OOF predictions define its rank scale)
 * logit_mean   mean of the runs' logits
 * auc_weights  non-negative weights on the logits that maximise the exact OOF AUC (Nelder-Mead from
-               every one-hot start and from equal weights; the best result is kept)
+               every one-hot start and from equal weights; the best result is kept), cross-fitted
 * logistic     logistic regression on the logits, cross-fitted over the training folds
 * lightgbm     LightGBM on the logits plus history length and likes/views levels, cross-fitted
 
@@ -138,10 +138,12 @@ def weights_from(theta: np.ndarray) -> np.ndarray:
     return magnitude / total if total > 0 else np.full(len(theta), 1.0 / len(theta))
 
 
-def auc_weights(data: BlendData, params: AucWeightsConfig) -> tuple[Predictions, dict]:
-    rows = stratified_sample(data.oof_label, params.max_rows, params.seed)
-    logits, labels = data.logits["oof"][rows], data.oof_label[rows]
-    n_runs = len(data.runs)
+def fit_auc_weights(logits: np.ndarray, labels: np.ndarray, params: AucWeightsConfig) -> np.ndarray:
+    """Non-negative weights [R] summing to 1 on the logits [N, R] that maximise the AUC on (a
+    stratified sample of at most params.max_rows of) these rows."""
+    rows = stratified_sample(labels, params.max_rows, params.seed)
+    logits, labels = logits[rows], labels[rows]
+    n_runs = logits.shape[1]
 
     def negative_auc(theta: np.ndarray) -> float:
         return -roc_auc(labels, logits @ weights_from(theta))
@@ -150,16 +152,27 @@ def auc_weights(data: BlendData, params: AucWeightsConfig) -> tuple[Predictions,
     # (it can only improve on that run) and one from equal weights, since the surface has plateaus
     starts = [np.eye(n_runs)[r] for r in range(n_runs)] + [np.full(n_runs, 1.0 / n_runs)]
     best = None
-    for start in tqdm(starts, desc="auc_weights starts", leave=False, disable=n_runs < 2):
+    for start in starts:
         simplex = np.vstack([start] + [start + SIMPLEX_STEP * np.eye(n_runs)[j] for j in range(n_runs)])
         result = minimize(negative_auc, start, method="Nelder-Mead",
                           options={"initial_simplex": simplex, "maxfev": params.max_evals,
                                    "xatol": 1e-3, "fatol": 1e-6})
         if best is None or result.fun < best.fun:
             best = result
-    weights = weights_from(best.x)
-    preds = {split: expit(split_logits @ weights) for split, split_logits in data.logits.items()}
-    return preds, {"fitted": f"in sample on {len(rows):,} OOF rows ({n_runs - 1} free weights)",
+    return weights_from(best.x)
+
+
+def auc_weights(data: BlendData, params: AucWeightsConfig) -> tuple[Predictions, dict]:
+    logits, labels = data.logits, data.oof_label
+    # cross-fitted like the stackers: weights fitted in sample always score at least the best run
+    # on those rows, so their OOF AUC would win the selection on optimism alone
+    oof = np.empty(len(labels))
+    for fit_rows, held_rows in fold_splits(data, "auc_weights folds"):
+        oof[held_rows] = logits["oof"][held_rows] @ fit_auc_weights(logits["oof"][fit_rows], labels[fit_rows], params)
+    weights = fit_auc_weights(logits["oof"], labels, params)
+    preds = {"oof": expit(oof), **{split: expit(logits[split] @ weights) for split in ("valid", "test")}}
+    return preds, {"fitted": f"cross-fitted over the training folds; valid/test from weights fitted on all OOF "
+                             f"rows (at most {params.max_rows:,} sampled, {len(data.runs) - 1} free weights)",
                    "weights": {run: float(w) for run, w in zip(data.runs, weights)}}
 
 
