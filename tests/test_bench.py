@@ -221,6 +221,45 @@ def test_gpu_idle_time_is_the_gaps_between_busy_stretches():
     assert (busy, idle) == (12 + 5 + 1, 8 + 5)
 
 
+def test_a_failed_profile_costs_no_measurement(tiny_cfg, tiny_processed, tmp_path, monkeypatch, capsys):
+    """A profiler that fails (a CUDA profiler of another torch, a capture gone wrong) is logged: the
+    config's train and predict lines, measured before it, are emitted all the same, and the next
+    config is measured and profiled."""
+    calls = []
+    real = bench.profile_training
+
+    def first_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise AttributeError("'FunctionEvent' object has no attribute 'activity_type'")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bench, "profile_training", first_fails)
+    path = tmp_path / "profile.json"
+    lines = bench_records("--config", "configs/qin_small.yaml@1", "--config", "configs/dcnv2_tf_small.yaml@1",
+                          *tiny_data_args(tiny_cfg), "--device", "cpu", "--set", "train.batch_size=256",
+                          "--set", "train.eval_batch_size=600", "--warmup", "0", "--profile", str(path),
+                          "--profile-steps", "1")
+    assert [(line["measure"], line["run"]) for line in lines] == [
+        ("train", "qin_small"), ("predict", "qin_small"), ("train", "dcnv2_tf_small"), ("predict", "dcnv2_tf_small")]
+    assert [c["config"] for c in json.loads(path.read_text())["configs"]] == ["configs/dcnv2_tf_small.yaml"]
+    logged = capsys.readouterr()
+    assert "the profile of qin_small failed, its measurements stand: AttributeError" in logged.out + logged.err
+
+
+def test_device_events_are_told_apart_with_or_without_activity_type():
+    """torch 2.13's events name their activity; torch 2.11's (the GPU image's) only carry the device:
+    there names tell memcpy and memset, and a user annotation is no kernel."""
+    from types import SimpleNamespace
+    cuda, cpu = "CUDA", "CPU"
+    event = lambda name, device=cuda, **more: SimpleNamespace(name=name, device_type=device, **more)
+    old_torch = [event("void gemm_kernel<...>"), event("Memcpy HtoD (Pageable -> Device)"), event("Memset (Device)"),
+                 event("## train step ##", is_user_annotation=True), event("aten::mm", cpu)]
+    assert [bench.device_activity(e, cuda) for e in old_torch] == ["kernel", "gpu_memcpy", "gpu_memset", None, None]
+    new_torch = [event("k", activity_type="kernel"), event("m", activity_type="gpu_memcpy"),
+                 event("u", activity_type="gpu_user_annotation"), event("aten::mm", cpu, activity_type="cpu_op")]
+    assert [bench.device_activity(e, cuda) for e in new_torch] == ["kernel", "gpu_memcpy", None, None]
+
+
 def test_profile_summary_of_cuda_events():
     """The CUDA branch (no GPU here): kernels per step, memcpy apart, the GPU's busy and idle time
     per step, the top kernels by GPU time, the launch calls on the CPU side."""

@@ -357,14 +357,18 @@ def measure_model(cfg: dict, data: dict, tables: dict, device: torch.device, ste
                       "peak_memory_bytes": peak_memory_bytes(device), "load_1m": load_at_start}
     profile = None
     if profile_steps:  # last: the profiler's own memory and overhead touch no figure above
-        profile = {"run": common_fields["run"], "model": common_fields["model"], "device": device.type,
-                   "dtype": common_fields["dtype"], "batch_size": batch_size,
-                   "unprofiled_step_ms": 1000 * seconds_per_step(train_record),
-                   **profile_training(model, loss_fn, optimizer, columns, train_rows(profile_steps), generator,
-                                      settings, autocast, device, profile_steps),
-                   "cuda_graphs": cuda_graphs_field(settings, device, optimizer),
-                   "traffic": eager_traffic(model, loss_fn, optimizer, columns, train_rows(1), settings, device,
-                                            train_flops_per_row)}
+        try:
+            profile = {"run": common_fields["run"], "model": common_fields["model"], "device": device.type,
+                       "dtype": common_fields["dtype"], "batch_size": batch_size,
+                       "unprofiled_step_ms": 1000 * seconds_per_step(train_record),
+                       **profile_training(model, loss_fn, optimizer, columns, train_rows(profile_steps), generator,
+                                          settings, autocast, device, profile_steps),
+                       "cuda_graphs": cuda_graphs_field(settings, device, optimizer),
+                       "traffic": eager_traffic(model, loss_fn, optimizer, columns, train_rows(1), settings, device,
+                                                train_flops_per_row)}
+        except Exception as exc:  # noqa: BLE001 - a profiler's failure must not cost the measurements above
+            common.log(f"bench: the profile of {common_fields['run']} failed, its measurements stand: "
+                       f"{type(exc).__name__}: {common.first_line(exc)}")
     return train_record, predict_record, profile
 
 
@@ -409,11 +413,22 @@ def profile_events(events) -> dict:
         if e.device_type == DeviceType.CPU:
             cpu.append({"name": e.name, "self_us": e.self_cpu_time_total, "aten": e.name.startswith("aten::"),
                         "leaf": not any(c.name.startswith("aten::") for c in e.cpu_children)})
-        elif getattr(e, "activity_type", None) in DEVICE_ACTIVITIES or (
-                getattr(e, "activity_type", None) is None and e.device_type == DeviceType.CUDA):
-            gpu.append({"name": e.name, "kind": e.activity_type or "kernel",
-                        "start_us": e.time_range.start, "end_us": e.time_range.end})
+        elif (kind := device_activity(e, DeviceType.CUDA)) is not None:
+            gpu.append({"name": e.name, "kind": kind, "start_us": e.time_range.start, "end_us": e.time_range.end})
     return {"cpu": cpu, "gpu": gpu}
+
+
+def device_activity(event, cuda) -> str | None:
+    """What a profiler event occupied a GPU stream with (one of DEVICE_ACTIVITIES), or None. Newer
+    torch names it (FunctionEvent.activity_type); torch 2.11, the GPU image's, has no such field and
+    only marks the device: there a CUDA event that is not a user annotation (a record_function range
+    on the GPU timeline, which would cover the idle gaps) is a memcpy or memset by its name, else a
+    kernel."""
+    kind = getattr(event, "activity_type", None)
+    if kind is None and event.device_type == cuda and not getattr(event, "is_user_annotation", False):
+        kind = ("gpu_memcpy" if event.name.startswith("Memcpy") else
+                "gpu_memset" if event.name.startswith("Memset") else "kernel")
+    return kind if kind in DEVICE_ACTIVITIES else None
 
 
 def idle_between(intervals: list[tuple[float, float]]) -> tuple[float, float]:
