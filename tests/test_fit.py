@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import subprocess
+import types
 import sys
 import zipfile
 
@@ -491,6 +492,47 @@ def test_graphed_steps_warm_up_capture_replay_and_fall_back():
     assert [int(r) for r in results] == [int(b.sum()) for b in batches[:5]]
     assert runner.status() == {"mode": "rehearse", "graphs": [], "replays": 0, "eager_steps": 5,
                                "failed": "RuntimeError: CUDA error: operation not permitted when stream is capturing"}
+
+
+def test_a_failed_cuda_capture_gives_the_stream_back_and_ends_the_generators_capture(monkeypatch):
+    """_CudaGraphs.capture on a step that cannot be captured (torch.cuda stood in for, as a CPU has
+    none): the error reaches GraphedSteps (which goes on eagerly), the caller's stream is current
+    again, and one trivial capture has run to clear the CUDA generator's capture mark."""
+    events = []
+
+    class Graph:
+        def replay(self):
+            events.append(("replay",))
+
+    class Capture:  # torch.cuda.graph: capture_begin on enter, capture_end on exit
+        def __init__(self, graph, pool=None):
+            self.pool = pool
+
+        def __enter__(self):
+            events.append(("begin", self.pool))
+
+        def __exit__(self, kind, *rest):
+            events.append(("end", kind.__name__ if kind else None))
+            if kind is not None:  # as torch: the failed capture's end raises, its stream stays current
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    caller_stream = types.SimpleNamespace(device=torch.device("cpu"))
+    cuda = types.SimpleNamespace(Stream=lambda device: types.SimpleNamespace(device=device), CUDAGraph=Graph,
+                                 graph_pool_handle=lambda: "pool", graph=Capture,
+                                 current_stream=lambda device: caller_stream,
+                                 set_stream=lambda stream: events.append(("set_stream", stream)))
+    monkeypatch.setattr(fit.torch, "cuda", cuda)
+    graphs = fit._CudaGraphs(torch.device("cpu"))
+
+    def syncs_with_the_host():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    with pytest.raises(RuntimeError, match="previous error during capture"):
+        graphs.capture(syncs_with_the_host)
+    assert events == [("begin", "pool"), ("end", "RuntimeError"), ("set_stream", caller_stream),
+                      ("begin", None), ("end", None)]
+    events.clear()
+    replay = graphs.capture(lambda: "loss")  # a capture that works: no recovery, its output at each replay
+    assert replay() == "loss" and events == [("begin", "pool"), ("end", None), ("replay",)]
 
 
 def test_foreach_l2_adds_the_same_gradient_bit_for_bit():

@@ -360,13 +360,29 @@ class _CudaGraphs:
 
     def capture(self, fn: Callable) -> Callable:
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = fn()  # recorded, not run
+        current = torch.cuda.current_stream(self.stream.device)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn()  # recorded, not run
+        except Exception:
+            self.recover(current)
+            raise
 
         def replay():
             graph.replay()
             return out
         return replay
+
+    @staticmethod
+    def recover(current: "torch.cuda.Stream") -> None:
+        """After a failed capture torch leaves its capture stream current and the CUDA generator
+        marked as capturing (the next eager dropout would fail): the caller's stream back, then one
+        trivial capture, whose end clears the generator's mark. Best effort: what still fails shows
+        in the eager steps that follow."""
+        torch.cuda.set_stream(current)
+        with contextlib.suppress(Exception):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                torch.zeros(1, device=current.device).add_(1)
 
 
 class _Rehearsal:
