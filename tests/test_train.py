@@ -523,6 +523,23 @@ def test_refit_trains_one_model_on_every_row_beside_the_folds(tiny_cfg, processe
     assert [(p / "refit" / "done.json").is_file() for p in run_dir.parent.glob("refit.old-*")] == [True]
 
 
+def test_a_refit_from_folds_replays_their_median_learning_rates(tmp_path):
+    """Folds whose best epochs are 3, 5 and 2 and whose learning rates halved after epochs without
+    improvement: the refit trains 3 epochs, each at the median of the folds' rates for that epoch
+    (a fold that stopped early counts for the epochs it ran)."""
+    histories = {0: [2e-3, 2e-3, 1e-3, 5e-4, 2.5e-4], 1: [2e-3, 1e-3, 1e-3, 1e-3, 5e-4, 2.5e-4],
+                 2: [2e-3, 2e-3]}
+    for fold, best in zip(histories, (3, 5, 2)):
+        common.write_json(runs.fold_dir(tmp_path, fold) / "done.json", {"best_epoch": best, "fold": fold})
+        runs.write_history(tmp_path, fold, [{"epoch": e, "lr": lr} for e, lr in enumerate(histories[fold], 1)])
+    assert all(runs.fold_done(tmp_path, k) for k in histories)
+    assert train.refit_lrs_from_folds(tmp_path, 3) == [2e-3, 2e-3, 1e-3]
+    # a fold that stopped after its first epoch: epochs 2 and 3 are the other two folds' medians
+    common.write_json(runs.fold_dir(tmp_path, 2) / "done.json", {"best_epoch": 1, "fold": 2})
+    runs.write_history(tmp_path, 2, [{"epoch": 1, "lr": 2e-3}])
+    assert train.refit_lrs_from_folds(tmp_path, 3) == [2e-3, 1.5e-3, 1e-3]
+
+
 def test_refit_of_the_folds_median_best_epoch(tiny_cfg, monkeypatch):
     cfg = make_cfg(tiny_cfg, FASTEST, "refit_folds", "train.refit_epochs=folds", "train.max_epochs=3",
                    "train.patience=3")
@@ -533,6 +550,7 @@ def test_refit_of_the_folds_median_best_epoch(tiny_cfg, monkeypatch):
     train.run_training(cfg, device="cpu", refit=True)
     done = common.read_json(run_dir / "refit" / "done.json")
     assert done["epochs"] == done["best_epoch"] == int(np.floor(np.mean(best) + 0.5))
+    assert [r["lr"] for r in runs.read_history(run_dir, "refit")] == train.refit_lrs_from_folds(run_dir, 2)
     assert "valid_auc" in done and "median best epoch" in done["early_stopping"]
     assert done["refit_epochs"] == "folds"
     folds = {p: p.stat().st_mtime_ns for k in (0, 1) for p in (run_dir / f"fold{k}").iterdir()}

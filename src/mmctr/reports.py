@@ -6,7 +6,9 @@ from __future__ import annotations
 EARLY_STOPPING_NOTE = {
     "valid": "on the valid split's AUC (as QIN was released), which chose each fold's epoch, so the "
              "holdout AUC flatters a little; the OOF AUC is untouched",
-    "holdout": "on each fold's held-out train rows, so the valid holdout AUC is an untouched check",
+    "holdout": "on each fold's held-out train rows, which chose each fold's epoch and its learning-rate "
+               "decays, so the OOF AUC flatters (a blend, single.py and tune rank runs by it: compare runs "
+               "with the same early_stopping); the valid holdout AUC is an untouched check",
 }
 
 

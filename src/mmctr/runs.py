@@ -276,6 +276,11 @@ def write_history(run: Path, fold: int | str, history: list[dict]) -> None:
     common.write_json(fold_dir(run, fold) / "history.json", history)
 
 
+def read_history(run: Path, fold: int | str) -> list[dict]:
+    """A fold's epochs as fit recorded them (epoch, train_loss, the AUCs, lr, seconds)."""
+    return common.read_json(fold_dir(run, fold) / "history.json")
+
+
 def write_fold(run: Path, fold: int | str, state: dict, preds: dict[str, tuple[np.ndarray, np.ndarray]],
                metrics: dict) -> None:
     """A finished fold: its checkpoint, its predictions (split -> (ids, probabilities)), done.json last."""

@@ -249,12 +249,13 @@ class Progress:
 
 def train_fold(fold: int | str, cfg: dict, train_cfg: TrainConfig, data: dict, tables: dict, fold_of_row: np.ndarray,
                test_ids: np.ndarray, device: torch.device, run_dir: Path,
-               refit_epochs: int | None = None, epoch_hook: EpochHook | None = None) -> dict | None:
+               refit_lrs: list[float] | None = None, epoch_hook: EpochHook | None = None) -> dict | None:
     """Train fold ``fold`` from scratch and write its files; returns its metrics (done.json), or
     None on the ranks > 0 of torchrun, which train with rank 0 and leave the files to it.
 
     fold runs.REFIT is the refit: every train row, seed train.seed + K (no fold's), early stopping on
-    the valid split, or exactly ``refit_epochs`` epochs (the last one kept) when given.
+    the valid split, or, when ``refit_lrs`` is given, one epoch at each of its learning rates (the
+    last epoch kept): the folds' schedule (refit_lrs_from_folds).
     """
     fold_start = time.time()
     refit = fold == runs.REFIT
@@ -272,9 +273,10 @@ def train_fold(fold: int | str, cfg: dict, train_cfg: TrainConfig, data: dict, t
     settings = train_cfg.fit_settings(seed)
     # "fold" scores the held-out train rows, "valid" the official valid split
     if refit:
-        eval_sets, monitor = ({}, None) if refit_epochs else ({"valid": ("valid", valid_rows)}, "valid")
-        settings = replace(settings, max_epochs=refit_epochs or settings.max_epochs)
-        stopping = f"{refit_epochs} epochs, as the folds' median best epoch" if refit_epochs else "valid"
+        eval_sets, monitor = ({}, None) if refit_lrs else ({"valid": ("valid", valid_rows)}, "valid")
+        settings = replace(settings, max_epochs=len(refit_lrs) if refit_lrs else settings.max_epochs)
+        stopping = (f"{len(refit_lrs)} epochs, as the folds' median best epoch, at their learning rates"
+                    if refit_lrs else "valid")
     else:
         eval_sets = {"fold": ("train", torch.from_numpy(holdout_host).to(device)), "valid": ("valid", valid_rows)}
         monitor = {"valid": "valid", "holdout": "fold"}[train_cfg.early_stopping]
@@ -302,7 +304,7 @@ def train_fold(fold: int | str, cfg: dict, train_cfg: TrainConfig, data: dict, t
     progress = Progress(name)
     try:
         result = fit(model, data, train_rows, eval_sets, settings, monitor=monitor, on_epoch=on_epoch,
-                     progress=progress)
+                     progress=progress, lr_by_epoch=refit_lrs if refit else None)
     except FloatingPointError as exc:
         raise UserError(f"{name}: {exc}") from None
     finally:
@@ -352,14 +354,18 @@ def warn_of_other_numerics(run_dir: Path, done: list, device: torch.device) -> N
                        f"uninterrupted run's in the last bits (docs/REPRODUCTION.md)")
 
 
-def refit_epochs_from_folds(run_dir: Path, n_folds: int) -> int:
-    """The median best epoch of the finished folds (rounded half up): how long a refit trains when
-    train.refit_epochs is 'folds'."""
+def refit_lrs_from_folds(run_dir: Path, n_folds: int) -> list[float]:
+    """How a refit trains when train.refit_epochs is 'folds': the median best epoch of the finished
+    folds (rounded half up) epochs, each at the median learning rate the folds trained that epoch
+    at (their decays on a plateau included: a refit without an eval set has no plateau to decay on).
+    At least half the folds ran each of these epochs, as each ran past its best one."""
     missing = [k for k in range(n_folds) if not runs.fold_done(run_dir, k)]
     if missing:
         raise UserError(f"{run_dir}: train.refit_epochs is folds, but folds {missing} are not done: "
                         f"train them first (src/train.py without --refit)")
-    return int(np.floor(np.median([runs.fold_metrics(run_dir, k)["best_epoch"] for k in range(n_folds)]) + 0.5))
+    epochs = int(np.floor(np.median([runs.fold_metrics(run_dir, k)["best_epoch"] for k in range(n_folds)]) + 0.5))
+    lrs = [{r["epoch"]: r["lr"] for r in runs.read_history(run_dir, k)} for k in range(n_folds)]
+    return [float(np.median([fold[e] for fold in lrs if e in fold])) for e in range(1, epochs + 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,7 +373,7 @@ def refit_epochs_from_folds(run_dir: Path, n_folds: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def train_claimed_folds(todo: list, cfg: dict, train_cfg: TrainConfig, arrays: dict, manifest: dict, device: torch.device,
-                        run_dir: Path, refit_epochs: int | None, epoch_hook: EpochHook | None = None) -> None:
+                        run_dir: Path, refit_lrs: list[float] | None, epoch_hook: EpochHook | None = None) -> None:
     """A worker's loop: train every fold of ``todo`` that it can claim (runs.claim_fold), in order.
     Under torchrun the ranks are one worker: rank 0 claims for them all."""
     data = load_to_device(arrays, device)
@@ -384,14 +390,14 @@ def train_claimed_folds(todo: list, cfg: dict, train_cfg: TrainConfig, arrays: d
         try:
             if main:
                 runs.clear_fold(run_dir, k)
-            train_fold(k, cfg, train_cfg, data, tables, fold_of_row, test_ids, device, run_dir, refit_epochs, epoch_hook)
+            train_fold(k, cfg, train_cfg, data, tables, fold_of_row, test_ids, device, run_dir, refit_lrs, epoch_hook)
         finally:
             if main:
                 runs.release_claim(run_dir, k)  # done or failed: the fold is free again
 
 
 def fold_worker(cfg: dict, train_cfg: TrainConfig, processed: Path, device: str, run_dir: Path, todo: list,
-                refit_epochs: int | None, threads: int) -> None:
+                refit_lrs: list[float] | None, threads: int) -> None:
     """The body of a worker process (train_on_devices): its own copy of the data on ``device``. It
     holds the run folder as its parent does (runs.hold), so that while it lives no run of another
     config can take the folder over."""
@@ -401,12 +407,12 @@ def fold_worker(cfg: dict, train_cfg: TrainConfig, processed: Path, device: str,
 
     def train_held_folds():
         with runs.hold(run_dir, fingerprint_of(cfg, manifest)):
-            train_claimed_folds(todo, cfg, train_cfg, arrays, manifest, torch.device(device), run_dir, refit_epochs)
+            train_claimed_folds(todo, cfg, train_cfg, arrays, manifest, torch.device(device), run_dir, refit_lrs)
     common.run_main(train_held_folds)
 
 
 def train_on_devices(todo: list, cfg: dict, train_cfg: TrainConfig, processed: Path, devices: list[torch.device], run_dir: Path,
-                     refit_epochs: int | None) -> None:
+                     refit_lrs: list[float] | None) -> None:
     """Train the folds of ``todo`` with one worker process per device (at most one per fold), each
     claiming the next unclaimed fold until none is left; returns once every worker has ended. A
     worker that dies leaves its fold unfinished (its claim names a dead process): the next run
@@ -414,7 +420,7 @@ def train_on_devices(todo: list, cfg: dict, train_cfg: TrainConfig, processed: P
     used = devices[:len(todo)]
     common.log(f"training folds {todo} with {len(used)} workers on {', '.join(map(str, used))}")
     failed = run_worker_processes(fold_worker, {
-        f"fold worker {i} ({device})": (cfg, train_cfg, processed, str(device), run_dir, todo, refit_epochs,
+        f"fold worker {i} ({device})": (cfg, train_cfg, processed, str(device), run_dir, todo, refit_lrs,
                                         torch.get_num_threads())
         for i, device in enumerate(used)})
     if failed:
@@ -499,7 +505,7 @@ def train_in_run_folder(cfg: dict, train_cfg: TrainConfig, arrays: dict, manifes
     """run_training's part inside the run folder, which this process holds (runs.hold)."""
     n_folds = int(manifest["n_folds"])
     main = rank_and_world()[0] == 0
-    todo, refit_epochs = [], None
+    todo, refit_lrs = [], None
     if main:
         legacy = legacy_fingerprints(cfg, manifest)
         if refit and train_cfg.refit_epochs == "folds":  # before the folder is touched: it may fail
@@ -508,7 +514,7 @@ def train_in_run_folder(cfg: dict, train_cfg: TrainConfig, arrays: dict, manifes
                                 f"another config or other data, or its fingerprint.json is unreadable: train "
                                 f"this config's folds first (src/train.py without --refit, which moves the old "
                                 f"ones aside), or refit with --set train.refit_epochs=valid")
-            refit_epochs = refit_epochs_from_folds(run_dir, n_folds)
+            refit_lrs = refit_lrs_from_folds(run_dir, n_folds)
         runs.prepare(run_dir, fingerprint, cfg, legacy)
         runs.remove_stale_claims(run_dir)
         if refit:
@@ -522,13 +528,13 @@ def train_in_run_folder(cfg: dict, train_cfg: TrainConfig, arrays: dict, manifes
                                    torch_devices[0])
         if todo and not refit:
             runs.remove_aggregates(run_dir)  # they would describe folds about to change
-    todo, refit_epochs = from_rank0([todo, refit_epochs])
+    todo, refit_lrs = from_rank0([todo, refit_lrs])
     if len(todo) > 1 and len(torch_devices) > 1:
         if epoch_hook is not None:
             raise UserError("an epoch hook needs the folds trained in this process: give one device")
-        train_on_devices(todo, cfg, train_cfg, processed, torch_devices, run_dir, refit_epochs)
+        train_on_devices(todo, cfg, train_cfg, processed, torch_devices, run_dir, refit_lrs)
     elif todo:
-        train_claimed_folds(todo, cfg, train_cfg, arrays, manifest, torch_devices[0], run_dir, refit_epochs,
+        train_claimed_folds(todo, cfg, train_cfg, arrays, manifest, torch_devices[0], run_dir, refit_lrs,
                             epoch_hook)
     if not main:
         return run_dir

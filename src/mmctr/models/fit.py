@@ -583,12 +583,14 @@ def from_rank0(values: list) -> list:
 def fit(model: nn.Module, data: dict, train_rows: torch.Tensor, eval_sets: dict,
         settings: FitSettings = FitSettings(), monitor: Optional[str] = None,
         on_epoch: Optional[Callable] = None, progress: Optional[Callable] = None,
-        train_split: str = "train") -> FitResult:
+        train_split: str = "train", lr_by_epoch: Optional[list] = None) -> FitResult:
     """Train ``model`` on ``data[train_split]`` rows ``train_rows``; return the best epoch's model.
 
     eval_sets: name -> (split, rows), scored after every epoch (AUC and log loss). ``monitor``
     names the set whose AUC decides improvement, learning-rate decay and early stopping (default:
     the first); with no eval set every epoch up to max_epochs runs and the last one is kept.
+    lr_by_epoch: the learning rate of each epoch (at least max_epochs of them) in place of the
+    decay on a plateau (a refit replaying its folds' schedule).
     on_epoch(record) gets each epoch's history record; progress(epoch, rows_done, rows_total,
     mean_loss) reports inside an epoch (both on rank 0 only). Non-finite predictions raise
     FloatingPointError.
@@ -612,6 +614,9 @@ def fit(model: nn.Module, data: dict, train_rows: torch.Tensor, eval_sets: dict,
     result = FitResult(model=model, best_epoch=0)
     for epoch in range(1, settings.max_epochs + 1):
         epoch_start = time.time()
+        if lr_by_epoch is not None:  # a given schedule (a refit replaying its folds') instead of the decay
+            lr = lr_by_epoch[epoch - 1]
+            set_lr(optimizer, lr)
         report = None if progress is None or rank > 0 else functools.partial(progress, epoch)
         train_loss, seconds = train_one_epoch(model, loss_fn, optimizer, columns, train_rows, generator,
                                               settings, autocast, report)
