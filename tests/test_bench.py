@@ -279,6 +279,11 @@ def test_profile_summary_of_cuda_events():
         ("gemm", 2, 0.06), ("Memcpy HtoD", 1, 0.01), ("elementwise", 1, 0.005)]
     assert got["top"][0]["pct_of_step"] == pytest.approx(100 * 0.03 / 0.1)
     assert got["top_cpu_ops"][0]["name"] == "aten::mm"
+    # a profile in which CUPTI saw no GPU activity says so, not "0 launches, 0 ms idle"
+    blind = bench.profile_summary({"cpu": cpu, "gpu": []}, steps=2, wall_s=0.0002, device_type="cuda")
+    assert blind["launches_what"] == bench.NO_GPU_EVENTS and blind["top"] == []
+    assert blind["launches_per_step"] is blind["gpu_idle_ms_per_step"] is blind["gpu_busy_ms_per_step"] is None
+    assert blind["launch_calls_per_step"] == 1.5
 
 
 def test_cuda_graphs_variant_on_a_cpu_runs_the_plain_loop_or_its_rehearsal(tiny_cfg, tiny_processed):

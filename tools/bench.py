@@ -387,6 +387,7 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLa
 CPU_LAUNCHES_WHAT = ("cpu: leaf aten ops per step (aten ops with no aten op inside them), the analogue of "
                      "kernel launches; a CPU launches no kernels")
 CUDA_LAUNCHES_WHAT = "cuda: kernels run on the GPU per step (memcpy and memset not counted)"
+NO_GPU_EVENTS = "cuda: no GPU activity recorded by the profiler (CUPTI): launches and idle time unknown"
 
 
 def profile_training(model, loss_fn, optimizer, columns, rows, generator, settings, autocast,
@@ -470,7 +471,14 @@ def profile_summary(events: dict, steps: int, wall_s: float, device_type: str) -
     out = {"profiled_steps": steps, "step_ms": step_ms, "cpu_self_ms_per_step": sum(
         r["self_us"] for r in events["cpu"]) / 1000 / steps, "aten_ops_per_step": sum(
         r["aten"] for r in events["cpu"]) / steps}
-    if device_type == "cuda":
+    if device_type == "cuda" and not events["gpu"]:
+        # CUPTI recorded no GPU activity (seen with kernels replayed from CUDA graphs under some CUDA
+        # versions): no figure is better than launches and idle time of 0
+        out.update(launches_per_step=None, launches_what=NO_GPU_EVENTS, memcpy_memset_per_step=None,
+                   launch_calls_per_step=sum(r["name"].startswith(LAUNCH_CALLS) for r in events["cpu"]) / steps,
+                   gpu_busy_ms_per_step=None, gpu_idle_ms_per_step=None,
+                   top=[], top_cpu_ops=top_by(cpu_ops, "value", steps, step_ms))
+    elif device_type == "cuda":
         kernels = [r for r in events["gpu"] if r["kind"] == "kernel"]
         for r in events["gpu"]:
             r["us"] = r["end_us"] - r["start_us"]
@@ -860,8 +868,9 @@ def bench_config(args: argparse.Namespace, path: str, base_cfg: dict, steps: int
                 args.profile_file.add({"config": path, "variant": label, "overrides": args.overrides, **profile})
                 traffic = profile["traffic"]
                 moved = f", {traffic['gb_per_step']:.3g} GB moved" if "gb_per_step" in traffic else ""
+                launches = profile["launches_per_step"]
                 common.log(f"bench: profiled {path} ({label}): {profile['step_ms']:.4g} ms per step, "
-                           f"{profile['launches_per_step']:.0f} launches per step, GPU idle "
+                           f"{'unknown' if launches is None else f'{launches:.0f}'} launches per step, GPU idle "
                            f"{profile['gpu_idle_ms_per_step']} ms per step{moved} -> {args.profile_file.path}")
             train_rates[label].append(train_record["rows_per_s"])
             predict_rates[label].append(predict_record["rows_per_s"])
