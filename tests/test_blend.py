@@ -501,7 +501,10 @@ def planted_leak(pipeline, tmp_path):
 
 def test_a_planted_leak_is_given_away_by_the_holdout(planted_leak, one_thread):
     cfg, work = planted_leak
+    # the leaky run says its folds stopped on their own held-out rows: the blend names it
+    common.write_json(work / "runs" / "leaky" / "fold0" / "done.json", {"fold": 0, "early_stopping": "holdout"})
     metrics = blend.run_blend(cfg)
+    assert metrics["holdout_stopped"] == ["leaky"]
     leaky, honest = metrics["runs"]["leaky"], metrics["runs"]["honest"]
     assert leaky["oof_auc"] > 0.99, "the leak looks perfect out of fold"
     assert abs(leaky["valid_auc"] - 0.5) < 0.1, "and is chance on the holdout"
@@ -514,6 +517,8 @@ def test_a_planted_leak_is_given_away_by_the_holdout(planted_leak, one_thread):
     assert "## Warning: OOF AUC above the holdout AUC" in report
     assert f"leaky: OOF AUC {leaky['oof_auc']:.6f} but holdout AUC {leaky['valid_auc']:.6f}" in report
     assert "honest: OOF AUC" not in report
+    assert "## Warning: runs whose folds chose their epoch on their own held-out rows" in report
+    assert "leaky trained with train.early_stopping: holdout" in report
 
 
 def test_the_blend_is_fitted_on_out_of_fold_predictions_only(planted_leak, one_thread):

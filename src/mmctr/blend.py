@@ -41,7 +41,7 @@ from mmctr.blend_methods import (METHODS, ROW_FEATURES, AucWeightsConfig, BlendD
                                   LogisticConfig, Predictions, lightgbm)
 from mmctr.common import UserError
 from mmctr.reports import auc_text, markdown_table, picture_lines
-from mmctr.runs import PROCESSED_SPLIT, SPLITS, read_predictions
+from mmctr.runs import PROCESSED_SPLIT, SPLITS, fold_metrics, read_predictions
 from mmctr.submission import SubmissionConfig, require_outside, submission_paths, write_submission
 from mmctr.models.metrics import roc_auc
 
@@ -263,6 +263,13 @@ def gap_warnings(candidates: list[Candidate]) -> list[str]:
             if c.oof_auc - c.valid_auc > GAP_WARNING]
 
 
+def holdout_stopped(cfg: dict, run_names: list[str]) -> list[str]:
+    """The runs trained with train.early_stopping: holdout: each fold chose its epoch on its own
+    held-out rows, so their OOF AUC flatters them in any choice by OOF AUC."""
+    runs_dir = common.data_paths(cfg)["runs"]
+    return [name for name in run_names if fold_metrics(runs_dir / name, 0).get("early_stopping") == "holdout"]
+
+
 def report_markdown(metrics: dict, rows: list[tuple], methods: list[Candidate],
                     pictures: list[tuple[str, str]] = ()) -> str:
     lines = [f"# Blend of {len(metrics['runs'])} runs over {metrics['n_folds']} folds", "",
@@ -280,6 +287,10 @@ def report_markdown(metrics: dict, rows: list[tuple], methods: list[Candidate],
                   "Out-of-fold predictions that saw their own rows (a leak), or a holdout unlike the "
                   "training data, look like this; a choice by OOF AUC cannot be trusted for these:", ""]
         lines += [f"- {warning}" for warning in metrics["gap_warnings"]] + [""]
+    if metrics["holdout_stopped"]:
+        lines += ["## Warning: runs whose folds chose their epoch on their own held-out rows", "",
+                  f"{', '.join(metrics['holdout_stopped'])} trained with train.early_stopping: holdout: their "
+                  f"OOF AUC flatters them, here and in the choice by OOF AUC.", ""]
     lines += ["## Methods", ""]
     for c in methods:
         extras = "; ".join(f"{key}: {detail_text(value)}" for key, value in c.details.items())
@@ -362,9 +373,13 @@ def run_blend(cfg: dict) -> dict:
         "submission": {"csv": str(csv_path), "zip": str(zip_path), "rows": len(data.test_ids),
                        "column": sub.column},
         "gap_warnings": gap_warnings(runs + methods),
+        "holdout_stopped": holdout_stopped(cfg, settings.runs),
     }
     for warning in metrics["gap_warnings"]:
         common.log(f"warning: {warning}: OOF much better than the holdout, a leak? (see report.md)")
+    if metrics["holdout_stopped"]:
+        common.log(f"warning: {', '.join(metrics['holdout_stopped'])}: trained with train.early_stopping: "
+                   f"holdout, their OOF AUC flatters them in the choice (see report.md)")
     rows = table_rows(runs, methods, best_single, chosen)
     # every output goes into a staged folder that replaces blend/ whole once the submission is
     # written: a failure anywhere leaves the previous blend complete, never a mix; a previous blend
