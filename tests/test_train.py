@@ -218,10 +218,19 @@ def test_the_older_fingerprint_form_is_the_one_older_code_stamped():
     assert train.fingerprint_of(cfg, {"fingerprint": "d"})["config_hash"] not in older
 
 
-def test_a_refit_done_before_it_recorded_its_setting_is_read_from_how_it_stopped():
-    assert runs.refit_setting({"early_stopping": "3 epochs, as the folds' median best epoch"}) == "folds"
+def test_a_refit_done_before_it_recorded_its_setting_is_read_from_how_it_stopped(tmp_path):
+    """done.json's refit_epochs, else how the refit stopped; a folds refit from before its epochs
+    replayed the folds' learning rates is a setting of its own: moved aside, trained again."""
+    older, now = "3 epochs, as the folds' median best epoch", f"3 epochs, as the folds' median best epoch, {runs.FOLDS_LRS}"
+    one_rate = "folds at one learning rate (an older refit)"
     assert runs.refit_setting({"early_stopping": "valid"}) == "valid"
-    assert runs.refit_setting({"early_stopping": "valid", "refit_epochs": "folds"}) == "folds"
+    assert runs.refit_setting({"early_stopping": "valid", "refit_epochs": "valid"}) == "valid"
+    assert runs.refit_setting({"early_stopping": now, "refit_epochs": "folds"}) == "folds"
+    assert runs.refit_setting({"early_stopping": older, "refit_epochs": "folds"}) == one_rate
+    assert runs.refit_setting({"early_stopping": older}) == one_rate
+    common.write_json(runs.fold_dir(tmp_path, runs.REFIT) / "done.json", {"early_stopping": older, "refit_epochs": "folds"})
+    runs.retire_other_refit(tmp_path, "folds")
+    assert not runs.fold_done(tmp_path, runs.REFIT) and len(list(tmp_path.glob("refit.old-*"))) == 1
 
 
 def test_keys_added_later_leave_the_fingerprint_while_off():

@@ -868,10 +868,10 @@ def bench_config(args: argparse.Namespace, path: str, base_cfg: dict, steps: int
                 args.profile_file.add({"config": path, "variant": label, "overrides": args.overrides, **profile})
                 traffic = profile["traffic"]
                 moved = f", {traffic['gb_per_step']:.3g} GB moved" if "gb_per_step" in traffic else ""
-                launches = profile["launches_per_step"]
+                launches, idle = profile["launches_per_step"], profile["gpu_idle_ms_per_step"]
                 common.log(f"bench: profiled {path} ({label}): {profile['step_ms']:.4g} ms per step, "
                            f"{'unknown' if launches is None else f'{launches:.0f}'} launches per step, GPU idle "
-                           f"{profile['gpu_idle_ms_per_step']} ms per step{moved} -> {args.profile_file.path}")
+                           f"{'n/a' if idle is None else f'{idle:.4g} ms'} per step{moved} -> {args.profile_file.path}")
             train_rates[label].append(train_record["rows_per_s"])
             predict_rates[label].append(predict_record["rows_per_s"])
             gc.collect()  # the finished model's memory must not count toward the next peak

@@ -125,12 +125,20 @@ def prepare(run: Path, fingerprint: dict, cfg: dict, legacy: list[dict] = ()) ->
         common.write_yaml(config_path, cfg)
 
 
+# the end of a refit's early_stopping text since its epochs replay the folds' learning rates
+FOLDS_LRS = "at their learning rates"
+
+
 def refit_setting(metrics: dict) -> str:
     """train.refit_epochs of a finished refit: done.json records it; one written before it did says
-    how the refit stopped ("N epochs, as the folds' median best epoch", or "valid")."""
-    if "refit_epochs" in metrics:
-        return metrics["refit_epochs"]
-    return "folds" if "median best epoch" in str(metrics.get("early_stopping")) else "valid"
+    how the refit stopped ("N epochs, as the folds' median best epoch", or "valid"). A folds refit
+    from before its epochs replayed the folds' learning rates (one rate throughout) is a setting of
+    its own, so that it is moved aside and trained again."""
+    stopping = str(metrics.get("early_stopping"))
+    setting = metrics.get("refit_epochs") or ("folds" if "median best epoch" in stopping else "valid")
+    if setting == "folds" and FOLDS_LRS not in stopping:
+        return "folds at one learning rate (an older refit)"
+    return setting
 
 
 def retire_other_refit(run: Path, refit_epochs: str) -> None:

@@ -275,7 +275,7 @@ def train_fold(fold: int | str, cfg: dict, train_cfg: TrainConfig, data: dict, t
     if refit:
         eval_sets, monitor = ({}, None) if refit_lrs else ({"valid": ("valid", valid_rows)}, "valid")
         settings = replace(settings, max_epochs=len(refit_lrs) if refit_lrs else settings.max_epochs)
-        stopping = (f"{len(refit_lrs)} epochs, as the folds' median best epoch, at their learning rates"
+        stopping = (f"{len(refit_lrs)} epochs, as the folds' median best epoch, {runs.FOLDS_LRS}"
                     if refit_lrs else "valid")
     else:
         eval_sets = {"fold": ("train", torch.from_numpy(holdout_host).to(device)), "valid": ("valid", valid_rows)}
