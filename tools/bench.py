@@ -471,14 +471,7 @@ def profile_summary(events: dict, steps: int, wall_s: float, device_type: str) -
     out = {"profiled_steps": steps, "step_ms": step_ms, "cpu_self_ms_per_step": sum(
         r["self_us"] for r in events["cpu"]) / 1000 / steps, "aten_ops_per_step": sum(
         r["aten"] for r in events["cpu"]) / steps}
-    if device_type == "cuda" and not events["gpu"]:
-        # CUPTI recorded no GPU activity (seen with kernels replayed from CUDA graphs under some CUDA
-        # versions): no figure is better than launches and idle time of 0
-        out.update(launches_per_step=None, launches_what=NO_GPU_EVENTS, memcpy_memset_per_step=None,
-                   launch_calls_per_step=sum(r["name"].startswith(LAUNCH_CALLS) for r in events["cpu"]) / steps,
-                   gpu_busy_ms_per_step=None, gpu_idle_ms_per_step=None,
-                   top=[], top_cpu_ops=top_by(cpu_ops, "value", steps, step_ms))
-    elif device_type == "cuda":
+    if device_type == "cuda":
         kernels = [r for r in events["gpu"] if r["kind"] == "kernel"]
         for r in events["gpu"]:
             r["us"] = r["end_us"] - r["start_us"]
@@ -489,6 +482,11 @@ def profile_summary(events: dict, steps: int, wall_s: float, device_type: str) -
                    gpu_busy_ms_per_step=busy / 1000 / steps, gpu_idle_ms_per_step=idle / 1000 / steps,
                    top=top_by(events["gpu"], "us", steps, step_ms),
                    top_cpu_ops=top_by(cpu_ops, "value", steps, step_ms))
+        if not events["gpu"]:
+            # CUPTI recorded no GPU activity (seen with kernels replayed from CUDA graphs under some
+            # CUDA versions): no figure is better than launches and idle time of 0
+            out.update(launches_per_step=None, launches_what=NO_GPU_EVENTS, memcpy_memset_per_step=None,
+                       gpu_busy_ms_per_step=None, gpu_idle_ms_per_step=None)
     else:
         out.update(launches_per_step=sum(r["aten"] and r["leaf"] for r in events["cpu"]) / steps,
                    launches_what=CPU_LAUNCHES_WHAT, memcpy_memset_per_step=None, launch_calls_per_step=None,

@@ -104,7 +104,7 @@ def _read_yaml(path: Path) -> dict:
         first = str(exc).splitlines()[0] if str(exc) else "parse error"
         raise UserError(f"{path}: not valid YAML ({first})") from None
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        line = exc.object[:exc.start].count(b"\n") + 1  # the file's bytes, as read
         raise UserError(f"{path}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
                         f"save the config as UTF-8") from None
     if not isinstance(data, dict):

@@ -540,7 +540,7 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str =
         (staging / "oracle").mkdir()
         pq.write_table(pa.concat_tables(oracle_probs), staging / "oracle" / "click_prob.parquet")
         pq.write_table(pa.table({"ID": np.arange(p.n_test, dtype=np.int64), "label": test_labels},
-                                schema=TEST_LABEL_SCHEMA), staging / "oracle" / "test_labels.parquet")
+                                schema=TEST_LABEL_SCHEMA), staging / ORACLE_MARK)
 
         (out / "oracle").mkdir(exist_ok=True)
         for name in OUTPUT_FILES:

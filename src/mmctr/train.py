@@ -304,7 +304,7 @@ def train_fold(fold: int | str, cfg: dict, train_cfg: TrainConfig, data: dict, t
     progress = Progress(name)
     try:
         result = fit(model, data, train_rows, eval_sets, settings, monitor=monitor, on_epoch=on_epoch,
-                     progress=progress, lr_by_epoch=refit_lrs if refit else None)
+                     progress=progress, lr_by_epoch=refit_lrs)
     except FloatingPointError as exc:
         raise UserError(f"{name}: {exc}") from None
     finally:
