@@ -146,6 +146,11 @@ def test_leaderboard_ranks_by_oof_auc_then_rows_without_one(tmp_path, monkeypatc
         experiments.append(path, fake_row(result_id, kind=kind, name=result_id, oof_auc=oof, holdout_auc=holdout))
     assert [row["name"] for row in experiments.leaderboard(experiments.read_log(path))] == ["c", "a", "d", "b"]
 
+    # rows with no AUC, an unreadable one or NaN (a hand-edited log) go last and leave the others in order
+    rows = [dict(oof_auc=oof, holdout_auc=holdout, name=name) for name, oof, holdout in
+            (("a", "", "0.5"), ("b", "", ""), ("c", "", "0.9"), ("d", "", "0.7"), ("e", "nan", ""), ("f", "x", ""))]
+    assert [row["name"] for row in experiments.leaderboard(rows)][:3] == ["c", "d", "a"]
+
     monkeypatch.setattr(sys, "argv", ["experiments.py", str(path)])
     experiments.main()
     lines = capsys.readouterr().out.splitlines()

@@ -13,9 +13,11 @@ model on every train row, early stopping on the valid split, as the prize-eligib
 once per seed (train.seed), as run LABEL-slug_sSEED. --workers N trains N runs at a time, each on one
 thread (on a small CPU, one-thread processes side by side finish more runs per hour than one process on
 every core: src/stages.py). One JSON line per run goes to {data-root}/ablation.jsonl as it finishes; a
-rerun skips the runs already there, so an interrupted study resumes. At the end a markdown table
-per dataset: test AUC mean, min..max over the seeds, valid AUC mean, epochs, train seconds per epoch
-(train rows / the refit's train rows/s), parameters.
+rerun skips the runs already there, so an interrupted study resumes. A label already run in this
+data root with another config, other KEY=VALUEs or other --set is refused (its run folders hold the
+old variant): give the changed variant a new label or another data root. At the end a markdown table
+per dataset over the seeds asked for: test AUC mean, min..max over the seeds, valid AUC mean, epochs,
+the median train seconds per epoch (train rows / the refit's train rows/s), parameters.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ SEED = 20242025  # the presets' seed, as run.sh
 
 def parse_variant(text: str) -> tuple[str, str, list[str]]:
     label, sep, spec = text.partition("=")
-    config, *sets = spec.split(",")
+    # a comma starts the next KEY=VALUE only where one follows: a list value keeps its commas
+    config, *sets = re.split(r",\s*(?=[A-Za-z_][\w.]*=)", spec)
     if not sep or not label or not config or not (REPO / "configs" / f"{config}.yaml").is_file():
         raise argparse.ArgumentTypeError(f"expected LABEL=CONFIG[,KEY=VALUE...] with configs/CONFIG.yaml, got {text!r}")
     return label, config, sets
@@ -63,6 +66,21 @@ def parse_datasets(text: str) -> list[str]:
 
 def slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
+
+
+def check_labels(variants: list[tuple[str, str, list[str]]], extra: list[str], results: list[dict]) -> None:
+    """Refuse labels whose run folders would collide, or that this data root ran as another variant."""
+    by_slug: dict[str, str] = {}
+    for label, config, sets in variants:
+        other = by_slug.setdefault(slug(label), label)
+        if other != label:
+            sys.exit(f"--variant {label!r} and {other!r} would share run folders ({slug(label)}_sSEED): rename one")
+        spec = {"config": config, "overrides": [*sets, *extra]}
+        for r in results:
+            if r["variant"] == label and {"config": r["config"], "overrides": r["overrides"]} != spec:
+                sys.exit(f"--variant {label!r}: already run in this data root as {r['config']} with "
+                         f"{r['overrides']}, now {config} with {spec['overrides']} (--set included): give the "
+                         f"changed variant a new label or use another --data-root")
 
 
 def dataset_paths(root: Path, dataset: str) -> tuple[Path, Path]:
@@ -116,8 +134,8 @@ def parameter_cell(runs: list[dict]) -> str:
     return ", ".join(f"{c:,}" for c in sorted(counts)) or "n/a"
 
 
-def table(results: list[dict], dataset: str, labels: list[str]) -> list[str]:
-    rows = [r for r in results if r["dataset"] == dataset]
+def table(results: list[dict], dataset: str, labels: list[str], seeds: list[int]) -> list[str]:
+    rows = [r for r in results if r["dataset"] == dataset and r["seed"] in seeds]
     lines = [f"#### {dataset}", "",
              "| variant | test AUC, mean | min..max | valid AUC | epochs | s / epoch | parameters | seeds |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -157,6 +175,7 @@ def main() -> None:
     results = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     seeds = [int(s) for s in args.seeds.split(",")]
     datasets = args.datasets
+    check_labels(args.variant, args.extra, results)
     data_sets = {dataset: prepare(root, dataset, py) for dataset in datasets}
     done = {(r["dataset"], r["variant"], r["seed"]) for r in results}
     # seed by seed: a partial study already compares every variant on every dataset
@@ -181,7 +200,7 @@ def main() -> None:
                   f"{result['test_auc']:.4f}, valid {result['valid_auc']:.4f}, {result['epochs']} epochs, "
                   f"{result['seconds_per_epoch']:.1f} s/epoch", flush=True)
     labels = [label for label, _, _ in args.variant]
-    print("\n".join(line for dataset in datasets for line in table(results, dataset, labels)))
+    print("\n".join(line for dataset in datasets for line in table(results, dataset, labels, seeds)))
     if failed:
         sys.exit(f"{len(failed)} runs failed (above); rerun the same command to retry them")
 

@@ -22,6 +22,7 @@ import csv
 import fcntl
 import hashlib
 import io
+import math
 import os
 import subprocess
 import time
@@ -242,11 +243,16 @@ def read_log(path: Path) -> list[dict]:
 
 def leaderboard(rows: list[dict]) -> list[dict]:
     """Best OOF AUC first; rows without one (refits) after them, by holdout AUC."""
-    def key(row):
+    def auc(text: str) -> float:
         try:
-            return (row["oof_auc"] != "", float(row["oof_auc"] or row["holdout_auc"] or "nan"))
-        except ValueError:
-            return (False, float("-inf"))
+            value = float(text)
+        except ValueError:  # empty, or a hand-edited cell
+            return float("-inf")
+        return float("-inf") if math.isnan(value) else value  # a NaN key leaves sorted()'s order undefined
+
+    def key(row):
+        oof = auc(row["oof_auc"])
+        return (True, oof) if oof > float("-inf") else (False, auc(row["holdout_auc"]))
     return sorted(rows, key=key, reverse=True)
 
 
