@@ -4,7 +4,7 @@
 # Opens as a notebook in Jupyter (jupytext), VS Code and Kaggle ("# %%" cells); also runs as a
 # script. It needs torch, numpy and pandas (with pyarrow) and the repo's kit, the folder
 # src/mmctr/models/ (torch and numpy only), copied beside this notebook as models/ (on Kaggle:
-# attached as a dataset, its parent folder on sys.path below).
+# a dataset holding models/ at its top, attached; or set KIT to the folder that holds models/).
 #
 # It reads train/valid/test/item_info.parquet from DATA, builds the item tables, trains QIN on
 # 90 % of the train rows (the other 10 % held out) with QIN's released schedule, and writes
@@ -12,6 +12,7 @@
 # on a GPU with the real data use `QIN(tables)` (the released size) and `FitSettings()`.
 
 # %%
+import glob
 import os
 import sys
 import zipfile
@@ -20,10 +21,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-for parent in (".", "src/mmctr", "../src/mmctr"):  # models/ beside the notebook, or the repo's kit
-    if os.path.isfile(os.path.join(parent, "models", "fit.py")):
-        sys.path.insert(0, parent)  # the notebook's one path line: where the kit folder is
-        break
+# where the kit folder models/ is: KIT, beside the notebook, the repo's, or an attached Kaggle dataset
+kit_parents = [os.environ.get("KIT", "."), ".", "src/mmctr", "../src/mmctr", *sorted(glob.glob("/kaggle/input/*"))]
+kit = next((parent for parent in kit_parents if os.path.isfile(os.path.join(parent, "models", "fit.py"))), None)
+if kit is None:
+    raise SystemExit(f"no kit: models/fit.py is in none of {kit_parents}; copy src/mmctr/models/ beside this "
+                     f"notebook as models/, or set KIT to the folder that holds models/")
+sys.path.insert(0, kit)  # the notebook's one path line
 
 from models.fit import FitSettings, fit, predict  # noqa: E402
 from models.qin import QIN  # noqa: E402
@@ -52,7 +56,7 @@ train_rows = torch.from_numpy(np.flatnonzero(in_fold)).to(device)
 eval_sets = {"valid": ("valid", torch.arange(len(frames["valid"]), device=device)),  # decides, as released
              "holdout": ("train", torch.from_numpy(np.sort(holdout)).to(device))}
 
-# %% train: the model, then fit (the released schedule, CPU-sized batches and epochs)
+# %% train: the model, then fit (the released schedule, CPU-sized batches, epochs and patience)
 torch.manual_seed(SEED)  # weight init and dropout; fit shuffles with settings.seed
 model = QIN(tables, emb_dim=16, mm_dim=16, qnn_layers=2, qnn_m=2).to(device)
 settings = FitSettings(seed=SEED, batch_size=1024, max_epochs=int(os.environ.get("EPOCHS", 4)), patience=1)

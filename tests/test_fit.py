@@ -569,3 +569,21 @@ def test_notebook_runs_from_an_empty_folder_with_only_the_kit_folder(tiny_raw, t
     assert list(submission.columns) == ["ID", "Task2"]
     np.testing.assert_array_equal(submission["ID"], test["ID"])
     assert submission["Task2"].between(0, 1).all()
+
+
+def test_notebook_finds_the_kit_where_KIT_says_and_names_the_places_it_looked(tmp_path):
+    """On Kaggle the kit comes as an attached, read-only dataset: KIT names the folder above models/."""
+    working, attached = tmp_path / "working", tmp_path / "input" / "mmctr-kit"
+    working.mkdir()
+    shutil.copytree(KIT, attached / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(NOTEBOOK, working / NOTEBOOK.name)
+    env = {**os.environ, "DATA": str(tmp_path / "no-data")}
+    env.pop("PYTHONPATH", None)
+
+    def notebook(**extra):
+        return subprocess.run([sys.executable, NOTEBOOK.name], cwd=working, env={**env, **extra},
+                              capture_output=True, text=True, timeout=120)
+    lost = notebook()
+    assert lost.returncode == 1 and lost.stderr.strip().splitlines()[-1].startswith("no kit: models/fit.py is in none of")
+    found = notebook(KIT=str(attached))  # gets past the imports to the data
+    assert found.returncode == 1 and "no-data" in found.stderr and "ModuleNotFoundError" not in found.stderr

@@ -45,6 +45,12 @@ def nan_prediction(path: Path) -> None:
     frame.to_parquet(path)
 
 
+def retrained(path: Path) -> None:
+    frame = pd.read_parquet(path)
+    frame["pred"] = frame["pred"].iloc[::-1].to_numpy()
+    frame.to_parquet(path)
+
+
 SUMMARY_CASES = {
     "corrupt metrics": ("blend/metrics.json", lambda path: path.write_text("{"),
                         ["metrics.json", "not a readable JSON file"]),
@@ -53,9 +59,13 @@ SUMMARY_CASES = {
     "missing run predictions": (f"runs/{RUN}/test.parquet", lambda path: path.unlink(),
                                 ["test.parquet", "changed after the blend", "src/train.py"]),
     "NaN prediction": ("blend/test.parquet", nan_prediction, ["blend/test.parquet", "NaN or infinite"]),
-    "predictions for other rows": (f"runs/{RUN}/test.parquet",
+    "predictions for other rows": ("blend/test.parquet",
                                    lambda path: pq.write_table(pq.read_table(path).slice(0, 10), path),
-                                   ["test.parquet", "column 'ID'", "10 rows"]),
+                                   ["blend/test.parquet", "column 'ID'", "10 rows"]),
+    # its test AUC would sit beside the OOF and holdout AUCs of the predictions the blend read
+    "run trained again after the blend": (f"runs/{RUN}/test.parquet", retrained,
+                                          [f"runs/{RUN}/test.parquet", f"run '{RUN}' changed after the blend",
+                                           "rerun src/blend.py"]),
 }
 
 

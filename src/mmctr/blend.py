@@ -41,7 +41,7 @@ from mmctr.blend_methods import (METHODS, ROW_FEATURES, AucWeightsConfig, BlendD
                                   LogisticConfig, Predictions, lightgbm)
 from mmctr.common import UserError
 from mmctr.reports import auc_text, markdown_table, picture_lines
-from mmctr.runs import PROCESSED_SPLIT, SPLITS, fold_metrics, read_predictions
+from mmctr.runs import PROCESSED_SPLIT, SPLITS, fold_metrics, prediction_path, read_predictions
 from mmctr.submission import SubmissionConfig, require_outside, submission_paths, write_submission
 from mmctr.models.metrics import roc_auc
 
@@ -333,6 +333,11 @@ def run_blend(cfg: dict) -> dict:
     settings = available_methods(checked_settings(cfg))
     data = load_blend_data(cfg, settings.runs, with_row_features="lightgbm" in settings.methods,
                            test_from=settings.test_from)
+    # which test predictions were read: summary refuses to score a run retrained since against the
+    # OOF and holdout AUCs of the blend's time
+    runs_dir = common.data_paths(cfg)["runs"]
+    test_read = {name: processed_data.content_hash(prediction_path(runs_dir / name, "test", settings.test_from))
+                 for name in settings.runs}
     common.log(f"blend: {len(data.runs)} runs, {len(data.oof_label):,} OOF rows, "
                f"{len(np.unique(data.fold))} folds, methods: {', '.join(settings.methods) or 'none'}, "
                f"valid and test predictions from the {settings.test_from}")
@@ -353,7 +358,8 @@ def run_blend(cfg: dict) -> dict:
     chosen_name = f"{BEST_SINGLE} ({best_single.name})" if chosen is best_single else chosen.name
     csv_path, zip_path = submission_paths(sub.dir, f"{sub.name}-blend")
     metrics = {
-        "runs": {c.name: {"oof_auc": c.oof_auc, "valid_auc": c.valid_auc} for c in runs},
+        "runs": {c.name: {"oof_auc": c.oof_auc, "valid_auc": c.valid_auc, "test_blake2b": test_read[c.name]}
+                 for c in runs},
         "methods": {c.name: {"oof_auc": c.oof_auc, "valid_auc": c.valid_auc, "seconds": c.seconds, **c.details}
                     for c in methods},
         "n_folds": int(len(np.unique(data.fold))),

@@ -476,6 +476,12 @@ def hidden_test_auc(pred_path: Path, labels: np.ndarray | None) -> float | None:
 PROCESSED_SPLIT = {"oof": "train", "valid": "valid", "test": "test"}  # the OOF rows are the train rows
 
 
+def prediction_path(run: Path, split: str, test_from: str = "folds") -> Path:
+    """The file a blend reads a run's split from: the OOF rows from the folds, valid and test from the
+    fold mean or, with test_from 'refit', from the refit."""
+    return (fold_dir(run, REFIT) if test_from == REFIT and split != "oof" else run) / f"{split}.parquet"
+
+
 def read_predictions(run: Path, name: str, manifest: dict, expected: dict[str, np.ndarray],
                      fold: np.ndarray, test_from: str = "folds") -> dict[str, np.ndarray]:
     """A finished run's OOF/valid/test predictions aligned to the expected ids (split -> ids), or
@@ -487,7 +493,7 @@ def read_predictions(run: Path, name: str, manifest: dict, expected: dict[str, n
                         f"src/train.py --refit with its config, or blend with blend.test_from: folds")
     preds = {}
     for split in SPLITS:
-        path = (fold_dir(run, REFIT) if test_from == REFIT and split != "oof" else run) / f"{split}.parquet"
+        path = prediction_path(run, split, test_from)
         preds[split] = aligned_predictions(path, read_run_file(path, split, name), split, expected[split],
                                            fold if split == "oof" else None, PROCESSED_SPLIT[split])
     return preds

@@ -34,10 +34,7 @@ def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
     # be scored against old predictions
     processed_data.load_current(cfg)
     labels = common.read_test_labels(paths["raw"])
-    # the runs' test predictions the blend used: their fold means, or their refits
-    source = runs.REFIT if blend.get("test_from") == runs.REFIT else "."
-    rows = [(name, m["oof_auc"], m["valid_auc"],
-             runs.hidden_test_auc(runs.run_dir(cfg, name) / source / "test.parquet", labels))
+    rows = [(name, m["oof_auc"], m["valid_auc"], runs.hidden_test_auc(blended_test_file(cfg, name, m, blend), labels))
             for name, m in blend["runs"].items()]
     rows.append((f"blend ({blend['chosen']})", blend["chosen_oof_auc"], blend["chosen_valid_auc"],
                  runs.hidden_test_auc(paths["work"] / "blend" / "test.parquet", labels)))
@@ -49,6 +46,16 @@ def summary_rows(cfg: dict) -> tuple[list[tuple], dict]:
     rows.append(("oracle (true click prob.)", blend["oracle_oof_auc"], blend["oracle_valid_auc"],
                  None if labels is None or oracle_test is None else roc_auc(labels, oracle_test)))
     return rows, blend
+
+
+def blended_test_file(cfg: dict, name: str, run_metrics: dict, blend: dict):
+    """The run's test predictions the blend used (fold mean or refit), refused when the run was retrained
+    since: its test AUC would sit beside the OOF and holdout AUCs of the old predictions."""
+    path = runs.prediction_path(runs.run_dir(cfg, name), "test", blend.get("test_from", "folds"))
+    read = run_metrics.get("test_blake2b")  # absent from the blends of older versions
+    if read is not None and path.is_file() and processed_data.content_hash(path) != read:
+        raise common.UserError(f"{path}: run '{name}' changed after the blend (trained again?): rerun src/blend.py")
+    return path
 
 
 def single_metrics(folder) -> dict | None:
