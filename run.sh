@@ -18,7 +18,7 @@
 #   --models A,B,...   model configs from configs/ (default: qin_small,dcnv2_tf_small,din_tf_small,
 #                      simqin_small on tiny/demo; qin,qin_plus,dcnv2_tf,din_tf,transformer_dcn_gpu,simqin
 #                      on full or --data)
-#   --folds K          number of folds (default: 3 on the tiny/demo presets, 5 on full or --data)
+#   --folds K          number of folds, 2..127 (default: 3 on the tiny/demo presets, 5 on full or --data)
 #   --device DEV       cpu or cuda (default: cuda when present)
 #   --gpus 0,1,...     train the folds of each model in parallel, one worker process per listed GPU
 #                      (train.py --devices cuda:0,cuda:1,...); docs/GPUS.md
@@ -78,9 +78,14 @@ case "$PRESET" in
   tiny|demo|full) ;;
   *) echo "run.sh: --preset must be tiny, demo or full, got '$PRESET'" >&2; exit 2 ;;
 esac
-if [ -n "$FOLDS" ] && ! [[ "$FOLDS" =~ ^[0-9]+$ && "$FOLDS" -ge 2 ]]; then
-  echo "run.sh: --folds must be an integer >= 2, got '$FOLDS'" >&2; exit 2
+# no leading zero: bash and YAML would read 010 as octal 8
+if [ -n "$FOLDS" ] && ! [[ "$FOLDS" =~ ^[1-9][0-9]{0,2}$ && "$FOLDS" -ge 2 && "$FOLDS" -le 127 ]]; then
+  echo "run.sh: --folds must be an integer from 2 to 127, got '$FOLDS'" >&2; exit 2
 fi
+case "$DEVICE" in
+  ''|cpu|cuda) ;;
+  *) echo "run.sh: --device must be cpu or cuda (--gpus picks GPUs), got '$DEVICE'" >&2; exit 2 ;;
+esac
 DEVICE_ARGS=(${DEVICE:+--device "$DEVICE"})
 if [ -n "$GPUS" ]; then
   if ! [[ "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]]; then
@@ -100,15 +105,21 @@ if [ -z "$MODELS" ]; then
 fi
 # everything the stages would refuse late, refused before the first one starts
 IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
-for model in "${MODEL_LIST[@]}"; do
+for i in "${!MODEL_LIST[@]}"; do
+  model=${MODEL_LIST[$i]}
   if ! [[ "$model" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || [ ! -f "configs/$model.yaml" ]; then
     echo "run.sh: --models: no model config configs/$model.yaml" >&2; exit 2
   fi
+  for other in "${MODEL_LIST[@]:0:$i}"; do
+    if [ "$other" = "$model" ]; then
+      echo "run.sh: --models: $model is named twice" >&2; exit 2
+    fi
+  done
 done
 if ! [[ "$NAME" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]]; then
   echo "run.sh: --name must be a plain file stem (letters, digits, _ . -), got '$NAME'" >&2; exit 2
 fi
-if [ "$SINGLE" != auto ] && [[ ",$MODELS," != *",$SINGLE,"* ]]; then
+if [ "$SINGLE" != auto ] && { [[ "$SINGLE" == *,* ]] || [[ ",$MODELS," != *",$SINGLE,"* ]]; }; then
   echo "run.sh: --single must be auto or one of the models ($MODELS), got '$SINGLE'" >&2; exit 2
 fi
 if [ -n "$DATA" ] && [ ! -d "$DATA" ]; then
@@ -150,7 +161,8 @@ DATA_SETS=(--set "data.raw_dir=$(yaml_text "$RAW")" --set "data.work_dir=$(yaml_
 # a minute on two cores), which prints a "=== STAGE" line before each
 # on the CPU, one one-thread worker per core trains the folds of every model first (stages.py says
 # why); training on a GPU is left as it is
-WORKERS=$(nproc 2>/dev/null || echo 1)
+# the cores this process may use (GNU nproc would follow OMP_NUM_THREADS, a per-process setting)
+WORKERS=$("$PY" -c 'import os; print(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)')
 STAGES=("$PY" src/stages.py --started "$start" --fold-workers "$WORKERS")
 BEFORE_CHOICE=()
 if [ -z "$DATA" ] && [ ! -f "$RAW/item_info.parquet" ]; then

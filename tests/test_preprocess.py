@@ -90,6 +90,27 @@ def test_per_item_levels_come_from_item_feature_when_it_is_there(loaded, tiny_ra
     assert manifest["item_levels"]["source"] == "item_feature"
 
 
+def test_data_item_feature_reads_the_levels_where_the_download_keeps_them(copy_raw, tmp_path, loaded):
+    """One folder above the four files, where a read-only input (Kaggle's) cannot be copied from:
+    the same levels as the file beside them; the setting is one every later stage shares."""
+    raw = copy_raw()
+    (raw / "item_feature.parquet").rename(raw.parent / "item_feature.parquet")
+    cfg = make_data_cfg(raw, tmp_path / "work")
+    cfg["data"]["item_feature"] = "../item_feature.parquet"
+    arrays, manifest = processed_data.load_processed(preprocess.run_preprocess(cfg))
+    reference, reference_manifest = loaded
+    for name in ("item_likes_level", "item_views_level"):
+        assert np.array_equal(arrays[name], reference[name]), name
+    assert manifest["item_levels"]["source"] == "item_feature" and manifest["item_feature"] == "../item_feature.parquet"
+    assert manifest["raw_files"]["item_feature"]["blake2b"] == reference_manifest["raw_files"]["item_feature"]["blake2b"]
+    processed_data.load_current(cfg)
+    cfg["data"]["item_feature"] = None
+    assert_user_error(lambda: processed_data.load_current(cfg), "built with data.item_feature=../item_feature.parquet",
+                      "the config says null")
+    cfg["data"]["item_feature"] = "../no_such.parquet"
+    assert_user_error(lambda: preprocess.run_preprocess(cfg), "no_such.parquet", "data.item_feature")
+
+
 def test_per_item_levels_fall_back_to_rounded_means_over_all_splits(copy_raw, tmp_path, capsys):
     raw = copy_raw()
     # where the real download keeps it: one folder up, not read, and the summary says so
@@ -97,7 +118,8 @@ def test_per_item_levels_fall_back_to_rounded_means_over_all_splits(copy_raw, tm
     arrays, manifest = processed_data.load_processed(preprocess.run_preprocess(make_data_cfg(raw, tmp_path / "work")))
     printed = capsys.readouterr().out
     assert f"item levels: {preprocess.LEVEL_SOURCES['rows']}" in printed
-    assert f"{raw.parent / 'item_feature.parquet'} was not read: copy it into {raw}" in printed
+    assert f"{raw.parent / 'item_feature.parquet'} was not read: for the items' own levels set " \
+           f"data.item_feature: ../item_feature.parquet" in printed
     rows = pd.concat([pd.read_parquet(raw / f"{split}.parquet", columns=["item_id", "likes_level", "views_level"])
                       for split in SPLITS])
     means = rows.groupby("item_id").mean()
@@ -255,7 +277,7 @@ def test_scratch_folders_of_killed_runs_are_removed_and_a_live_runs_kept(copy_ra
         folder.mkdir()
         (folder / "train_item_seq.npy").write_bytes(b"half written")
 
-    preprocess.run_preprocess(cfg, force=True)
+    preprocess.run_preprocess(cfg)  # the finished folder is reused: the sweep runs all the same
     assert sorted(p.name for p in processed.parent.iterdir()) == sorted(["processed", live.name])
 
 
@@ -460,13 +482,15 @@ def test_a_failed_rebuild_leaves_the_good_folder_untouched(copy_raw, tmp_path):
 
 @pytest.mark.parametrize("key, value, message", [
     ("emb_dtype", "float64", "config: data.emb_dtype must be float32 or float16, got 'float64'"),
-    ("n_folds", 1, "config: data.n_folds must be at least 2, got 1"),
+    ("n_folds", 1, "config: data.n_folds must be in [2, 127], got 1"),
+    ("n_folds", 128, "config: data.n_folds must be in [2, 127], got 128"),  # train_fold.npy is int8
     ("n_folds", 2.5, "config: data.n_folds must be an integer, got 2.5"),
     ("fold_seed", -1, "config: data.fold_seed must be at least 0, got -1"),  # numpy refuses it
     ("fold_seed", True, "config: data.fold_seed must be an integer, got True"),
     ("raw_dir", None, "config: data.raw_dir must be a string, got None"),
     ("nfolds", 3, "config: unknown key data.nfolds (known: raw_dir, work_dir, n_folds, fold_seed, emb_dtype, "
-                  "item_emb)"),
+                  "item_emb, item_feature)"),
+    ("item_feature", "", "config: data.item_feature must not be empty, got ''"),
     ("item_emb", "item_emb_d128_v3", "config: data.item_emb must be a mapping of keys, got 'item_emb_d128_v3'"),
     ("item_emb", {"colum": "item_emb_d128_v3"}, "config: unknown key data.item_emb.colum (known: file, column)"),
     ("item_emb", {"file": "item_emb.parquet"}, "config: missing key data.item_emb.column (a string, no default)"),
@@ -484,7 +508,7 @@ def test_bad_settings_are_user_errors(tiny_raw, tmp_path, key, value, message):
 def test_the_data_section_is_typed_with_the_defaults_in_python():
     data = processed_data.checked_data({"data": {"raw_dir": "r", "work_dir": "w", "n_folds": 4.0}})
     assert data == {"raw_dir": "r", "work_dir": "w", "n_folds": 4, "fold_seed": processed_data.DataConfig.fold_seed,
-                    "emb_dtype": "float32", "item_emb": None}
+                    "emb_dtype": "float32", "item_emb": None, "item_feature": None}
     assert type(data["n_folds"]) is int
     with pytest.raises(common.UserError, match="config: missing key data.work_dir"):
         processed_data.checked_data({"data": {"raw_dir": "r"}})
@@ -539,6 +563,20 @@ def test_item_emb_replaces_the_vectors_by_item_id_and_zero_fills_missing_items(c
         "blake2b": processed_data.content_hash(raw / "item_emb.parquet")}
     assert manifest["raw_files"]["item_emb"]["blake2b"] == manifest["item_emb_source"]["blake2b"]
     assert manifest["fingerprint"] != reference_manifest["fingerprint"]
+
+
+def test_an_item_emb_file_re_saved_with_a_zero_row_for_the_padding_item_builds_the_same(copy_raw, tmp_path):
+    """The download has no row for item 0; a file re-saved from a table with the padding row (np.vstack of
+    a zero vector, as some solutions build it) joins to the same vectors and counts."""
+    raw = copy_raw()
+    plain = processed_data.load_processed(preprocess.run_preprocess(item_emb_cfg(raw, tmp_path / "plain")))
+    table = pq.read_table(raw / "item_emb.parquet")
+    padding = {name: [0] if name == "item_id" else [[0.0] * 128] for name in table.column_names}
+    pq.write_table(pa.concat_tables([pa.table(padding, schema=table.schema), table]), raw / "item_emb.parquet")
+    padded = processed_data.load_processed(preprocess.run_preprocess(item_emb_cfg(raw, tmp_path / "padded")))
+    assert np.array_equal(padded[0]["item_emb"], plain[0]["item_emb"])
+    assert {k: v for k, v in padded[1]["item_emb_source"].items() if k != "blake2b"} == \
+        {k: v for k, v in plain[1]["item_emb_source"].items() if k != "blake2b"}
 
 
 def test_item_emb_is_a_build_setting_whose_column_and_file_content_change_the_fingerprint(copy_raw, tmp_path,
@@ -613,9 +651,10 @@ BAD_ITEM_EMB = {
                        ["item_emb.parquet: column 'item_id': row 9 repeats item_id 3 (one row per item)"]),
     "item_out_of_range": (lambda p: edit_ints(p, "item_id", 7, N_ITEMS), V3,
                           ["item_emb.parquet: column 'item_id'", f"row 7 has item id {N_ITEMS}",
-                           f"expected 1..{N_ITEMS - 1}"]),
-    "padding_item": (lambda p: edit_ints(p, "item_id", 0, 0), V3,
-                     ["item_emb.parquet: column 'item_id': row 0 has item id 0", "no row for the padding item"]),
+                           f"expected 0..{N_ITEMS - 1}"]),
+    "padding_item_with_a_vector": (lambda p: edit_ints(p, "item_id", 0, 0), V3,
+                                   ["item_emb.parquet: column 'item_emb_d128_v3': item 0 (the padding item) must "
+                                    "have an all-zero vector"]),
     "wrong_width": (item_emb_of_width(64), V3,
                     ["item_emb.parquet: column 'item_emb_d128_v3': row 0 has 64 items, expected 128"]),
     "nan": (lambda p: edit_list(p, "item_emb_d128_v3", 12, 3, np.nan, pa.float32()), V3,
@@ -705,7 +744,7 @@ def test_preprocess_on_a_full_or_read_only_disk_is_one_line_and_leaves_no_scratc
     full = in_small_mount(command, "256k")
     assert "rc=2" in full.stdout and "Traceback" not in full.stderr, full.stderr
     assert_one_line_error(SimpleNamespace(returncode=2, stderr=full.stderr), "/mnt/work", "needs about",
-                          "GiB free")
+                          "MiB free")
     assert full.stdout.strip().endswith("rc=2"), "nothing left in the work folder"
     read_only = in_small_mount(command, "1m", "ro")
     assert "rc=2" in read_only.stdout, read_only.stderr

@@ -32,6 +32,14 @@ def run_sh(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     (["--single", "dcnv2"], "--single must be auto or one of the models"),
     (["--data", "no/such/folder"], "no such folder"),
     (["--preset", "huge"], "--preset must be tiny, demo or full"),
+    # refused before setup, not after every model trained (or read as octal 8)
+    (["--models", "qin_small,din_tf_small,qin_small"], "--models: qin_small is named twice"),
+    (["--models", "qin_small,din_tf_small", "--single", "qin_small,din_tf_small"],
+     "--single must be auto or one of the models"),
+    (["--device", "gpu"], "--device must be cpu or cuda"),
+    (["--folds", "010"], "--folds must be an integer from 2 to 127, got '010'"),
+    (["--folds", "08"], "--folds must be an integer from 2 to 127, got '08'"),
+    (["--folds", "128"], "--folds must be an integer from 2 to 127"),
 ])
 def test_bad_options_stop_before_the_first_stage(tmp_path, args, message):
     result = subprocess.run(["bash", str(REPO / "run.sh"), *args], cwd=tmp_path, capture_output=True, text=True,

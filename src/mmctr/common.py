@@ -433,6 +433,13 @@ def _sweep_left_overs(final: Path, suffix_glob: str, pattern: str) -> None:
                 path.unlink(missing_ok=True)
 
 
+def sweep_staged_left_overs(final: Path) -> None:
+    """Remove the scratch folders of staged_folder(final) whose process is gone (a kill -9 or SIGTERM
+    skips the clean-up): a stage that may not reach staged_folder, or checks the disk's room first,
+    calls it before."""
+    _sweep_left_overs(Path(final), "-*", r"-(?:tmp|old)-(\d+)-.*")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``.
@@ -467,7 +474,7 @@ def staged_folder(final: str | os.PathLike, result_files: tuple[str, ...] = ()) 
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_left_overs(final, "-*", r"-(?:tmp|old)-(\d+)-.*")
+    sweep_staged_left_overs(final)
     staging = _scratch_folder(final, "tmp")
     try:
         yield staging

@@ -3,7 +3,8 @@
     python src/preprocess.py --config configs/data.yaml [--set data.raw_dir=...] [--force]
 
 Reads ``data.raw_dir`` (real or synthetic data, same format: train/valid/test/item_info.parquet,
-item_feature.parquet when it is there, and the file data.item_emb names when it is set: the
+item_feature.parquet when it is there or the file data.item_feature names, and the file data.item_emb
+names when it is set: the
 multimodal vectors from another column, e.g. item_emb.parquet's item_emb_d128_v3) and writes
 ``{work_dir}/processed/`` as described in docs/DESIGN.md: int32 ids and levels, float32 labels,
 the item tables, stratified train folds and a manifest. Parquet is read in record batches straight
@@ -220,8 +221,8 @@ def check_vectors(vectors: np.ndarray, path: Path, column: str, start: int, emb_
 def replace_item_emb(path: Path, column: str, out: Path, n_items: int, emb_dtype) -> dict:
     """data.item_emb: item_emb.npy's rows become ``column`` of ``path``, joined on item_id the way the
     solutions join item_emb.parquet onto item_info (a left join, missing vectors zero-filled): the
-    file's ids must be real items of item_info (1..V-1, each once; it has no row for the padding
-    item, whose row stays zero) and its vectors item_emb_d128's width, finite. Returns the
+    file's ids must be items of item_info (each once; the download has no row for the padding item 0,
+    a re-saved file may have one, all zero) and its vectors item_emb_d128's width, finite. Returns the
     manifest's record of the source, with the count of items the file lacks (zero vectors)."""
     parquet = open_parquet(path, {"item_id": "int", column: "float_list"})
     emb = np.load(out / "item_emb.npy", mmap_mode="r+")
@@ -229,14 +230,16 @@ def replace_item_emb(path: Path, column: str, out: Path, n_items: int, emb_dtype
     seen = np.zeros(n_items, bool)
     for start, batch in iter_batches(parquet, path, ["item_id", column], path.name):
         item = scalar_column(batch, "item_id", path, start)
-        check_range(item, 1, n_items - 1, path, "item_id", start, "item id",
-                    f"1..{n_items - 1} (the real items of {ITEM_FILE}; no row for the padding item 0)")
+        check_range(item, 0, n_items - 1, path, "item_id", start, "item id",
+                    f"0..{n_items - 1} (the items of {ITEM_FILE})")
         mark_once(item, seen, path, start)
         vectors = list_column(batch, column, EMB_DIM, path, start)
         check_vectors(vectors, path, column, start, emb_dtype)
         emb[item] = vectors
+    if emb[0].any():
+        _fail(path, column, "item 0 (the padding item) must have an all-zero vector")
     emb.flush()
-    missing = int(n_items - 1 - np.count_nonzero(seen))
+    missing = int(n_items - 1 - np.count_nonzero(seen[1:]))
     if missing:
         common.log(f"preprocess: {missing} of {n_items - 1} items have no row in {path}: their "
                    f"'{column}' vectors are zero")
@@ -366,7 +369,7 @@ def stratified_folds(label: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
 def build(cfg: dict, out: Path, fingerprint_value: str, records: dict[str, dict]) -> dict:
     """Write every processed array and the manifest (last) into the empty folder ``out``."""
     data = cfg["data"]
-    files = input_files(Path(data["raw_dir"]), data["item_emb"])
+    files = input_files(Path(data["raw_dir"]), data["item_emb"], data["item_feature"])
     emb_dtype = EMB_DTYPES[data["emb_dtype"]]
     n_items, n_tags = write_items(files["item_info"], out, emb_dtype)
     item_emb_source = None
@@ -424,6 +427,8 @@ def build(cfg: dict, out: Path, fingerprint_value: str, records: dict[str, dict]
     if item_emb_source is not None:  # unset: no key, the manifest of a build before the setting existed
         manifest["item_emb"] = data["item_emb"]  # the setting, compared by load_current
         manifest["item_emb_source"] = item_emb_source
+    if data["item_feature"] is not None:  # the same
+        manifest["item_feature"] = data["item_feature"]
     common.write_json(out / "manifest.json", manifest)
     return manifest
 
@@ -435,19 +440,23 @@ def require_room(folder: Path, raw_dir: Path, emb_dtype) -> None:
     n_items = open_parquet(files["item_info"], ITEM_COLUMNS).metadata.num_rows
     n_rows = sum(open_parquet(files[split], SPLIT_COLUMNS[split]).metadata.num_rows for split in SPLITS)
     item_bytes = EMB_DIM * np.dtype(emb_dtype).itemsize + TAG_SLOTS * 4 + 2 * 8
-    row_bytes = SEQ_LEN * 4 + 5 * 4 + 8  # item_seq, four int32 columns, label or ID
+    row_bytes = SEQ_LEN * 4 + 4 * 4 + 8  # item_seq, four int32 columns, label (float32) or ID (int64)
     needed = n_items * item_bytes + n_rows * (row_bytes + 1)  # + the train rows' fold number
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise common.UserError(f"{folder}: the processed data needs about {needed / 2**30:.2f} GiB and the "
-                               f"disk has {free / 2**30:.2f} GiB free; free space or set data.work_dir elsewhere")
+        raise common.UserError(f"{folder}: the processed data needs about {needed / 2**20:,.0f} MiB and the "
+                               f"disk has {free / 2**20:,.0f} MiB free; free space or set data.work_dir elsewhere")
 
 
 def run_preprocess(cfg: dict, force: bool = False) -> Path:
     """Build (or reuse) the processed directory for ``cfg``; return its path."""
     cfg = {**cfg, "data": checked_data(cfg)}
     processed = common.data_paths(cfg)["processed"]
-    records = raw_records(Path(cfg["data"]["raw_dir"]), item_emb=cfg["data"]["item_emb"])
+    # a killed build's scratch folder holds gigabytes at full size: gone before the room is checked,
+    # and also when the finished folder is reused
+    common.sweep_staged_left_overs(processed)
+    records = raw_records(Path(cfg["data"]["raw_dir"]), item_emb=cfg["data"]["item_emb"],
+                          item_feature=cfg["data"]["item_feature"])
     fingerprint_value = fingerprint_of(records, cfg["data"])
     manifest_path = processed / "manifest.json"
     if not force and manifest_path.is_file():
@@ -479,8 +488,9 @@ def run_preprocess(cfg: dict, force: bool = False) -> Path:
     raw_dir = Path(cfg["data"]["raw_dir"])
     if manifest["item_levels"]["source"] == "rows" and (raw_dir.parent / ITEM_FEATURE_FILE).is_file():
         # the real download keeps item_feature.parquet one folder above MicroLens_1M_x1/
-        common.log(f"preprocess: note: {raw_dir.parent / ITEM_FEATURE_FILE} was not read: copy it into "
-                   f"{raw_dir} (data.raw_dir) for the items' own levels, then rerun preprocess.py --force")
+        common.log(f"preprocess: note: {raw_dir.parent / ITEM_FEATURE_FILE} was not read: for the items' own "
+                   f"levels set data.item_feature: ../{ITEM_FEATURE_FILE} (in every stage's config, as "
+                   f"configs/data.yaml) and rerun preprocess.py")
     return processed
 
 

@@ -36,13 +36,14 @@ ROW_ARRAYS = {split: FEATURES + (("label",) if split != "test" else ("ID",)) + (
 ITEM_ARRAYS = ITEM_TABLES  # [V] or [V, ...]
 
 
-def input_files(raw_dir: Path, item_emb: dict | None = None) -> dict[str, Path]:
-    """The four required files, item_feature.parquet when it is there, and the file data.item_emb
-    names (``item_emb``: the setting, a {file, column} dict, or None) when it is set."""
+def input_files(raw_dir: Path, item_emb: dict | None = None, item_feature: str | None = None) -> dict[str, Path]:
+    """The four required files; the file data.item_feature names (relative to raw_dir) or, when it is
+    null, item_feature.parquet if it is in raw_dir; and the file data.item_emb names (``item_emb``: the
+    setting, a {file, column} dict, or None) when it is set."""
     files = {split: raw_dir / f"{split}.parquet" for split in SPLITS}
     files["item_info"] = raw_dir / ITEM_FILE
-    if (raw_dir / ITEM_FEATURE_FILE).exists():
-        files["item_feature"] = raw_dir / ITEM_FEATURE_FILE
+    if item_feature is not None or (raw_dir / ITEM_FEATURE_FILE).exists():
+        files["item_feature"] = raw_dir / (item_feature or ITEM_FEATURE_FILE)
     if item_emb is not None:
         files["item_emb"] = raw_dir / item_emb["file"]
     return files
@@ -57,15 +58,17 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def raw_records(raw_dir: Path, known: dict | None = None, item_emb: dict | None = None) -> dict[str, dict]:
+def raw_records(raw_dir: Path, known: dict | None = None, item_emb: dict | None = None,
+                item_feature: str | None = None) -> dict[str, dict]:
     """Per input file (input_files): size, mtime and content hash. With ``known`` (a processed
     folder's record) a file whose size and mtime are unchanged keeps its recorded hash unread (the
     later stages' cheap check); without it every file is hashed (preprocess: an edit that restored
     the mtime is still seen)."""
     records = {}
-    for name, path in input_files(Path(raw_dir), item_emb).items():
-        common.require_file(path, note=" (named by data.item_emb.file, relative to data.raw_dir)"
-                            if name == "item_emb" else "")
+    notes = {"item_emb": " (named by data.item_emb.file, relative to data.raw_dir)",
+             "item_feature": " (named by data.item_feature, relative to data.raw_dir)"}
+    for name, path in input_files(Path(raw_dir), item_emb, item_feature).items():
+        common.require_file(path, note=notes.get(name, ""))
         stat = path.stat()
         old = (known or {}).get(name) or {}
         same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns
@@ -89,7 +92,8 @@ def fingerprint_of(records: dict[str, dict], data: dict) -> str:
 def fingerprint(cfg: dict) -> str:
     """The fingerprint of the config's raw files, every one hashed."""
     data = checked_data(cfg)
-    return fingerprint_of(raw_records(Path(data["raw_dir"]), item_emb=data["item_emb"]), data)
+    return fingerprint_of(raw_records(Path(data["raw_dir"]), item_emb=data["item_emb"],
+                                      item_feature=data["item_feature"]), data)
 
 
 def raw_files_changed(manifest: dict, raw_dir: str | os.PathLike) -> list[str] | None:
@@ -98,13 +102,14 @@ def raw_files_changed(manifest: dict, raw_dir: str | os.PathLike) -> list[str] |
     size and mtime match the folder's record are not read again."""
     data = {key: manifest.get(key) for key in BUILD_SETTINGS + OPTIONAL_SETTINGS}
     try:
-        records = raw_records(Path(raw_dir), known=manifest.get("raw_files"), item_emb=data["item_emb"])
+        records = raw_records(Path(raw_dir), known=manifest.get("raw_files"), item_emb=data["item_emb"],
+                              item_feature=data["item_feature"])
     except common.UserError:
         return None
     if fingerprint_of(records, data) == manifest.get("fingerprint"):
         return None
     known = manifest.get("raw_files") or {}
-    paths = input_files(Path(raw_dir), data["item_emb"])
+    paths = input_files(Path(raw_dir), data["item_emb"], data["item_feature"])
 
     def content(record: dict | None) -> list | None:
         return None if record is None else [record.get("size"), record.get("blake2b")]
@@ -129,7 +134,7 @@ BUILD_SETTINGS = ("n_folds", "fold_seed", "emb_dtype")
 # the same, for settings added later whose null default builds what the repo built before them: a
 # manifest without the key means null, and a null one is left out of the fingerprint and the
 # manifest, so folders (and the runs made from them) built before the key existed stay current
-OPTIONAL_SETTINGS = ("item_emb",)
+OPTIONAL_SETTINGS = ("item_emb", "item_feature")
 
 
 def setting_text(value) -> str:
@@ -201,10 +206,14 @@ class DataConfig:
     """The data: section (configs/data.yaml), which every stage shares."""
     raw_dir: str                      # train/valid/test/item_info.parquet, real or synthetic
     work_dir: str                     # processed arrays, runs and blends for this dataset
-    n_folds: int = field(default=3, metadata={"min": 2})  # stratified folds over train, for OOF predictions
+    # stratified folds over train, for OOF predictions; train_fold.npy holds them as int8
+    n_folds: int = field(default=3, metadata={"min": 2, "max": 127})
     fold_seed: int = field(default=20242025, metadata={"min": 0})  # numpy seeds are non-negative
     emb_dtype: EmbDtype = "float32"   # float16 halves the multimodal table in memory
     item_emb: ItemEmbSource | None = None  # null: item_info's item_emb_d128
+    # the items' own levels: null reads item_feature.parquet when it is in raw_dir; a file relative to
+    # raw_dir (the download keeps it one folder above: ../item_feature.parquet) must be there
+    item_feature: str | None = field(default=None, metadata={"nonempty": True})
 
 
 def checked_data(cfg: dict) -> dict:
