@@ -2,7 +2,7 @@
 # The whole job, end to end: install what is missing, generate the synthetic data if no data is
 # present, preprocess, train every model with k folds, refit the best single network on every
 # train row, and write + validate + score two submissions:
-#   submissions/NAME-blend.zip         the blend of every model's folds: a leaderboard probe
+#   submissions/NAME-blend.zip         the blend of every model's folds (or refits, --refit): a leaderboard probe
 #   submissions/NAME-single-RUN.zip    one network's refit alone: what Task 2's prizes accept
 #                                      (no ensemble for training or testing)
 # then print a summary table. Every stage reuses what an earlier, interrupted run finished, so

@@ -28,6 +28,7 @@ from sklearn.metrics import roc_auc_score
 from mmctr import blend
 from mmctr import blend_methods
 from mmctr import single
+from mmctr import summary
 from mmctr import common
 from mmctr import processed_data
 from mmctr.common import UserError
@@ -364,7 +365,14 @@ def test_test_from_refit_applies_the_oof_fitted_blend_to_the_refits(workspace, t
     for name in ("good", "fair"):
         write_run(work / "runs" / name, runs[name], arrays, manifest, refit=refits[name])
     metrics = blend.run_blend(cfg)
-    assert metrics["test_from"] == "refit"
+    assert metrics["test_from"] == "refit" and metrics["chosen_is_one_run"] is False
+    # the best run alone, from its refit: one network, and the summary says so
+    alone = blend.run_blend({**cfg, "blend": {**cfg["blend"], "select": "best_single"}})
+    assert alone["chosen_is_one_run"] is True
+    assert summary.probe_text(alone) == f"the blend chose {alone['best_single_run']} alone, its refit: one network"
+    assert "an ensemble" in summary.probe_text({**alone, "test_from": "folds"}) and "an ensemble" in \
+        summary.probe_text(metrics)
+    metrics = blend.run_blend(cfg)
     expected = {split: expit((logit(np.clip(refits["good"][split], 1e-7, 1 - 1e-7))
                               + logit(np.clip(refits["fair"][split], 1e-7, 1 - 1e-7))) / 2)
                 for split in ("valid", "test")}

@@ -76,6 +76,10 @@ BAD_CSVS = {
     "infinite value": (csv_text(with_row(3, ("3", "inf"))), "1 values infinite"),
     "value above 1": (csv_text(with_row(3, ("3", "1.5"))), "1 values outside [0, 1] (first: 1.5 at line 5, ID 3)"),
     "value below 0": (csv_text(with_row(3, ("3", "-0.1"))), "outside [0, 1]"),
+    # shown as written, not rounded to a value inside the range
+    "value just above 1": (csv_text(with_row(3, ("3", "1.0000001"))), "(first: 1.0000001 at line 5, ID 3)"),
+    # a name with a line break (a quoted header) or NUL bytes is shown escaped, on one line
+    "line break in a column name": (csv_text(header='ID,"Ta\nsk2"'), r"found: ID, 'Ta\nsk2'"),
     "non-numeric value": (csv_text(with_row(3, ("3", "abc"))), "non-numeric value 'abc' at line 5"),
     "non-numeric ID": (csv_text(with_row(3, ("three", "0.5"))), "column 'ID': non-numeric value 'three'"),
     "fractional ID": (csv_text(with_row(3, ("3.5", "0.5"))), "is not an integer ID"),

@@ -366,6 +366,7 @@ def run_blend(cfg: dict) -> dict:
         "select": settings.select,
         "test_from": settings.test_from,
         "chosen": chosen_name,
+        "chosen_is_one_run": chosen is best_single,
         "chosen_oof_auc": chosen.oof_auc,
         "chosen_valid_auc": chosen.valid_auc,
         "best_single_run": best_single.name,

@@ -161,16 +161,18 @@ def checked_predictions(frame: pd.DataFrame, expected_ids: np.ndarray, column: s
     # a file's problems are located by line (the header is line 1), a table's by row position
     locate = (lambda i: f"line {i + 2}") if from_file else (lambda i: f"row {i}")
     found = [str(name) for name in frame.columns]
+    # a name with a line break or NUL bytes (a UTF-16 file) shown escaped: the error stays one line
+    shown = [name if name.isprintable() else repr(name) for name in found]
     for name in (ID_COLUMN, column):
         if name not in found:
-            raise UserError(f"{where}: missing column '{name}' (found: {', '.join(found) or 'none'}; "
+            raise UserError(f"{where}: missing column '{name}' (found: {', '.join(shown) or 'none'}; "
                             f"expected exactly {ID_COLUMN},{column})")
-    extra = [name for name in found if name not in (ID_COLUMN, column)]
+    extra = [text for name, text in zip(found, shown) if name not in (ID_COLUMN, column)]
     if extra:
         raise UserError(f"{where}: unexpected column(s) {', '.join(extra)} "
                         f"(expected exactly {ID_COLUMN},{column})")
     if found != [ID_COLUMN, column]:  # a reader that goes by position would score the IDs
-        raise UserError(f"{where}: columns in the order {','.join(found)}, expected {ID_COLUMN},{column}")
+        raise UserError(f"{where}: columns in the order {','.join(shown)}, expected {ID_COLUMN},{column}")
 
     ids = _numbers(frame, ID_COLUMN, where, locate)
     not_integer = ~np.isfinite(ids) | (ids != np.round(ids)) | (np.abs(ids) >= 2.0**63)
@@ -189,7 +191,7 @@ def checked_predictions(frame: pd.DataFrame, expected_ids: np.ndarray, column: s
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise UserError(f"{where}: column '{column}': {int(bad.sum())} values {problem} (first: "
-                            f"{preds[first]:g} at {locate(first)}, ID {ids[first]:.0f}); predictions "
+                            f"{float(preds[first])!r} at {locate(first)}, ID {ids[first]:.0f}); predictions "
                             f"must be probabilities in [0, 1]")
 
     ids = ids.astype(np.int64)

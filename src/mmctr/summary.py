@@ -58,6 +58,18 @@ def blended_test_file(cfg: dict, name: str, run_metrics: dict, blend: dict):
     return path
 
 
+def probe_text(blend: dict) -> str:
+    """What the blend's submission is: a mix of runs or a mean of fold models is an ensemble; the best
+    run alone from its refit (blend.test_from: refit) is one network."""
+    if blend.get("chosen_is_one_run"):  # absent from the blends of older versions
+        if blend.get("test_from") == runs.REFIT:
+            return f"the blend chose {blend['best_single_run']} alone, its refit: one network"
+        return (f"the blend chose {blend['best_single_run']} alone, the mean of its fold models: an ensemble, "
+                f"so not eligible for a prize")
+    return (f"the blend, {blend['oof_auc_gain_vs_best_single']:+.4f} OOF AUC over {blend['best_single_run']}; an "
+            f"ensemble, so not eligible for a prize")
+
+
 def single_metrics(folder) -> dict | None:
     """src/single.py's metrics, or None when it did not run."""
     path = folder / "metrics.json"
@@ -80,13 +92,14 @@ def main(argv: list[str] | None = None) -> None:
     print()
     for r in table:
         print(f"{r[0]:<{width}}  " + "  ".join(f"{c:>11}" for c in r[1:]))
-    print(f"\nleaderboard probe: {blend['submission']['zip']} ({blend['submission']['rows']:,} rows): the "
-          f"blend, {blend['oof_auc_gain_vs_best_single']:+.4f} OOF AUC over {blend['best_single_run']}; an "
-          f"ensemble, so not eligible for a prize")
+    print(f"\nleaderboard probe: {blend['submission']['zip']} ({blend['submission']['rows']:,} rows): "
+          f"{probe_text(blend)}")
     single = single_metrics(common.data_paths(cfg)["work"] / "single")
     if single is not None:
         print(f"prize-eligible:    {single['submission']['zip']} ({single['submission']['rows']:,} rows): one "
               f"network, {single['run']} refit on every train row")
+    if blend.get("test_from") == runs.REFIT:
+        print("the runs' holdout and test AUC: their refits' (blend.test_from: refit); OOF AUC: their folds'")
     if rows[-1][3] is None:
         print("test AUC n/a: real data has no public test labels")
     log = experiments.log_path(cfg)
