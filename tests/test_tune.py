@@ -103,6 +103,19 @@ BAD_SPACES = {
     "wrong type for the key": ({"space": {"train.batch_size": {"type": "categorical", "choices": ["big"]}}},
                                "tune.space.train.batch_size = 'big'", "train.batch_size"),
     "empty space": ({"space": {}}, "tune.space must map config keys"),
+    "a step of zero": ({"space": {"model.emb_dim": {"type": "int", "low": 8, "high": 16, "step": 0}}},
+                       "tune.space.model.emb_dim", "step must be positive, got 0"),
+    "a negative step": ({"space": {"model.dropout": {"type": "float", "low": 0.0, "high": 0.3, "step": -0.1}}},
+                        "tune.space.model.dropout", "step must be positive, got -0.1"),
+    # the trials would draw 9.23: the ends 8.0 and 16.0 alone pass as integers
+    "a float range on an integer key": ({"space": {"model.emb_dim": {"type": "float", "low": 8, "high": 16}}},
+                                        "tune.space.model.emb_dim = 11.05", "must be an integer"),
+    "a data setting": ({"space": {"data.fold_seed": {"type": "int", "low": 1, "high": 9}}},
+                       "tune.space.data.fold_seed", "data and run settings are not searched"),
+    "a run setting": ({"space": {"run.name": {"type": "categorical", "choices": ["a", "b"]}}},
+                      "tune.space.run.name", "data and run settings are not searched"),
+    "a study name no run folder takes": ({"study": "my study"}, "tune.study 'my study' names the trials' runs",
+                                         "run.name must be a plain folder name"),
     "bad objective": ({"objective": "test"}, "tune.objective", "fold0 or oof"),
 }
 
@@ -110,7 +123,7 @@ BAD_SPACES = {
 @pytest.mark.parametrize("case", list(BAD_SPACES))
 def test_a_bad_space_file_is_one_line_before_any_trial(case, tiny_raw, work, tmp_path, capsys):
     keys, *fragments = BAD_SPACES[case]
-    path = tune_file(tmp_path, tiny_raw, work, study=f"bad{abs(hash(case))}", **keys)
+    path = tune_file(tmp_path, tiny_raw, work, **{"study": f"bad{abs(hash(case))}", **keys})
     assert_user_error(lambda: tune.main(["--config", str(path), "--device", "cpu"]), *fragments)
     said = capsys.readouterr()
     assert "tune: trial" not in said.out + said.err, "no trial ran"
@@ -131,13 +144,13 @@ def test_every_shipped_space_passes_its_checks(path, tiny_raw, work):
     settings, space, model_cfg = tune.split_config(common.load_config(
         path, [f"data.raw_dir={tiny_raw}", f"data.work_dir={work}"]))
     _, arrays, manifest = processed_data.load_current(model_cfg)
-    tune.check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")))
+    tune.check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")), settings.study)
     assert settings.study == path.stem and space
 
 
 def test_a_study_of_three_trials_gives_runs_rows_and_a_config_train_takes(tiny_raw, work, tmp_path):
     out = tmp_path / "s_tuned.yaml"
-    result = run_tune(tune_file(tmp_path, tiny_raw, work, study="three"), "--out", out)
+    result = run_tune(tune_file(tmp_path, tiny_raw, work, study="three"), "--out", out, "--set", f"data.work_dir={work}")
     assert result.returncode == 0, result.stderr[-3000:]
     study = study_of(work, "three")
     trials = study.get_trials()
@@ -154,6 +167,8 @@ def test_a_study_of_three_trials_gives_runs_rows_and_a_config_train_takes(tiny_r
     assert out.read_text().startswith(tune.TUNED_MARK)
     fingerprint = common.read_json(work / "processed" / "manifest.json")["fingerprint"]
     assert f"{tune.TUNED_DATA}{fingerprint}\n" in out.read_text()
+    # the command in the header trains on the data the search had: the data is the caller's
+    assert f"--config {out} --set data.work_dir={work} trains it" in out.read_text()
     cfg = common.load_config(out, [f"data.raw_dir={tiny_raw}", f"data.work_dir={work}"])
     best = study.best_trial
     assert cfg["run"]["name"] == "s_tuned" and cfg["train"]["max_epochs"] == 2
@@ -163,7 +178,7 @@ def test_a_study_of_three_trials_gives_runs_rows_and_a_config_train_takes(tiny_r
     assert "optuna-dashboard sqlite:///" in result.stdout
 
     # the same command again: the study has its trials, nothing more runs
-    again = run_tune(tune_file(tmp_path, tiny_raw, work, study="three"), "--out", out)
+    again = run_tune(tune_file(tmp_path, tiny_raw, work, study="three"), "--out", out, "--set", f"data.work_dir={work}")
     assert again.returncode == 0 and "tune: trial" not in again.stdout + again.stderr
     assert len(study_of(work, "three").get_trials()) == 3
 
@@ -186,19 +201,38 @@ def test_a_trial_stopped_by_ctrl_c_or_a_user_error_is_logged_without_a_traceback
     assert "KeyboardInterrupt()" in said and "UserError('train.lr must be positive')" in said
 
 
-def test_a_tuned_config_of_another_study_or_data_is_never_replaced(tmp_path):
+def test_a_tuned_config_of_another_study_or_data_is_never_replaced(tmp_path, capsys):
     out = tmp_path / "s_tuned.yaml"
-    tune.check_out(out, "s", "abc")  # nothing there yet
+    assert tune.check_out(out, "s", "id1", "abc", "f1")  # nothing there yet
     out.write_text("base: qin_small.yaml\n")
-    assert_user_error(lambda: tune.check_out(out, "s", "abc"), "not written by src/tune.py", "--out")
-    out.write_text(f"{tune.TUNED_MARK}: the best of study 's' (trial 1, ...)\n# searched ...\n{tune.TUNED_DATA}abc\n")
-    tune.check_out(out, "s", "abc")  # the same study on the same data: its newer best may replace it
-    assert_user_error(lambda: tune.check_out(out, "s", "xyz"), "study 's' on data abc", "on data xyz", "--out")
-    assert_user_error(lambda: tune.check_out(out, "t", "abc"), "study 's'", "this search is study 't'")
-    out.write_text(f"{tune.TUNED_MARK}: the best of study 's' (trial 1, ...)\n")  # written before data was recorded
-    assert_user_error(lambda: tune.check_out(out, "s", "abc"), "on data (not recorded)")
-    # the shipped result is the demo's (docs/TUNING.md), so only the demo search may move it on
-    tune.check_out(common.CONFIG_DIR / "qin_small_tuned.yaml", "qin_small", "607a15ce0353d120")
+    assert_user_error(lambda: tune.check_out(out, "s", "id1", "abc", "f1"), "not written by src/tune.py", "--out")
+
+    def written(study_part: str, value: float = 0.8, data: str = "abc", fixed: str | None = "f1") -> None:
+        out.write_text(f"{tune.TUNED_MARK}: the best of study {study_part} (trial 1, fold 0 valid AUC {value:.6f}, "
+                       f"3 finished trials)\n# searched ...\n{tune.TUNED_DATA}{data}\n"
+                       + (f"{tune.TUNED_FIXED}{fixed}\n" if fixed else ""))
+    written("'s' (id id1)")
+    assert tune.check_out(out, "s", "id1", "abc", "f1", 0.5)  # the same study, moved on: its best replaces it
+    assert_user_error(lambda: tune.check_out(out, "s", "id1", "xyz", "f1"), "study 's' on data abc", "on data xyz")
+    assert_user_error(lambda: tune.check_out(out, "t", "id1", "abc", "f1"), "study 's'", "this search is study 't'")
+    # an earlier study of the same name (another database, or the shipped result): the same fixed settings
+    # on the same data, and replaced only by a better best
+    assert tune.check_out(out, "s", "id2", "abc", "f1")  # before the search: it may go on
+    assert tune.check_out(out, "s", "id2", "abc", "f1", 0.81)
+    capsys.readouterr()
+    assert not tune.check_out(out, "s", "id2", "abc", "f1", 0.79)
+    assert "kept: the best of an earlier study 's' (0.800000) beats this search's (0.790000)" in capsys.readouterr().out
+    assert_user_error(lambda: tune.check_out(out, "s", "id2", "abc", "f2"), "with fixed settings f1",
+                      "with fixed settings f2", "--out")  # e.g. --set train.max_epochs=1: values not comparable
+    written("'s' (id id1)", fixed=None)  # written before the fixed settings were recorded
+    assert_user_error(lambda: tune.check_out(out, "s", "id2", "abc", "f1"), "fixed settings (not recorded)")
+    # the shipped result is the demo's (docs/TUNING.md): a fresh demo search with its settings may beat it
+    shipped = common.CONFIG_DIR / "qin_small_tuned.yaml"
+    settings, space, model_cfg = tune.split_config(common.load_config(common.CONFIG_DIR / "tune" / "qin_small.yaml"))
+    fixed = tune.trials_fingerprint(model_cfg, space, {"fingerprint": "607a15ce0353d120"})
+    assert tune.tuned_header(shipped.read_text()) == {"study": "qin_small", "id": None, "data": "607a15ce0353d120",
+                                                      "fixed": fixed["config_hash"], "value": 0.853959}
+    assert not tune.check_out(shipped, "qin_small", "new", "607a15ce0353d120", fixed["config_hash"], 0.85)
 
 
 def test_the_same_seed_gives_the_same_trials_and_another_seed_others(tiny_raw, work, tmp_path):
@@ -249,6 +283,51 @@ def test_a_study_takes_no_trials_of_other_fixed_settings_or_data(tiny_raw, work,
     optuna.create_study(study_name="fixed", storage=old).set_user_attr("tune", {
         "seed": settings.seed, "objective": settings.objective, "space": settings.space})
     assert tune.open_study(settings, old, fixed).user_attrs["fixed"] == fixed
+
+
+def test_a_diverged_trial_is_pruned_and_the_search_goes_on(tiny_raw, work, tmp_path):
+    """A learning rate too high is an outcome of the search, the worst one, not a fault that stops it
+    or that the next trial repeats."""
+    huge_lr = {"train.lr": {"type": "float", "low": 1.0e+3, "high": 1.0e+6, "log": True}}
+    config = tune_file(tmp_path, tiny_raw, work, study="diverged", n_trials=2, space=huge_lr)
+    settings, space, model_cfg = tune.split_config(common.load_config(config))
+    storage = f"sqlite:///{tmp_path / 'diverged.db'}"
+    fixed = tune.trials_fingerprint(model_cfg, space, processed_data.load_current(model_cfg)[2])
+    tune.open_study(settings, storage, fixed)
+    tune.optimize(settings, space, model_cfg, storage, fixed, "cpu", str(config), [], None)
+    trials = optuna.load_study(study_name="diverged", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"]
+    assert trials[0].params != trials[1].params
+
+
+def test_failing_trials_draw_anew_and_three_in_a_row_stop_the_search(tiny_raw, work, tmp_path, monkeypatch):
+    """A failed trial moves the sampler's seed on (the next trial does not draw it again); a fault every
+    trial meets stops the worker after three, in one line, instead of looping on."""
+    config = tune_file(tmp_path, tiny_raw, work, study="failing", n_trials=5)
+    settings, space, model_cfg = tune.split_config(common.load_config(config))
+    storage = f"sqlite:///{tmp_path / 'failing.db'}"
+    tune.open_study(settings, storage, FIXED)
+
+    def broken(cfg, **_):
+        raise UserError(f"{cfg['run']['name']}: the disk is full")
+    monkeypatch.setattr(train, "run_training", broken)
+    assert_user_error(lambda: tune.optimize(settings, space, model_cfg, storage, FIXED, "cpu", str(config), [], None),
+                      "tune: 3 trials in a row failed (the last: failing-t002: the disk is full)", "rerun")
+    trials = optuna.load_study(study_name="failing", storage=storage).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL"] * 3
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 3, "each failed trial drew other parameters"
+
+
+def test_a_new_study_is_refused_where_an_earlier_study_of_its_name_left_trial_runs(tmp_path, tiny_raw, work):
+    """Its trials would move the earlier study's runs aside, and that study's trials point at them."""
+    settings = tune.split_config(common.load_config(tune_file(tmp_path, tiny_raw, work, study="reused")))[0]
+    runs_dir = tmp_path / "runs"
+    (runs_dir / "reused-t000").mkdir(parents=True)
+    assert_user_error(lambda: tune.open_study(settings, f"sqlite:///{tmp_path / 'new.db'}", FIXED, runs_dir=runs_dir),
+                      "reused-t000: a trial of an earlier study 'reused'", "another tune.study name")
+    storage = f"sqlite:///{tmp_path / 'own.db'}"
+    tune.open_study(settings, storage, FIXED)  # its own study: the runs are its trials'
+    tune.open_study(settings, storage, FIXED, runs_dir=runs_dir)
 
 
 def test_a_trial_worse_than_the_median_is_pruned_after_its_first_epoch(tiny_raw, work, tmp_path):

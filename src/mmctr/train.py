@@ -64,6 +64,11 @@ from mmctr.models.tables import user_row_counts
 from mmctr.models.metrics import log_loss, roc_auc
 
 
+class TrainingDiverged(UserError):
+    """Non-finite predictions: the settings (a learning rate too high) made training diverge; for a
+    search (tune.py) an outcome of the trial, not a fault of the config."""
+
+
 # Keys that change where or how visibly a run happens, not what it computes: left out of the
 # fingerprint, so that e.g. finishing a run's last folds on another device reuses the others.
 RUN_TIME_ONLY_KEYS = (("train", "device"), ("train", "log_every"))
@@ -306,7 +311,7 @@ def train_fold(fold: int | str, cfg: dict, train_cfg: TrainConfig, data: dict, t
         result = fit(model, data, train_rows, eval_sets, settings, monitor=monitor, on_epoch=on_epoch,
                      progress=progress, lr_by_epoch=refit_lrs)
     except FloatingPointError as exc:
-        raise UserError(f"{name}: {exc}") from None
+        raise TrainingDiverged(f"{name}: {exc}") from None
     finally:
         progress.close()
     if rank > 0:

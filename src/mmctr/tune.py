@@ -2,7 +2,8 @@
 
     python src/tune.py --config configs/tune/qin_small.yaml [--set tune.n_trials=40] [--set data.raw_dir=...]
     python src/tune.py --config configs/tune/qin_small.yaml --devices cuda:0,cuda:1   # one worker per GPU
-    python src/tune.py --config ... --storage postgresql://user@host/db              # several machines
+    python src/tune.py --config ... --storage postgresql://user@host/db              # several machines (a driver:
+                                                                                      # pip install psycopg2-binary)
 
 A tune config is a model config (``base: ../qin_small.yaml``) plus a ``tune:`` section: the study's
 name, the objective (``fold0``: fold 0's valid AUC; ``oof``: the OOF AUC over every fold), the
@@ -14,7 +15,8 @@ per dotted config key:
       model.emb_dim: {type: int, low: 8, high: 32, step: 8}
       model.mlp_hidden: {type: categorical, choices: ["[128, 64]", "[256, 128]"]}   # YAML values
 
-Every key is checked against the model config (its bounds too) before any trial runs.
+Every key is checked against the model config (its bounds too, and a value inside a float range)
+before any trial runs; a trial that diverges is pruned, three failed trials in a row stop the search.
 
 Outputs, all resumable (the same command continues a killed search, retrying a trial its process
 did not finish, with the same parameters):
@@ -30,11 +32,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import glob
 import logging
 import os
 import re
+import shlex
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -75,7 +80,7 @@ class TuneConfig:
     seed: int = 20250101                              # the sampler's: same seed, same storage, same trials
     startup_trials: int = field(default=5, metadata={"min": 0})  # random trials before TPE models the space
     pruner: Literal["median", "hyperband", "none"] = "median"
-    prune_startup_trials: int = field(default=3, metadata={"min": 0})  # median: finished trials before pruning
+    prune_startup_trials: int = field(default=3, metadata={"min": 0})  # median: completed trials before pruning
     prune_warmup_epochs: int = field(default=1, metadata={"min": 0})   # epochs a trial runs before it can be pruned
     space: dict = field(default_factory=dict)         # checked entry by entry (ParamSpec)
 
@@ -103,6 +108,9 @@ def split_config(cfg: dict) -> tuple[TuneConfig, dict[str, ParamSpec], dict]:
 
 def checked_spec(key: str, raw: Any) -> ParamSpec:
     where = f"tune.space.{key}"
+    if key.split(".")[0] in ("data", "run"):  # the processed data is built once; run.name is the trial's
+        raise UserError(f"config: {where}: data and run settings are not searched (a trial trains on the data "
+                        f"the search was given, as run <study>-tNNN); search model and train keys")
     spec = common.typed_section(ParamSpec, raw, where)
     if spec.type == "categorical":
         if not spec.choices:
@@ -118,6 +126,8 @@ def checked_spec(key: str, raw: Any) -> ParamSpec:
         raise UserError(f"config: {where}: a {spec.type} entry needs low and high (and no choices)")
     if not spec.low <= spec.high:
         raise UserError(f"config: {where}: low ({spec.low:g}) must not exceed high ({spec.high:g})")
+    if spec.step is not None and not spec.step > 0:
+        raise UserError(f"config: {where}: step must be positive, got {spec.step:g}")
     if spec.log and (spec.low <= 0 or spec.step is not None):
         raise UserError(f"config: {where}: log: true needs low > 0 and no step")
     if spec.type == "int" and any(v is not None and float(v) != int(v) for v in (spec.low, spec.high, spec.step)):
@@ -139,10 +149,14 @@ def overrides_of(params: dict) -> list[str]:
             if not isinstance(value, str) else f"{key}={value}" for key, value in params.items()]
 
 
-def trial_config(model_cfg: dict, params: dict, run_name: str) -> dict:
+def run_name(study: str, number: int) -> str:
+    return f"{study}-t{number:03d}"
+
+
+def trial_config(model_cfg: dict, params: dict, name: str) -> dict:
     """The model config of one trial: the parameters applied (unknown keys are errors), its run name."""
     cfg = copy.deepcopy(model_cfg)
-    for assignment in overrides_of(params) + [f"run.name={run_name}"]:
+    for assignment in overrides_of(params) + [f"run.name={name}"]:
         common.apply_override(cfg, assignment)
     return cfg
 
@@ -155,13 +169,29 @@ def range_ends(spec: ParamSpec) -> list:
     return [int(v) if spec.type == "int" else v for v in (spec.low, spec.high)]
 
 
-def check_space(model_cfg: dict, space: dict[str, ParamSpec], tables: dict) -> None:
-    """Every key exists in the model config and each end of its range (every choice) passes the
-    config's own checks: one line now, not a failure at trial 7."""
+def probe_values(spec: ParamSpec) -> list:
+    """The ends of a parameter's range and, for a float without a step, a value inside it, as a
+    trial may draw it (8.73 on an integer key fails where 8.0 and 16.0 pass)."""
+    values = range_ends(spec)
+    if spec.type == "float" and spec.step is None and spec.low < spec.high:
+        inside = 0.382  # a fraction no grid of round numbers holds
+        values.append(spec.low * (spec.high / spec.low) ** inside if spec.log
+                      else spec.low + (spec.high - spec.low) * inside)
+    return values
+
+
+def check_space(model_cfg: dict, space: dict[str, ParamSpec], tables: dict, study: str) -> None:
+    """The study's name makes valid run names; every key exists in the model config and each end of
+    its range (every choice), and a value inside it, passes the config's own checks: one line now,
+    not the same failure at every trial."""
+    try:
+        train.checked_config(trial_config(model_cfg, {}, run_name(study, 0)), "cpu")
+    except UserError as exc:
+        raise UserError(f"config: tune.study {study!r} names the trials' runs: {exc}") from None
     for key, spec in space.items():
-        for value in range_ends(spec):
+        for value in probe_values(spec):
             try:
-                cfg = trial_config(model_cfg, {key: value}, "space-check")
+                cfg = trial_config(model_cfg, {key: value}, run_name(study, 0))
                 cfg = train.checked_config(cfg, "cpu")
                 with torch.device("meta"):
                     model_config.build_model(cfg["model"], tables)
@@ -173,9 +203,16 @@ def check_space(model_cfg: dict, space: dict[str, ParamSpec], tables: dict) -> N
 # the study
 # ---------------------------------------------------------------------------------------------
 
+def counts_for_the_seed(trial: optuna.trial.FrozenTrial) -> bool:
+    """Every trial but one its killed process left unfinished (failed, then queued again): a search
+    resumed after a kill draws what the uninterrupted one would have drawn, and a trial that failed
+    (its user attribute ``failed``) moves the seed on, so the next one does not draw it again."""
+    return trial.state != optuna.trial.TrialState.FAIL or "failed" in trial.user_attrs
+
+
 class TrialSeededTPE(optuna.samplers.BaseSampler):
-    """TPE whose random state is a function of (seed, how many trials came before that did not
-    fail): a search resumed after a kill draws what the uninterrupted one would have drawn."""
+    """TPE whose random state is a function of (seed, how many trials came before that count for
+    it: counts_for_the_seed)."""
 
     def __init__(self, seed: int, startup_trials: int):
         self.seed, self.startup_trials = seed, startup_trials
@@ -184,7 +221,7 @@ class TrialSeededTPE(optuna.samplers.BaseSampler):
     def _tpe(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> optuna.samplers.TPESampler:
         if self._for_trial != trial.number:
             before = [t for t in study.get_trials(deepcopy=False)
-                      if t.number < trial.number and t.state != optuna.trial.TrialState.FAIL]
+                      if t.number < trial.number and counts_for_the_seed(t)]
             self._sampler = optuna.samplers.TPESampler(seed=(self.seed * 1_000_003 + len(before)) % 2**32,
                                                        n_startup_trials=self.startup_trials)
             self._for_trial = trial.number
@@ -229,18 +266,28 @@ def trials_fingerprint(model_cfg: dict, space: dict[str, ParamSpec], manifest: d
     return train.fingerprint_of(train.parse_config(trial_config(model_cfg, anchor, "trial"), None)[0], manifest)
 
 
-def open_study(settings: TuneConfig, storage_url: str, fixed: dict) -> optuna.Study:
+def open_study(settings: TuneConfig, storage_url: str, fixed: dict, runs_dir: Path | None = None) -> optuna.Study:
+    """The study, created or checked against this search's settings. ``runs_dir`` (the first opening
+    only): a new study whose trials' run folders are there already, from an earlier study of that
+    name (another database, or one deleted), is refused: its trials would move them aside."""
     # a generous SQLite timeout: several workers write to one file
     engine = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
     try:
         storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine)
     except Exception as exc:  # noqa: BLE001: a bad URL or an unreachable server, in the user's words
-        raise UserError(f"--storage {storage_url}: cannot open ({common.first_line(exc)})") from None
+        raise UserError(f"the study's database {storage_url}: cannot open ({common.first_line(exc)})") from None
+    if runs_dir is not None and not study_exists(storage, settings.study):
+        earlier = sorted(runs_dir.glob(f"{glob.escape(settings.study)}-t[0-9][0-9][0-9]*"))
+        if earlier:
+            raise UserError(f"{earlier[0]}: a trial of an earlier study '{settings.study}' (not in {storage_url}): "
+                            f"give this search another tune.study name, or move that study's runs away")
     study = optuna.create_study(study_name=settings.study, storage=storage, direction="maximize",
                                 sampler=TrialSeededTPE(settings.seed, settings.startup_trials),
                                 pruner=make_pruner(settings), load_if_exists=True)
     recorded = study.user_attrs.get("tune")
     ours = {"seed": settings.seed, "objective": settings.objective, "space": settings.space}
+    if "id" not in study.user_attrs:  # which study a tuned config came from: names repeat across databases
+        study.set_user_attr("id", uuid.uuid4().hex[:12])
     if recorded is None:
         study.set_user_attr("tune", ours)
     elif recorded != ours:
@@ -258,7 +305,16 @@ def open_study(settings: TuneConfig, storage_url: str, fixed: dict) -> optuna.St
     return study
 
 
+def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        return False
+    return True
+
+
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+FAILURES_IN_A_ROW = 3  # a worker stops after this many failed trials with no finished one between
 
 
 def retry_abandoned_trials(study: optuna.Study) -> None:
@@ -291,7 +347,7 @@ def objective_for(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         params = {key: suggest(trial, key, spec) for key, spec in space.items()}
-        name = f"{settings.study}-t{trial.number:03d}"
+        name = run_name(settings.study, trial.number)
         cfg = trial_config(model_cfg, params, name)
         trial.set_user_attr("run", name)
         common.log(f"tune: trial {trial.number} ({name}): {', '.join(overrides_of(params))}")
@@ -306,7 +362,14 @@ def objective_for(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: 
                 raise optuna.TrialPruned()
 
         folds = [0] if settings.objective == "fold0" else None
-        run_dir = train.run_training(cfg, folds=folds, device=device, epoch_hook=report)
+        try:
+            run_dir = train.run_training(cfg, folds=folds, device=device, epoch_hook=report)
+        except train.TrainingDiverged as exc:  # a learning rate too high: the worst outcome, not a fault
+            common.log(f"tune: trial {trial.number} pruned: {exc}")
+            raise optuna.TrialPruned() from None
+        except UserError as exc:
+            trial.set_user_attr("failed", common.first_line(exc))
+            raise
         experiments.record_run(cfg, config_file, overrides + overrides_of(params) + [f"run.name={name}"],
                                folds=folds)
         if settings.objective == "fold0":
@@ -324,12 +387,22 @@ def optimize(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: dict,
     objective = objective_for(settings, space, model_cfg, device, config_file, overrides)
     # one trial per call, so the count (shared by every worker) and the time budget are looked at
     # between trials; workers starting their last trials at once may finish a few more than n_trials
+    failures: list[str] = []  # this worker's trials that failed since its last finished one
+
+    def count_failures(_, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.FAIL:
+            failures.append(trial.user_attrs.get("failed", "failed"))
+        else:
+            failures.clear()
     while finished_trials(study) < settings.n_trials:
         left = None if deadline is None else deadline - time.time()
         if left is not None and left <= 0:
             break
         study.optimize(objective, n_trials=1, timeout=left, catch=(UserError,), gc_after_trial=False,
-                       show_progress_bar=False)
+                       show_progress_bar=False, callbacks=[count_failures])
+        if len(failures) >= FAILURES_IN_A_ROW:  # a fault every trial meets: searching on repeats it
+            raise UserError(f"tune: {len(failures)} trials in a row failed (the last: {failures[-1]}): fix that, "
+                            f"then rerun the same command to continue the search")
 
 
 class _NoTracebackOfKnownFailures(logging.Filter):
@@ -364,32 +437,60 @@ def worker(settings: TuneConfig, space: dict, model_cfg: dict, storage_url: str,
 # the result
 # ---------------------------------------------------------------------------------------------
 
-def check_out(out: Path, study: str, data_fingerprint: str) -> None:
-    """``out`` may be written: it does not exist, or tune.py wrote it for this study on this data
-    (the study has moved on). Another file there, or another study's or data's best, is the user's
-    result: never replaced (checked before the search and again before the write)."""
+TUNED_FIXED = "# with fixed settings "  # + the config hash of what every trial shared (trials_fingerprint)
+
+
+def tuned_header(text: str) -> dict:
+    """What the header of a tuned config records: study name and id, data fingerprint, fixed
+    settings' hash and best value (None where a file of an older version has none)."""
+    def find(pattern: str) -> str | None:
+        match = re.search(pattern, text, re.M)
+        return match and match.group(1)
+    value = find(r"^# Written by .* AUC (\d+\.\d+)")
+    return {"study": find(r"the best of study '([^']*)'"), "id": find(r"the best of study '[^']*' \(id (\w+)\)"),
+            "data": find(rf"^{re.escape(TUNED_DATA)}(\S+)"), "fixed": find(rf"^{re.escape(TUNED_FIXED)}(\S+)"),
+            "value": None if value is None else float(value)}
+
+
+def check_out(out: Path, study: str, study_id: str, data_fingerprint: str, fixed_hash: str,
+              value: float | None = None) -> bool:
+    """May ``out`` be written? True where it does not exist or tune.py wrote it for this very study (its
+    id: the study has moved on since), or for an earlier study of the same name with the same fixed
+    settings on the same data (e.g. the shipped demo result) that ``value``, this search's best,
+    beats; False where that earlier best is as good (kept, and said). A file tune.py did not write,
+    or another study's, data's or fixed settings' best, is the user's result: a UserError, before
+    the search (``value`` None) and again before the write."""
     if not out.exists():
-        return
+        return True
     text = out.read_text()
     if not text.startswith(TUNED_MARK):
         raise UserError(f"{out}: exists and was not written by src/tune.py; give --out another path")
-    study_there = re.search(r"the best of study '([^']*)'", text)
-    data_there = re.search(rf"^{re.escape(TUNED_DATA)}(\S+)", text, re.M)
-    there = (study_there and study_there.group(1), data_there and data_there.group(1))
-    if there != (study, data_fingerprint):
-        raise UserError(f"{out}: holds the best of study '{there[0]}' on data {there[1] or '(not recorded)'}, and "
-                        f"this search is study '{study}' on data {data_fingerprint}: give --out another path, "
-                        f"or delete that file to replace it")
+    there = tuned_header(text)
+    if there["study"] == study and there["id"] == study_id and there["data"] == data_fingerprint:
+        return True
+    if (there["study"], there["data"], there["fixed"]) != (study, data_fingerprint, fixed_hash):
+        raise UserError(f"{out}: holds the best of study '{there['study']}' on data {there['data'] or '(not recorded)'} "
+                        f"with fixed settings {there['fixed'] or '(not recorded)'}, and this search is study "
+                        f"'{study}' on data {data_fingerprint} with fixed settings {fixed_hash}: give --out another "
+                        f"path, or delete that file to replace it")
+    if value is None or there["value"] is None or value > there["value"]:
+        return True
+    common.log(f"tune: {out} kept: the best of an earlier study '{study}' ({there['value']:.6f}) beats this "
+               f"search's ({value:.6f})")
+    return False
 
 
 def write_best_config(study: optuna.Study, settings: TuneConfig, config_file: Path, overrides: list[str],
-                      out: Path, data_fingerprint: str) -> Path:
+                      out: Path, data_fingerprint: str) -> Path | None:
     """The best trial as a config: the tune config's own sections but tune and data (data is the
     caller's, --set at run time), the search's --set values but data's, its best parameters, and
-    run.name = the file's stem. Its header names the study and the processed data's fingerprint."""
+    run.name = the file's stem. Its header names the study (and its id), the processed data's fingerprint
+    and the fixed settings' hash. None where check_out keeps an earlier study's better file."""
     best = study.best_trial
     raw = common.parse_yaml(config_file.read_text()) or {}
-    check_out(out, settings.study, data_fingerprint)
+    fixed_hash = study.user_attrs["fixed"]["config_hash"]
+    if not check_out(out, settings.study, study.user_attrs["id"], data_fingerprint, fixed_hash, best.value):
+        return None
     body = {key: value for key, value in raw.items() if key not in ("tune", "data")}
     if "base" in body:
         body["base"] = os.path.relpath((config_file.parent / body["base"]).resolve(), out.parent.resolve())
@@ -403,10 +504,13 @@ def write_best_config(study: optuna.Study, settings: TuneConfig, config_file: Pa
             node = node.setdefault(part, {})
         node[last] = common.parse_yaml(value) if isinstance(value, str) else value
     cfg.setdefault("run", {})["name"] = out.stem
-    header = (f"{TUNED_MARK}: the best of study '{settings.study}' (trial {best.number}, "
-              f"{'fold 0 valid' if settings.objective == 'fold0' else 'OOF'} AUC {best.value:.6f}, "
+    # the data is the caller's: the command trains on the data the search had
+    data_sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides if o.startswith("data."))
+    header = (f"{TUNED_MARK}: the best of study '{settings.study}' (id {study.user_attrs['id']}) (trial "
+              f"{best.number}, {'fold 0 valid' if settings.objective == 'fold0' else 'OOF'} AUC {best.value:.6f}, "
               f"{finished_trials(study)} finished trials)\n# searched with {shown_path(config_file)}; "
-              f"python src/train.py --config {shown_path(out)} trains it\n{TUNED_DATA}{data_fingerprint}\n")
+              f"python src/train.py --config {shown_path(out)}{' ' + data_sets if data_sets else ''} trains it\n"
+              f"{TUNED_DATA}{data_fingerprint}\n{TUNED_FIXED}{fixed_hash}\n")
     common.write_text(out, header + yaml.safe_dump(cfg, sort_keys=False))
     return out
 
@@ -451,13 +555,15 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     settings, space, model_cfg = split_config(common.config_from_args(args))
     _, arrays, manifest = processed_data.load_current(model_cfg)  # current processed data, or one line
-    check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")))
+    check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")), settings.study)
     storage_url = args.storage or default_storage(model_cfg, settings.study)
     out = args.out or common.CONFIG_DIR / f"{settings.study}_tuned.yaml"
-    check_out(out, settings.study, manifest["fingerprint"])  # before hours of search, not after
     fixed = trials_fingerprint(model_cfg, space, manifest)
-    study = open_study(settings, storage_url, fixed)  # created (or checked) once, before any worker; its
-    # trials are read from the database at every call, the workers' included
+    # created (or checked) once, before any worker; its trials are read from the database at every
+    # call, the workers' included
+    study = open_study(settings, storage_url, fixed, runs_dir=common.data_paths(model_cfg)["runs"])
+    check_out(out, settings.study, study.user_attrs["id"], manifest["fingerprint"], fixed["config_hash"])  # before
+    # hours of search, not after
     deadline = None if settings.timeout_s is None else started + settings.timeout_s
     overrides = [o for o in args.overrides if not o.startswith("tune.")]
     devices = args.devices or [args.device or train.parse_config(model_cfg, None)[1].device]
