@@ -54,6 +54,7 @@ def stored(label, config="qin_small", overrides=(), seed=1, test_auc=0.8):
 def test_a_label_run_before_as_another_variant_or_sharing_run_folders_is_refused():
     results = [stored("q", overrides=["model.emb_dim=8"])]
     study.check_labels([("q", "qin_small", ["model.emb_dim=8"])], [], results)  # the same variant resumes
+    study.check_labels([("q", "qin_small", ["model.emb_dim=8"])], [], [stored("q", overrides=[" model.emb_dim=8"])])
     for variant, extra in [(("q", "qin_small", ["model.emb_dim=16"]), []), (("q", "simqin_small", ["model.emb_dim=8"]), []),
                            (("q", "qin_small", ["model.emb_dim=8"]), ["train.lr=1e-2"])]:
         with pytest.raises(SystemExit, match="'q': already run in this data root as qin_small"):

@@ -114,8 +114,8 @@ BAD_SPACES = {
                        "tune.space.data.fold_seed", "data and run settings are not searched"),
     "a run setting": ({"space": {"run.name": {"type": "categorical", "choices": ["a", "b"]}}},
                       "tune.space.run.name", "data and run settings are not searched"),
-    "a study name no run folder takes": ({"study": "my study"}, "tune.study 'my study' names the trials' runs",
-                                         "run.name must be a plain folder name"),
+    "a study name no run folder takes": ({"study": "my study"}, "tune.study 'my study' names the trials' run folders",
+                                         "letters, digits, _ . - only"),
     "bad objective": ({"objective": "test"}, "tune.objective", "fold0 or oof"),
 }
 
@@ -127,6 +127,28 @@ def test_a_bad_space_file_is_one_line_before_any_trial(case, tiny_raw, work, tmp
     assert_user_error(lambda: tune.main(["--config", str(path), "--device", "cpu"]), *fragments)
     said = capsys.readouterr()
     assert "tune: trial" not in said.out + said.err, "no trial ran"
+
+
+def test_a_space_is_checked_with_its_own_values_not_the_bases(tiny_raw, work, tmp_path):
+    """A base train.lr_min of 3e-3 is below every lr the space draws, though above the base's own lr."""
+    path = tune_file(tmp_path, tiny_raw, work, study="lifted",
+                     space={"train.lr": {"type": "float", "low": 4.0e-3, "high": 1.0e-2}})
+    text = path.read_text().replace("  max_epochs: 2\n", "  max_epochs: 2\n  lr_min: 0.003\n")
+    path.write_text(text)
+    settings, space, model_cfg = tune.split_config(common.load_config(path))
+    assert model_cfg["train"]["lr_min"] == 0.003
+    _, arrays, manifest = processed_data.load_current(model_cfg)
+    tune.check_space(model_cfg, space, train.item_tables(arrays, manifest, torch.device("cpu")), settings.study)
+
+
+def test_a_refused_out_makes_no_study(tiny_raw, work, tmp_path):
+    """The result file is checked before the study is made: the search can be rerun with another --out
+    and another space, as if it never started."""
+    (tmp_path / "mine.yaml").write_text("base: qin_small.yaml\n")
+    path = tune_file(tmp_path, tiny_raw, work, study="refused")
+    assert_user_error(lambda: tune.main(["--config", str(path), "--device", "cpu", "--out", str(tmp_path / "mine.yaml")]),
+                      "not written by src/tune.py")
+    assert tune.study_id(f"sqlite:///{work / 'tune' / 'refused.db'}", "refused") is None
 
 
 def test_the_command_line_says_a_bad_space_in_one_line_and_exits_2(tiny_raw, work, tmp_path):
@@ -168,7 +190,7 @@ def test_a_study_of_three_trials_gives_runs_rows_and_a_config_train_takes(tiny_r
     fingerprint = common.read_json(work / "processed" / "manifest.json")["fingerprint"]
     assert f"{tune.TUNED_DATA}{fingerprint}\n" in out.read_text()
     # the command in the header trains on the data the search had: the data is the caller's
-    assert f"--config {out} --set data.work_dir={work} trains it" in out.read_text()
+    assert f"--config {out} --set data.raw_dir={tiny_raw} --set data.work_dir={work} trains it" in out.read_text()
     cfg = common.load_config(out, [f"data.raw_dir={tiny_raw}", f"data.work_dir={work}"])
     best = study.best_trial
     assert cfg["run"]["name"] == "s_tuned" and cfg["train"]["max_epochs"] == 2
@@ -203,36 +225,43 @@ def test_a_trial_stopped_by_ctrl_c_or_a_user_error_is_logged_without_a_traceback
 
 def test_a_tuned_config_of_another_study_or_data_is_never_replaced(tmp_path, capsys):
     out = tmp_path / "s_tuned.yaml"
-    assert tune.check_out(out, "s", "id1", "abc", "f1")  # nothing there yet
-    out.write_text("base: qin_small.yaml\n")
-    assert_user_error(lambda: tune.check_out(out, "s", "id1", "abc", "f1"), "not written by src/tune.py", "--out")
 
-    def written(study_part: str, value: float = 0.8, data: str = "abc", fixed: str | None = "f1") -> None:
-        out.write_text(f"{tune.TUNED_MARK}: the best of study {study_part} (trial 1, fold 0 valid AUC {value:.6f}, "
+    def check(study="s", study_id="id1", data="abc", fixed="f1", objective="fold0", value=None):
+        return tune.check_out(out, study, study_id, data, fixed, objective, value)
+    assert check()  # nothing there yet
+    out.write_text("base: qin_small.yaml\n")
+    assert_user_error(check, "not written by src/tune.py", "--out")
+
+    def written(study_part: str, value: float = 0.8, data: str = "abc", fixed: str | None = "f1",
+                measure: str = "fold 0 valid") -> None:
+        out.write_text(f"{tune.TUNED_MARK}: the best of study {study_part} (trial 1, {measure} AUC {value:.6f}, "
                        f"3 finished trials)\n# searched ...\n{tune.TUNED_DATA}{data}\n"
                        + (f"{tune.TUNED_FIXED}{fixed}\n" if fixed else ""))
     written("'s' (id id1)")
-    assert tune.check_out(out, "s", "id1", "abc", "f1", 0.5)  # the same study, moved on: its best replaces it
-    assert_user_error(lambda: tune.check_out(out, "s", "id1", "xyz", "f1"), "study 's' on data abc", "on data xyz")
-    assert_user_error(lambda: tune.check_out(out, "t", "id1", "abc", "f1"), "study 's'", "this search is study 't'")
-    # an earlier study of the same name (another database, or the shipped result): the same fixed settings
-    # on the same data, and replaced only by a better best
-    assert tune.check_out(out, "s", "id2", "abc", "f1")  # before the search: it may go on
-    assert tune.check_out(out, "s", "id2", "abc", "f1", 0.81)
+    assert check(value=0.5)  # the same study, moved on: its best replaces it
+    assert_user_error(lambda: check(data="xyz"), "study 's' on data abc", "on data xyz")
+    assert_user_error(lambda: check(study="t"), "study 's'", "this search (fold0) is study 't'")
+    # an earlier study of the same name (another database, or the shipped result): the same objective and
+    # fixed settings on the same data, and replaced only by a better best
+    assert check(study_id=None) and check(study_id="id2")  # before the search: it may go on
+    assert check(study_id="id2", value=0.81)
     capsys.readouterr()
-    assert not tune.check_out(out, "s", "id2", "abc", "f1", 0.79)
+    assert not check(study_id="id2", value=0.79)
     assert "kept: the best of an earlier study 's' (0.800000) beats this search's (0.790000)" in capsys.readouterr().out
-    assert_user_error(lambda: tune.check_out(out, "s", "id2", "abc", "f2"), "with fixed settings f1",
+    assert_user_error(lambda: check(study_id="id2", fixed="f2"), "with fixed settings f1",
                       "with fixed settings f2", "--out")  # e.g. --set train.max_epochs=1: values not comparable
-    written("'s' (id id1)", fixed=None)  # written before the fixed settings were recorded
-    assert_user_error(lambda: tune.check_out(out, "s", "id2", "abc", "f1"), "fixed settings (not recorded)")
+    assert_user_error(lambda: check(study_id="id2", objective="oof"), "the best (fold0)", "this search (oof)")
+    written("'s'", measure="OOF", fixed=None)  # written before ids: its study by name, as then
+    assert check(study_id="id2", objective="oof", value=0.1)
+    assert_user_error(lambda: check(study_id="id2", data="xyz", objective="oof"), "on data abc")
     # the shipped result is the demo's (docs/TUNING.md): a fresh demo search with its settings may beat it
     shipped = common.CONFIG_DIR / "qin_small_tuned.yaml"
     settings, space, model_cfg = tune.split_config(common.load_config(common.CONFIG_DIR / "tune" / "qin_small.yaml"))
     fixed = tune.trials_fingerprint(model_cfg, space, {"fingerprint": "607a15ce0353d120"})
-    assert tune.tuned_header(shipped.read_text()) == {"study": "qin_small", "id": None, "data": "607a15ce0353d120",
-                                                      "fixed": fixed["config_hash"], "value": 0.853959}
-    assert not tune.check_out(shipped, "qin_small", "new", "607a15ce0353d120", fixed["config_hash"], 0.85)
+    assert tune.tuned_header(shipped.read_text()) == {
+        "study": "qin_small", "id": None, "data": "607a15ce0353d120", "fixed": fixed["config_hash"],
+        "objective": "fold0", "value": 0.853959}
+    assert not tune.check_out(shipped, "qin_small", "new", "607a15ce0353d120", fixed["config_hash"], "fold0", 0.85)
 
 
 def test_the_same_seed_gives_the_same_trials_and_another_seed_others(tiny_raw, work, tmp_path):
@@ -300,17 +329,19 @@ def test_a_diverged_trial_is_pruned_and_the_search_goes_on(tiny_raw, work, tmp_p
     assert trials[0].params != trials[1].params
 
 
-def test_failing_trials_draw_anew_and_three_in_a_row_stop_the_search(tiny_raw, work, tmp_path, monkeypatch):
-    """A failed trial moves the sampler's seed on (the next trial does not draw it again); a fault every
-    trial meets stops the worker after three, in one line, instead of looping on."""
+@pytest.mark.parametrize("where", ["parse_config", "run_training"])
+def test_failing_trials_draw_anew_and_three_in_a_row_stop_the_search(where, tiny_raw, work, tmp_path, monkeypatch):
+    """A failed trial moves the sampler's seed on (the next trial does not draw it again), whether its
+    config (values that do not go together, e.g. train.lr_min above train.lr) or its training failed;
+    a fault every trial meets stops the worker after three, in one line, instead of looping on."""
     config = tune_file(tmp_path, tiny_raw, work, study="failing", n_trials=5)
     settings, space, model_cfg = tune.split_config(common.load_config(config))
     storage = f"sqlite:///{tmp_path / 'failing.db'}"
     tune.open_study(settings, storage, FIXED)
 
-    def broken(cfg, **_):
+    def broken(cfg, *_, **__):
         raise UserError(f"{cfg['run']['name']}: the disk is full")
-    monkeypatch.setattr(train, "run_training", broken)
+    monkeypatch.setattr(train, where, broken)
     assert_user_error(lambda: tune.optimize(settings, space, model_cfg, storage, FIXED, "cpu", str(config), [], None),
                       "tune: 3 trials in a row failed (the last: failing-t002: the disk is full)", "rerun")
     trials = optuna.load_study(study_name="failing", storage=storage).get_trials()

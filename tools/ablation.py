@@ -75,9 +75,9 @@ def check_labels(variants: list[tuple[str, str, list[str]]], extra: list[str], r
         other = by_slug.setdefault(slug(label), label)
         if other != label:
             sys.exit(f"--variant {label!r} and {other!r} would share run folders ({slug(label)}_sSEED): rename one")
-        spec = {"config": config, "overrides": [*sets, *extra]}
-        for r in results:
-            if r["variant"] == label and {"config": r["config"], "overrides": r["overrides"]} != spec:
+        spec = {"config": config, "overrides": [o.strip() for o in (*sets, *extra)]}
+        for r in results:  # an older study kept the space after a comma (" train.lr=1e-3"): the same override
+            if r["variant"] == label and {"config": r["config"], "overrides": [o.strip() for o in r["overrides"]]} != spec:
                 sys.exit(f"--variant {label!r}: already run in this data root as {r['config']} with "
                          f"{r['overrides']}, now {config} with {spec['overrides']} (--set included): give the "
                          f"changed variant a new label or use another --data-root")

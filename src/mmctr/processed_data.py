@@ -196,7 +196,8 @@ def load_current(cfg: dict) -> tuple[Path, dict, dict]:
 @dataclass(kw_only=True)
 class ItemEmbSource:
     """data.item_emb: the items' multimodal vectors from ``column`` of ``file`` (relative to
-    data.raw_dir; keyed by item_id, no row for the padding item) instead of item_info's item_emb_d128."""
+    data.raw_dir: the download keeps item_emb.parquet one folder above the four files, ../item_emb.parquet;
+    keyed by item_id, a row for the padding item 0 all zero if any) instead of item_info's item_emb_d128."""
     file: str = field(default=ITEM_EMB_FILE, metadata={"nonempty": True})
     column: str = field(metadata={"nonempty": True})  # e.g. item_emb_d128_v3 (Gavin113's choice)
 

@@ -64,6 +64,9 @@ from mmctr.models.tables import user_row_counts
 from mmctr.models.metrics import log_loss, roc_auc
 
 
+RUN_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # a run's folder: one plain path component
+
+
 class TrainingDiverged(UserError):
     """Non-finite predictions: the settings (a learning rate too high) made training diverge; for a
     search (tune.py) an outcome of the trial, not a fault of the config."""
@@ -117,7 +120,7 @@ def parse_config(cfg: dict, device: str | None) -> tuple[dict, TrainConfig]:
             raise UserError(f"config: missing section '{section}:' (train with a model config, "
                             f"e.g. --config configs/qin.yaml)")
     cfg["run"] = asdict(common.typed_section(RunConfig, cfg["run"], "run"))
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg["run"]["name"]):
+    if not re.fullmatch(RUN_NAME, cfg["run"]["name"]):
         raise UserError(f"config: run.name must be a plain folder name, got {cfg['run']['name']!r}")
     configured = cfg["train"].get("device", "auto")  # checked even when --device replaces it
     if not (isinstance(configured, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", configured)):

@@ -36,7 +36,6 @@ import glob
 import logging
 import os
 import re
-import shlex
 import socket
 import time
 import uuid
@@ -184,10 +183,9 @@ def check_space(model_cfg: dict, space: dict[str, ParamSpec], tables: dict, stud
     """The study's name makes valid run names; every key exists in the model config and each end of
     its range (every choice), and a value inside it, passes the config's own checks: one line now,
     not the same failure at every trial."""
-    try:
-        train.checked_config(trial_config(model_cfg, {}, run_name(study, 0)), "cpu")
-    except UserError as exc:
-        raise UserError(f"config: tune.study {study!r} names the trials' runs: {exc}") from None
+    if not re.fullmatch(train.RUN_NAME, run_name(study, 0)):
+        raise UserError(f"config: tune.study {study!r} names the trials' run folders ({run_name(study, 0)}): "
+                        f"letters, digits, _ . - only, not starting with . - or _")
     for key, spec in space.items():
         for value in probe_values(spec):
             try:
@@ -266,16 +264,28 @@ def trials_fingerprint(model_cfg: dict, space: dict[str, ParamSpec], manifest: d
     return train.fingerprint_of(train.parse_config(trial_config(model_cfg, anchor, "trial"), None)[0], manifest)
 
 
+def rdb_storage(storage_url: str) -> optuna.storages.RDBStorage:
+    # a generous SQLite timeout: several workers write to one file
+    engine = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
+    try:
+        return optuna.storages.RDBStorage(storage_url, engine_kwargs=engine)
+    except Exception as exc:  # noqa: BLE001: a bad URL or an unreachable server, in the user's words
+        raise UserError(f"the study's database {storage_url}: cannot open ({common.first_line(exc)})") from None
+
+
+def study_id(storage_url: str, name: str) -> str | None:
+    """The id of the study ``name`` in the database, None while there is none (nothing is created)."""
+    storage = rdb_storage(storage_url)
+    if not study_exists(storage, name):
+        return None
+    return storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get("id")
+
+
 def open_study(settings: TuneConfig, storage_url: str, fixed: dict, runs_dir: Path | None = None) -> optuna.Study:
     """The study, created or checked against this search's settings. ``runs_dir`` (the first opening
     only): a new study whose trials' run folders are there already, from an earlier study of that
     name (another database, or one deleted), is refused: its trials would move them aside."""
-    # a generous SQLite timeout: several workers write to one file
-    engine = {"connect_args": {"timeout": 60}} if storage_url.startswith("sqlite") else {}
-    try:
-        storage = optuna.storages.RDBStorage(storage_url, engine_kwargs=engine)
-    except Exception as exc:  # noqa: BLE001: a bad URL or an unreachable server, in the user's words
-        raise UserError(f"the study's database {storage_url}: cannot open ({common.first_line(exc)})") from None
+    storage = rdb_storage(storage_url)
     if runs_dir is not None and not study_exists(storage, settings.study):
         earlier = sorted(runs_dir.glob(f"{glob.escape(settings.study)}-t[0-9][0-9][0-9]*"))
         if earlier:
@@ -348,9 +358,19 @@ def objective_for(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: 
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         params = {key: suggest(trial, key, spec) for key, spec in space.items()}
         name = run_name(settings.study, trial.number)
-        cfg = trial_config(model_cfg, params, name)
         trial.set_user_attr("run", name)
         common.log(f"tune: trial {trial.number} ({name}): {', '.join(overrides_of(params))}")
+        try:
+            return run_trial(trial, params, name)
+        except train.TrainingDiverged as exc:  # a learning rate too high: the worst outcome, not a fault
+            common.log(f"tune: trial {trial.number} pruned: {exc}")
+            raise optuna.TrialPruned() from None
+        except UserError as exc:  # e.g. values that do not go together (train.lr_min above train.lr)
+            trial.set_user_attr("failed", common.first_line(exc))
+            raise
+
+    def run_trial(trial: optuna.Trial, params: dict, name: str) -> float:
+        cfg = trial_config(model_cfg, params, name)
         max_epochs = train.parse_config(cfg, device)[1].max_epochs
 
         def report(fold, record: dict) -> None:  # each epoch's valid AUC; the pruner may stop here
@@ -362,14 +382,7 @@ def objective_for(settings: TuneConfig, space: dict[str, ParamSpec], model_cfg: 
                 raise optuna.TrialPruned()
 
         folds = [0] if settings.objective == "fold0" else None
-        try:
-            run_dir = train.run_training(cfg, folds=folds, device=device, epoch_hook=report)
-        except train.TrainingDiverged as exc:  # a learning rate too high: the worst outcome, not a fault
-            common.log(f"tune: trial {trial.number} pruned: {exc}")
-            raise optuna.TrialPruned() from None
-        except UserError as exc:
-            trial.set_user_attr("failed", common.first_line(exc))
-            raise
+        run_dir = train.run_training(cfg, folds=folds, device=device, epoch_hook=report)
         experiments.record_run(cfg, config_file, overrides + overrides_of(params) + [f"run.name={name}"],
                                folds=folds)
         if settings.objective == "fold0":
@@ -447,32 +460,37 @@ def tuned_header(text: str) -> dict:
         match = re.search(pattern, text, re.M)
         return match and match.group(1)
     value = find(r"^# Written by .* AUC (\d+\.\d+)")
+    objective = find(r"^# Written by .*, (fold 0 valid|OOF) AUC ")
     return {"study": find(r"the best of study '([^']*)'"), "id": find(r"the best of study '[^']*' \(id (\w+)\)"),
             "data": find(rf"^{re.escape(TUNED_DATA)}(\S+)"), "fixed": find(rf"^{re.escape(TUNED_FIXED)}(\S+)"),
+            "objective": {"fold 0 valid": "fold0", "OOF": "oof"}.get(objective),
             "value": None if value is None else float(value)}
 
 
-def check_out(out: Path, study: str, study_id: str, data_fingerprint: str, fixed_hash: str,
+def check_out(out: Path, study: str, study_id: str | None, data_fingerprint: str, fixed_hash: str, objective: str,
               value: float | None = None) -> bool:
     """May ``out`` be written? True where it does not exist or tune.py wrote it for this very study (its
-    id: the study has moved on since), or for an earlier study of the same name with the same fixed
-    settings on the same data (e.g. the shipped demo result) that ``value``, this search's best,
-    beats; False where that earlier best is as good (kept, and said). A file tune.py did not write,
-    or another study's, data's or fixed settings' best, is the user's result: a UserError, before
-    the search (``value`` None) and again before the write."""
+    id: the study has moved on since; a file from before ids were recorded, by its name), or for an
+    earlier study of the same name, objective and fixed settings on the same data (e.g. the shipped
+    demo result) that ``value``, this search's best, beats; False where that earlier best is as
+    good (kept, and said). A file tune.py did not write, or another study's, data's, objective's or
+    fixed settings' best, is the user's result: a UserError, before the search (``value`` None)
+    and again before the write."""
     if not out.exists():
         return True
     text = out.read_text()
     if not text.startswith(TUNED_MARK):
         raise UserError(f"{out}: exists and was not written by src/tune.py; give --out another path")
     there = tuned_header(text)
-    if there["study"] == study and there["id"] == study_id and there["data"] == data_fingerprint:
+    same_study = there["id"] == study_id if there["id"] or there["fixed"] else True  # older files: the name
+    if there["study"] == study and same_study and there["data"] == data_fingerprint:
         return True
-    if (there["study"], there["data"], there["fixed"]) != (study, data_fingerprint, fixed_hash):
-        raise UserError(f"{out}: holds the best of study '{there['study']}' on data {there['data'] or '(not recorded)'} "
-                        f"with fixed settings {there['fixed'] or '(not recorded)'}, and this search is study "
-                        f"'{study}' on data {data_fingerprint} with fixed settings {fixed_hash}: give --out another "
-                        f"path, or delete that file to replace it")
+    if (there["study"], there["data"], there["fixed"], there["objective"]) != (study, data_fingerprint, fixed_hash,
+                                                                               objective):
+        raise UserError(f"{out}: holds the best ({there['objective']}) of study '{there['study']}' on data "
+                        f"{there['data'] or '(not recorded)'} with fixed settings {there['fixed'] or '(not recorded)'}, "
+                        f"and this search ({objective}) is study '{study}' on data {data_fingerprint} with fixed "
+                        f"settings {fixed_hash}: give --out another path, or delete that file to replace it")
     if value is None or there["value"] is None or value > there["value"]:
         return True
     common.log(f"tune: {out} kept: the best of an earlier study '{study}' ({there['value']:.6f}) beats this "
@@ -481,7 +499,7 @@ def check_out(out: Path, study: str, study_id: str, data_fingerprint: str, fixed
 
 
 def write_best_config(study: optuna.Study, settings: TuneConfig, config_file: Path, overrides: list[str],
-                      out: Path, data_fingerprint: str) -> Path | None:
+                      out: Path, data: dict, data_fingerprint: str) -> Path | None:
     """The best trial as a config: the tune config's own sections but tune and data (data is the
     caller's, --set at run time), the search's --set values but data's, its best parameters, and
     run.name = the file's stem. Its header names the study (and its id), the processed data's fingerprint
@@ -489,7 +507,8 @@ def write_best_config(study: optuna.Study, settings: TuneConfig, config_file: Pa
     best = study.best_trial
     raw = common.parse_yaml(config_file.read_text()) or {}
     fixed_hash = study.user_attrs["fixed"]["config_hash"]
-    if not check_out(out, settings.study, study.user_attrs["id"], data_fingerprint, fixed_hash, best.value):
+    if not check_out(out, settings.study, study.user_attrs["id"], data_fingerprint, fixed_hash, settings.objective,
+                     best.value):
         return None
     body = {key: value for key, value in raw.items() if key not in ("tune", "data")}
     if "base" in body:
@@ -504,8 +523,10 @@ def write_best_config(study: optuna.Study, settings: TuneConfig, config_file: Pa
             node = node.setdefault(part, {})
         node[last] = common.parse_yaml(value) if isinstance(value, str) else value
     cfg.setdefault("run", {})["name"] = out.stem
-    # the data is the caller's: the command trains on the data the search had
-    data_sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides if o.startswith("data."))
+    # the data is the caller's: the command trains on the data the search had (its settings that
+    # differ from configs/data.yaml's)
+    defaults = processed_data.checked_data(common.load_config(common.CONFIG_DIR / "data.yaml"))
+    data_sets = processed_data.data_set_args(data, [key for key, value in data.items() if value != defaults[key]])
     header = (f"{TUNED_MARK}: the best of study '{settings.study}' (id {study.user_attrs['id']}) (trial "
               f"{best.number}, {'fold 0 valid' if settings.objective == 'fold0' else 'OOF'} AUC {best.value:.6f}, "
               f"{finished_trials(study)} finished trials)\n# searched with {shown_path(config_file)}; "
@@ -559,11 +580,12 @@ def main(argv: list[str] | None = None) -> None:
     storage_url = args.storage or default_storage(model_cfg, settings.study)
     out = args.out or common.CONFIG_DIR / f"{settings.study}_tuned.yaml"
     fixed = trials_fingerprint(model_cfg, space, manifest)
+    # before hours of search (and before a new study is made), not after
+    check_out(out, settings.study, study_id(storage_url, settings.study), manifest["fingerprint"],
+              fixed["config_hash"], settings.objective)
     # created (or checked) once, before any worker; its trials are read from the database at every
     # call, the workers' included
     study = open_study(settings, storage_url, fixed, runs_dir=common.data_paths(model_cfg)["runs"])
-    check_out(out, settings.study, study.user_attrs["id"], manifest["fingerprint"], fixed["config_hash"])  # before
-    # hours of search, not after
     deadline = None if settings.timeout_s is None else started + settings.timeout_s
     overrides = [o for o in args.overrides if not o.startswith("tune.")]
     devices = args.devices or [args.device or train.parse_config(model_cfg, None)[1].device]
@@ -577,7 +599,8 @@ def main(argv: list[str] | None = None) -> None:
         if failed:
             raise UserError(f"{'; '.join(failed)}: rerun the same command to continue the search")
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    written = (write_best_config(study, settings, Path(args.config), overrides, out, manifest["fingerprint"])
+    written = (write_best_config(study, settings, Path(args.config), overrides, out,
+                                 processed_data.checked_data(model_cfg), manifest["fingerprint"])
                if completed else None)
     print_summary(study, settings, storage_url, written, time.time() - started)
 
