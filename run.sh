@@ -29,6 +29,9 @@
 #   --data-root DIR    where presets are generated and derived data goes (default: data)
 #   --submissions DIR  folder for the submission files (default: submissions)
 #   --train-set K=V    extra override for every training run (repeatable), e.g. train.max_epochs=2
+#   --data-set K=V     a data setting for every stage (repeatable), e.g. "data.item_emb={file:
+#                      ../item_emb.parquet, column: item_emb_d128_v3}"; with --data, the download's
+#                      item_feature.parquet one folder up is read unless data.item_feature is given
 #   --refit            also train each model once on every train row, and blend the refits' test
 #                      predictions (weights still fitted on the folds' OOF predictions)
 set -euo pipefail
@@ -45,13 +48,14 @@ NAME=submission
 DATA_ROOT=data
 SUBMISSIONS=submissions
 TRAIN_SETS=()
+DATA_EXTRA=()
 REFIT=""
 TEST_FROM=folds
 SINGLE=auto
 from_caller() { case "$1" in /*) echo "$1" ;; *) echo "$CALLER_DIR/$1" ;; esac; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --preset|--data|--models|--folds|--device|--gpus|--name|--data-root|--submissions|--train-set|--single)
+    --preset|--data|--models|--folds|--device|--gpus|--name|--data-root|--submissions|--train-set|--data-set|--single)
       if [ $# -lt 2 ] || [[ "$2" == --* ]]; then
         echo "run.sh: option $1 needs a value (see bash run.sh --help)" >&2; exit 2
       fi ;;
@@ -66,7 +70,16 @@ while [ $# -gt 0 ]; do
     --name) NAME="$2"; shift 2 ;;
     --data-root) DATA_ROOT=$(from_caller "$2"); shift 2 ;;
     --submissions) SUBMISSIONS=$(from_caller "$2"); shift 2 ;;
-    --train-set) TRAIN_SETS+=(--set "$2"); shift 2 ;;
+    --train-set)
+      if [[ "$2" == data.* ]]; then
+        echo "run.sh: --train-set $2: a data setting goes to every stage: give it with --data-set" >&2; exit 2
+      fi
+      TRAIN_SETS+=(--set "$2"); shift 2 ;;
+    --data-set)
+      if [[ "$2" != data.?*=* ]]; then
+        echo "run.sh: --data-set takes data.KEY=VALUE, got '$2'" >&2; exit 2
+      fi
+      DATA_EXTRA+=(--set "$2"); shift 2 ;;
     --single) SINGLE="$2"; shift 2 ;;
     --refit) REFIT=1; TEST_FROM=refit; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
@@ -155,6 +168,14 @@ fi
 yaml_text() { printf "'%s'" "${1//\'/\'\'}"; }
 DATA_SETS=(--set "data.raw_dir=$(yaml_text "$RAW")" --set "data.work_dir=$(yaml_text "$WORK")"
            --set "data.n_folds=$FOLDS")
+# the real download keeps item_feature.parquet (the items' own levels, for qin_plus) one folder above
+# the four files
+if [ -n "$DATA" ] && [ ! -f "$RAW/item_feature.parquet" ] && [ -f "$RAW/../item_feature.parquet" ] \
+   && [[ " ${DATA_EXTRA[*]-} " != *" data.item_feature="* ]]; then
+  echo "run.sh: the items' levels from $RAW/../item_feature.parquet, where the download keeps it (--data-set data.item_feature=... chooses another)"
+  DATA_SETS+=(--set "data.item_feature=../item_feature.parquet")
+fi
+DATA_SETS+=("${DATA_EXTRA[@]}")
 
 # The stages run as `python src/stages.py :: STAGE ARGS :: STAGE ARGS ...`: each exactly as
 # `python src/STAGE.py ARGS`, all in one Python process (a dozen starts of Python and torch cost

@@ -37,6 +37,10 @@ DATA = os.environ.get("DATA", "data/demo")         # the folder with the four pa
 OUT = os.environ.get("OUT", ".")                   # where submission.zip goes
 SEED = 20242025
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+missing = [f"{name}.parquet" for name in ("train", "valid", "test", "item_info")
+           if not os.path.isfile(os.path.join(DATA, f"{name}.parquet"))]
+if missing:
+    raise SystemExit(f"DATA={DATA}: no {missing[0]} there; set DATA to the folder of the four competition files")
 
 # %% the data: item tables and each split's columns, on the device
 frames = {split: pd.read_parquet(os.path.join(DATA, f"{split}.parquet")) for split in ("train", "valid", "test")}

@@ -586,4 +586,5 @@ def test_notebook_finds_the_kit_where_KIT_says_and_names_the_places_it_looked(tm
     lost = notebook()
     assert lost.returncode == 1 and lost.stderr.strip().splitlines()[-1].startswith("no kit: models/fit.py is in none of")
     found = notebook(KIT=str(attached))  # gets past the imports to the data
-    assert found.returncode == 1 and "no-data" in found.stderr and "ModuleNotFoundError" not in found.stderr
+    assert found.returncode == 1 and found.stderr.strip() == \
+        f"DATA={tmp_path / 'no-data'}: no train.parquet there; set DATA to the folder of the four competition files"

@@ -102,6 +102,7 @@ def test_data_item_feature_reads_the_levels_where_the_download_keeps_them(copy_r
     for name in ("item_likes_level", "item_views_level"):
         assert np.array_equal(arrays[name], reference[name]), name
     assert manifest["item_levels"]["source"] == "item_feature" and manifest["item_feature"] == "../item_feature.parquet"
+    assert manifest["item_levels"]["from"] == "../item_feature.parquet (the item's own levels)"
     assert manifest["raw_files"]["item_feature"]["blake2b"] == reference_manifest["raw_files"]["item_feature"]["blake2b"]
     processed_data.load_current(cfg)
     cfg["data"]["item_feature"] = None
@@ -642,6 +643,8 @@ BAD_ITEM_EMB = {
     # kind: (how to break item_emb.parquet, data.item_emb, expected message fragments)
     "missing_file": (lambda p: p.unlink(), V3,
                      ["item_emb.parquet: file not found", "data.item_emb.file", "relative to data.raw_dir"]),
+    "in_the_downloads_place": (lambda p: p.rename(p.parent.parent / p.name), V3,
+                               ["item_emb.parquet: file not found", "is there: ../item_emb.parquet"]),
     "missing_column": (lambda p: None, {"column": "item_emb_d128_v9"},
                        ["item_emb.parquet: column 'item_emb_d128_v9': missing (found: item_id, item_emb_d128_v1"]),
     "not_float_vectors": (lambda p: None, {"column": "item_id"},

@@ -1,7 +1,9 @@
 """Smoke test of the whole pipeline: `bash run.sh` on the tiny preset ends in two valid, scored zips:
 the blend (a leaderboard probe) and one network's refit (the prize-eligible submission). Bad options
 and unwritable outputs stop it before its first stage."""
+import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from mmctr import common
 from mmctr import experiments
 from mmctr.models.metrics import roc_auc
 from mmctr.submission import validate_submission
+from helpers import snapshot
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("qin_small", "dcnv2_tf_small", "din_tf_small")
@@ -32,6 +35,8 @@ def run_sh(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     (["--single", "dcnv2"], "--single must be auto or one of the models"),
     (["--data", "no/such/folder"], "no such folder"),
     (["--preset", "huge"], "--preset must be tiny, demo or full"),
+    (["--train-set", "data.n_folds=2"], "--train-set data.n_folds=2: a data setting goes to every stage"),
+    (["--data-set", "train.lr=1e-3"], "--data-set takes data.KEY=VALUE, got 'train.lr=1e-3'"),
     # refused before setup, not after every model trained (or read as octal 8)
     (["--models", "qin_small,din_tf_small,qin_small"], "--models: qin_small is named twice"),
     (["--models", "qin_small,din_tf_small", "--single", "qin_small,din_tf_small"],
@@ -124,3 +129,39 @@ def test_run_sh_end_to_end_on_tiny(tmp_path):
     assert not np.array_equal(refit_submission["Task2"], submission)
     assert (tmp_path / "sub" / f"2025-single-{best}.zip").read_bytes() == single_zip.read_bytes()
     assert [row["kind"] for row in experiments.read_log(log)][5:] == ["refit"] * 2 + ["blend"]
+
+
+@pytest.mark.slow
+def test_run_sh_takes_the_real_download_as_it_is_laid_out(tmp_path):
+    """The four files in MicroLens_1M_x1/, item_feature.parquet and item_emb.parquet one folder above
+    (as the organisers ship them), no hidden labels, the input read-only: the items' levels come from
+    the file one folder up, another embedding column by --data-set, and nothing is written into it."""
+    download = tmp_path / "download"
+    raw = download / "MicroLens_1M_x1"
+    subprocess.run([sys.executable, "src/make_synthetic.py", "--preset", "tiny", "--out", str(raw), "--seed", "3"],
+                   cwd=REPO, check=True, capture_output=True)
+    shutil.rmtree(raw / "oracle")
+    for name in ("item_feature.parquet", "item_emb.parquet"):
+        (raw / name).rename(download / name)
+    before = snapshot(download)
+    for path in [download, *download.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        result = subprocess.run(
+            ["bash", str(REPO / "run.sh"), "--data", str(raw), "--data-root", "out", "--submissions", "sub",
+             "--models", "dcnv2_tf_small", "--folds", "2", "--train-set", "train.max_epochs=1",
+             "--data-set", "data.item_emb={file: ../item_emb.parquet, column: item_emb_d128_v3}"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    finally:
+        for path in [download, *download.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"the items' levels from {raw}/../item_feature.parquet" in result.stdout
+    manifest = common.read_json(tmp_path / "out" / "work" / "MicroLens_1M_x1" / "processed" / "manifest.json")
+    assert manifest["item_feature"] == "../item_feature.parquet" and manifest["item_levels"]["source"] == "item_feature"
+    assert manifest["item_emb_source"]["file"] == "../item_emb.parquet"
+    assert "test AUC n/a: real data has no public test labels" in result.stdout
+    test_ids = pd.read_parquet(raw / "test.parquet", columns=["ID"])["ID"].to_numpy()
+    for path in (tmp_path / "sub").glob("*.zip"):
+        validate_submission(path, test_ids, "Task2")
+    assert snapshot(download) == before

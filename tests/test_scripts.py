@@ -45,9 +45,9 @@ SCRIPT_CASES = {
     "score": ("raw/oracle/test_labels.parquet", truncate,
               lambda p: [p.submission, "--config", p.blend_yaml],
               ["test_labels.parquet", "not a readable parquet file"]),
-    "summary": (f"work/runs/{RUN}/test.parquet",
+    "summary": ("work/blend/test.parquet",
                 lambda path: replace_column(path, "pred", pa.array(np.zeros(600)), new_name="prob"),
-                lambda p: ["--config", p.blend_yaml], ["test.parquet", "column 'pred'", "missing"]),
+                lambda p: ["--config", p.blend_yaml], ["blend/test.parquet", "column 'pred'", "missing"]),
     "bench": (None, None, lambda p: ["--config", typo_config(p), "--steps", "1", "--warmup", "0"],
               ["unknown key train.learning_rate"]),
 }

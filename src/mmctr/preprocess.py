@@ -422,7 +422,8 @@ def build(cfg: dict, out: Path, fingerprint_value: str, records: dict[str, dict]
         "emb_dtype": data["emb_dtype"],
         "n_folds": data["n_folds"],
         "fold_seed": data["fold_seed"],
-        "item_levels": {"source": level_source, "from": LEVEL_SOURCES[level_source]},
+        "item_levels": {"source": level_source, "from": LEVEL_SOURCES[level_source].replace(
+            ITEM_FEATURE_FILE, data["item_feature"] or ITEM_FEATURE_FILE)},  # the file as the setting names it
     }
     if item_emb_source is not None:  # unset: no key, the manifest of a build before the setting existed
         manifest["item_emb"] = data["item_emb"]  # the setting, compared by load_current

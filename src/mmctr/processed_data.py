@@ -65,10 +65,15 @@ def raw_records(raw_dir: Path, known: dict | None = None, item_emb: dict | None 
     later stages' cheap check); without it every file is hashed (preprocess: an edit that restored
     the mtime is still seen)."""
     records = {}
-    notes = {"item_emb": " (named by data.item_emb.file, relative to data.raw_dir)",
-             "item_feature": " (named by data.item_feature, relative to data.raw_dir)"}
+    settings = {"item_emb": "data.item_emb.file", "item_feature": "data.item_feature"}
     for name, path in input_files(Path(raw_dir), item_emb, item_feature).items():
-        common.require_file(path, note=notes.get(name, ""))
+        note = ""
+        if name in settings:
+            note = f" (named by {settings[name]}, relative to data.raw_dir"
+            up = Path(raw_dir).parent / path.name
+            # the download keeps item_emb.parquet and item_feature.parquet one folder above the four files
+            note += f"; {up} is there: ../{path.name})" if not path.exists() and up.is_file() else ")"
+        common.require_file(path, note=note)
         stat = path.stat()
         old = (known or {}).get(name) or {}
         same = old.get("size") == stat.st_size and old.get("mtime_ns") == stat.st_mtime_ns

@@ -105,7 +105,7 @@ def expected_test_ids(cfg: dict) -> np.ndarray:
             raise UserError(f"{processed_ids}: not a readable .npy file ({first_line(exc)}); rebuild it "
                             f"with src/preprocess.py --force") from None
     raise UserError(f"no test IDs to check against: neither {raw_test} nor {processed_ids} exists "
-                    f"(set data.raw_dir, e.g. --set data.raw_dir=data/demo)")
+                    f"(set data.raw_dir to the folder holding test.parquet, e.g. --set data.raw_dir=data/MicroLens_1M_x1)")
 
 
 @dataclass
