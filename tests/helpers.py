@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from mmctr import common, runs
+from mmctr import common, processed_data, runs
 from mmctr.common import UserError
 
 SRC = common.REPO_ROOT / "src"
@@ -255,3 +255,10 @@ def typo_config(p) -> Path:
         "data": {"raw_dir": str(p.raw), "work_dir": str(p.work), "n_folds": 2},
         "run": {"name": RUN}, "train": {"learning_rate": 1e-3}})
 
+
+
+def data_fingerprint(cfg: dict) -> str:
+    """The processed-data fingerprint of the config's raw files, every one hashed (what preprocess computes)."""
+    data = processed_data.checked_data(cfg)
+    return processed_data.fingerprint_of(processed_data.raw_records(
+        Path(data["raw_dir"]), item_emb=data["item_emb"], item_feature=data["item_feature"]), data)

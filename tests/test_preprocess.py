@@ -25,8 +25,8 @@ from mmctr import preprocess
 from mmctr import processed_data
 from mmctr import submission
 from mmctr import train
-from helpers import (ONE_THREAD_ENV, as_matrix, assert_one_line_error, assert_user_error, outputs, replace_column,
-                     restored, snapshot, truncate)
+from helpers import (ONE_THREAD_ENV, as_matrix, assert_one_line_error, assert_user_error, data_fingerprint, outputs,
+                     replace_column, restored, snapshot, truncate)
 from conftest import make_data_cfg
 
 SPLITS = ["train", "valid", "test"]
@@ -165,7 +165,7 @@ def test_folds_are_stratified_and_cover_every_train_row(loaded, tiny_cfg):
 def test_manifest_fields(loaded, tiny_cfg, tiny_raw):
     _, manifest = loaded
     data = tiny_cfg["data"]
-    assert manifest["fingerprint"] == processed_data.fingerprint(tiny_cfg)
+    assert manifest["fingerprint"] == data_fingerprint(tiny_cfg)
     assert manifest["n_rows"] == {split: pq.ParquetFile(tiny_raw / f"{split}.parquet").metadata.num_rows
                                   for split in SPLITS}
     tags = as_matrix(pq.read_table(tiny_raw / "item_info.parquet")["item_tags"])
@@ -260,7 +260,7 @@ def test_a_moved_or_copied_data_and_work_folder_keeps_its_fingerprint(copy_raw, 
     moved = tmp_path.parent / f"{tmp_path.name}-moved"
     moved_cfg = make_data_cfg(moved / "raw", moved / "work")
     _, _, manifest = processed_data.load_current(moved_cfg)
-    assert manifest["fingerprint"] == built == processed_data.fingerprint(moved_cfg)
+    assert manifest["fingerprint"] == built == data_fingerprint(moved_cfg)
     # other files at the configured place are refused, even at the same path
     edit_ints(moved / "raw" / "test.parquet", "item_id", 0, 5)
     with pytest.raises(common.UserError, match=r"are not those it was built from \(test.parquet changed since"):
@@ -586,7 +586,7 @@ def test_item_emb_is_a_build_setting_whose_column_and_file_content_change_the_fi
     cfg = item_emb_cfg(raw, tmp_path / "work")
     processed = preprocess.run_preprocess(cfg)
     v3 = processed_data.load_processed(processed)[1]["fingerprint"]
-    assert processed_data.fingerprint(cfg) == v3
+    assert data_fingerprint(cfg) == v3
     _, _, manifest = processed_data.load_current(cfg)  # current with the same setting
     # every later stage must be given the setting the folder was built with, like data.n_folds
     assert_user_error(lambda: processed_data.load_current(item_emb_cfg(raw, tmp_path / "work", None)),
@@ -594,8 +594,8 @@ def test_item_emb_is_a_build_setting_whose_column_and_file_content_change_the_fi
                       "the config says null")
     v1_cfg = item_emb_cfg(raw, tmp_path / "work", {"column": "item_emb_d128_v1"})  # file: the default
     assert processed_data.checked_data(v1_cfg)["item_emb"] == {"file": "item_emb.parquet", "column": "item_emb_d128_v1"}
-    v1 = processed_data.fingerprint(v1_cfg)
-    unset = processed_data.fingerprint(item_emb_cfg(raw, tmp_path / "work", None))
+    v1 = data_fingerprint(v1_cfg)
+    unset = data_fingerprint(item_emb_cfg(raw, tmp_path / "work", None))
     assert len({v3, v1, unset}) == 3
     capsys.readouterr()
     preprocess.run_preprocess(v1_cfg)
@@ -604,7 +604,7 @@ def test_item_emb_is_a_build_setting_whose_column_and_file_content_change_the_fi
     # other content in the file: the folder no longer describes the raw files
     edit_list(raw / "item_emb.parquet", "item_emb_d128_v1", 5, 0, 9.0, pa.float32())
     assert_user_error(lambda: processed_data.load_current(v1_cfg), "are not those it was built from")
-    assert processed_data.fingerprint(v1_cfg) != v1
+    assert data_fingerprint(v1_cfg) != v1
     preprocess.run_preprocess(v1_cfg)
     assert "rebuilding" in capsys.readouterr().out
     assert processed_data.load_processed(processed)[0]["item_emb"][6, 0] == 9.0  # row 5 is item 6
@@ -622,7 +622,7 @@ def test_unset_item_emb_builds_what_was_built_before_the_setting(tiny_processed,
     assert manifest["fingerprint"] == common.config_hash({
         "format_version": processed_data.FORMAT_VERSION, "files": files,
         "n_folds": data["n_folds"], "fold_seed": data["fold_seed"], "emb_dtype": data["emb_dtype"]})
-    assert processed_data.fingerprint({"data": {k: v for k, v in data.items() if k != "item_emb"}}) == \
+    assert data_fingerprint({"data": {k: v for k, v in data.items() if k != "item_emb"}}) == \
         manifest["fingerprint"]
     raw = copy_raw()
     cfg = make_data_cfg(raw, tmp_path / "work")
@@ -724,7 +724,7 @@ def test_a_damaged_manifest_rebuilds_the_processed_folder(pipeline, capsys, one_
         before = {name: (p.processed / name).read_bytes() for name in ("train_fold.npy", "test_ID.npy")}
         preprocess.run_preprocess(common.load_config(p.data_yaml))
         assert "rebuilding" in capsys.readouterr().out
-        assert common.read_json(p.processed / "manifest.json")["fingerprint"] == processed_data.fingerprint(
+        assert common.read_json(p.processed / "manifest.json")["fingerprint"] == data_fingerprint(
             common.load_config(p.data_yaml))
         assert {name: (p.processed / name).read_bytes() for name in before} == before
 

@@ -94,13 +94,6 @@ def fingerprint_of(records: dict[str, dict], data: dict) -> str:
                                **{key: data[key] for key in OPTIONAL_SETTINGS if data.get(key) is not None}})
 
 
-def fingerprint(cfg: dict) -> str:
-    """The fingerprint of the config's raw files, every one hashed."""
-    data = checked_data(cfg)
-    return fingerprint_of(raw_records(Path(data["raw_dir"]), item_emb=data["item_emb"],
-                                      item_feature=data["item_feature"]), data)
-
-
 def raw_files_changed(manifest: dict, raw_dir: str | os.PathLike) -> list[str] | None:
     """None when the files at ``raw_dir`` are those the processed folder was built from (or are gone:
     there is nothing to compare with); else what differs, e.g. ["train.parquet changed"]. Files whose
