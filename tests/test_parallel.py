@@ -69,9 +69,12 @@ def test_a_claim_is_taken_once_and_a_dead_processs_claim_is_removed(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
     runs.claim_path(tmp_path, 1).write_text(gone.stdout)       # a worker killed mid-fold
-    runs.claim_path(tmp_path, runs.REFIT).write_text("")      # killed before it wrote its pid
+    runs.claim_path(tmp_path, runs.REFIT).write_text("")      # killed before it wrote its pid, long ago
+    old = time.time() - runs.CLAIM_WRITE_S - 1
+    os.utime(runs.claim_path(tmp_path, runs.REFIT), (old, old))
+    runs.claim_path(tmp_path, 3).write_text("")               # its writer is between create and write
     runs.remove_stale_claims(tmp_path)
-    assert sorted(p.name for p in tmp_path.glob("*.claim")) == ["fold0.claim"]  # ours: alive
+    assert sorted(p.name for p in tmp_path.glob("*.claim")) == ["fold0.claim", "fold3.claim"]  # alive, or young
 
 
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl are Linux's")
@@ -118,8 +121,10 @@ if __name__ == "__main__":
 
 
 @LINUX
-def test_a_worker_dies_with_the_process_that_started_it(tmp_path):
-    """A killed run leaves no worker behind: it would train on into a folder a rerun takes over."""
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT])
+def test_a_worker_dies_with_the_process_that_started_it(tmp_path, stop):
+    """A killed run leaves no worker behind: it would train on into a folder a rerun takes over. A
+    Ctrl-C sent to the parent alone (not its process group) stops the workers too, at once."""
     script = tmp_path / "parent.py"
     script.write_text(PARENT_OF_A_WORKER)
     pid_file = tmp_path / "worker.pid"
@@ -130,8 +135,8 @@ def test_a_worker_dies_with_the_process_that_started_it(tmp_path):
             time.sleep(0.1)
         worker = int(pid_file.read_text())
         assert common.process_alive(worker)
-        parent.kill()
-        parent.wait()
+        parent.send_signal(stop)
+        parent.wait(timeout=30)
         deadline = time.time() + 30
         while common.process_alive(worker) and time.time() < deadline:
             time.sleep(0.1)
@@ -211,3 +216,13 @@ def test_run_sh_gpus_hands_one_cuda_device_per_gpu_to_train_py(tmp_path):
     # this machine has no GPU: train.py names the first device run.sh made of --gpus, and stops
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == "error: device cuda:0: torch sees no CUDA device"
+
+
+def test_a_missing_fold_another_live_process_trains_is_named_with_its_process(tmp_path, capsys):
+    """Two train.py on one run: the second skips the fold the first holds, and says who trains it."""
+    from mmctr import train
+    assert runs.claim_fold(tmp_path, 1)
+    train.print_summary(tmp_path, done=[], missing=[0, 1], metrics=None, seconds=0.0)
+    out = capsys.readouterr().out
+    assert f"with --folds 0,1; fold 1 is being trained by process {os.getpid()})" in out
+    assert "fold 0 is being trained" not in out

@@ -100,3 +100,26 @@ def test_fold_workers_leave_gpu_refit_and_fold_subsets_to_their_stages(tmp_path)
     on_cpu = stage("--device", "cpu")
     assert stages.shared_folds([on_cpu, stage("--device", "cpu", "--refit"), stage("--device", "cpu", "--folds", "0"),
                                 stage("--devices", "cpu,cpu")]) == [on_cpu]
+
+
+def test_the_workers_of_a_run_of_train_stages_start_after_the_stages_that_build_its_data():
+    chain = [("preprocess", ["a"]), ("train", ["1"]), ("train", ["2"]), ("preprocess", ["b"]), ("train", ["3"]),
+             ("blend", []), ("train", ["4"])]
+    assert stages.train_blocks(chain) == {1: [["1"], ["2"]], 4: [["3"]], 6: [["4"]]}
+
+
+def test_the_folds_a_failed_worker_left_are_trained_on_one_thread_as_the_workers_would(monkeypatch):
+    """Bit for bit the run an unfailed chain writes: a fold's numbers depend on its thread count."""
+    import torch
+    seen = []
+    monkeypatch.setattr(stages, "shared_folds", lambda args: [a for a in args if "--refit" not in a])
+    monkeypatch.setattr(stages, "train_in_fold_workers", lambda shared, workers: True)  # one worker failed
+    from mmctr import train
+    monkeypatch.setattr(train, "main", lambda argv: seen.append((argv[-1], torch.get_num_threads())))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stages.main(["--fold-workers", "2", "::", "train", "a", "::", "train", "b", "--refit"])
+        assert seen == [("a", 1), ("--refit", 2)] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

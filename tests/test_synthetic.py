@@ -245,6 +245,69 @@ def test_no_staging_folder_is_left_and_a_failure_writes_nothing(tiny_raw, tmp_pa
     assert list((tmp_path / "broken").iterdir()) == []
 
 
+def test_a_killed_generations_staging_is_swept_and_a_set_mid_move_is_not_complete(tmp_path, monkeypatch):
+    """A killed process leaves its staging folder (its pid gone): the next generation removes it. A
+    regeneration stopped while it moves its files into place leaves no item_info.parquet, the mark
+    of a complete set, so run.sh generates again instead of using a mix of two seeds."""
+    out = tmp_path / "set"
+    make_synthetic.generate("tiny", out, seed=0)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    left = out / f".make_synthetic-tmp-{gone}-x1y2"
+    left.mkdir()
+    (left / "train.parquet").write_bytes(b"half")
+    moves = []
+
+    def replace_then_die(self, target):
+        moves.append(target)
+        if len(moves) == 3:
+            raise KeyboardInterrupt  # killed between two moves
+        return Path.rename(self, target)
+    monkeypatch.setattr(Path, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        make_synthetic.generate("tiny", out, seed=1)
+    assert not left.exists() and not (out / "item_info.parquet").exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (Linux's /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and prctl are Linux's")
+def test_the_pool_of_a_killed_generation_dies_with_it(tmp_path):
+    """Its forked workers would wait forever on a queue nobody reads."""
+    import signal
+    import time
+    parent = subprocess.Popen([sys.executable, "src/make_synthetic.py", "--preset", "demo", "--out",
+                               str(tmp_path / "demo"), "--workers", "2"], cwd=common.REPO_ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(children(parent.pid)) < 2:
+            assert parent.poll() is None and time.time() < deadline, "no pool started"
+            time.sleep(0.05)
+        pool = children(parent.pid)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 30
+        while any(common.process_alive(pid) for pid in pool) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(common.process_alive(pid) for pid in pool)
+    finally:
+        parent.kill()
+
+
 # --- the click process rewards what the real task rewards ------------------------------------
 
 @pytest.fixture(scope="module")

@@ -475,7 +475,7 @@ def staged_folder(final: str | os.PathLike, result_files: tuple[str, ...] = ()) 
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_staged_left_overs(final)
-    staging = _scratch_folder(final, "tmp")
+    staging = scratch_folder(final, "tmp")
     try:
         yield staging
         old = None
@@ -484,7 +484,7 @@ def staged_folder(final: str | os.PathLike, result_files: tuple[str, ...] = ()) 
             final.replace(aside)
             log(f"{final}: the earlier result (other predictions) is kept as {aside}")
         elif final.exists():
-            old = _scratch_folder(final, "old")
+            old = scratch_folder(final, "old")
             final.replace(old / final.name)
         staging.replace(final)
         if old is not None:
@@ -502,8 +502,9 @@ def same_files(folder: Path, other: Path, names: tuple[str, ...]) -> bool:
     return all(content(folder / name) == content(other / name) for name in names)
 
 
-def _scratch_folder(final: Path, kind: str) -> Path:
-    """A new folder beside ``final`` whose name records this process, e.g. .processed-tmp-4242-x1y2."""
+def scratch_folder(final: Path, kind: str) -> Path:
+    """A new folder beside ``final`` whose name records this process, e.g. .processed-tmp-4242-x1y2
+    (kind tmp or old: sweep_staged_left_overs(final) removes it once the process is gone)."""
     path = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-{kind}-{os.getpid()}-"))
     path.chmod(DIR_MODE)  # mkdtemp's 0700 would make a published folder private
     return path

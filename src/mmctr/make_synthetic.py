@@ -26,7 +26,6 @@ import contextlib
 import multiprocessing
 import os
 import shutil
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -448,7 +447,9 @@ def chunk_map(workers: int, n_jobs: int):
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         yield lambda jobs: map(make_chunk, jobs)
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    # a worker dies with this process: a killed generator leaves no pool waiting forever
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                             initializer=common.die_with_parent, initargs=(os.getpid(),)) as pool:
         yield lambda jobs: pool.map(make_chunk, jobs)
 
 
@@ -513,7 +514,9 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str =
     # no file is ever visible half-written under its final name; item_info.parquet comes last, so
     # its presence means the set is complete (run.sh tests exactly that).
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out, prefix=".make_synthetic-"))
+    scratch = out / "make_synthetic"  # the staging folders are .make_synthetic-tmp-<pid>-* in out
+    common.sweep_staged_left_overs(scratch)  # a killed generation's (its process is gone)
+    staging = common.scratch_folder(scratch, "tmp")
     summary = {"preset": preset, "seed": seed, "process": process, "out": str(out), "users": p.n_users,
                "intercept": intercept, "splits": {}}
     try:
@@ -543,6 +546,8 @@ def generate(preset: str, out: Path, seed: int, workers: int = 1, process: str =
                                 schema=TEST_LABEL_SCHEMA), staging / ORACLE_MARK)
 
         (out / "oracle").mkdir(exist_ok=True)
+        # item_info.parquet marks a complete set: gone while the set is a mix of old and new files
+        (out / "item_info.parquet").unlink(missing_ok=True)
         for name in OUTPUT_FILES:
             (staging / name).replace(out / name)
     finally:

@@ -18,6 +18,7 @@ import fcntl
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -252,6 +253,18 @@ def claim_owner(path: Path) -> int | None:
         return None
 
 
+CLAIM_WRITE_S = 30.0  # an empty claim younger than this may be its writer's, between create and write
+
+
+def claim_being_written(path: Path) -> bool:
+    """An empty claim its process may be writing its pid into now: young; an old one was left by a
+    process killed in between."""
+    try:
+        return time.time() - path.stat().st_mtime < CLAIM_WRITE_S
+    except OSError:
+        return False
+
+
 def remove_claims(run: Path) -> None:
     """Remove every claim: of processes that held the run and are gone, whatever their pids now name."""
     for path in run.glob("*.claim"):
@@ -264,6 +277,8 @@ def remove_stale_claims(run: Path) -> None:
     trained again; a live process's claim stays."""
     for path in run.glob("*.claim"):
         pid = claim_owner(path)
+        if pid is None and claim_being_written(path):
+            continue
         if pid is None or not common.process_alive(pid):
             common.log(f"{path}: its process {pid} is gone: the fold is free again")
             path.unlink(missing_ok=True)

@@ -13,10 +13,11 @@ since --started (run.sh passes its own start). The first stage that fails ends t
 script would have: a user error is one line on stderr and exit code 2, and no later stage runs.
 
 --fold-workers N (N > 1) trains on the CPU with N processes of one thread each: when the chain
-comes to its first train stage, N workers train the folds of every train stage of the chain
-(train.py's fold claims share them out, so each fold is trained once, by whichever worker is free),
-and then the train stages run as usual, finding their folds done: they write each run's aggregates,
-summary and experiment row, and train what a worker left (a refit, a fold whose worker failed). A
+comes to a run of consecutive train stages, N workers train the folds of those stages (train.py's
+fold claims share them out, so each fold is trained once, by whichever worker is free), and then
+the train stages run as usual, finding their folds done: they write each run's aggregates, summary
+and experiment row, and train what a worker left (a refit; a fold whose worker failed, on one
+thread as a worker would have, so the run has the bits of one whose workers did not fail). A
 CPU trains these models' small batches barely faster with two threads than with one (their
 operations are too small to split well, and threads that wait spin), so two one-thread workers
 train about twice as many rows per second on two cores, and a busy core slows one worker instead
@@ -25,6 +26,7 @@ on which worker trained it. Train stages on CUDA, with --devices, --refit or --f
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import time
@@ -70,6 +72,21 @@ def parse(argv: list[str]) -> tuple[float, int, list[tuple[str, list[str]]]]:
     return options["--started"], options["--fold-workers"], stages
 
 
+@contextlib.contextmanager
+def threads(count: int | None):
+    """torch's thread count set to ``count`` inside (None: left as it is)."""
+    if count is None:
+        yield
+        return
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def header(name: str, args: list[str], started: float) -> str:
     """'=== train qin_small (refit) (12 s)': a training stage names its model config, every stage its time."""
     parts = [name]
@@ -102,15 +119,27 @@ def fold_worker(train_args: list[list[str]]) -> None:
         common.run_main(lambda: train.run_training(cfg, device=options.device))
 
 
-def train_in_fold_workers(train_args: list[list[str]], workers: int) -> None:
+def train_in_fold_workers(train_args: list[list[str]], workers: int) -> bool:
     """Every fold of these train stages, trained by ``workers`` one-thread processes; returns when
-    all have ended (a failed worker's folds are left to the train stages)."""
+    all have ended, True when one failed (its folds are left to the train stages)."""
     from mmctr import train
     common.log(f"{workers} fold workers, one thread each, train the folds of "
                f"{', '.join(Path(a[a.index('--config') + 1]).stem for a in train_args)}")
     failed = train.run_worker_processes(fold_worker, {f"fold worker {i}": (train_args,) for i in range(workers)})
     if failed:
-        common.log(f"{'; '.join(failed)}: the train stages train what is left")
+        common.log(f"{'; '.join(failed)}: the train stages train what is left, on one thread as the workers did")
+    return bool(failed)
+
+
+def train_blocks(stages: list[tuple[str, list[str]]]) -> dict[int, list[list[str]]]:
+    """The first stage of each run of consecutive train stages -> those stages' arguments: the fold
+    workers of a run start when its first stage comes, after the stages that build its data."""
+    blocks: dict[int, list[list[str]]] = {}
+    for i, (name, args) in enumerate(stages):
+        if name == "train":
+            start = i if i == 0 or stages[i - 1][0] != "train" else max(k for k in blocks if k < i)
+            blocks.setdefault(start, []).append(args)
+    return blocks
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,17 +148,20 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     started, workers, stages = parse(argv)  # every stage name is checked before the first stage runs
-    shared = shared_folds([args for name, args in stages if name == "train"]) if workers > 1 else []
-    for name, args in stages:
+    blocks = train_blocks(stages) if workers > 1 else {}
+    one_thread: list[list[str]] = []  # the stages whose folds a failed worker left: trained as the workers would
+    for i, (name, args) in enumerate(stages):
         module = importlib.import_module(f"mmctr.{name}")
-        if name == "train" and shared:  # the first train stage: the workers go first
+        shared = shared_folds(blocks[i]) if i in blocks else []
+        if shared:  # the first train stage of a run of them: the workers go first
             print(header(f"{workers} fold workers", [], started), flush=True)
-            train_in_fold_workers(shared, workers)
-            shared = []
+            if train_in_fold_workers(shared, workers):
+                one_thread += shared
         print(header(name, args, started), flush=True)
         program = sys.argv[0]
         sys.argv[0] = f"{name}.py"  # argparse names the script in its usage and error lines
         try:
-            module.main(args)
+            with threads(1 if any(args is a for a in one_thread) else None):
+                module.main(args)
         finally:
             sys.argv[0] = program

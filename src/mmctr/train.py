@@ -444,10 +444,18 @@ def run_worker_processes(target: Callable, args_of: dict[str, tuple]) -> list[st
     spawn = multiprocessing.get_context("spawn")
     workers = [spawn.Process(target=_worker_main, name=name, args=(os.getpid(), target, args))
                for name, args in args_of.items()]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    except BaseException:  # a Ctrl-C to this process alone (not its group): the workers stop with it
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+            if worker.pid is not None:
+                worker.join()
+        raise
     return [f"{w.name} exited with {w.exitcode}" + (" (killed by a signal)" if w.exitcode < 0 else "")
             for w in workers if w.exitcode != 0]
 
@@ -585,8 +593,12 @@ def print_summary(run_dir: Path, done: list[int], missing: list[int], metrics: d
               f"best epoch {m['best_epoch']}/{m['epochs']}  {m['rows_per_s']:,.0f} rows/s  "
               f"{m['seconds']:.0f}s")
     if metrics is None:
+        # a fold another live process holds is being trained there: rerunning now would skip it again
+        held = {k: runs.claim_owner(runs.claim_path(run_dir, k)) for k in missing}
+        held = {k: pid for k, pid in held.items() if pid is not None and common.process_alive(pid)}
         print(f"folds missing: {','.join(map(str, missing))} (aggregates are written once every fold "
-              f"is done: rerun without --folds or with --folds {','.join(map(str, missing))})")
+              f"is done: rerun without --folds or with --folds {','.join(map(str, missing))}"
+              + "".join(f"; fold {k} is being trained by process {pid}" for k, pid in held.items()) + ")")
     else:
         print(f"OOF AUC     {reports.auc_text(metrics['oof_auc'])}   oracle {reports.auc_text(metrics['oracle_oof_auc'])}")
         print(f"holdout AUC {reports.auc_text(metrics['valid_auc'])}   oracle {reports.auc_text(metrics['oracle_valid_auc'])}")
