@@ -30,8 +30,9 @@
 #   --submissions DIR  folder for the submission files (default: submissions)
 #   --train-set K=V    extra override for every training run (repeatable), e.g. train.max_epochs=2
 #   --data-set K=V     a data setting for every stage (repeatable), e.g. "data.item_emb={file:
-#                      ../item_emb.parquet, column: item_emb_d128_v3}"; with --data, the download's
-#                      item_feature.parquet one folder up is read unless data.item_feature is given
+#                      ../item_emb.parquet, column: item_emb_d128_v3}"; with --data, a folder without
+#                      its own item_feature.parquet reads the download's one folder up unless
+#                      data.item_feature is given
 #   --refit            also train each model once on every train row, and blend the refits' test
 #                      predictions (weights still fitted on the folds' OOF predictions)
 set -euo pipefail
@@ -76,9 +77,13 @@ while [ $# -gt 0 ]; do
       fi
       TRAIN_SETS+=(--set "$2"); shift 2 ;;
     --data-set)
-      if [[ "$2" != data.?*=* ]]; then
+      if ! [[ "$2" =~ ^data\.[A-Za-z_][A-Za-z0-9_.]*= ]]; then
         echo "run.sh: --data-set takes data.KEY=VALUE, got '$2'" >&2; exit 2
       fi
+      case "${2%%=*}" in  # what run.sh's own options set, with their path and fold handling
+        data.raw_dir|data.work_dir|data.n_folds)
+          echo "run.sh: --data-set ${2%%=*}: give it with --data, --data-root or --folds" >&2; exit 2 ;;
+      esac
       DATA_EXTRA+=(--set "$2"); shift 2 ;;
     --single) SINGLE="$2"; shift 2 ;;
     --refit) REFIT=1; TEST_FROM=refit; shift ;;

@@ -4,6 +4,7 @@ once, the same files as a sequential run, and a worker killed mid-fold costs onl
 On the CPU with two workers (--devices cpu,cpu), on the tiny data with 3 folds: what a GPU machine
 does with cuda:0,cuda:1, except the device.
 """
+import contextlib
 import os
 import re
 import signal
@@ -118,6 +119,44 @@ def sleeper(pid_file):
 if __name__ == "__main__":
     train.run_worker_processes(sleeper, {"sleeper": (sys.argv[1],)})
 """
+
+
+CLEANING_WORKER = """
+import os, sys, time
+from mmctr import train
+
+def cleaner(pid_file, flag):
+    open(pid_file, "w").write(str(os.getpid()))
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:  # a trial marked failed, a claim released: it takes a moment
+        time.sleep(0.5)
+        open(flag, "w").write("cleaned")
+
+if __name__ == "__main__":
+    train.run_worker_processes(cleaner, {"cleaner": (sys.argv[1], sys.argv[2])})
+"""
+
+
+@LINUX
+def test_a_terminals_ctrl_c_lets_the_workers_clean_up(tmp_path):
+    """A Ctrl-C at a terminal reaches the whole process group: the workers are not killed while they
+    handle it."""
+    script = tmp_path / "parent.py"
+    script.write_text(CLEANING_WORKER)
+    pid_file, flag = tmp_path / "worker.pid", tmp_path / "cleaned"
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file), str(flag)], env=ONE_THREAD_ENV,
+                              start_new_session=True, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            time.sleep(0.1)
+        os.killpg(parent.pid, signal.SIGINT)
+        parent.wait(timeout=30)
+        assert flag.read_text() == "cleaned"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
 
 
 @LINUX

@@ -37,6 +37,8 @@ def run_sh(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     (["--preset", "huge"], "--preset must be tiny, demo or full"),
     (["--train-set", "data.n_folds=2"], "--train-set data.n_folds=2: a data setting goes to every stage"),
     (["--data-set", "train.lr=1e-3"], "--data-set takes data.KEY=VALUE, got 'train.lr=1e-3'"),
+    (["--data-set", "data.item_feature = x.parquet"], "--data-set takes data.KEY=VALUE"),
+    (["--data-set", "data.n_folds=4"], "--data-set data.n_folds: give it with --data, --data-root or --folds"),
     # refused before setup, not after every model trained (or read as octal 8)
     (["--models", "qin_small,din_tf_small,qin_small"], "--models: qin_small is named twice"),
     (["--models", "qin_small,din_tf_small", "--single", "qin_small,din_tf_small"],

@@ -251,6 +251,8 @@ def test_a_tuned_config_of_another_study_or_data_is_never_replaced(tmp_path, cap
     assert_user_error(lambda: check(study_id="id2", fixed="f2"), "with fixed settings f1",
                       "with fixed settings f2", "--out")  # e.g. --set train.max_epochs=1: values not comparable
     assert_user_error(lambda: check(study_id="id2", objective="oof"), "the best (fold0)", "this search (oof)")
+    for other in ({"fixed": "f2"}, {"objective": "oof"}):  # before a new study is made (no id yet): refused too
+        assert_user_error(lambda: check(study_id=None, **other), "give --out another path")
     written("'s'", measure="OOF", fixed=None)  # written before ids: its study by name, as then
     assert check(study_id="id2", objective="oof", value=0.1)
     assert_user_error(lambda: check(study_id="id2", data="xyz", objective="oof"), "on data abc")

@@ -40,6 +40,7 @@ import copy
 import multiprocessing
 import os
 import re
+import signal
 import time
 import typing
 from dataclasses import asdict, dataclass, fields, replace
@@ -449,15 +450,31 @@ def run_worker_processes(target: Callable, args_of: dict[str, tuple]) -> list[st
             worker.start()
         for worker in workers:
             worker.join()
-    except BaseException:  # a Ctrl-C to this process alone (not its group): the workers stop with it
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()
-            if worker.pid is not None:
-                worker.join()
+    except BaseException:  # a Ctrl-C: the workers stop with this process
+        stop_workers(workers)
         raise
     return [f"{w.name} exited with {w.exitcode}" + (" (killed by a signal)" if w.exitcode < 0 else "")
             for w in workers if w.exitcode != 0]
+
+
+def stop_workers(workers: list, grace_s: float = 2.0, patience_s: float = 10.0) -> None:
+    """After a Ctrl-C: a terminal's reached the workers too (its whole process group), so they get
+    ``grace_s`` to clean up (a trial marked failed, a claim released); one sent to this process alone
+    did not, so those still running get it now, then ``patience_s``; any left are killed."""
+    started = [w for w in workers if w.pid is not None]
+
+    def interrupt(worker) -> None:
+        with contextlib.suppress(ProcessLookupError):  # it has just ended
+            os.kill(worker.pid, signal.SIGINT)
+    for wait_s, then in ((grace_s, interrupt), (patience_s, lambda w: w.kill())):
+        deadline = time.time() + wait_s
+        for worker in started:
+            worker.join(max(0.0, deadline - time.time()))
+        for worker in started:
+            if worker.is_alive():
+                then(worker)
+    for worker in started:
+        worker.join()
 
 
 def _worker_main(parent_pid: int, target: Callable, args: tuple) -> None:

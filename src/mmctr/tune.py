@@ -482,7 +482,9 @@ def check_out(out: Path, study: str, study_id: str | None, data_fingerprint: str
     if not text.startswith(TUNED_MARK):
         raise UserError(f"{out}: exists and was not written by src/tune.py; give --out another path")
     there = tuned_header(text)
-    same_study = there["id"] == study_id if there["id"] or there["fixed"] else True  # older files: the name
+    # a file from before ids and fixed settings were recorded is its study's by name; any other is the
+    # study's with its id alone (none yet, before a new study is made: another study's)
+    same_study = (study_id is not None and there["id"] == study_id) if there["id"] or there["fixed"] else True
     if there["study"] == study and same_study and there["data"] == data_fingerprint:
         return True
     if (there["study"], there["data"], there["fixed"], there["objective"]) != (study, data_fingerprint, fixed_hash,
