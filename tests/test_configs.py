@@ -158,6 +158,15 @@ def test_a_bound_belongs_to_the_argument_that_declares_it():
 def test_null_takes_the_builders_default():
     model_config.build_model({**DCN, "structure": None, "tf4ctr": {"enabled": True}}, make_tables())
     assert isinstance(build("din_tf_small.yaml", "model.tf4ctr.enabled=false", "model.simple_hidden=null"), DIN)
+    # in the tf4ctr: section too: the model of a section without the key
+    cfg = common.load_config(common.CONFIG_DIR / "dcnv2_tf_small.yaml", ["model.tf4ctr.c=null", "model.tf4ctr.ssem=null"])
+    unset = {**cfg["model"], "tf4ctr": {k: v for k, v in cfg["model"]["tf4ctr"].items() if k not in ("c", "ssem")}}
+    models = []
+    for model_cfg in (cfg["model"], unset):
+        torch.manual_seed(0)
+        models.append(model_config.build_model(model_cfg, make_tables()))
+    assert all(torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()))
+    assert models[0].state_dict().keys() == models[1].state_dict().keys()
 
 
 @pytest.mark.parametrize("override, message", [

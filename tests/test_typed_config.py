@@ -176,3 +176,12 @@ def test_an_unsupported_annotation_is_a_programming_error():
 
     with pytest.raises(TypeError, match="unsupported annotation"):
         typed_section(Odd, {"d": {}}, "s")
+
+
+@pytest.mark.parametrize("value", ["1e3", "1e-3", ".inf", "2025", "null", "yes", "abc", 1e-3, 1000.0, 7, True, None,
+                                   [64, 32], {"column": "item_emb_d128_v3"}])
+def test_a_written_config_reads_back_as_written(value, tmp_path):
+    """A run's config.yaml trains the run again: a text such as '1e3', which YAML 1.1 (PyYAML's
+    writer) leaves unquoted and the config reader (YAML 1.2) takes for a number, is quoted."""
+    common.write_yaml(tmp_path / "config.yaml", {"run": {"name": value}})
+    assert common.parse_yaml((tmp_path / "config.yaml").read_text()) == {"run": {"name": value}}

@@ -92,6 +92,8 @@ def build_model(model_cfg: dict, tables: dict):
     if not isinstance(model_cfg, dict):
         raise common.UserError(f"model: must be a mapping of keys, got {model_cfg!r}")
     cfg = {key: value for key, value in model_cfg.items() if value is not None}  # null: the default
+    if isinstance(cfg.get("tf4ctr"), dict):  # in the tf4ctr: section too
+        cfg["tf4ctr"] = {key: value for key, value in cfg["tf4ctr"].items() if value is not None}
     name = cfg.get("name")
     if name not in PLAIN:
         raise common.UserError(f"model.name: unknown model {name!r} (known: {', '.join(PLAIN)})")

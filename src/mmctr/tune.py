@@ -534,7 +534,7 @@ def write_best_config(study: optuna.Study, settings: TuneConfig, config_file: Pa
               f"{finished_trials(study)} finished trials)\n# searched with {shown_path(config_file)}; "
               f"python src/train.py --config {shown_path(out)}{' ' + data_sets if data_sets else ''} trains it\n"
               f"{TUNED_DATA}{data_fingerprint}\n{TUNED_FIXED}{fixed_hash}\n")
-    common.write_text(out, header + yaml.safe_dump(cfg, sort_keys=False))
+    common.write_text(out, header + common.dump_yaml(cfg))
     return out
 
 
