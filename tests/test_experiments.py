@@ -2,6 +2,7 @@
 again, concurrent appends that neither interleave nor duplicate, and the leaderboard."""
 import csv
 import multiprocessing
+import subprocess
 import sys
 from pathlib import Path
 
@@ -159,8 +160,19 @@ def test_leaderboard_ranks_by_oof_auc_then_rows_without_one(tmp_path, monkeypatc
     assert lines[-1] == f"4 experiments in {path}, best OOF AUC first"
 
 
-def test_git_commit_is_empty_outside_a_checkout(tmp_path, monkeypatch):
-    commit = experiments.git_commit()
-    assert commit == "" or len(commit.removesuffix("-dirty")) == 12  # CI runs from a clone; a copy has none
-    monkeypatch.setattr(common, "REPO_ROOT", tmp_path)
+def test_git_commit_is_the_checkouts_head_and_empty_outside_a_checkout(tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"
+    git = dict(cwd=checkout, check=True, capture_output=True, text=True)
+    checkout.mkdir()
+    subprocess.run(["git", "init", "-q"], **git)
+    (checkout / "a.txt").write_text("a\n")
+    subprocess.run(["git", "add", "a.txt"], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a"], **git)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], **git).stdout.strip()
+    monkeypatch.setattr(common, "REPO_ROOT", checkout)
+    assert experiments.git_commit() == head[:12]
+    (checkout / "a.txt").write_text("b\n")  # an uncommitted change to a tracked file
+    assert experiments.git_commit() == head[:12] + "-dirty"
+    monkeypatch.setattr(common, "REPO_ROOT", tmp_path / "copy")  # e.g. uploaded to a notebook: no .git
+    (tmp_path / "copy").mkdir()
     assert experiments.git_commit() == ""

@@ -63,7 +63,7 @@ def test_run_sh_refuses_unwritable_outputs_before_setup(tmp_path):
         result = subprocess.run(["bash", "run.sh", "--preset", "tiny", option, str(value)], capture_output=True,
                                 text=True, timeout=60, cwd=common.REPO_ROOT)
         assert result.returncode == 2 and "=== setup" not in result.stdout, (result.stdout, result.stderr)
-        assert result.stderr.strip() == f"run.sh: {option} {value}: {fragment}" or fragment in result.stderr
+        assert result.stderr.strip().startswith(f"run.sh: {option} {value}: {fragment}"), result.stderr
 
 
 @pytest.mark.slow
@@ -164,6 +164,8 @@ def test_run_sh_takes_the_real_download_as_it_is_laid_out(tmp_path):
     assert manifest["item_emb_source"]["file"] == "../item_emb.parquet"
     assert "test AUC n/a: real data has no public test labels" in result.stdout
     test_ids = pd.read_parquet(raw / "test.parquet", columns=["ID"])["ID"].to_numpy()
-    for path in (tmp_path / "sub").glob("*.zip"):
+    zips = sorted((tmp_path / "sub").glob("*.zip"))
+    assert [path.name for path in zips] == ["submission-blend.zip", "submission-single-dcnv2_tf_small.zip"]
+    for path in zips:
         validate_submission(path, test_ids, "Task2")
     assert snapshot(download) == before

@@ -358,8 +358,7 @@ def test_malformed_submissions_are_rejected(tmp_path, case):
 
 
 @pytest.mark.parametrize("text", [
-    GOOD,                                      # plain
-    GOOD.replace(b"\n", b"\r\n"),              # Windows line ends
+    GOOD.replace(b"\n", b"\r\n"),              # Windows line ends (the plain file: test_good_csv_zip_and_table_pass)
     GOOD.rstrip(b"\n"),                        # no newline at the end
     b'"ID","Task2"\n' + ROWS.encode(),         # quoted header: the same CSV
     GOOD.replace(b"\n0,0.0000\n", b"\n0,0\n"),  # a plain 0 is a probability too

@@ -95,13 +95,13 @@ def test_the_masks_differ_only_in_what_they_ignore():
 
 
 @pytest.mark.parametrize("history_mask", ["released", "fixed"])
-def test_trains_and_every_parameter_gets_a_gradient(history_mask):
+def test_backward_reaches_every_parameter(history_mask):
     model = build(history_mask).train()
     loss, logits = model.loss(make_batch(), make_label())
     loss.backward()
     assert torch.isfinite(loss) and logits.shape == (16,)
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for name, p in model.named_parameters():  # a branch cut off (times 0) would get zero gradients
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 def test_a_bad_history_mask_is_a_one_line_error():
