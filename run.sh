@@ -123,16 +123,15 @@ if [ -z "$MODELS" ]; then
 fi
 # everything the stages would refuse late, refused before the first one starts
 IFS=',' read -r -a MODEL_LIST <<< "$MODELS"
-for i in "${!MODEL_LIST[@]}"; do
-  model=${MODEL_LIST[$i]}
+SEEN=","
+for model in "${MODEL_LIST[@]}"; do
   if ! [[ "$model" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || [ ! -f "configs/$model.yaml" ]; then
     echo "run.sh: --models: no model config configs/$model.yaml" >&2; exit 2
   fi
-  for other in "${MODEL_LIST[@]:0:$i}"; do
-    if [ "$other" = "$model" ]; then
-      echo "run.sh: --models: $model is named twice" >&2; exit 2
-    fi
-  done
+  if [[ "$SEEN" == *",$model,"* ]]; then
+    echo "run.sh: --models: $model is named twice" >&2; exit 2
+  fi
+  SEEN+="$model,"
 done
 if ! [[ "$NAME" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]]; then
   echo "run.sh: --name must be a plain file stem (letters, digits, _ . -), got '$NAME'" >&2; exit 2

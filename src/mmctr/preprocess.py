@@ -49,7 +49,7 @@ ITEM_COLUMNS = {"item_id": "int", "item_tags": "int_list", "item_emb_d128": "flo
 # Optional, from the same download: per-item likes/views levels (the real file also holds BERT and
 # CLIP vectors, never read). Without it every item gets the rounded mean level of its rows.
 ITEM_FEATURE_COLUMNS = {"item_id": "int", "likes_level": "int", "views_level": "int"}
-LEVEL_SOURCES = {"item_feature": f"{ITEM_FEATURE_FILE} (the item's own levels)",
+LEVEL_SOURCES = {"item_feature": "{file} (the item's own levels)",  # the file as data.item_feature names it
                  "rows": "the rounded mean level of the item's train/valid/test rows"}
 
 
@@ -422,8 +422,8 @@ def build(cfg: dict, out: Path, fingerprint_value: str, records: dict[str, dict]
         "emb_dtype": data["emb_dtype"],
         "n_folds": data["n_folds"],
         "fold_seed": data["fold_seed"],
-        "item_levels": {"source": level_source, "from": LEVEL_SOURCES[level_source].replace(
-            ITEM_FEATURE_FILE, data["item_feature"] or ITEM_FEATURE_FILE)},  # the file as the setting names it
+        "item_levels": {"source": level_source,
+                        "from": LEVEL_SOURCES[level_source].format(file=data["item_feature"] or ITEM_FEATURE_FILE)},
     }
     if item_emb_source is not None:  # unset: no key, the manifest of a build before the setting existed
         manifest["item_emb"] = data["item_emb"]  # the setting, compared by load_current

@@ -135,9 +135,10 @@ def train_blocks(stages: list[tuple[str, list[str]]]) -> dict[int, list[list[str
     """The first stage of each run of consecutive train stages -> those stages' arguments: the fold
     workers of a run start when its first stage comes, after the stages that build its data."""
     blocks: dict[int, list[list[str]]] = {}
+    start = None
     for i, (name, args) in enumerate(stages):
-        if name == "train":
-            start = i if i == 0 or stages[i - 1][0] != "train" else max(k for k in blocks if k < i)
+        start = (i if start is None else start) if name == "train" else None
+        if start is not None:
             blocks.setdefault(start, []).append(args)
     return blocks
 

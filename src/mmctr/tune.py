@@ -451,6 +451,7 @@ def worker(settings: TuneConfig, space: dict, model_cfg: dict, storage_url: str,
 # ---------------------------------------------------------------------------------------------
 
 TUNED_FIXED = "# with fixed settings "  # + the config hash of what every trial shared (trials_fingerprint)
+OBJECTIVE_TEXT = {"fold0": "fold 0 valid", "oof": "OOF"}  # tune.objective as the header names it
 
 
 def tuned_header(text: str) -> dict:
@@ -460,10 +461,10 @@ def tuned_header(text: str) -> dict:
         match = re.search(pattern, text, re.M)
         return match and match.group(1)
     value = find(r"^# Written by .* AUC (\d+\.\d+)")
-    objective = find(r"^# Written by .*, (fold 0 valid|OOF) AUC ")
+    objective = find(rf"^# Written by .*, ({'|'.join(OBJECTIVE_TEXT.values())}) AUC ")
     return {"study": find(r"the best of study '([^']*)'"), "id": find(r"the best of study '[^']*' \(id (\w+)\)"),
             "data": find(rf"^{re.escape(TUNED_DATA)}(\S+)"), "fixed": find(rf"^{re.escape(TUNED_FIXED)}(\S+)"),
-            "objective": {"fold 0 valid": "fold0", "OOF": "oof"}.get(objective),
+            "objective": {text: name for name, text in OBJECTIVE_TEXT.items()}.get(objective),
             "value": None if value is None else float(value)}
 
 
@@ -530,7 +531,7 @@ def write_best_config(study: optuna.Study, settings: TuneConfig, config_file: Pa
     defaults = processed_data.checked_data(common.load_config(common.CONFIG_DIR / "data.yaml"))
     data_sets = processed_data.data_set_args(data, [key for key, value in data.items() if value != defaults[key]])
     header = (f"{TUNED_MARK}: the best of study '{settings.study}' (id {study.user_attrs['id']}) (trial "
-              f"{best.number}, {'fold 0 valid' if settings.objective == 'fold0' else 'OOF'} AUC {best.value:.6f}, "
+              f"{best.number}, {OBJECTIVE_TEXT[settings.objective]} AUC {best.value:.6f}, "
               f"{finished_trials(study)} finished trials)\n# searched with {shown_path(config_file)}; "
               f"python src/train.py --config {shown_path(out)}{' ' + data_sets if data_sets else ''} trains it\n"
               f"{TUNED_DATA}{data_fingerprint}\n{TUNED_FIXED}{fixed_hash}\n")
